@@ -1,0 +1,748 @@
+//! Configuration: one typed struct, loaded once at start-up from the environment and,
+//! optionally, a YAML file named by `CONFIG_FILE` (same keys in lower case; the environment wins).
+//!
+//! Every problem becomes a [`ConfigError`] that names the variable, in one line, without
+//! echoing secret values.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// One variable the service reads: its name, its default (if any) and what it means.
+/// This table drives `--help` and the check of YAML keys, so the two never drift apart.
+pub struct Variable {
+    /// Environment variable name (the YAML key is the same in lower case).
+    pub name: &'static str,
+    /// Default, as shown to operators; `None` when unset means "off" or "required".
+    pub default: Option<&'static str>,
+    /// One line on what it does.
+    pub meaning: &'static str,
+}
+
+/// Every variable of the service, in the order `--help` lists them.
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: "WEBHOOK_ADDRESS",
+        default: None,
+        meaning: "public address of this service, host[:port] only (no scheme, no path); needed for OAuth",
+    },
+    Variable {
+        name: "WEBHOOK_SCHEME",
+        default: Some("https"),
+        meaning: "scheme of the public address: https, or http for local testing",
+    },
+    Variable {
+        name: "ZOOM_CLIENT_ID",
+        default: None,
+        meaning: "client id of the server-wide default OAuth app",
+    },
+    Variable {
+        name: "ZOOM_CLIENT_SECRET",
+        default: None,
+        meaning: "client secret of the default OAuth app (secret)",
+    },
+    Variable {
+        name: "ZOOM_SECRET_TOKEN",
+        default: None,
+        meaning: "webhook secret token of the default OAuth app (secret)",
+    },
+    Variable {
+        name: "ZOOM_OAUTH_URL",
+        default: Some("https://zoom.us"),
+        meaning: "Zoom OAuth server base URL",
+    },
+    Variable {
+        name: "ZOOM_API_URL",
+        default: Some("https://api.zoom.us/v2"),
+        meaning: "Zoom REST API base URL",
+    },
+    Variable {
+        name: "HTTP_ADDR",
+        default: Some("0.0.0.0:9980"),
+        meaning: "HTTP listener: connection page, OAuth, webhooks, health",
+    },
+    Variable {
+        name: "GRPC_ADDR",
+        default: Some("0.0.0.0:9981"),
+        meaning: "gRPC listener: IntegrationsService, health, embedded host services",
+    },
+    Variable {
+        name: "HOST_ENGINE_URL",
+        default: None,
+        meaning: "http://host:port of an AutoKitteh-compatible host engine; unset = embedded host",
+    },
+    Variable {
+        name: "HOST_ENGINE_TOKEN",
+        default: None,
+        meaning: "bearer token sent to the host engine, if it requires one (secret)",
+    },
+    Variable {
+        name: "DATA_DIR",
+        default: Some("./data"),
+        meaning: "embedded database, generated key, event outbox",
+    },
+    Variable {
+        name: "SECRET_KEY",
+        default: None,
+        meaning: "key material (at least 32 characters) for OAuth state and secrets at rest; generated into DATA_DIR when unset (secret)",
+    },
+    Variable {
+        name: "LOG_FORMAT",
+        default: Some("text"),
+        meaning: "log output: text or json",
+    },
+    Variable {
+        name: "RUST_LOG",
+        default: Some("info"),
+        meaning: "log filter, e.g. info or zoom_integration=debug",
+    },
+    Variable {
+        name: "CONFIG_FILE",
+        default: None,
+        meaning: "YAML file with the same keys in lower case; the environment wins",
+    },
+];
+
+/// A configuration problem: which variable, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    /// The variable at fault, as operators spell it.
+    pub variable: &'static str,
+    /// What is wrong, in a few words; never contains a secret value.
+    pub problem: String,
+}
+
+impl ConfigError {
+    /// A problem with `variable`.
+    pub fn new(variable: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            variable,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// `http` or `https`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP, for local testing only.
+    Http,
+    /// HTTPS.
+    Https,
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        })
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// An OAuth app's client credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthApp {
+    /// The app's client id.
+    pub client_id: String,
+    /// The app's client secret.
+    pub client_secret: Secret,
+}
+
+/// An absolute http(s) URL with no query, fragment or credentials, kept without a trailing
+/// slash so that paths can be appended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl(String);
+
+impl BaseUrl {
+    /// `base` + `path`, where `path` starts with `/`.
+    pub fn join(&self, path: &str) -> String {
+        format!("{}{}", self.0, path)
+    }
+
+    /// The URL as text, without a trailing slash.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The service's whole configuration, loaded once at start-up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `WEBHOOK_ADDRESS`: the public host\[:port\] at which Zoom and browsers reach this service.
+    /// Without it, OAuth flows cannot start (there is no redirect URI).
+    pub webhook_address: Option<String>,
+    /// `WEBHOOK_SCHEME`: the scheme of the public address.
+    pub webhook_scheme: Scheme,
+    /// `ZOOM_CLIENT_ID` and `ZOOM_CLIENT_SECRET`: the server-wide default OAuth app, if configured.
+    pub default_app: Option<OAuthApp>,
+    /// `ZOOM_SECRET_TOKEN`: the default app's webhook secret token.
+    pub zoom_secret_token: Option<Secret>,
+    /// `ZOOM_OAUTH_URL`: base of `/oauth/authorize`, `/oauth/token`, `/oauth/revoke`.
+    pub zoom_oauth_url: BaseUrl,
+    /// `ZOOM_API_URL`: base of the REST API.
+    pub zoom_api_url: BaseUrl,
+    /// `HTTP_ADDR`: where the HTTP server listens.
+    pub http_addr: SocketAddr,
+    /// `GRPC_ADDR`: where the gRPC server listens.
+    pub grpc_addr: SocketAddr,
+    /// `HOST_ENGINE_URL`: a remote host engine; `None` runs the embedded host.
+    pub host_engine_url: Option<BaseUrl>,
+    /// `HOST_ENGINE_TOKEN`: bearer token for the remote host engine.
+    pub host_engine_token: Option<Secret>,
+    /// `DATA_DIR`: the embedded database, the generated key and the event outbox.
+    pub data_dir: PathBuf,
+    /// `SECRET_KEY`: key material; `None` means "generate or reuse `DATA_DIR/secret.key`".
+    pub secret_key: Option<Secret>,
+    /// `LOG_FORMAT`: text or JSON logs.
+    pub log_format: LogFormat,
+    /// `RUST_LOG`: the log filter directive.
+    pub log_filter: String,
+}
+
+/// Every variable as text, exactly as operators gave it; envy fills it from the merged sources.
+#[derive(Deserialize, Default)]
+struct Raw {
+    webhook_address: Option<String>,
+    webhook_scheme: Option<String>,
+    zoom_client_id: Option<String>,
+    zoom_client_secret: Option<String>,
+    zoom_secret_token: Option<String>,
+    zoom_oauth_url: Option<String>,
+    zoom_api_url: Option<String>,
+    http_addr: Option<String>,
+    grpc_addr: Option<String>,
+    host_engine_url: Option<String>,
+    host_engine_token: Option<String>,
+    data_dir: Option<String>,
+    secret_key: Option<String>,
+    log_format: Option<String>,
+    rust_log: Option<String>,
+}
+
+impl Config {
+    /// Loads the configuration from this process's environment (and `CONFIG_FILE`, if set).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut env = Vec::new();
+        for (key, value) in std::env::vars_os() {
+            let Some(key) = key.to_str() else { continue };
+            let Some(var) = VARIABLES.iter().find(|v| v.name == key) else {
+                continue;
+            };
+            let value = value
+                .into_string()
+                .map_err(|_| ConfigError::new(var.name, "is not valid UTF-8"))?;
+            env.push((var.name.to_string(), value));
+        }
+        Self::load(env)
+    }
+
+    /// Loads the configuration from the given environment pairs, reading `CONFIG_FILE` if it
+    /// is among them. Variables the service does not know are ignored.
+    pub fn load(env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut merged: BTreeMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| VARIABLES.iter().any(|v| v.name == k))
+            .collect();
+        if let Some(path) = merged.remove("CONFIG_FILE").filter(|p| !p.is_empty()) {
+            for (key, value) in read_yaml(&path)? {
+                merged.entry(key).or_insert(value);
+            }
+        }
+        // An empty value means "unset", as container platforms often pass them.
+        merged.retain(|_, v| !v.trim().is_empty());
+        let raw: Raw = envy::from_iter(merged)
+            .map_err(|e| ConfigError::new("CONFIG_FILE", format!("cannot be read: {e}")))?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: Raw) -> Result<Self, ConfigError> {
+        let default_app = match (raw.zoom_client_id, raw.zoom_client_secret) {
+            (Some(id), Some(secret)) => Some(OAuthApp {
+                client_id: checked_text("ZOOM_CLIENT_ID", id)?,
+                client_secret: Secret::new(checked_secret("ZOOM_CLIENT_SECRET", secret)?),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "ZOOM_CLIENT_SECRET",
+                    "is required when ZOOM_CLIENT_ID is set",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "ZOOM_CLIENT_ID",
+                    "is required when ZOOM_CLIENT_SECRET is set",
+                ));
+            }
+        };
+        Ok(Self {
+            webhook_address: raw
+                .webhook_address
+                .map(|a| parse_public_address("WEBHOOK_ADDRESS", a))
+                .transpose()?,
+            webhook_scheme: match raw.webhook_scheme.as_deref().unwrap_or("https") {
+                "https" => Scheme::Https,
+                "http" => Scheme::Http,
+                _ => return Err(ConfigError::new("WEBHOOK_SCHEME", "must be https or http")),
+            },
+            default_app,
+            zoom_secret_token: raw
+                .zoom_secret_token
+                .map(|t| checked_secret("ZOOM_SECRET_TOKEN", t).map(Secret::new))
+                .transpose()?,
+            zoom_oauth_url: parse_base_url(
+                "ZOOM_OAUTH_URL",
+                raw.zoom_oauth_url.as_deref().unwrap_or("https://zoom.us"),
+            )?,
+            zoom_api_url: parse_base_url(
+                "ZOOM_API_URL",
+                raw.zoom_api_url
+                    .as_deref()
+                    .unwrap_or("https://api.zoom.us/v2"),
+            )?,
+            http_addr: parse_socket_addr(
+                "HTTP_ADDR",
+                raw.http_addr.as_deref().unwrap_or("0.0.0.0:9980"),
+            )?,
+            grpc_addr: parse_socket_addr(
+                "GRPC_ADDR",
+                raw.grpc_addr.as_deref().unwrap_or("0.0.0.0:9981"),
+            )?,
+            host_engine_url: raw
+                .host_engine_url
+                .map(|u| {
+                    let url = parse_base_url("HOST_ENGINE_URL", &u)?;
+                    if url::Url::parse(url.as_str()).is_ok_and(|u| u.path() != "/") {
+                        return Err(ConfigError::new(
+                            "HOST_ENGINE_URL",
+                            "must be http://host:port with no path",
+                        ));
+                    }
+                    Ok(url)
+                })
+                .transpose()?,
+            host_engine_token: raw
+                .host_engine_token
+                .map(|t| checked_secret("HOST_ENGINE_TOKEN", t).map(Secret::new))
+                .transpose()?,
+            data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into())),
+            secret_key: raw
+                .secret_key
+                .map(|k| {
+                    let k = checked_secret("SECRET_KEY", k)?;
+                    if k.chars().count() < 32 {
+                        return Err(ConfigError::new(
+                            "SECRET_KEY",
+                            "must be at least 32 characters of random key material (e.g. 64 hex digits)",
+                        ));
+                    }
+                    Ok(Secret::new(k))
+                })
+                .transpose()?,
+            log_format: match raw.log_format.as_deref().unwrap_or("text") {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(ConfigError::new("LOG_FORMAT", "must be text or json")),
+            },
+            log_filter: {
+                let filter = raw.rust_log.unwrap_or_else(|| "info".into());
+                tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| {
+                    ConfigError::new("RUST_LOG", format!("is not a valid log filter: {e}"))
+                })?;
+                filter
+            },
+        })
+    }
+
+    /// The OAuth redirect URI Zoom sends browsers back to, when `WEBHOOK_ADDRESS` is set.
+    pub fn oauth_redirect_uri(&self) -> Option<String> {
+        self.public_url("/oauth/redirect/zoom")
+    }
+
+    /// `{WEBHOOK_SCHEME}://{WEBHOOK_ADDRESS}{path}`, when `WEBHOOK_ADDRESS` is set.
+    pub fn public_url(&self, path: &str) -> Option<String> {
+        self.webhook_address
+            .as_ref()
+            .map(|addr| format!("{}://{}{}", self.webhook_scheme, addr, path))
+    }
+
+    /// The `--help` text: usage and every variable with its default.
+    pub fn help() -> String {
+        let mut out = String::from(
+            "zoom-integration: connects Zoom to an AutoKitteh-compatible workflow host.\n\n\
+             Usage: zoom-integration            serve HTTP and gRPC until SIGTERM\n       \
+             zoom-integration --help     this text\n       \
+             zoom-integration --version  the version\n\n\
+             Configuration (environment; CONFIG_FILE may give the same keys in lower case, the environment wins):\n",
+        );
+        for v in VARIABLES {
+            let default = v
+                .default
+                .map(|d| format!(" [default: {d}]"))
+                .unwrap_or_default();
+            out.push_str(&format!("  {:<20} {}{}\n", v.name, v.meaning, default));
+        }
+        out
+    }
+}
+
+/// Creates `dir` (and its parents) readable only by this user, if it does not exist yet.
+/// Problems name `DATA_DIR`.
+pub fn create_private_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| ConfigError::new("DATA_DIR", format!("cannot create {}: {e}", dir.display())))
+}
+
+fn read_yaml(path: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("CONFIG_FILE", format!("cannot read {path}: {e}")))?;
+    let doc: serde_norway::Value = serde_norway::from_str(&text).map_err(|e| {
+        let line = e.to_string().replace('\n', " ");
+        ConfigError::new("CONFIG_FILE", format!("{path} is not valid YAML: {line}"))
+    })?;
+    let map = match doc {
+        serde_norway::Value::Mapping(map) => map,
+        serde_norway::Value::Null => return Ok(Vec::new()),
+        _ => {
+            return Err(ConfigError::new(
+                "CONFIG_FILE",
+                format!("{path} must be a mapping of keys to values"),
+            ));
+        }
+    };
+    let mut out = Vec::new();
+    for (key, value) in map {
+        let key = key.as_str().unwrap_or_default().to_string();
+        let var = VARIABLES
+            .iter()
+            .find(|v| v.name != "CONFIG_FILE" && v.name.to_ascii_lowercase() == key)
+            .ok_or_else(|| {
+                ConfigError::new("CONFIG_FILE", format!("unknown key {key:?} in {path}"))
+            })?;
+        let value = match value {
+            serde_norway::Value::Null => continue,
+            serde_norway::Value::String(s) => s,
+            serde_norway::Value::Bool(b) => b.to_string(),
+            serde_norway::Value::Number(n) => n.to_string(),
+            _ => {
+                return Err(ConfigError::new(
+                    var.name,
+                    format!("in {path} must be a single value, not a list or mapping"),
+                ));
+            }
+        };
+        out.push((var.name.to_string(), value));
+    }
+    Ok(out)
+}
+
+/// Rejects control characters, which no legitimate setting contains.
+fn checked_text(variable: &'static str, value: String) -> Result<String, ConfigError> {
+    if value.chars().any(char::is_control) {
+        return Err(ConfigError::new(variable, "contains control characters"));
+    }
+    Ok(value.trim().to_string())
+}
+
+/// Like [`checked_text`]; named apart so that no secret-bearing message is ever added to it.
+fn checked_secret(variable: &'static str, value: String) -> Result<String, ConfigError> {
+    checked_text(variable, value)
+}
+
+fn parse_socket_addr(variable: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        ConfigError::new(
+            variable,
+            format!("{value:?} is not an address like 0.0.0.0:9980"),
+        )
+    })
+}
+
+fn parse_base_url(variable: &'static str, value: &str) -> Result<BaseUrl, ConfigError> {
+    let bad = |why: &str| ConfigError::new(variable, format!("{value:?} {why}"));
+    let url = url::Url::parse(value.trim()).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("must start with http:// or https://"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Do not echo the value: it holds credentials.
+        return Err(ConfigError::new(
+            variable,
+            "must not contain credentials (user:password@)",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("must not have a query or fragment"));
+    }
+    Ok(BaseUrl(url.as_str().trim_end_matches('/').to_string()))
+}
+
+fn parse_public_address(variable: &'static str, value: String) -> Result<String, ConfigError> {
+    let value = checked_text(variable, value)?;
+    let bad = || {
+        ConfigError::new(
+            variable,
+            format!(
+                "{value:?} must be host[:port] only, with no scheme or path (e.g. zoom.example.com)"
+            ),
+        )
+    };
+    if value.contains(['/', '?', '#', '@', ' ', '\\']) {
+        return Err(bad());
+    }
+    let url = url::Url::parse(&format!("http://{value}/")).map_err(|_| bad())?;
+    if url.host_str().is_none_or(str::is_empty) || url.path() != "/" {
+        return Err(bad());
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn error_for(pairs: &[(&str, &str)]) -> ConfigError {
+        Config::load(env(pairs)).expect_err("configuration should be refused")
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = Config::load(env(&[])).unwrap();
+        assert_eq!(c.webhook_address, None);
+        assert_eq!(c.webhook_scheme, Scheme::Https);
+        assert_eq!(c.default_app, None);
+        assert_eq!(c.zoom_secret_token, None);
+        assert_eq!(c.zoom_oauth_url.as_str(), "https://zoom.us");
+        assert_eq!(c.zoom_api_url.as_str(), "https://api.zoom.us/v2");
+        assert_eq!(c.http_addr, "0.0.0.0:9980".parse().unwrap());
+        assert_eq!(c.grpc_addr, "0.0.0.0:9981".parse().unwrap());
+        assert_eq!(c.host_engine_url, None);
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.secret_key, None);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.log_filter, "info");
+        assert_eq!(c.oauth_redirect_uri(), None);
+    }
+
+    #[test]
+    fn every_variable_is_parsed() {
+        let c = Config::load(env(&[
+            ("WEBHOOK_ADDRESS", "zoom.example.com:8443"),
+            ("WEBHOOK_SCHEME", "http"),
+            ("ZOOM_CLIENT_ID", "client-id"),
+            ("ZOOM_CLIENT_SECRET", "client-secret"),
+            ("ZOOM_SECRET_TOKEN", "secret-token"),
+            ("ZOOM_OAUTH_URL", "http://127.0.0.1:1234/"),
+            ("ZOOM_API_URL", "http://127.0.0.1:1234/v2/"),
+            ("HTTP_ADDR", "127.0.0.1:80"),
+            ("GRPC_ADDR", "[::1]:81"),
+            ("HOST_ENGINE_URL", "http://ak.internal:9980"),
+            ("HOST_ENGINE_TOKEN", "host-token"),
+            ("DATA_DIR", "/var/lib/zoom"),
+            ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+            ("LOG_FORMAT", "json"),
+            ("RUST_LOG", "zoom_integration=debug"),
+            ("UNRELATED", "ignored"),
+        ]))
+        .unwrap();
+        assert_eq!(c.webhook_address.as_deref(), Some("zoom.example.com:8443"));
+        assert_eq!(c.webhook_scheme, Scheme::Http);
+        let app = c.default_app.clone().unwrap();
+        assert_eq!(app.client_id, "client-id");
+        assert_eq!(app.client_secret.expose(), "client-secret");
+        assert_eq!(
+            c.zoom_secret_token.as_ref().unwrap().expose(),
+            "secret-token"
+        );
+        assert_eq!(
+            c.zoom_oauth_url.join("/oauth/token"),
+            "http://127.0.0.1:1234/oauth/token"
+        );
+        assert_eq!(
+            c.zoom_api_url.join("/users/me"),
+            "http://127.0.0.1:1234/v2/users/me"
+        );
+        assert_eq!(c.http_addr, "127.0.0.1:80".parse().unwrap());
+        assert_eq!(c.grpc_addr, "[::1]:81".parse().unwrap());
+        assert_eq!(
+            c.host_engine_url.as_ref().unwrap().as_str(),
+            "http://ak.internal:9980"
+        );
+        assert_eq!(c.host_engine_token.as_ref().unwrap().expose(), "host-token");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/zoom"));
+        assert_eq!(c.secret_key.as_ref().unwrap().expose().len(), 32);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.log_filter, "zoom_integration=debug");
+        assert_eq!(
+            c.oauth_redirect_uri().as_deref(),
+            Some("http://zoom.example.com:8443/oauth/redirect/zoom")
+        );
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable_in_one_line() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("WEBHOOK_ADDRESS", "https://zoom.example.com")],
+                "WEBHOOK_ADDRESS",
+            ),
+            (
+                &[("WEBHOOK_ADDRESS", "zoom.example.com/path")],
+                "WEBHOOK_ADDRESS",
+            ),
+            (
+                &[("WEBHOOK_ADDRESS", "zoom.example.com:notaport")],
+                "WEBHOOK_ADDRESS",
+            ),
+            (&[("WEBHOOK_SCHEME", "ftp")], "WEBHOOK_SCHEME"),
+            (&[("ZOOM_CLIENT_ID", "only-the-id")], "ZOOM_CLIENT_SECRET"),
+            (
+                &[("ZOOM_CLIENT_SECRET", "only-the-secret")],
+                "ZOOM_CLIENT_ID",
+            ),
+            (
+                &[("ZOOM_CLIENT_ID", "a\nb"), ("ZOOM_CLIENT_SECRET", "s")],
+                "ZOOM_CLIENT_ID",
+            ),
+            (&[("ZOOM_SECRET_TOKEN", "tok\u{7}en")], "ZOOM_SECRET_TOKEN"),
+            (&[("ZOOM_OAUTH_URL", "zoom.us")], "ZOOM_OAUTH_URL"),
+            (&[("ZOOM_OAUTH_URL", "ftp://zoom.us")], "ZOOM_OAUTH_URL"),
+            (
+                &[("ZOOM_API_URL", "https://api.zoom.us/v2?x=1")],
+                "ZOOM_API_URL",
+            ),
+            (&[("HTTP_ADDR", "localhost")], "HTTP_ADDR"),
+            (&[("GRPC_ADDR", "0.0.0.0:99999")], "GRPC_ADDR"),
+            (&[("HOST_ENGINE_URL", "ak:9980")], "HOST_ENGINE_URL"),
+            (
+                &[("HOST_ENGINE_URL", "http://ak:9980/api")],
+                "HOST_ENGINE_URL",
+            ),
+            (&[("HOST_ENGINE_TOKEN", "t\r\n")], "HOST_ENGINE_TOKEN"),
+            (&[("SECRET_KEY", "too-short")], "SECRET_KEY"),
+            (&[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+            (&[("RUST_LOG", "info,[[[")], "RUST_LOG"),
+            (&[("CONFIG_FILE", "/nonexistent/zoom.yaml")], "CONFIG_FILE"),
+        ];
+        for (pairs, variable) in cases {
+            let err = error_for(pairs);
+            assert_eq!(err.variable, *variable, "for {pairs:?}: {err}");
+            let line = err.to_string();
+            assert!(line.starts_with(&format!("{variable}: ")), "{line}");
+            assert!(!line.contains('\n'), "one line only: {line:?}");
+        }
+    }
+
+    #[test]
+    fn secret_values_never_appear_in_errors() {
+        let err = error_for(&[("SECRET_KEY", "short-but-secret")]);
+        assert!(!err.to_string().contains("short-but-secret"));
+        let err = error_for(&[("HOST_ENGINE_URL", "http://user:pa55word@ak:1")]);
+        assert!(!err.to_string().contains("pa55word"), "{err}");
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let c = Config::load(env(&[("HOST_ENGINE_URL", ""), ("WEBHOOK_SCHEME", " ")])).unwrap();
+        assert_eq!(c.host_engine_url, None);
+        assert_eq!(c.webhook_scheme, Scheme::Https);
+    }
+
+    fn yaml_file(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    #[test]
+    fn yaml_file_is_merged_under_the_environment() {
+        let file = yaml_file(
+            "webhook_address: from-yaml.example.com\n\
+             zoom_client_id: yaml-id\n\
+             zoom_client_secret: yaml-secret\n\
+             http_addr: 127.0.0.1:7000\n\
+             log_format: json\n",
+        );
+        let c = Config::load(env(&[
+            ("CONFIG_FILE", file.path().to_str().unwrap()),
+            ("HTTP_ADDR", "127.0.0.1:8000"),
+        ]))
+        .unwrap();
+        assert_eq!(c.webhook_address.as_deref(), Some("from-yaml.example.com"));
+        assert_eq!(c.default_app.unwrap().client_id, "yaml-id");
+        assert_eq!(
+            c.http_addr,
+            "127.0.0.1:8000".parse().unwrap(),
+            "environment wins"
+        );
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn yaml_file_problems_name_the_variable() {
+        let unknown = yaml_file("webhok_address: typo.example.com\n");
+        let err = error_for(&[("CONFIG_FILE", unknown.path().to_str().unwrap())]);
+        assert_eq!(err.variable, "CONFIG_FILE");
+        assert!(err.problem.contains("webhok_address"), "{err}");
+
+        let nested = yaml_file("http_addr: [1, 2]\n");
+        let err = error_for(&[("CONFIG_FILE", nested.path().to_str().unwrap())]);
+        assert_eq!(err.variable, "HTTP_ADDR");
+
+        let bad_value = yaml_file("grpc_addr: nowhere\n");
+        let err = error_for(&[("CONFIG_FILE", bad_value.path().to_str().unwrap())]);
+        assert_eq!(err.variable, "GRPC_ADDR");
+
+        let broken = yaml_file("http_addr: [unclosed\n");
+        let err = error_for(&[("CONFIG_FILE", broken.path().to_str().unwrap())]);
+        assert_eq!(err.variable, "CONFIG_FILE");
+        assert!(!err.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn help_lists_every_variable() {
+        let help = Config::help();
+        for v in VARIABLES {
+            assert!(help.contains(v.name), "{} missing from --help", v.name);
+        }
+    }
+}

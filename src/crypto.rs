@@ -1,0 +1,221 @@
+//! Key material: loaded from `SECRET_KEY` or generated once into `DATA_DIR/secret.key` (mode
+//! 0600), and split with HKDF-SHA256 into independent keys, one per purpose, so that no key is
+//! used for two jobs.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hkdf::Hkdf;
+use sha2::Sha256;
+
+use crate::config::ConfigError;
+use crate::secret::Secret;
+
+/// File name of the generated key inside `DATA_DIR`.
+pub const KEY_FILE: &str = "secret.key";
+
+/// Version byte in front of every sealed value, so the format can change later.
+const SEALED_V1: u8 = 1;
+const NONCE_LEN: usize = 12;
+
+/// Sealed data that cannot be opened: wrong key, or the bytes were changed.
+#[derive(Debug, thiserror::Error)]
+#[error("sealed value cannot be opened (wrong SECRET_KEY or corrupted data)")]
+pub struct OpenError;
+
+/// The service's keys, each derived from the one key material.
+pub struct Keys {
+    at_rest: Aes256Gcm,
+    state_signing: [u8; 32],
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keys {
+    /// Uses `secret_key` when given; otherwise reads `data_dir/secret.key`, generating it
+    /// (32 random bytes, hex, mode 0600) on first start. Problems name `SECRET_KEY`.
+    pub fn load_or_generate(
+        secret_key: Option<&Secret>,
+        data_dir: &Path,
+    ) -> Result<Self, ConfigError> {
+        if let Some(key) = secret_key {
+            return Ok(Self::from_material(key.expose().as_bytes()));
+        }
+        let path = data_dir.join(KEY_FILE);
+        let problem = |what: String| ConfigError::new("SECRET_KEY", what);
+        match std::fs::metadata(&path) {
+            Ok(meta) => {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(problem(format!(
+                        "key file {} is readable by others (mode {mode:o}); run chmod 600 on it",
+                        path.display()
+                    )));
+                }
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| problem(format!("cannot read {}: {e}", path.display())))?;
+                let material = text.trim();
+                if material.len() < 32 {
+                    return Err(problem(format!(
+                        "key file {} holds fewer than 32 characters",
+                        path.display()
+                    )));
+                }
+                Ok(Self::from_material(material.as_bytes()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut bytes = [0u8; 32];
+                getrandom::fill(&mut bytes)
+                    .map_err(|e| problem(format!("no randomness to generate a key: {e}")))?;
+                let material = hex::encode(bytes);
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| problem(format!("cannot create {}: {e}", path.display())))?;
+                file.write_all(format!("{material}\n").as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| problem(format!("cannot write {}: {e}", path.display())))?;
+                tracing::info!(path = %path.display(), "generated a new secret key");
+                Ok(Self::from_material(material.as_bytes()))
+            }
+            Err(e) => Err(problem(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+
+    /// Derives every key from `material`.
+    pub fn from_material(material: &[u8]) -> Self {
+        let hk = Hkdf::<Sha256>::new(Some(b"zoom-integration"), material);
+        let mut at_rest = [0u8; 32];
+        let mut state_signing = [0u8; 32];
+        let mut fingerprint = [0u8; 8];
+        hk.expand(b"secrets at rest v1", &mut at_rest)
+            .and_then(|()| hk.expand(b"oauth state v1", &mut state_signing))
+            .and_then(|()| hk.expand(b"key fingerprint v1", &mut fingerprint))
+            .expect("HKDF output lengths are valid");
+        Self {
+            at_rest: Aes256Gcm::new(&at_rest.into()),
+            state_signing,
+            fingerprint: hex::encode(fingerprint),
+        }
+    }
+
+    /// A short, non-secret name of the key, to tell whether a database was sealed with it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The key that signs OAuth state.
+    pub fn state_signing_key(&self) -> &[u8; 32] {
+        &self.state_signing
+    }
+
+    /// Encrypts `plaintext` with AES-256-GCM under a fresh random nonce. `context` (for
+    /// example the variable's scope and name) is authenticated, so a sealed value moved to
+    /// another place no longer opens.
+    pub fn seal(&self, plaintext: &[u8], context: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).expect("the operating system's random source failed");
+        let ciphertext = self
+            .at_rest
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: context,
+                },
+            )
+            .expect("AES-GCM encryption of a bounded value cannot fail");
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
+        out.push(SEALED_V1);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ciphertext);
+        out
+    }
+
+    /// Opens what [`Keys::seal`] produced with the same `context`.
+    pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let (&version, rest) = sealed.split_first().ok_or(OpenError)?;
+        if version != SEALED_V1 || rest.len() < NONCE_LEN {
+            return Err(OpenError);
+        }
+        let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| OpenError)?;
+        self.at_rest
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: context,
+                },
+            )
+            .map_err(|_| OpenError)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_values_open_only_with_the_same_key_and_context() {
+        let keys = Keys::from_material(b"0123456789abcdef0123456789abcdef");
+        let sealed = keys.seal(b"client-secret", b"con_x\0private_client_secret");
+        assert!(!sealed.windows(13).any(|w| w == b"client-secret"));
+        assert_eq!(
+            keys.open(&sealed, b"con_x\0private_client_secret").unwrap(),
+            b"client-secret"
+        );
+        assert!(keys.open(&sealed, b"con_y\0private_client_secret").is_err());
+        let other = Keys::from_material(b"another key material, 32 chars!!");
+        assert!(
+            other
+                .open(&sealed, b"con_x\0private_client_secret")
+                .is_err()
+        );
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(
+            keys.open(&tampered, b"con_x\0private_client_secret")
+                .is_err()
+        );
+        assert!(keys.open(&[], b"").is_err());
+        assert_ne!(keys.fingerprint(), other.fingerprint());
+    }
+
+    #[test]
+    fn a_generated_key_file_is_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Keys::load_or_generate(None, dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let second = Keys::load_or_generate(None, dir.path()).unwrap();
+        assert_eq!(first.fingerprint(), second.fingerprint());
+    }
+
+    #[test]
+    fn a_key_file_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Keys::load_or_generate(None, dir.path()).unwrap();
+        let path = dir.path().join(KEY_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Keys::load_or_generate(None, dir.path()).unwrap_err();
+        assert_eq!(err.variable, "SECRET_KEY");
+        assert!(err.problem.contains("chmod 600"), "{err}");
+    }
+}

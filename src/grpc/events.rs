@@ -1,0 +1,122 @@
+//! `autokitteh.events.v1.EventsService`, served by the embedded host: the log of events that
+//! webhooks produced, for people and tools to read when no host engine is configured.
+
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::grpc::integrations::check_integration;
+use crate::host::embedded::{EmbeddedHost, EventFilter};
+use crate::proto::autokitteh::events::v1 as pb;
+use crate::proto::autokitteh::events::v1::events_service_server::EventsService;
+use crate::values;
+
+/// Events listed when the request does not say how many.
+pub const DEFAULT_LIST_LIMIT: u32 = 100;
+/// The most events one List returns.
+pub const MAX_LIST_LIMIT: u32 = 1000;
+
+/// EventsService over the embedded host's event log.
+pub struct EventsApi {
+    host: EmbeddedHost,
+}
+
+impl EventsApi {
+    /// Serves `host`'s event log.
+    pub fn new(host: EmbeddedHost) -> Self {
+        Self { host }
+    }
+}
+
+/// With `json_values`, AutoKitteh returns every data value as a string holding its JSON.
+fn present(mut event: pb::Event, json_values: bool) -> pb::Event {
+    if json_values {
+        for value in event.data.values_mut() {
+            *value = values::string(values::to_json(value).to_string());
+        }
+    }
+    event
+}
+
+#[tonic::async_trait]
+impl EventsService for EventsApi {
+    async fn save(
+        &self,
+        request: Request<pb::SaveRequest>,
+    ) -> Result<Response<pb::SaveResponse>, Status> {
+        let event = request
+            .into_inner()
+            .event
+            .ok_or_else(|| ApiError::InvalidArgument("event is required".into()))?;
+        let event_id = self.host.save_event(event).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::SaveResponse { event_id }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let req = request.into_inner();
+        if req.event_id.is_empty() {
+            return Err(ApiError::InvalidArgument("event_id is required".into()).into());
+        }
+        let event = self
+            .host
+            .get_event(&req.event_id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "no event {:?}",
+                    crate::ids::truncate(&req.event_id, 64)
+                ))
+            })?;
+        Ok(Response::new(pb::GetResponse {
+            event: Some(present(event, req.json_values)),
+        }))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let req = request.into_inner();
+        if !req.integration_id.is_empty() {
+            check_integration(&req.integration_id)?;
+        }
+        if !req.project_id.is_empty() || !req.org_id.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "the embedded host has no projects or orgs: leave project_id and org_id empty"
+                    .into(),
+            )
+            .into());
+        }
+        let ascending = match req.order.to_ascii_uppercase().as_str() {
+            "" | "DESC" => false,
+            "ASC" => true,
+            _ => {
+                return Err(ApiError::InvalidArgument("order must be ASC or DESC".into()).into());
+            }
+        };
+        let limit = match req.max_results {
+            0 => DEFAULT_LIST_LIMIT,
+            n => n.min(MAX_LIST_LIMIT),
+        };
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        let events = self
+            .host
+            .list_events(EventFilter {
+                destination_id: non_empty(req.destination_id),
+                event_type: non_empty(req.event_type),
+                limit,
+                ascending,
+            })
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListResponse {
+            events: events
+                .into_iter()
+                .map(|e| present(e, req.json_values))
+                .collect(),
+        }))
+    }
+}

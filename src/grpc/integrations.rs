@@ -1,0 +1,161 @@
+//! `autokitteh.integrations.v1.IntegrationsService`: what host engines call on this integration.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::connection::{connection_status, init_required, public_config};
+use crate::error::ApiError;
+use crate::host::HostEngine;
+use crate::ids::ConnectionId;
+use crate::integration::is_this_integration;
+use crate::proto::autokitteh::integrations::v1::integrations_service_server::IntegrationsService;
+use crate::proto::autokitteh::integrations::v1::*;
+use crate::values;
+
+/// The IntegrationsService of the `zoom` integration.
+pub struct IntegrationsApi {
+    host: Arc<dyn HostEngine>,
+    descriptor: Integration,
+}
+
+impl IntegrationsApi {
+    /// A service answering with `descriptor` and reading connections from `host`.
+    pub fn new(host: Arc<dyn HostEngine>, descriptor: Integration) -> Self {
+        Self { host, descriptor }
+    }
+
+    async fn connection_vars(
+        &self,
+        integration_id: &str,
+        connection_id: &str,
+    ) -> Result<Vec<crate::host::Var>, ApiError> {
+        check_integration(integration_id)?;
+        let cid = ConnectionId::parse(connection_id)?;
+        Ok(self.host.get_vars(&cid, &[]).await?)
+    }
+}
+
+/// Requests must name this integration, by id or unique name.
+pub(crate) fn check_integration(integration_id: &str) -> Result<(), ApiError> {
+    if integration_id.is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "integration_id is required".into(),
+        ));
+    }
+    if !is_this_integration(integration_id) {
+        return Err(ApiError::NotFound(format!(
+            "unknown integration {:?}: this service is the zoom integration",
+            crate::ids::truncate(integration_id, 64)
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl IntegrationsService for IntegrationsApi {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = request.into_inner();
+        let key = match (req.integration_id.is_empty(), req.name.is_empty()) {
+            (false, true) => req.integration_id,
+            (true, false) => req.name,
+            _ => {
+                return Err(ApiError::InvalidArgument(
+                    "exactly one of integration_id and name is required".into(),
+                )
+                .into());
+            }
+        };
+        if !is_this_integration(&key) {
+            return Err(ApiError::NotFound(format!(
+                "unknown integration {:?}",
+                crate::ids::truncate(&key, 64)
+            ))
+            .into());
+        }
+        Ok(Response::new(GetResponse {
+            integration: Some(self.descriptor.clone()),
+        }))
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let needle = request.into_inner().name_substring.to_lowercase();
+        let d = &self.descriptor;
+        let matches =
+            d.unique_name.contains(&needle) || d.display_name.to_lowercase().contains(&needle);
+        Ok(Response::new(ListResponse {
+            integrations: if matches { vec![d.clone()] } else { Vec::new() },
+        }))
+    }
+
+    async fn configure(
+        &self,
+        request: Request<ConfigureRequest>,
+    ) -> Result<Response<ConfigureResponse>, Status> {
+        let req = request.into_inner();
+        let vars = self
+            .connection_vars(&req.integration_id, &req.connection_id)
+            .await?;
+        let config = public_config(&vars);
+        let values = config
+            .iter()
+            .map(|(k, v)| (k.clone(), values::string(v.clone())))
+            .collect();
+        Ok(Response::new(ConfigureResponse {
+            config: config.into_iter().collect(),
+            values,
+        }))
+    }
+
+    async fn test_connection(
+        &self,
+        request: Request<TestConnectionRequest>,
+    ) -> Result<Response<TestConnectionResponse>, Status> {
+        let req = request.into_inner();
+        self.connection_vars(&req.integration_id, &req.connection_id)
+            .await?;
+        Err(Status::unimplemented(
+            "TestConnection is not available in this version",
+        ))
+    }
+
+    async fn get_connection_status(
+        &self,
+        request: Request<GetConnectionStatusRequest>,
+    ) -> Result<Response<GetConnectionStatusResponse>, Status> {
+        let req = request.into_inner();
+        check_integration(&req.integration_id)?;
+        // No connection id: the status a new connection starts with.
+        let status = if req.connection_id.is_empty() {
+            init_required()
+        } else {
+            let vars = self
+                .connection_vars(&req.integration_id, &req.connection_id)
+                .await?;
+            connection_status(&vars)
+        };
+        Ok(Response::new(GetConnectionStatusResponse {
+            status: Some(status),
+        }))
+    }
+
+    async fn get_connection_config(
+        &self,
+        request: Request<GetConnectionConfigRequest>,
+    ) -> Result<Response<GetConnectionConfigResponse>, Status> {
+        let req = request.into_inner();
+        let vars = self
+            .connection_vars(&req.integration_id, &req.connection_id)
+            .await?;
+        Ok(Response::new(GetConnectionConfigResponse {
+            config: public_config(&vars).into_iter().collect(),
+        }))
+    }
+
+    async fn call(&self, request: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
+        check_integration(&request.into_inner().integration_id)?;
+        Err(Status::unimplemented(
+            "Call is not available in this version",
+        ))
+    }
+}

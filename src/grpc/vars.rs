@@ -1,0 +1,117 @@
+//! `autokitteh.vars.v1.VarsService`, served by the embedded host so tools and hosts can read
+//! and write connection variables when no host engine is configured.
+
+use std::collections::BTreeMap;
+
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::grpc::integrations::check_integration;
+use crate::host::embedded::EmbeddedHost;
+use crate::host::{HostEngine, Var};
+use crate::ids::ConnectionId;
+use crate::proto::autokitteh::vars::v1 as pb;
+use crate::proto::autokitteh::vars::v1::vars_service_server::VarsService;
+
+/// VarsService over the embedded host's database.
+pub struct VarsApi {
+    host: EmbeddedHost,
+}
+
+impl VarsApi {
+    /// Serves `host`'s variables.
+    pub fn new(host: EmbeddedHost) -> Self {
+        Self { host }
+    }
+}
+
+fn to_pb(scope: &ConnectionId, v: Var) -> pb::Var {
+    pb::Var {
+        scope_id: scope.to_string(),
+        name: v.name,
+        value: v.value,
+        is_secret: v.is_secret,
+        description: v.description,
+    }
+}
+
+#[tonic::async_trait]
+impl VarsService for VarsApi {
+    async fn set(
+        &self,
+        request: Request<pb::SetRequest>,
+    ) -> Result<Response<pb::SetResponse>, Status> {
+        let vars = request.into_inner().vars;
+        if vars.is_empty() {
+            return Err(ApiError::InvalidArgument("vars must not be empty".into()).into());
+        }
+        // Check everything before writing anything.
+        let mut by_scope: BTreeMap<ConnectionId, Vec<Var>> = BTreeMap::new();
+        for v in vars {
+            let scope = ConnectionId::parse(&v.scope_id).map_err(ApiError::from)?;
+            let var = Var {
+                name: v.name,
+                value: v.value,
+                is_secret: v.is_secret,
+                description: v.description,
+            };
+            crate::host::check_var(&var).map_err(ApiError::from)?;
+            by_scope.entry(scope).or_default().push(var);
+        }
+        for (scope, vars) in by_scope {
+            self.host
+                .set_vars(&scope, vars)
+                .await
+                .map_err(ApiError::from)?;
+        }
+        Ok(Response::new(pb::SetResponse {}))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let req = request.into_inner();
+        let scope = ConnectionId::parse(&req.scope_id).map_err(ApiError::from)?;
+        for name in &req.names {
+            crate::host::check_var_name(name).map_err(ApiError::from)?;
+        }
+        let vars = self
+            .host
+            .get_vars(&scope, &req.names)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::GetResponse {
+            vars: vars.into_iter().map(|v| to_pb(&scope, v)).collect(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        let scope = ConnectionId::parse(&req.scope_id).map_err(ApiError::from)?;
+        self.host
+            .delete_vars(&scope, &req.names)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn find_active_connection_i_ds(
+        &self,
+        request: Request<pb::FindActiveConnectionIDsRequest>,
+    ) -> Result<Response<pb::FindActiveConnectionIDsResponse>, Status> {
+        let req = request.into_inner();
+        check_integration(&req.integration_id)?;
+        let ids = self
+            .host
+            .find_connections(&req.name, &req.value)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::FindActiveConnectionIDsResponse {
+            connection_ids: ids.into_iter().map(|id| id.to_string()).collect(),
+        }))
+    }
+}

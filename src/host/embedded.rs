@@ -1,0 +1,726 @@
+//! The embedded host: a SQLite database (WAL mode) under `DATA_DIR` that holds connection
+//! variables and the event log, for running with no host engine at all.
+//!
+//! Secret variables are sealed with AES-256-GCM (see [`crate::crypto`]), bound to their
+//! connection and name. The database remembers the fingerprint of the key that sealed them and
+//! refuses to start with another one, instead of failing later on every secret.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{HostEngine, HostError, Var, check_var, check_var_name};
+use crate::config::ConfigError;
+use crate::crypto::Keys;
+use crate::ids::{ConnectionId, new_typeid};
+use crate::proto::autokitteh::events::v1::Event;
+
+/// File name of the database inside `DATA_DIR`.
+pub const DB_FILE: &str = "zoom-integration.db";
+
+/// The newest schema version; each step in [`MIGRATIONS`] raises `user_version` by one.
+const MIGRATIONS: &[&str] = &[
+    // 1: variables, the event log, and facts about the database itself.
+    "CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE vars (
+        scope_id    TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        value       BLOB NOT NULL,
+        is_secret   INTEGER NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        updated_ms  INTEGER NOT NULL,
+        PRIMARY KEY (scope_id, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX vars_by_name_value ON vars (name, value);
+    CREATE TABLE events (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id       TEXT NOT NULL UNIQUE,
+        destination_id TEXT NOT NULL,
+        event_type     TEXT NOT NULL,
+        created_ms     INTEGER NOT NULL,
+        event          BLOB NOT NULL
+    );
+    CREATE INDEX events_by_destination ON events (destination_id, seq);
+    CREATE INDEX events_by_type ON events (event_type, seq);",
+];
+
+/// Why the embedded database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A setting is wrong (for example `SECRET_KEY` does not match the database).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The database file could not be opened or migrated.
+    #[error("cannot open the embedded database {path}: {source}")]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+}
+
+/// Which events to list, newest first unless `ascending`.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only events for this connection.
+    pub destination_id: Option<String>,
+    /// Only events of this type.
+    pub event_type: Option<String>,
+    /// At most this many.
+    pub limit: u32,
+    /// Oldest first.
+    pub ascending: bool,
+}
+
+/// The embedded host engine.
+#[derive(Clone)]
+pub struct EmbeddedHost {
+    conn: Arc<Mutex<Connection>>,
+    keys: Arc<Keys>,
+    path: PathBuf,
+}
+
+impl EmbeddedHost {
+    /// Opens (creating if needed) the database in `data_dir`, migrates it, and checks that
+    /// `keys` is the key its secrets were sealed with.
+    pub fn open(data_dir: &Path, keys: Arc<Keys>) -> Result<Self, OpenError> {
+        let path = data_dir.join(DB_FILE);
+        let db_err = |source| OpenError::Database {
+            path: path.clone(),
+            source,
+        };
+        crate::config::create_private_dir(data_dir)?;
+        let mut conn = Connection::open(&path).map_err(db_err)?;
+        // The database holds account ids and sealed secrets: keep it to this user.
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        // FULL: an acknowledged write survives power loss, not only a crash of this process.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
+        migrate(&mut conn).map_err(db_err)?;
+
+        let stored: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'key_fingerprint'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)?;
+        match stored {
+            Some(fp) if fp != keys.fingerprint() => {
+                return Err(ConfigError::new(
+                    "SECRET_KEY",
+                    format!(
+                        "is not the key that sealed the secrets in {} (fingerprint {fp}); restore that key",
+                        path.display()
+                    ),
+                )
+                .into());
+            }
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('key_fingerprint', ?1)",
+                    [keys.fingerprint()],
+                )
+                .map_err(db_err)?;
+            }
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            keys,
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the database connection on the blocking thread pool.
+    async fn with_db<T, F>(&self, f: F) -> Result<T, HostError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &Keys) -> Result<T, HostError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        let keys = Arc::clone(&self.keys);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn
+                .lock()
+                .map_err(|_| HostError::Internal("embedded database lock poisoned".into()))?;
+            f(&mut conn, &keys)
+        })
+        .await
+        .map_err(|e| HostError::Internal(format!("embedded database worker failed: {e}")))?
+    }
+
+    /// Appends `event` to the event log, giving it an id, a creation time and a sequence
+    /// number; returns the id.
+    pub async fn save_event(&self, mut event: Event) -> Result<String, HostError> {
+        if event.destination_id.is_empty() {
+            return Err(HostError::InvalidArgument(
+                "event.destination_id is required".into(),
+            ));
+        }
+        if event.event_type.is_empty() {
+            return Err(HostError::InvalidArgument(
+                "event.event_type is required".into(),
+            ));
+        }
+        if !event.event_id.is_empty() {
+            return Err(HostError::InvalidArgument(
+                "event.event_id must be empty: the host assigns it".into(),
+            ));
+        }
+        let now = now_ms();
+        event.event_id = new_typeid("evt");
+        event.seq = 0;
+        let created_ms = match &event.created_at {
+            Some(ts) => ts.seconds * 1000 + i64::from(ts.nanos / 1_000_000),
+            None => {
+                event.created_at = Some(prost_types::Timestamp {
+                    seconds: now / 1000,
+                    nanos: ((now % 1000) * 1_000_000) as i32,
+                });
+                now
+            }
+        };
+        self.with_db(move |conn, _| {
+            conn.execute(
+                "INSERT INTO events (event_id, destination_id, event_type, created_ms, event)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    event.event_id,
+                    event.destination_id,
+                    event.event_type,
+                    created_ms,
+                    event.encode_to_vec()
+                ],
+            )?;
+            Ok(event.event_id)
+        })
+        .await
+    }
+
+    /// One event by id.
+    pub async fn get_event(&self, event_id: &str) -> Result<Option<Event>, HostError> {
+        let event_id = event_id.to_string();
+        self.with_db(move |conn, _| {
+            conn.query_row(
+                "SELECT seq, event FROM events WHERE event_id = ?1",
+                [event_id],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
+            )
+            .optional()?
+            .map(decode_event)
+            .transpose()
+        })
+        .await
+    }
+
+    /// Events matching `filter`.
+    pub async fn list_events(&self, filter: EventFilter) -> Result<Vec<Event>, HostError> {
+        self.with_db(move |conn, _| {
+            let order = if filter.ascending { "ASC" } else { "DESC" };
+            let sql = format!(
+                "SELECT seq, event FROM events
+                 WHERE (?1 IS NULL OR destination_id = ?1) AND (?2 IS NULL OR event_type = ?2)
+                 ORDER BY seq {order} LIMIT ?3"
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(
+                params![filter.destination_id, filter.event_type, filter.limit],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
+            )?;
+            let mut events = Vec::new();
+            for row in rows {
+                events.push(decode_event(row?)?);
+            }
+            Ok(events)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl HostEngine for EmbeddedHost {
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn get_vars(
+        &self,
+        scope: &ConnectionId,
+        names: &[String],
+    ) -> Result<Vec<Var>, HostError> {
+        let scope = scope.clone();
+        let names = names.to_vec();
+        self.with_db(move |conn, keys| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name, value, is_secret, description FROM vars
+                 WHERE scope_id = ?1 ORDER BY name",
+            )?;
+            let rows = stmt.query_map([scope.as_str()], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Vec<u8>>(1)?,
+                    row.get::<_, bool>(2)?,
+                    row.get::<_, String>(3)?,
+                ))
+            })?;
+            let mut vars = Vec::new();
+            for row in rows {
+                let (name, stored, is_secret, description) = row?;
+                if !names.is_empty() && !names.contains(&name) {
+                    continue;
+                }
+                let value = if is_secret {
+                    keys.open(&stored, &seal_context(&scope, &name))
+                        .ok()
+                        .and_then(|v| String::from_utf8(v).ok())
+                        .ok_or_else(|| HostError::Undecryptable {
+                            scope: scope.to_string(),
+                            name: name.clone(),
+                        })?
+                } else {
+                    String::from_utf8(stored).map_err(|_| {
+                        HostError::Internal(format!("variable {name:?} is not UTF-8"))
+                    })?
+                };
+                vars.push(Var {
+                    name,
+                    value,
+                    is_secret,
+                    description,
+                });
+            }
+            Ok(vars)
+        })
+        .await
+    }
+
+    async fn set_vars(&self, scope: &ConnectionId, vars: Vec<Var>) -> Result<(), HostError> {
+        for var in &vars {
+            check_var(var)?;
+        }
+        let scope = scope.clone();
+        self.with_db(move |conn, keys| {
+            let now = now_ms();
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO vars (scope_id, name, value, is_secret, description, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (scope_id, name) DO UPDATE SET
+                       value = excluded.value, is_secret = excluded.is_secret,
+                       description = excluded.description, updated_ms = excluded.updated_ms",
+                )?;
+                for var in &vars {
+                    let stored = if var.is_secret {
+                        keys.seal(var.value.as_bytes(), &seal_context(&scope, &var.name))
+                    } else {
+                        var.value.as_bytes().to_vec()
+                    };
+                    stmt.execute(params![
+                        scope.as_str(),
+                        var.name,
+                        stored,
+                        var.is_secret,
+                        var.description,
+                        now
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_vars(&self, scope: &ConnectionId, names: &[String]) -> Result<(), HostError> {
+        for name in names {
+            check_var_name(name)?;
+        }
+        let scope = scope.clone();
+        let names = names.to_vec();
+        self.with_db(move |conn, _| {
+            let tx = conn.transaction()?;
+            if names.is_empty() {
+                tx.execute("DELETE FROM vars WHERE scope_id = ?1", [scope.as_str()])?;
+            } else {
+                let mut stmt =
+                    tx.prepare_cached("DELETE FROM vars WHERE scope_id = ?1 AND name = ?2")?;
+                for name in &names {
+                    stmt.execute(params![scope.as_str(), name])?;
+                }
+                drop(stmt);
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn find_connections(
+        &self,
+        name: &str,
+        value: &str,
+    ) -> Result<Vec<ConnectionId>, HostError> {
+        if name.is_empty() && !value.is_empty() {
+            return Err(HostError::InvalidArgument(
+                "a value to match needs a variable name".into(),
+            ));
+        }
+        if !name.is_empty() {
+            check_var_name(name)?;
+        }
+        let (name, value) = (name.to_string(), value.to_string());
+        self.with_db(move |conn, keys| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT DISTINCT scope_id, name, value, is_secret FROM vars
+                 WHERE ?1 = '' OR name = ?1 ORDER BY scope_id",
+            )?;
+            let rows = stmt.query_map([name.as_str()], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                    row.get::<_, bool>(3)?,
+                ))
+            })?;
+            let mut ids: Vec<ConnectionId> = Vec::new();
+            for row in rows {
+                let (scope, var_name, stored, is_secret) = row?;
+                let Ok(id) = ConnectionId::parse(&scope) else {
+                    continue;
+                };
+                let matches = value.is_empty()
+                    || if is_secret {
+                        keys.open(&stored, &seal_context(&id, &var_name))
+                            .is_ok_and(|v| v == value.as_bytes())
+                    } else {
+                        stored == value.as_bytes()
+                    };
+                if matches && ids.last() != Some(&id) {
+                    ids.push(id);
+                }
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn dispatch(&self, event: Event) -> Result<String, HostError> {
+        self.save_event(event).await
+    }
+
+    async fn check(&self) -> Result<(), HostError> {
+        self.with_db(|conn, _| {
+            conn.query_row("SELECT count(*) FROM meta", [], |r| r.get::<_, i64>(0))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// What a sealed variable is bound to: moving it to another connection or name breaks it.
+fn seal_context(scope: &ConnectionId, name: &str) -> Vec<u8> {
+    let mut ctx = Vec::with_capacity(scope.as_str().len() + 1 + name.len());
+    ctx.extend_from_slice(scope.as_str().as_bytes());
+    ctx.push(0);
+    ctx.extend_from_slice(name.as_bytes());
+    ctx
+}
+
+fn decode_event((seq, bytes): (i64, Vec<u8>)) -> Result<Event, HostError> {
+    let mut event = Event::decode(bytes.as_slice())
+        .map_err(|e| HostError::Internal(format!("stored event cannot be decoded: {e}")))?;
+    event.seq = seq as u64;
+    Ok(event)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, step) in (0i64..).zip(MIGRATIONS).skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(material: &[u8]) -> Arc<Keys> {
+        Arc::new(Keys::from_material(material))
+    }
+
+    const KEY: &[u8] = b"test key material, at least 32 bytes";
+
+    fn sample_vars() -> Vec<Var> {
+        vec![
+            Var::plain("auth_type", "oauthPrivate"),
+            Var::plain("private_client_id", "client-id-1"),
+            Var::secret("private_client_secret", "Sekr1t-client-secret-XYZ"),
+            Var::secret("oauth_refresh_token", "refresh-token-ÄÖÜ-日本"),
+        ]
+    }
+
+    #[tokio::test]
+    async fn vars_round_trip_with_secrets_decrypted() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let cid = ConnectionId::generate();
+        host.set_vars(&cid, sample_vars()).await.unwrap();
+
+        let mut all = host.get_vars(&cid, &[]).await.unwrap();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut expected = sample_vars();
+        expected.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(all, expected);
+
+        let some = host
+            .get_vars(&cid, &["auth_type".into(), "missing".into()])
+            .await
+            .unwrap();
+        assert_eq!(some, vec![Var::plain("auth_type", "oauthPrivate")]);
+
+        host.set_vars(&cid, vec![Var::plain("auth_type", "oauthDefault")])
+            .await
+            .unwrap();
+        host.delete_vars(&cid, &["private_client_id".into()])
+            .await
+            .unwrap();
+        let names: Vec<String> = host
+            .get_vars(&cid, &[])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(
+            names,
+            ["auth_type", "oauth_refresh_token", "private_client_secret"]
+        );
+        host.delete_vars(&cid, &[]).await.unwrap();
+        assert!(host.get_vars(&cid, &[]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn secrets_are_not_readable_in_the_raw_database_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let cid = ConnectionId::generate();
+        host.set_vars(&cid, sample_vars()).await.unwrap();
+
+        let mut saw_plain_value = false;
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            for needle in [
+                "Sekr1t-client-secret-XYZ".as_bytes(),
+                "refresh-token-ÄÖÜ-日本".as_bytes(),
+            ] {
+                assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+            }
+            saw_plain_value |= bytes.windows(11).any(|w| w == b"client-id-1");
+        }
+        // Plain variables are stored as they are: proof that the scan reads the stored data.
+        assert!(saw_plain_value, "the scan found no variables at all");
+    }
+
+    #[tokio::test]
+    async fn data_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cid = ConnectionId::generate();
+        {
+            let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+            host.set_vars(&cid, sample_vars()).await.unwrap();
+            host.save_event(Event {
+                destination_id: cid.to_string(),
+                event_type: "meeting.started".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        assert_eq!(host.get_vars(&cid, &[]).await.unwrap().len(), 4);
+        let events = host
+            .list_events(EventFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].event_type, "meeting.started");
+    }
+
+    #[tokio::test]
+    async fn a_different_secret_key_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let err = EmbeddedHost::open(dir.path(), keys(b"another key material of 32+ bytes"))
+            .err()
+            .unwrap();
+        match err {
+            OpenError::Config(e) => assert_eq!(e.variable, "SECRET_KEY"),
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sealed_value_moved_to_another_connection_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let (a, b) = (ConnectionId::generate(), ConnectionId::generate());
+        host.set_vars(&a, sample_vars()).await.unwrap();
+        {
+            let conn = host.conn.lock().unwrap();
+            conn.execute(
+                "INSERT INTO vars SELECT ?1, name, value, is_secret, description, updated_ms
+                 FROM vars WHERE scope_id = ?2",
+                [b.as_str(), a.as_str()],
+            )
+            .unwrap();
+        }
+        assert!(matches!(
+            host.get_vars(&b, &[]).await,
+            Err(HostError::Undecryptable { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn connections_are_found_by_variable_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let (a, b) = (ConnectionId::generate(), ConnectionId::generate());
+        host.set_vars(
+            &a,
+            vec![Var::plain("account_id", "acc-1"), Var::secret("tok", "x")],
+        )
+        .await
+        .unwrap();
+        host.set_vars(
+            &b,
+            vec![Var::plain("account_id", "acc-2"), Var::secret("tok", "x")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            host.find_connections("account_id", "acc-2").await.unwrap(),
+            vec![b.clone()]
+        );
+        assert_eq!(host.find_connections("tok", "x").await.unwrap().len(), 2);
+        assert_eq!(host.find_connections("", "").await.unwrap().len(), 2);
+        assert!(
+            host.find_connections("account_id", "nope")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(matches!(
+            host.find_connections("", "acc-1").await,
+            Err(HostError::InvalidArgument(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn invalid_variables_are_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let cid = ConnectionId::generate();
+        for bad in [
+            Var::plain("", "x"),
+            Var::plain("has space", "x"),
+            Var::plain("1starts_with_digit", "x"),
+            Var::plain("big", "x".repeat(MAX_VALUE_FOR_TEST + 1)),
+        ] {
+            let result = host
+                .set_vars(&cid, vec![Var::plain("ok_first", "written?"), bad])
+                .await;
+            assert!(matches!(result, Err(HostError::InvalidArgument(_))));
+        }
+        assert!(host.get_vars(&cid, &[]).await.unwrap().is_empty());
+    }
+
+    const MAX_VALUE_FOR_TEST: usize = super::super::MAX_VAR_VALUE;
+
+    #[tokio::test]
+    async fn events_get_ids_and_list_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let cid = ConnectionId::generate();
+        let mut ids = Vec::new();
+        for t in ["meeting.started", "meeting.ended", "meeting.started"] {
+            ids.push(
+                host.save_event(Event {
+                    destination_id: cid.to_string(),
+                    event_type: t.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap(),
+            );
+        }
+        let got = host.get_event(&ids[1]).await.unwrap().unwrap();
+        assert_eq!(got.event_type, "meeting.ended");
+        assert_eq!(got.seq, 2);
+        assert!(got.created_at.is_some());
+        assert!(host.get_event("evt_missing").await.unwrap().is_none());
+
+        let started = host
+            .list_events(EventFilter {
+                event_type: Some("meeting.started".into()),
+                limit: 10,
+                ascending: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = started.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 3]);
+        let newest = host
+            .list_events(EventFilter {
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(newest[0].event_id, ids[2]);
+        let with_id = host
+            .save_event(Event {
+                event_id: "evt_given".into(),
+                destination_id: cid.to_string(),
+                event_type: "x".into(),
+                ..Default::default()
+            })
+            .await;
+        assert!(matches!(with_id, Err(HostError::InvalidArgument(_))));
+    }
+}

@@ -1,0 +1,166 @@
+//! The host engine: where connection variables live and where events go.
+//!
+//! One trait, two implementations: [`embedded::EmbeddedHost`] (a SQLite file under `DATA_DIR`,
+//! the default) and [`remote::RemoteHost`] (an AutoKitteh-compatible host over gRPC).
+
+pub mod embedded;
+pub mod remote;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::ids::ConnectionId;
+use crate::proto::autokitteh::events::v1::Event;
+
+/// One connection variable.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Var {
+    /// Variable name, e.g. `auth_type`.
+    pub name: String,
+    /// Its value (plaintext in memory; secrets are encrypted at rest by the embedded host).
+    pub value: String,
+    /// Secret variables are encrypted at rest and never logged.
+    pub is_secret: bool,
+    /// Free text for people reading the host's UI.
+    pub description: String,
+}
+
+impl Var {
+    /// A non-secret variable.
+    pub fn plain(name: impl Into<String>, value: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            value: value.into(),
+            is_secret: false,
+            description: String::new(),
+        }
+    }
+
+    /// A secret variable.
+    pub fn secret(name: impl Into<String>, value: impl Into<String>) -> Self {
+        Self {
+            is_secret: true,
+            ..Self::plain(name, value)
+        }
+    }
+}
+
+impl fmt::Debug for Var {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value: &dyn fmt::Debug = if self.is_secret {
+            &"[redacted]"
+        } else {
+            &self.value
+        };
+        f.debug_struct("Var")
+            .field("name", &self.name)
+            .field("value", value)
+            .field("is_secret", &self.is_secret)
+            .finish()
+    }
+}
+
+/// What went wrong talking to the host engine.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The request itself is wrong (bad name, oversized value, malformed id).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The thing asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The host engine cannot be reached or is overloaded; worth retrying later.
+    #[error("host engine unavailable: {0}")]
+    Unavailable(String),
+    /// The embedded database failed.
+    #[error("embedded database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// A stored secret did not decrypt.
+    #[error("stored secret {name:?} of {scope} cannot be decrypted")]
+    Undecryptable {
+        /// The connection the variable belongs to.
+        scope: String,
+        /// The variable's name.
+        name: String,
+    },
+    /// The remote host engine answered with an error we do not map.
+    #[error("host engine error: {0}")]
+    Remote(String),
+    /// Anything else inside this process (a panicked worker, a corrupt stored event).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The host engine, as this service uses it.
+#[async_trait]
+pub trait HostEngine: Send + Sync + 'static {
+    /// `embedded` or `remote`, for logs and readiness.
+    fn kind(&self) -> &'static str;
+
+    /// The variables of `scope` named in `names`, or all of them when `names` is empty.
+    /// Missing names are simply absent from the answer.
+    async fn get_vars(&self, scope: &ConnectionId, names: &[String])
+    -> Result<Vec<Var>, HostError>;
+
+    /// Sets `vars` on `scope`, all or none.
+    async fn set_vars(&self, scope: &ConnectionId, vars: Vec<Var>) -> Result<(), HostError>;
+
+    /// Deletes the variables named `names` from `scope` (all of them when `names` is empty).
+    async fn delete_vars(&self, scope: &ConnectionId, names: &[String]) -> Result<(), HostError>;
+
+    /// Connections of this integration with a variable `name` (any, when empty) whose value is
+    /// `value` (any, when empty).
+    async fn find_connections(
+        &self,
+        name: &str,
+        value: &str,
+    ) -> Result<Vec<ConnectionId>, HostError>;
+
+    /// Hands one event to the host; returns the host's event id.
+    async fn dispatch(&self, event: Event) -> Result<String, HostError>;
+
+    /// Succeeds when the host engine is reachable and working.
+    async fn check(&self) -> Result<(), HostError>;
+}
+
+/// The longest variable name accepted.
+pub const MAX_VAR_NAME: usize = 128;
+/// The largest variable value accepted, in bytes.
+pub const MAX_VAR_VALUE: usize = 64 * 1024;
+
+/// Checks a variable name: an identifier of ASCII letters, digits and `_`, not starting with a digit.
+pub fn check_var_name(name: &str) -> Result<(), HostError> {
+    let mut chars = name.chars();
+    let valid = name.len() <= MAX_VAR_NAME
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(HostError::InvalidArgument(format!(
+            "variable name {:?} is invalid: use letters, digits and _ (at most {MAX_VAR_NAME})",
+            crate::ids::truncate(name, 64)
+        )))
+    }
+}
+
+/// Checks a variable before it is stored.
+pub fn check_var(var: &Var) -> Result<(), HostError> {
+    check_var_name(&var.name)?;
+    if var.value.len() > MAX_VAR_VALUE {
+        return Err(HostError::InvalidArgument(format!(
+            "variable {:?} is larger than {MAX_VAR_VALUE} bytes",
+            var.name
+        )));
+    }
+    if var.description.len() > 1024 {
+        return Err(HostError::InvalidArgument(format!(
+            "description of variable {:?} is longer than 1024 bytes",
+            var.name
+        )));
+    }
+    Ok(())
+}

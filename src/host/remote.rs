@@ -1,0 +1,234 @@
+//! A remote, AutoKitteh-compatible host engine reached over gRPC (`HOST_ENGINE_URL`).
+//!
+//! One lazily connected channel serves every call; tonic reconnects it after failures, and
+//! every call has a deadline so a stuck host never holds a request forever.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::{HostEngine, HostError, Var, check_var, check_var_name};
+use crate::config::{BaseUrl, ConfigError};
+use crate::ids::{ConnectionId, INTEGRATION_ID};
+use crate::proto::autokitteh::dispatcher::v1::DispatchRequest;
+use crate::proto::autokitteh::dispatcher::v1::dispatcher_service_client::DispatcherServiceClient;
+use crate::proto::autokitteh::events::v1::Event;
+use crate::proto::autokitteh::vars::v1 as pb;
+use crate::proto::autokitteh::vars::v1::vars_service_client::VarsServiceClient;
+use crate::secret::Secret;
+
+/// How long to wait for a TCP connection to the host.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Svc = InterceptedService<Channel, BearerToken>;
+
+/// Adds `authorization: Bearer …` to every call when the host needs a token.
+#[derive(Clone)]
+struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Client of a remote host engine's `VarsService` and `DispatcherService`.
+#[derive(Clone)]
+pub struct RemoteHost {
+    vars: VarsServiceClient<Svc>,
+    dispatcher: DispatcherServiceClient<Svc>,
+    health: HealthClient<Svc>,
+}
+
+impl RemoteHost {
+    /// A client of the host at `url`; connects on first use.
+    pub fn new(url: &BaseUrl, token: Option<&Secret>) -> Result<Self, ConfigError> {
+        let endpoint = Endpoint::from_shared(url.as_str().to_string())
+            .map_err(|e| ConfigError::new("HOST_ENGINE_URL", format!("is unusable: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = endpoint.connect_lazy();
+        let token = token
+            .map(|t| {
+                format!("Bearer {}", t.expose())
+                    .parse()
+                    .map_err(|_| ConfigError::new("HOST_ENGINE_TOKEN", "is not valid header text"))
+            })
+            .transpose()?;
+        let auth = BearerToken(token);
+        Ok(Self {
+            vars: VarsServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            dispatcher: DispatcherServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            health: HealthClient::with_interceptor(channel, auth),
+        })
+    }
+}
+
+fn map_status(status: Status) -> HostError {
+    let message = status.message().to_string();
+    match status.code() {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            HostError::InvalidArgument(message)
+        }
+        Code::NotFound => HostError::NotFound(message),
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::ResourceExhausted
+        | Code::Aborted => HostError::Unavailable(format!("{:?}: {message}", status.code())),
+        code => HostError::Remote(format!("{code:?}: {message}")),
+    }
+}
+
+#[async_trait]
+impl HostEngine for RemoteHost {
+    fn kind(&self) -> &'static str {
+        "remote"
+    }
+
+    async fn get_vars(
+        &self,
+        scope: &ConnectionId,
+        names: &[String],
+    ) -> Result<Vec<Var>, HostError> {
+        let response = self
+            .vars
+            .clone()
+            .get(pb::GetRequest {
+                scope_id: scope.to_string(),
+                names: names.to_vec(),
+            })
+            .await
+            .map_err(map_status)?;
+        Ok(response
+            .into_inner()
+            .vars
+            .into_iter()
+            .map(|v| Var {
+                name: v.name,
+                value: v.value,
+                is_secret: v.is_secret,
+                description: v.description,
+            })
+            .collect())
+    }
+
+    async fn set_vars(&self, scope: &ConnectionId, vars: Vec<Var>) -> Result<(), HostError> {
+        for var in &vars {
+            check_var(var)?;
+        }
+        let vars = vars
+            .into_iter()
+            .map(|v| pb::Var {
+                scope_id: scope.to_string(),
+                name: v.name,
+                value: v.value,
+                is_secret: v.is_secret,
+                description: v.description,
+            })
+            .collect();
+        self.vars
+            .clone()
+            .set(pb::SetRequest { vars })
+            .await
+            .map_err(map_status)?;
+        Ok(())
+    }
+
+    async fn delete_vars(&self, scope: &ConnectionId, names: &[String]) -> Result<(), HostError> {
+        for name in names {
+            check_var_name(name)?;
+        }
+        self.vars
+            .clone()
+            .delete(pb::DeleteRequest {
+                scope_id: scope.to_string(),
+                names: names.to_vec(),
+            })
+            .await
+            .map_err(map_status)?;
+        Ok(())
+    }
+
+    async fn find_connections(
+        &self,
+        name: &str,
+        value: &str,
+    ) -> Result<Vec<ConnectionId>, HostError> {
+        let response = self
+            .vars
+            .clone()
+            .find_active_connection_i_ds(pb::FindActiveConnectionIDsRequest {
+                integration_id: INTEGRATION_ID.clone(),
+                name: name.to_string(),
+                value: value.to_string(),
+            })
+            .await
+            .map_err(map_status)?;
+        let mut ids = Vec::new();
+        for id in response.into_inner().connection_ids {
+            match ConnectionId::parse(&id) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "host engine returned a malformed connection id")
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn dispatch(&self, event: Event) -> Result<String, HostError> {
+        let response = self
+            .dispatcher
+            .clone()
+            .dispatch(DispatchRequest {
+                event: Some(event),
+                ..Default::default()
+            })
+            .await
+            .map_err(map_status)?;
+        Ok(response.into_inner().event_id)
+    }
+
+    async fn check(&self) -> Result<(), HostError> {
+        match self
+            .health
+            .clone()
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            Ok(response) => {
+                use tonic_health::pb::health_check_response::ServingStatus;
+                if response.into_inner().status() == ServingStatus::Serving {
+                    Ok(())
+                } else {
+                    Err(HostError::Unavailable(
+                        "host engine reports not serving".into(),
+                    ))
+                }
+            }
+            // The host answered, so it is reachable; it just does not serve the health API.
+            Err(status) if matches!(status.code(), Code::Unimplemented | Code::NotFound) => Ok(()),
+            Err(status) => Err(map_status(status)),
+        }
+    }
+}

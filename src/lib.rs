@@ -1,0 +1,146 @@
+//! zoom-integration: connects Zoom to an AutoKitteh-compatible workflow host.
+//!
+//! [`run`] starts the whole service on listeners the caller already bound, so tests can start
+//! it on port 0; `main.rs` only reads the configuration, binds, and waits for SIGTERM.
+//! See `ARCHITECTURE.md` for the parts and how requests flow through them.
+
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod crypto;
+pub mod error;
+pub mod grpc;
+pub mod host;
+pub mod http;
+pub mod ids;
+pub mod integration;
+pub mod secret;
+pub mod telemetry;
+pub mod values;
+
+/// Code generated from `proto/`: AutoKitteh's public API, wire-compatible.
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/autokitteh.rs"));
+}
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::crypto::Keys;
+use crate::host::HostEngine;
+use crate::host::embedded::{EmbeddedHost, OpenError};
+use crate::host::remote::RemoteHost;
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The configuration, loaded once.
+    pub config: Arc<Config>,
+    /// The host engine in use.
+    pub host: Arc<dyn HostEngine>,
+    /// The embedded host, when no remote host is configured; it also serves Vars and Events.
+    pub embedded: Option<EmbeddedHost>,
+    /// Key material for OAuth state and secrets at rest.
+    pub keys: Arc<Keys>,
+}
+
+impl AppState {
+    /// Opens the host engine the configuration asks for and loads the keys.
+    /// Configuration problems come back as [`config::ConfigError`].
+    pub fn build(config: Config) -> anyhow::Result<Self> {
+        config::create_private_dir(&config.data_dir)?;
+        let keys = Arc::new(Keys::load_or_generate(
+            config.secret_key.as_ref(),
+            &config.data_dir,
+        )?);
+        let (host, embedded): (Arc<dyn HostEngine>, _) = match &config.host_engine_url {
+            Some(url) => (
+                Arc::new(RemoteHost::new(url, config.host_engine_token.as_ref())?),
+                None,
+            ),
+            None => {
+                let embedded =
+                    EmbeddedHost::open(&config.data_dir, keys.clone()).map_err(|e| match e {
+                        OpenError::Config(e) => anyhow::Error::from(e),
+                        other => anyhow::Error::from(other),
+                    })?;
+                (Arc::new(embedded.clone()), Some(embedded))
+            }
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            host,
+            embedded,
+            keys,
+        })
+    }
+}
+
+/// Runs the service on the given listeners until `shutdown` completes, then stops both
+/// servers gracefully: no new connections, in-flight requests finish.
+pub async fn run(
+    config: Config,
+    http_listener: TcpListener,
+    grpc_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::build(config)?;
+    let http_addr = http_listener.local_addr()?;
+    let grpc_addr = grpc_listener.local_addr()?;
+
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => tracing::info!("shutting down"),
+                () = stop.cancelled() => {}
+            }
+            stop.cancel();
+        }
+    });
+
+    let router = http::router(state.clone());
+    let mut http_server = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .context("HTTP server failed")
+        }
+    });
+    let mut grpc_server = tokio::spawn({
+        let (state, stop) = (state.clone(), stop.clone());
+        async move {
+            grpc::serve(grpc_listener, state, stop)
+                .await
+                .context("gRPC server failed")
+        }
+    });
+    tracing::info!(
+        %http_addr,
+        %grpc_addr,
+        host = state.host.kind(),
+        "zoom-integration serving"
+    );
+
+    // Whichever server ends first (normally on shutdown) stops the other.
+    let (first, second) = tokio::select! {
+        r = &mut http_server => (r, grpc_server),
+        r = &mut grpc_server => (r, http_server),
+    };
+    stop.cancel();
+    let second = second.await;
+    for result in [first, second] {
+        result.context("server task panicked")??;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
