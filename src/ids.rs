@@ -102,7 +102,7 @@ pub fn new_typeid(prefix: &str) -> String {
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
-        .unwrap_or_default() as u128;
+        .unwrap_or_default();
     let mut random = [0u8; 10];
     getrandom::fill(&mut random).expect("the operating system's random source failed");
     let mut rand_bits: u128 = 0;

@@ -34,11 +34,16 @@ pub async fn serve(
         state.host.clone(),
         crate::integration::descriptor(&state.config),
     );
-    let mut router = Server::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .layer(tower_http::trace::TraceLayer::new_for_grpc())
-        .add_service(health)
-        .add_service(IntegrationsServiceServer::new(integrations));
+    let mut router =
+        Server::builder()
+            .timeout(REQUEST_TIMEOUT)
+            // Callers' mistakes (INVALID_ARGUMENT, NOT_FOUND) are not our failures: log every
+            // outcome at debug; internal errors are logged where they are mapped (error.rs).
+            .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ))
+            .add_service(health)
+            .add_service(IntegrationsServiceServer::new(integrations));
     if let Some(embedded) = &state.embedded {
         reporter
             .set_serving::<VarsServiceServer<vars::VarsApi>>()

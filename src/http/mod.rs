@@ -15,7 +15,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .route(LOGO_PATH, get(logo))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
+        )
         .with_state(state)
 }
 

@@ -1,0 +1,209 @@
+//! The embedded host through its gRPC services: variables and events, across restarts.
+
+use zoom_integration::ids::ConnectionId;
+use zoom_integration::proto::autokitteh::events::v1 as events;
+use zoom_integration::proto::autokitteh::values::v1 as values;
+use zoom_integration::proto::autokitteh::vars::v1 as vars;
+
+use crate::helpers::{spawn_app_in, var, zoom_id};
+
+const CLIENT_SECRET: &str = "cs-9f8e7d6c5b4a-Geheimnis-ÄÖÜ";
+const REFRESH_TOKEN: &str = "rt-eyJhbGciOiJIUzUxMiJ9-distinctive";
+
+#[tokio::test]
+async fn variables_survive_a_restart_and_secrets_stay_sealed_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cid = ConnectionId::generate().to_string();
+
+    let app = spawn_app_in(dir.path(), &[]).await;
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "oauthPrivate", false),
+                var(&cid, "private_client_id", "client-id-visible", false),
+                var(&cid, "private_client_secret", CLIENT_SECRET, true),
+                var(&cid, "oauth_refresh_token", REFRESH_TOKEN, true),
+            ],
+        })
+        .await
+        .unwrap();
+    app.stop().await.expect("graceful stop");
+
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        files += 1;
+        for secret in [CLIENT_SECRET, REFRESH_TOKEN] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "a secret is readable in the data directory"
+            );
+        }
+    }
+    assert!(files >= 1, "the database file expected");
+    assert!(
+        dir.path()
+            .join(zoom_integration::host::embedded::DB_FILE)
+            .is_file()
+    );
+
+    let app = spawn_app_in(dir.path(), &[]).await;
+    let stored = app
+        .vars()
+        .get(vars::GetRequest {
+            scope_id: cid.clone(),
+            names: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vars;
+    let find = |name: &str| stored.iter().find(|v| v.name == name).unwrap().clone();
+    assert_eq!(stored.len(), 4);
+    assert_eq!(find("private_client_secret").value, CLIENT_SECRET);
+    assert!(find("private_client_secret").is_secret);
+    assert_eq!(find("oauth_refresh_token").value, REFRESH_TOKEN);
+    assert_eq!(find("private_client_id").value, "client-id-visible");
+
+    let found = app
+        .vars()
+        .find_active_connection_i_ds(vars::FindActiveConnectionIDsRequest {
+            integration_id: zoom_id(),
+            name: "private_client_id".into(),
+            value: "client-id-visible".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connection_ids;
+    assert_eq!(found, vec![cid.clone()]);
+
+    app.vars()
+        .delete(vars::DeleteRequest {
+            scope_id: cid.clone(),
+            names: vec!["oauth_refresh_token".into()],
+        })
+        .await
+        .unwrap();
+    let left = app
+        .vars()
+        .get(vars::GetRequest {
+            scope_id: cid,
+            names: vec!["oauth_refresh_token".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vars;
+    assert!(left.is_empty());
+}
+
+#[tokio::test]
+async fn a_restart_with_another_secret_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_in(dir.path(), &[]).await;
+    app.stop().await.unwrap();
+
+    let config = zoom_integration::config::Config::load(vec![
+        ("DATA_DIR".to_string(), dir.path().display().to_string()),
+        (
+            "SECRET_KEY".to_string(),
+            "a different key material of 32+ chars".to_string(),
+        ),
+    ])
+    .unwrap();
+    let err = zoom_integration::AppState::build(config)
+        .err()
+        .expect("must refuse");
+    let config_err = err
+        .downcast_ref::<zoom_integration::config::ConfigError>()
+        .expect("a configuration error");
+    assert_eq!(config_err.variable, "SECRET_KEY");
+}
+
+#[tokio::test]
+async fn events_saved_in_the_embedded_host_are_listed_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_in(dir.path(), &[]).await;
+    let cid = ConnectionId::generate().to_string();
+    let big = values::Value {
+        integer: Some(values::Integer { v: 85_746_065_432 }),
+        ..Default::default()
+    };
+    let text = values::Value {
+        string: Some(values::String {
+            v: "Café ☕ 会議".into(),
+        }),
+        ..Default::default()
+    };
+    let saved = app
+        .events()
+        .save(events::SaveRequest {
+            event: Some(events::Event {
+                destination_id: cid.clone(),
+                event_type: "meeting.started".into(),
+                data: [
+                    ("id".to_string(), big.clone()),
+                    ("topic".to_string(), text.clone()),
+                ]
+                .into(),
+                memo: [("account_id".to_string(), "acc-1".to_string())].into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event_id;
+    assert!(saved.starts_with("evt_"));
+
+    let got = app
+        .events()
+        .get(events::GetRequest {
+            event_id: saved.clone(),
+            json_values: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event
+        .unwrap();
+    assert_eq!(got.data["id"], big);
+    assert_eq!(got.data["topic"], text);
+    assert_eq!(got.memo["account_id"], "acc-1");
+    assert_eq!(got.destination_id, cid);
+
+    let listed = app
+        .events()
+        .list(events::ListRequest {
+            integration_id: zoom_id(),
+            destination_id: cid.clone(),
+            json_values: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].data["id"].string.as_ref().unwrap().v,
+        "85746065432"
+    );
+    assert_eq!(
+        listed[0].data["topic"].string.as_ref().unwrap().v,
+        "\"Café ☕ 会議\""
+    );
+
+    let other = app
+        .events()
+        .list(events::ListRequest {
+            event_type: "meeting.ended".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(other.is_empty());
+}

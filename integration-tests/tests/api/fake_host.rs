@@ -1,0 +1,197 @@
+//! A fake AutoKitteh host engine: VarsService, DispatcherService and health, in memory, on
+//! port 0. It is the outside world, so it records what it was sent.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::{Request, Response, Status};
+use zoom_integration::proto::autokitteh::dispatcher::v1::dispatcher_service_server::{
+    DispatcherService, DispatcherServiceServer,
+};
+use zoom_integration::proto::autokitteh::dispatcher::v1::{
+    DispatchRequest, DispatchResponse, RedispatchRequest, RedispatchResponse,
+};
+use zoom_integration::proto::autokitteh::events::v1::Event;
+use zoom_integration::proto::autokitteh::vars::v1 as pb;
+use zoom_integration::proto::autokitteh::vars::v1::vars_service_server::{
+    VarsService, VarsServiceServer,
+};
+
+#[derive(Default)]
+pub struct FakeHostState {
+    /// (scope, name) → var.
+    pub vars: BTreeMap<(String, String), pb::Var>,
+    pub dispatched: Vec<Event>,
+    /// The `authorization` header of every call.
+    pub authorization: Vec<Option<String>>,
+    pub find_requests: Vec<pb::FindActiveConnectionIDsRequest>,
+}
+
+#[derive(Clone)]
+pub struct FakeHost {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<FakeHostState>>,
+    stop: CancellationToken,
+}
+
+impl FakeHost {
+    pub async fn start() -> Self {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+    }
+
+    pub async fn start_on(listener: TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(FakeHostState::default()));
+        let stop = CancellationToken::new();
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let svc = Svc(state.clone());
+        tokio::spawn(
+            Server::builder()
+                .add_service(health)
+                .add_service(VarsServiceServer::new(svc.clone()))
+                .add_service(DispatcherServiceServer::new(svc))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    stop.clone().cancelled_owned(),
+                ),
+        );
+        Self { addr, state, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn put(&self, var: pb::Var) {
+        self.state
+            .lock()
+            .unwrap()
+            .vars
+            .insert((var.scope_id.clone(), var.name.clone()), var);
+    }
+}
+
+#[derive(Clone)]
+struct Svc(Arc<Mutex<FakeHostState>>);
+
+impl Svc {
+    fn record<T>(&self, request: &Request<T>) {
+        let auth = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        self.0.lock().unwrap().authorization.push(auth);
+    }
+}
+
+#[tonic::async_trait]
+impl VarsService for Svc {
+    async fn set(
+        &self,
+        request: Request<pb::SetRequest>,
+    ) -> Result<Response<pb::SetResponse>, Status> {
+        self.record(&request);
+        let mut state = self.0.lock().unwrap();
+        for v in request.into_inner().vars {
+            state.vars.insert((v.scope_id.clone(), v.name.clone()), v);
+        }
+        Ok(Response::new(pb::SetResponse {}))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        self.record(&request);
+        let req = request.into_inner();
+        if req.scope_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "scope_id: value length must be at least 1",
+            ));
+        }
+        let state = self.0.lock().unwrap();
+        let vars = state
+            .vars
+            .values()
+            .filter(|v| v.scope_id == req.scope_id)
+            .filter(|v| req.names.is_empty() || req.names.contains(&v.name))
+            .cloned()
+            .collect();
+        Ok(Response::new(pb::GetResponse { vars }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.record(&request);
+        let req = request.into_inner();
+        self.0.lock().unwrap().vars.retain(|(scope, name), _| {
+            !(scope == &req.scope_id && (req.names.is_empty() || req.names.contains(name)))
+        });
+        Ok(Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn find_active_connection_i_ds(
+        &self,
+        request: Request<pb::FindActiveConnectionIDsRequest>,
+    ) -> Result<Response<pb::FindActiveConnectionIDsResponse>, Status> {
+        self.record(&request);
+        let req = request.into_inner();
+        let mut state = self.0.lock().unwrap();
+        state.find_requests.push(req.clone());
+        let mut ids: Vec<String> = state
+            .vars
+            .values()
+            .filter(|v| req.name.is_empty() || v.name == req.name)
+            .filter(|v| req.value.is_empty() || v.value == req.value)
+            .map(|v| v.scope_id.clone())
+            .collect();
+        ids.dedup();
+        Ok(Response::new(pb::FindActiveConnectionIDsResponse {
+            connection_ids: ids,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl DispatcherService for Svc {
+    async fn dispatch(
+        &self,
+        request: Request<DispatchRequest>,
+    ) -> Result<Response<DispatchResponse>, Status> {
+        self.record(&request);
+        let event = request
+            .into_inner()
+            .event
+            .ok_or_else(|| Status::invalid_argument("event is required"))?;
+        if !event.event_id.is_empty() {
+            return Err(Status::invalid_argument("event_id must not be specified"));
+        }
+        let mut state = self.0.lock().unwrap();
+        state.dispatched.push(event);
+        Ok(Response::new(DispatchResponse {
+            event_id: format!("evt_fake{}", state.dispatched.len()),
+            ..Default::default()
+        }))
+    }
+
+    async fn redispatch(
+        &self,
+        _request: Request<RedispatchRequest>,
+    ) -> Result<Response<RedispatchResponse>, Status> {
+        Err(Status::unimplemented("the fake host does not redispatch"))
+    }
+}

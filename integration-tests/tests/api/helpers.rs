@@ -1,0 +1,151 @@
+//! `spawn_app()`: the whole service on port 0, with clients for every API.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use zoom_integration::config::Config;
+use zoom_integration::proto::autokitteh::events::v1::events_service_client::EventsServiceClient;
+use zoom_integration::proto::autokitteh::integrations::v1::integrations_service_client::IntegrationsServiceClient;
+use zoom_integration::proto::autokitteh::vars::v1::vars_service_client::VarsServiceClient;
+
+/// Key material used by test apps (tests that check key handling set their own).
+pub const TEST_SECRET_KEY: &str = "integration-test key material, not for production";
+
+/// A running service.
+pub struct TestApp {
+    pub http: SocketAddr,
+    _owned_dir: Option<TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    channel: Channel,
+    pub http_client: reqwest::Client,
+}
+
+/// The service with the embedded host in a fresh data directory.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// The service with extra configuration variables, in a fresh data directory.
+pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut app = spawn_app_in(dir.path(), env).await;
+    app._owned_dir = Some(dir);
+    app
+}
+
+/// The service on an existing data directory (to test restarts).
+pub async fn spawn_app_in(data_dir: &Path, env: &[(&str, &str)]) -> TestApp {
+    let mut pairs: Vec<(String, String)> = vec![
+        ("DATA_DIR".into(), data_dir.display().to_string()),
+        ("SECRET_KEY".into(), TEST_SECRET_KEY.into()),
+        ("WEBHOOK_ADDRESS".into(), "127.0.0.1:1".into()),
+        ("WEBHOOK_SCHEME".into(), "http".into()),
+    ];
+    pairs.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let config = Config::load(pairs).expect("test configuration is valid");
+    zoom_integration::telemetry::init(config.log_format, "warn");
+
+    let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (http, grpc) = (
+        http_listener.local_addr().unwrap(),
+        grpc_listener.local_addr().unwrap(),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(zoom_integration::run(
+        config,
+        http_listener,
+        grpc_listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let channel = Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(20))
+        .connect_lazy();
+    TestApp {
+        http,
+        _owned_dir: None,
+        stop: Some(stop),
+        task: Some(task),
+        channel,
+        http_client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap(),
+    }
+}
+
+impl TestApp {
+    pub fn integrations(&self) -> IntegrationsServiceClient<Channel> {
+        IntegrationsServiceClient::new(self.channel.clone())
+    }
+
+    pub fn vars(&self) -> VarsServiceClient<Channel> {
+        VarsServiceClient::new(self.channel.clone())
+    }
+
+    pub fn events(&self) -> EventsServiceClient<Channel> {
+        EventsServiceClient::new(self.channel.clone())
+    }
+
+    pub fn health(&self) -> tonic_health::pb::health_client::HealthClient<Channel> {
+        tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http_client.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// Shuts the service down gracefully and returns how `run` ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap())
+            .await
+            .expect("service stops within 10 s")
+            .expect("service task did not panic")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The integration id hosts send.
+pub fn zoom_id() -> String {
+    zoom_integration::ids::INTEGRATION_ID.clone()
+}
+
+/// A `Var` message for the VarsService.
+pub fn var(
+    scope: &str,
+    name: &str,
+    value: &str,
+    secret: bool,
+) -> zoom_integration::proto::autokitteh::vars::v1::Var {
+    zoom_integration::proto::autokitteh::vars::v1::Var {
+        scope_id: scope.into(),
+        name: name.into(),
+        value: value.into(),
+        is_secret: secret,
+        description: String::new(),
+    }
+}

@@ -1,0 +1,371 @@
+//! IntegrationsService and health over gRPC, on the embedded host.
+
+use tonic::Code;
+use zoom_integration::connection::StatusCode;
+use zoom_integration::ids::ConnectionId;
+use zoom_integration::proto::autokitteh::events::v1 as events;
+use zoom_integration::proto::autokitteh::integrations::v1::*;
+use zoom_integration::proto::autokitteh::vars::v1 as vars;
+
+use crate::helpers::{spawn_app, var, zoom_id};
+
+#[tokio::test]
+async fn get_and_list_describe_the_zoom_integration() {
+    let app = spawn_app().await;
+    let mut client = app.integrations();
+
+    let by_name = client
+        .get(GetRequest {
+            name: "zoom".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .integration
+        .unwrap();
+    let by_id = client
+        .get(GetRequest {
+            integration_id: zoom_id(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .integration
+        .unwrap();
+    assert_eq!(by_name, by_id);
+    assert_eq!(by_id.integration_id, zoom_id());
+    assert!(by_id.integration_id.starts_with("int_3kth00z00m"));
+    assert_eq!(by_id.unique_name, "zoom");
+    assert_eq!(by_id.display_name, "Zoom");
+    assert!(!by_id.description.is_empty());
+    assert_eq!(by_id.connection_url, "/zoom/");
+    assert_eq!(by_id.logo_url, "http://127.0.0.1:1/zoom/logo.svg");
+    let caps = by_id.connection_capabilities.unwrap();
+    assert!(
+        caps.supports_connection_test
+            && caps.supports_connection_init
+            && caps.requires_connection_init
+    );
+    assert_eq!(
+        by_id.initial_connection_status.unwrap().code(),
+        StatusCode::InitRequired
+    );
+
+    for (needle, expected) in [("", 1), ("zo", 1), ("ZOOM", 1), ("slack", 0)] {
+        let list = client
+            .list(ListRequest {
+                name_substring: needle.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .integrations;
+        assert_eq!(list.len(), expected, "List({needle:?})");
+    }
+
+    let logo = app.get("/zoom/logo.svg").await;
+    assert_eq!(logo.status(), 200);
+    assert_eq!(logo.headers()["content-type"], "image/svg+xml");
+}
+
+async fn status_of(app: &crate::helpers::TestApp, cid: &str) -> (StatusCode, String) {
+    let status = app
+        .integrations()
+        .get_connection_status(GetConnectionStatusRequest {
+            integration_id: zoom_id(),
+            connection_id: cid.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    (status.code(), status.message)
+}
+
+#[tokio::test]
+async fn connection_status_follows_the_stored_variables() {
+    let app = spawn_app().await;
+    let cid = ConnectionId::generate().to_string();
+
+    assert_eq!(status_of(&app, "").await.0, StatusCode::InitRequired);
+    assert_eq!(status_of(&app, &cid).await.0, StatusCode::InitRequired);
+
+    let set = |vs: Vec<vars::Var>| {
+        let mut client = app.vars();
+        async move { client.set(vars::SetRequest { vars: vs }).await.unwrap() }
+    };
+    set(vec![
+        var(&cid, "auth_type", "oauthDefault", false),
+        var(&cid, "oauth_access_token", "access-1", true),
+        var(&cid, "oauth_refresh_token", "refresh-1", true),
+    ])
+    .await;
+    let (code, message) = status_of(&app, &cid).await;
+    assert_eq!(code, StatusCode::Ok);
+    assert!(message.contains("default OAuth app"), "{message}");
+
+    set(vec![var(&cid, "auth_type", "serverToServer", false)]).await;
+    let (code, message) = status_of(&app, &cid).await;
+    assert_eq!(code, StatusCode::Ok);
+    assert!(message.contains("Server-to-Server"), "{message}");
+
+    set(vec![var(&cid, "auth_type", "carrierPigeon", false)]).await;
+    assert_eq!(status_of(&app, &cid).await.0, StatusCode::Error);
+
+    set(vec![
+        var(&cid, "auth_type", "oauthPrivate", false),
+        var(&cid, "connection_error", "re-authorization required", false),
+    ])
+    .await;
+    assert_eq!(
+        status_of(&app, &cid).await,
+        (StatusCode::Error, "re-authorization required".into())
+    );
+}
+
+#[tokio::test]
+async fn connection_config_shows_only_non_secret_settings() {
+    let app = spawn_app().await;
+    let cid = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "oauthPrivate", false),
+                var(&cid, "private_client_id", "my-client-id", false),
+                var(&cid, "private_client_secret", "my-client-secret", true),
+                var(&cid, "account_id", "acc-123", false),
+            ],
+        })
+        .await
+        .unwrap();
+
+    let config = app
+        .integrations()
+        .get_connection_config(GetConnectionConfigRequest {
+            integration_id: zoom_id(),
+            connection_id: cid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config;
+    assert_eq!(config.len(), 3);
+    assert_eq!(config["private_client_id"], "my-client-id");
+    assert_eq!(config["account_id"], "acc-123");
+    assert!(!config.contains_key("private_client_secret"));
+
+    let configured = app
+        .integrations()
+        .configure(ConfigureRequest {
+            integration_id: zoom_id(),
+            connection_id: cid,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(configured.config, config);
+    assert_eq!(
+        configured.values["auth_type"].string.as_ref().unwrap().v,
+        "oauthPrivate"
+    );
+    assert!(!configured.values.contains_key("private_client_secret"));
+}
+
+fn assert_status<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    says: &str,
+) {
+    let status = result.expect_err("the request should be refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(says),
+        "{:?} should mention {says:?}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_clear_grpc_errors() {
+    let app = spawn_app().await;
+    let mut client = app.integrations();
+    let cid = ConnectionId::generate().to_string();
+
+    assert_status(
+        client.get(GetRequest::default()).await,
+        Code::InvalidArgument,
+        "exactly one",
+    );
+    assert_status(
+        client
+            .get(GetRequest {
+                integration_id: zoom_id(),
+                name: "zoom".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "exactly one",
+    );
+    assert_status(
+        client
+            .get(GetRequest {
+                name: "slack".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+        "slack",
+    );
+    assert_status(
+        client
+            .get_connection_status(GetConnectionStatusRequest {
+                integration_id: String::new(),
+                connection_id: cid.clone(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "integration_id is required",
+    );
+    assert_status(
+        client
+            .get_connection_status(GetConnectionStatusRequest {
+                integration_id: "int_3kth00slackaf9d33c5697341f0".into(),
+                connection_id: cid.clone(),
+            })
+            .await,
+        Code::NotFound,
+        "unknown integration",
+    );
+    assert_status(
+        client
+            .get_connection_status(GetConnectionStatusRequest {
+                integration_id: zoom_id(),
+                connection_id: "con_../../etc/passwd".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "connection_id",
+    );
+    assert_status(
+        client
+            .get_connection_config(GetConnectionConfigRequest {
+                integration_id: zoom_id(),
+                connection_id: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "connection_id is required",
+    );
+    assert_status(
+        client
+            .configure(ConfigureRequest {
+                integration_id: "github".into(),
+                connection_id: cid.clone(),
+            })
+            .await,
+        Code::NotFound,
+        "github",
+    );
+
+    let mut vars_client = app.vars();
+    assert_status(
+        vars_client
+            .set(vars::SetRequest {
+                vars: vec![var("prj_x", "auth_type", "x", false)],
+            })
+            .await,
+        Code::InvalidArgument,
+        "connection_id",
+    );
+    // One bad variable: nothing of the request is written.
+    assert_status(
+        vars_client
+            .set(vars::SetRequest {
+                vars: vec![
+                    var(&cid, "auth_type", "oauthDefault", false),
+                    var(&cid, "bad name", "x", false),
+                ],
+            })
+            .await,
+        Code::InvalidArgument,
+        "bad name",
+    );
+    let stored = vars_client
+        .get(vars::GetRequest {
+            scope_id: cid.clone(),
+            names: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .vars;
+    assert!(stored.is_empty(), "{stored:?}");
+    assert_status(
+        vars_client
+            .find_active_connection_i_ds(vars::FindActiveConnectionIDsRequest::default())
+            .await,
+        Code::InvalidArgument,
+        "integration_id",
+    );
+
+    let mut events_client = app.events();
+    assert_status(
+        events_client.get(events::GetRequest::default()).await,
+        Code::InvalidArgument,
+        "event_id is required",
+    );
+    assert_status(
+        events_client
+            .get(events::GetRequest {
+                event_id: "evt_01jf3xabcdefghjkmnpqrstvwx".into(),
+                json_values: false,
+            })
+            .await,
+        Code::NotFound,
+        "no event",
+    );
+    assert_status(
+        events_client
+            .list(events::ListRequest {
+                order: "sideways".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "ASC or DESC",
+    );
+}
+
+#[tokio::test]
+async fn grpc_and_http_health_report_serving() {
+    let app = spawn_app().await;
+    for service in [
+        "",
+        "autokitteh.integrations.v1.IntegrationsService",
+        "autokitteh.vars.v1.VarsService",
+    ] {
+        let status = app
+            .health()
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    let healthz = app.get("/healthz").await;
+    assert_eq!(healthz.status(), 200);
+    let readyz = app.get("/readyz").await;
+    assert_eq!(readyz.status(), 200);
+    let body: serde_json::Value = readyz.json().await.unwrap();
+    assert_eq!(body["host"], "embedded");
+}

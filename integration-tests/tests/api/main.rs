@@ -1,0 +1,10 @@
+//! End-to-end tests: the whole service started on port 0 (in process, or as a real process),
+//! talked to through real HTTP and gRPC clients, with fakes only for the outside world.
+
+mod fake_host;
+mod helpers;
+
+mod embedded_host;
+mod integrations_api;
+mod process;
+mod remote_host;

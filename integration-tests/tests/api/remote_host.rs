@@ -1,0 +1,245 @@
+//! The service pointed at a remote host engine (a fake AutoKitteh host on port 0).
+
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use zoom_integration::config::Config;
+use zoom_integration::connection::StatusCode;
+use zoom_integration::host::remote::RemoteHost;
+use zoom_integration::host::{HostEngine, Var};
+use zoom_integration::ids::ConnectionId;
+use zoom_integration::proto::autokitteh::events::v1::Event;
+use zoom_integration::proto::autokitteh::integrations::v1::*;
+use zoom_integration::proto::autokitteh::vars::v1 as vars;
+
+use crate::fake_host::FakeHost;
+use crate::helpers::{spawn_app_with, var, zoom_id};
+
+#[tokio::test]
+async fn integrations_api_reads_connections_from_the_remote_host() {
+    let host = FakeHost::start().await;
+    let cid = ConnectionId::generate().to_string();
+    host.put(var(&cid, "auth_type", "serverToServer", false));
+    host.put(var(&cid, "private_account_id", "acc-42", false));
+    host.put(var(&cid, "private_client_secret", "remote-secret", true));
+
+    let app = spawn_app_with(&[
+        ("HOST_ENGINE_URL", &host.url()),
+        ("HOST_ENGINE_TOKEN", "ak-token-1"),
+    ])
+    .await;
+    let mut client = app.integrations();
+
+    let integration = client
+        .get(GetRequest {
+            name: "zoom".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .integration
+        .unwrap();
+    assert_eq!(integration.integration_id, zoom_id());
+    let listed = client
+        .list(ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .integrations;
+    assert_eq!(listed, vec![integration]);
+
+    let status = client
+        .get_connection_status(GetConnectionStatusRequest {
+            integration_id: zoom_id(),
+            connection_id: cid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.code(), StatusCode::Ok);
+
+    let unknown = client
+        .get_connection_status(GetConnectionStatusRequest {
+            integration_id: zoom_id(),
+            connection_id: ConnectionId::generate().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(unknown.code(), StatusCode::InitRequired);
+
+    let config = client
+        .get_connection_config(GetConnectionConfigRequest {
+            integration_id: zoom_id(),
+            connection_id: cid,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config;
+    assert_eq!(config.len(), 2);
+    assert_eq!(config["private_account_id"], "acc-42");
+
+    let malformed = client
+        .get_connection_status(GetConnectionStatusRequest {
+            integration_id: zoom_id(),
+            connection_id: "con_1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(malformed.code(), Code::InvalidArgument);
+
+    let state = host.state.lock().unwrap();
+    assert!(!state.authorization.is_empty());
+    assert!(
+        state
+            .authorization
+            .iter()
+            .all(|a| a.as_deref() == Some("Bearer ak-token-1"))
+    );
+}
+
+#[tokio::test]
+async fn the_embedded_host_services_are_not_served_with_a_remote_host() {
+    let host = FakeHost::start().await;
+    let app = spawn_app_with(&[("HOST_ENGINE_URL", &host.url())]).await;
+    let err = app
+        .vars()
+        .get(vars::GetRequest {
+            scope_id: ConnectionId::generate().to_string(),
+            names: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn readiness_follows_the_remote_host() {
+    let host = FakeHost::start().await;
+    let app = spawn_app_with(&[("HOST_ENGINE_URL", &host.url())]).await;
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["host"], "remote");
+
+    host.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = app.get("/readyz").await.status();
+        if status == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready after the host stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        app.get("/healthz").await.status(),
+        200,
+        "alive while the host is down"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_host_gives_unavailable_quickly() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = spawn_app_with(&[("HOST_ENGINE_URL", &format!("http://127.0.0.1:{port}"))]).await;
+    let started = Instant::now();
+    let err = app
+        .integrations()
+        .get_connection_status(GetConnectionStatusRequest {
+            integration_id: zoom_id(),
+            connection_id: ConnectionId::generate().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        !err.message().contains(&port.to_string()),
+        "no internals: {}",
+        err.message()
+    );
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert_eq!(app.get("/readyz").await.status(), 503);
+}
+
+#[tokio::test]
+async fn the_remote_client_sets_gets_deletes_finds_and_dispatches() {
+    let host = FakeHost::start().await;
+    let config = Config::load(vec![("HOST_ENGINE_URL".into(), host.url())]).unwrap();
+    let remote = RemoteHost::new(config.host_engine_url.as_ref().unwrap(), None).unwrap();
+    let cid = ConnectionId::generate();
+
+    remote
+        .set_vars(
+            &cid,
+            vec![
+                Var::plain("account_id", "acc-7"),
+                Var::secret("oauth_refresh_token", "r-1"),
+            ],
+        )
+        .await
+        .unwrap();
+    let stored = remote.get_vars(&cid, &[]).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    assert!(
+        stored
+            .iter()
+            .any(|v| v.name == "oauth_refresh_token" && v.is_secret && v.value == "r-1")
+    );
+
+    assert_eq!(
+        remote
+            .find_connections("account_id", "acc-7")
+            .await
+            .unwrap(),
+        vec![cid.clone()]
+    );
+    assert_eq!(
+        host.state.lock().unwrap().find_requests[0].integration_id,
+        zoom_id()
+    );
+
+    remote
+        .delete_vars(&cid, &["oauth_refresh_token".into()])
+        .await
+        .unwrap();
+    assert_eq!(remote.get_vars(&cid, &[]).await.unwrap().len(), 1);
+
+    let event_id = remote
+        .dispatch(Event {
+            destination_id: cid.to_string(),
+            event_type: "meeting.started".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(event_id, "evt_fake1");
+    {
+        let state = host.state.lock().unwrap();
+        assert_eq!(state.dispatched[0].destination_id, cid.to_string());
+        assert!(
+            state.authorization.iter().all(Option::is_none),
+            "no token configured, none sent"
+        );
+    }
+
+    remote.check().await.unwrap();
+    let bad = remote
+        .set_vars(&cid, vec![Var::plain("no spaces allowed", "x")])
+        .await;
+    assert!(bad.is_err());
+}
