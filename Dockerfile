@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# Build:  docker build -t zoom-integration .
+# Run:    docker run -p 9980:9980 -p 9981:9981 -v zoom-data:/data zoom-integration
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# protoc comes from the protoc-bin-vendored crate, rusqlite builds SQLite with gcc:
+# the slim image has everything needed.
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p zoom-integration \
+    && install -D -m 0755 target/release/zoom-integration /out/zoom-integration \
+    && install -d -m 0700 /out/data
+
+# Distroless: glibc, CA certificates, no shell, runs as uid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/zoom-integration /usr/local/bin/zoom-integration
+COPY --from=build --chown=65532:65532 /out/data /data
+ENV HTTP_ADDR=0.0.0.0:9980 \
+    GRPC_ADDR=0.0.0.0:9981 \
+    DATA_DIR=/data \
+    LOG_FORMAT=json
+VOLUME ["/data"]
+EXPOSE 9980 9981
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/zoom-integration"]
