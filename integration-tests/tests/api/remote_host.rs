@@ -243,3 +243,52 @@ async fn the_remote_client_sets_gets_deletes_finds_and_dispatches() {
         .await;
     assert!(bad.is_err());
 }
+
+#[tokio::test]
+async fn the_service_reconnects_when_the_host_comes_back() {
+    let host = FakeHost::start().await;
+    let addr = host.addr;
+    let cid = ConnectionId::generate().to_string();
+    host.put(var(&cid, "auth_type", "serverToServer", false));
+    let app = spawn_app_with(&[("HOST_ENGINE_URL", &host.url())]).await;
+    let status = |app: &crate::helpers::TestApp| {
+        let mut client = app.integrations();
+        let cid = cid.clone();
+        async move {
+            client
+                .get_connection_status(GetConnectionStatusRequest {
+                    integration_id: zoom_id(),
+                    connection_id: cid,
+                })
+                .await
+                .map(|r| r.into_inner().status.unwrap().code())
+        }
+    };
+    assert_eq!(status(&app).await.unwrap(), StatusCode::Ok);
+
+    host.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match status(&app).await {
+            Err(e) if e.code() == Code::Unavailable => break,
+            _ => assert!(
+                Instant::now() < deadline,
+                "calls still succeed with the host down"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The host comes back on the same address, with its data.
+    let back = FakeHost::start_on(tokio::net::TcpListener::bind(addr).await.unwrap()).await;
+    back.put(var(&cid, "auth_type", "serverToServer", false));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(code) = status(&app).await {
+            assert_eq!(code, StatusCode::Ok);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reconnect within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
