@@ -92,6 +92,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "key material (at least 32 characters) for OAuth state and secrets at rest; generated into DATA_DIR when unset (secret)",
     },
     Variable {
+        name: "SHUTDOWN_TIMEOUT",
+        default: Some("25"),
+        meaning: "seconds in-flight requests get to finish after SIGTERM before the service exits anyway",
+    },
+    Variable {
         name: "LOG_FORMAT",
         default: Some("text"),
         meaning: "log output: text or json",
@@ -215,6 +220,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `SECRET_KEY`: key material; `None` means "generate or reuse `DATA_DIR/secret.key`".
     pub secret_key: Option<Secret>,
+    /// `SHUTDOWN_TIMEOUT`: after SIGTERM, how long in-flight requests (and open streams) get
+    /// before the service exits anyway.
+    pub shutdown_timeout: std::time::Duration,
     /// `LOG_FORMAT`: text or JSON logs.
     pub log_format: LogFormat,
     /// `RUST_LOG`: the log filter directive.
@@ -237,6 +245,7 @@ struct Raw {
     host_engine_token: Option<String>,
     data_dir: Option<String>,
     secret_key: Option<String>,
+    shutdown_timeout: Option<String>,
     log_format: Option<String>,
     rust_log: Option<String>,
 }
@@ -361,6 +370,15 @@ impl Config {
                     Ok(Secret::new(k))
                 })
                 .transpose()?,
+            shutdown_timeout: match raw.shutdown_timeout.as_deref().unwrap_or("25").trim().parse() {
+                Ok(secs @ 1..=3600) => std::time::Duration::from_secs(secs),
+                _ => {
+                    return Err(ConfigError::new(
+                        "SHUTDOWN_TIMEOUT",
+                        "must be a whole number of seconds from 1 to 3600",
+                    ));
+                }
+            },
             log_format: match raw.log_format.as_deref().unwrap_or("text") {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
@@ -558,6 +576,7 @@ mod tests {
         assert_eq!(c.host_engine_url, None);
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.secret_key, None);
+        assert_eq!(c.shutdown_timeout, std::time::Duration::from_secs(25));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.log_filter, "info");
         assert_eq!(c.oauth_redirect_uri(), None);
@@ -579,6 +598,7 @@ mod tests {
             ("HOST_ENGINE_TOKEN", "host-token"),
             ("DATA_DIR", "/var/lib/zoom"),
             ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+            ("SHUTDOWN_TIMEOUT", "5"),
             ("LOG_FORMAT", "json"),
             ("RUST_LOG", "zoom_integration=debug"),
             ("UNRELATED", "ignored"),
@@ -610,6 +630,7 @@ mod tests {
         assert_eq!(c.host_engine_token.as_ref().unwrap().expose(), "host-token");
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/zoom"));
         assert_eq!(c.secret_key.as_ref().unwrap().expose().len(), 32);
+        assert_eq!(c.shutdown_timeout, std::time::Duration::from_secs(5));
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.log_filter, "zoom_integration=debug");
         assert_eq!(
@@ -659,6 +680,8 @@ mod tests {
             ),
             (&[("HOST_ENGINE_TOKEN", "t\r\n")], "HOST_ENGINE_TOKEN"),
             (&[("SECRET_KEY", "too-short")], "SECRET_KEY"),
+            (&[("SHUTDOWN_TIMEOUT", "0")], "SHUTDOWN_TIMEOUT"),
+            (&[("SHUTDOWN_TIMEOUT", "10s")], "SHUTDOWN_TIMEOUT"),
             (&[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
             (&[("RUST_LOG", "info,[[[")], "RUST_LOG"),
             (&[("CONFIG_FILE", "/nonexistent/zoom.yaml")], "CONFIG_FILE"),

@@ -106,22 +106,28 @@ pub async fn run(
         }
     });
 
+    let grace = state.config.shutdown_timeout;
     let router = http::router(state.clone());
-    let mut http_server = tokio::spawn({
+    // Each server stops the other when it ends, whether on shutdown or on failure.
+    let http_server = tokio::spawn({
         let stop = stop.clone();
         async move {
-            axum::serve(http_listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
+            let result = axum::serve(http_listener, router)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
                 .await
-                .context("HTTP server failed")
+                .context("HTTP server failed");
+            stop.cancel();
+            result
         }
     });
-    let mut grpc_server = tokio::spawn({
+    let grpc_server = tokio::spawn({
         let (state, stop) = (state.clone(), stop.clone());
         async move {
-            grpc::serve(grpc_listener, state, stop)
+            let result = grpc::serve(grpc_listener, state, stop.clone())
                 .await
-                .context("gRPC server failed")
+                .context("gRPC server failed");
+            stop.cancel();
+            result
         }
     });
     tracing::info!(
@@ -131,15 +137,27 @@ pub async fn run(
         "zoom-integration serving"
     );
 
-    // Whichever server ends first (normally on shutdown) stops the other.
-    let (first, second) = tokio::select! {
-        r = &mut http_server => (r, grpc_server),
-        r = &mut grpc_server => (r, http_server),
+    let aborts = [http_server.abort_handle(), grpc_server.abort_handle()];
+    let servers = async {
+        let (http, grpc) = tokio::join!(http_server, grpc_server);
+        http.context("HTTP server panicked")??;
+        grpc.context("gRPC server panicked")??;
+        anyhow::Ok(())
     };
-    stop.cancel();
-    let second = second.await;
-    for result in [first, second] {
-        result.context("server task panicked")??;
+    // In-flight requests get `grace` to finish; a client holding a stream open cannot keep
+    // the process alive past it.
+    let deadline = async {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = servers => result?,
+        () = deadline => {
+            tracing::warn!(?grace, "requests still in flight after the shutdown timeout; exiting anyway");
+            for abort in aborts {
+                abort.abort();
+            }
+        }
     }
     tracing::info!("stopped");
     Ok(())

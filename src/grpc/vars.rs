@@ -1,8 +1,6 @@
 //! `autokitteh.vars.v1.VarsService`, served by the embedded host so tools and hosts can read
 //! and write connection variables when no host engine is configured.
 
-use std::collections::BTreeMap;
-
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
@@ -45,8 +43,7 @@ impl VarsService for VarsApi {
         if vars.is_empty() {
             return Err(ApiError::InvalidArgument("vars must not be empty".into()).into());
         }
-        // Check everything before writing anything.
-        let mut by_scope: BTreeMap<ConnectionId, Vec<Var>> = BTreeMap::new();
+        let mut scoped = Vec::with_capacity(vars.len());
         for v in vars {
             let scope = ConnectionId::parse(&v.scope_id).map_err(ApiError::from)?;
             let var = Var {
@@ -55,15 +52,13 @@ impl VarsService for VarsApi {
                 is_secret: v.is_secret,
                 description: v.description,
             };
-            crate::host::check_var(&var).map_err(ApiError::from)?;
-            by_scope.entry(scope).or_default().push(var);
+            scoped.push((scope, var));
         }
-        for (scope, vars) in by_scope {
-            self.host
-                .set_vars(&scope, vars)
-                .await
-                .map_err(ApiError::from)?;
-        }
+        // One transaction: a bad variable or a failed write leaves every connection as it was.
+        self.host
+            .set_scoped_vars(scoped)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(pb::SetResponse {}))
     }
 

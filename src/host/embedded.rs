@@ -169,6 +169,44 @@ impl EmbeddedHost {
         .map_err(|e| HostError::Internal(format!("embedded database worker failed: {e}")))?
     }
 
+    /// Sets variables of any number of connections in one transaction: all or none.
+    pub async fn set_scoped_vars(&self, vars: Vec<(ConnectionId, Var)>) -> Result<(), HostError> {
+        for (_, var) in &vars {
+            check_var(var)?;
+        }
+        self.with_db(move |conn, keys| {
+            let now = now_ms();
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO vars (scope_id, name, value, is_secret, description, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (scope_id, name) DO UPDATE SET
+                       value = excluded.value, is_secret = excluded.is_secret,
+                       description = excluded.description, updated_ms = excluded.updated_ms",
+                )?;
+                for (scope, var) in &vars {
+                    let stored = if var.is_secret {
+                        keys.seal(var.value.as_bytes(), &seal_context(scope, &var.name))
+                    } else {
+                        var.value.as_bytes().to_vec()
+                    };
+                    stmt.execute(params![
+                        scope.as_str(),
+                        var.name,
+                        stored,
+                        var.is_secret,
+                        var.description,
+                        now
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Appends `event` to the event log, giving it an id, a creation time and a sequence
     /// number; returns the id.
     pub async fn save_event(&self, mut event: Event) -> Result<String, HostError> {
@@ -315,41 +353,8 @@ impl HostEngine for EmbeddedHost {
     }
 
     async fn set_vars(&self, scope: &ConnectionId, vars: Vec<Var>) -> Result<(), HostError> {
-        for var in &vars {
-            check_var(var)?;
-        }
-        let scope = scope.clone();
-        self.with_db(move |conn, keys| {
-            let now = now_ms();
-            let tx = conn.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO vars (scope_id, name, value, is_secret, description, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (scope_id, name) DO UPDATE SET
-                       value = excluded.value, is_secret = excluded.is_secret,
-                       description = excluded.description, updated_ms = excluded.updated_ms",
-                )?;
-                for var in &vars {
-                    let stored = if var.is_secret {
-                        keys.seal(var.value.as_bytes(), &seal_context(&scope, &var.name))
-                    } else {
-                        var.value.as_bytes().to_vec()
-                    };
-                    stmt.execute(params![
-                        scope.as_str(),
-                        var.name,
-                        stored,
-                        var.is_secret,
-                        var.description,
-                        now
-                    ])?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        self.set_scoped_vars(vars.into_iter().map(|v| (scope.clone(), v)).collect())
+            .await
     }
 
     async fn delete_vars(&self, scope: &ConnectionId, names: &[String]) -> Result<(), HostError> {

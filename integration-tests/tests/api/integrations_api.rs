@@ -280,13 +280,18 @@ async fn malformed_requests_get_clear_grpc_errors() {
         Code::InvalidArgument,
         "connection_id",
     );
-    // One bad variable: nothing of the request is written.
+    // One bad variable, even of another connection: nothing of the request is written.
     assert_status(
         vars_client
             .set(vars::SetRequest {
                 vars: vec![
                     var(&cid, "auth_type", "oauthDefault", false),
-                    var(&cid, "bad name", "x", false),
+                    var(
+                        &ConnectionId::generate().to_string(),
+                        "bad name",
+                        "x",
+                        false,
+                    ),
                 ],
             })
             .await,
@@ -368,4 +373,27 @@ async fn grpc_and_http_health_report_serving() {
     assert_eq!(readyz.status(), 200);
     let body: serde_json::Value = readyz.json().await.unwrap();
     assert_eq!(body["host"], "embedded");
+}
+
+#[tokio::test]
+async fn an_open_stream_cannot_hold_shutdown_past_the_timeout() {
+    let app = crate::helpers::spawn_app_with(&[("SHUTDOWN_TIMEOUT", "1")]).await;
+    let mut watch = app
+        .health()
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        watch.message().await.unwrap().is_some(),
+        "the stream is open"
+    );
+
+    let started = std::time::Instant::now();
+    app.stop().await.expect("stops cleanly");
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(4), "took {took:?}");
+    drop(watch);
 }
