@@ -48,16 +48,7 @@ async fn variables_survive_a_restart_and_secrets_stay_sealed_on_disk() {
     );
 
     let app = spawn_app_in(dir.path(), &[]).await;
-    let stored = app
-        .vars()
-        .get(vars::GetRequest {
-            scope_id: cid.clone(),
-            names: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .vars;
+    let stored = app.stored_vars(&cid, &[]).await;
     let find = |name: &str| stored.iter().find(|v| v.name == name).unwrap().clone();
     assert_eq!(stored.len(), 4);
     assert_eq!(find("private_client_secret").value, CLIENT_SECRET);
@@ -85,16 +76,7 @@ async fn variables_survive_a_restart_and_secrets_stay_sealed_on_disk() {
         })
         .await
         .unwrap();
-    let left = app
-        .vars()
-        .get(vars::GetRequest {
-            scope_id: cid,
-            names: vec!["oauth_refresh_token".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .vars;
+    let left = app.stored_vars(&cid, &["oauth_refresh_token"]).await;
     assert!(left.is_empty());
 }
 

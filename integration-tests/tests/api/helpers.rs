@@ -1,5 +1,6 @@
 //! `spawn_app()`: the whole service on port 0, with clients for every API.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -10,8 +11,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use zoom_integration::config::Config;
+use zoom_integration::connection::Status;
 use zoom_integration::proto::autokitteh::events::v1::events_service_client::EventsServiceClient;
 use zoom_integration::proto::autokitteh::integrations::v1::integrations_service_client::IntegrationsServiceClient;
+use zoom_integration::proto::autokitteh::integrations::v1::{
+    GetConnectionConfigRequest, GetConnectionStatusRequest, GetRequest, Integration,
+};
+use zoom_integration::proto::autokitteh::vars::v1 as vars;
 use zoom_integration::proto::autokitteh::vars::v1::vars_service_client::VarsServiceClient;
 
 /// Key material used by test apps (tests that check key handling set their own).
@@ -103,6 +109,57 @@ impl TestApp {
         tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
     }
 
+    /// `IntegrationsService.Get`, which must succeed.
+    pub async fn integration(&self, request: GetRequest) -> Integration {
+        self.integrations()
+            .get(request)
+            .await
+            .expect("Get succeeds")
+            .into_inner()
+            .integration
+            .expect("Get returns the integration")
+    }
+
+    /// `IntegrationsService.GetConnectionStatus` of the zoom integration.
+    pub async fn connection_status(&self, connection_id: &str) -> Result<Status, tonic::Status> {
+        let response = self
+            .integrations()
+            .get_connection_status(GetConnectionStatusRequest {
+                integration_id: zoom_id(),
+                connection_id: connection_id.into(),
+            })
+            .await?;
+        Ok(response.into_inner().status.expect("a status"))
+    }
+
+    /// `IntegrationsService.GetConnectionConfig` of the zoom integration.
+    pub async fn connection_config(
+        &self,
+        connection_id: &str,
+    ) -> Result<HashMap<String, String>, tonic::Status> {
+        let response = self
+            .integrations()
+            .get_connection_config(GetConnectionConfigRequest {
+                integration_id: zoom_id(),
+                connection_id: connection_id.into(),
+            })
+            .await?;
+        Ok(response.into_inner().config)
+    }
+
+    /// The embedded host's variables of a connection (`VarsService.Get`, which must succeed).
+    pub async fn stored_vars(&self, connection_id: &str, names: &[&str]) -> Vec<vars::Var> {
+        self.vars()
+            .get(vars::GetRequest {
+                scope_id: connection_id.into(),
+                names: names.iter().map(|n| n.to_string()).collect(),
+            })
+            .await
+            .expect("VarsService.Get succeeds")
+            .into_inner()
+            .vars
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.http, path)
     }
@@ -135,13 +192,8 @@ pub fn zoom_id() -> String {
 }
 
 /// A `Var` message for the VarsService.
-pub fn var(
-    scope: &str,
-    name: &str,
-    value: &str,
-    secret: bool,
-) -> zoom_integration::proto::autokitteh::vars::v1::Var {
-    zoom_integration::proto::autokitteh::vars::v1::Var {
+pub fn var(scope: &str, name: &str, value: &str, secret: bool) -> vars::Var {
+    vars::Var {
         scope_id: scope.into(),
         name: name.into(),
         value: value.into(),

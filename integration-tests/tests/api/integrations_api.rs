@@ -14,26 +14,18 @@ async fn get_and_list_describe_the_zoom_integration() {
     let app = spawn_app().await;
     let mut client = app.integrations();
 
-    let by_name = client
-        .get(GetRequest {
+    let by_name = app
+        .integration(GetRequest {
             name: "zoom".into(),
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .integration
-        .unwrap();
-    let by_id = client
-        .get(GetRequest {
+        .await;
+    let by_id = app
+        .integration(GetRequest {
             integration_id: zoom_id(),
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .integration
-        .unwrap();
+        .await;
     assert_eq!(by_name, by_id);
     assert_eq!(by_id.integration_id, zoom_id());
     assert!(by_id.integration_id.starts_with("int_3kth00z00m"));
@@ -71,17 +63,7 @@ async fn get_and_list_describe_the_zoom_integration() {
 }
 
 async fn status_of(app: &crate::helpers::TestApp, cid: &str) -> (StatusCode, String) {
-    let status = app
-        .integrations()
-        .get_connection_status(GetConnectionStatusRequest {
-            integration_id: zoom_id(),
-            connection_id: cid.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = app.connection_status(cid).await.unwrap();
     (status.code(), status.message)
 }
 
@@ -142,16 +124,7 @@ async fn connection_config_shows_only_non_secret_settings() {
         .await
         .unwrap();
 
-    let config = app
-        .integrations()
-        .get_connection_config(GetConnectionConfigRequest {
-            integration_id: zoom_id(),
-            connection_id: cid.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .config;
+    let config = app.connection_config(&cid).await.unwrap();
     assert_eq!(config.len(), 3);
     assert_eq!(config["private_client_id"], "my-client-id");
     assert_eq!(config["account_id"], "acc-123");
@@ -298,15 +271,7 @@ async fn malformed_requests_get_clear_grpc_errors() {
         Code::InvalidArgument,
         "bad name",
     );
-    let stored = vars_client
-        .get(vars::GetRequest {
-            scope_id: cid.clone(),
-            names: vec![],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .vars;
+    let stored = app.stored_vars(&cid, &[]).await;
     assert!(stored.is_empty(), "{stored:?}");
     assert_status(
         vars_client

@@ -30,16 +30,12 @@ async fn integrations_api_reads_connections_from_the_remote_host() {
     .await;
     let mut client = app.integrations();
 
-    let integration = client
-        .get(GetRequest {
+    let integration = app
+        .integration(GetRequest {
             name: "zoom".into(),
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .integration
-        .unwrap();
+        .await;
     assert_eq!(integration.integration_id, zoom_id());
     let listed = client
         .list(ListRequest::default())
@@ -49,49 +45,20 @@ async fn integrations_api_reads_connections_from_the_remote_host() {
         .integrations;
     assert_eq!(listed, vec![integration]);
 
-    let status = client
-        .get_connection_status(GetConnectionStatusRequest {
-            integration_id: zoom_id(),
-            connection_id: cid.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = app.connection_status(&cid).await.unwrap();
     assert_eq!(status.code(), StatusCode::Ok);
 
-    let unknown = client
-        .get_connection_status(GetConnectionStatusRequest {
-            integration_id: zoom_id(),
-            connection_id: ConnectionId::generate().to_string(),
-        })
+    let unknown = app
+        .connection_status(&ConnectionId::generate().to_string())
         .await
-        .unwrap()
-        .into_inner()
-        .status
         .unwrap();
     assert_eq!(unknown.code(), StatusCode::InitRequired);
 
-    let config = client
-        .get_connection_config(GetConnectionConfigRequest {
-            integration_id: zoom_id(),
-            connection_id: cid,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .config;
+    let config = app.connection_config(&cid).await.unwrap();
     assert_eq!(config.len(), 2);
     assert_eq!(config["private_account_id"], "acc-42");
 
-    let malformed = client
-        .get_connection_status(GetConnectionStatusRequest {
-            integration_id: zoom_id(),
-            connection_id: "con_1".into(),
-        })
-        .await
-        .unwrap_err();
+    let malformed = app.connection_status("con_1").await.unwrap_err();
     assert_eq!(malformed.code(), Code::InvalidArgument);
 
     let state = host.state.lock().unwrap();
@@ -159,11 +126,7 @@ async fn an_unreachable_host_gives_unavailable_quickly() {
     let app = spawn_app_with(&[("HOST_ENGINE_URL", &format!("http://127.0.0.1:{port}"))]).await;
     let started = Instant::now();
     let err = app
-        .integrations()
-        .get_connection_status(GetConnectionStatusRequest {
-            integration_id: zoom_id(),
-            connection_id: ConnectionId::generate().to_string(),
-        })
+        .connection_status(&ConnectionId::generate().to_string())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
@@ -251,25 +214,13 @@ async fn the_service_reconnects_when_the_host_comes_back() {
     let cid = ConnectionId::generate().to_string();
     host.put(var(&cid, "auth_type", "serverToServer", false));
     let app = spawn_app_with(&[("HOST_ENGINE_URL", &host.url())]).await;
-    let status = |app: &crate::helpers::TestApp| {
-        let mut client = app.integrations();
-        let cid = cid.clone();
-        async move {
-            client
-                .get_connection_status(GetConnectionStatusRequest {
-                    integration_id: zoom_id(),
-                    connection_id: cid,
-                })
-                .await
-                .map(|r| r.into_inner().status.unwrap().code())
-        }
-    };
-    assert_eq!(status(&app).await.unwrap(), StatusCode::Ok);
+    let status = async || app.connection_status(&cid).await.map(|s| s.code());
+    assert_eq!(status().await.unwrap(), StatusCode::Ok);
 
     host.stop();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match status(&app).await {
+        match status().await {
             Err(e) if e.code() == Code::Unavailable => break,
             _ => assert!(
                 Instant::now() < deadline,
@@ -284,7 +235,7 @@ async fn the_service_reconnects_when_the_host_comes_back() {
     back.put(var(&cid, "auth_type", "serverToServer", false));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(code) = status(&app).await {
+        if let Ok(code) = status().await {
             assert_eq!(code, StatusCode::Ok);
             break;
         }
