@@ -290,7 +290,7 @@ impl Config {
         let default_app = match (raw.zoom_client_id, raw.zoom_client_secret) {
             (Some(id), Some(secret)) => Some(OAuthApp {
                 client_id: checked_text("ZOOM_CLIENT_ID", id)?,
-                client_secret: Secret::new(checked_secret("ZOOM_CLIENT_SECRET", secret)?),
+                client_secret: Secret::new(checked_text("ZOOM_CLIENT_SECRET", secret)?),
             }),
             (None, None) => None,
             (Some(_), None) => {
@@ -319,7 +319,7 @@ impl Config {
             default_app,
             zoom_secret_token: raw
                 .zoom_secret_token
-                .map(|t| checked_secret("ZOOM_SECRET_TOKEN", t).map(Secret::new))
+                .map(|t| checked_text("ZOOM_SECRET_TOKEN", t).map(Secret::new))
                 .transpose()?,
             zoom_oauth_url: parse_base_url(
                 "ZOOM_OAUTH_URL",
@@ -354,13 +354,13 @@ impl Config {
                 .transpose()?,
             host_engine_token: raw
                 .host_engine_token
-                .map(|t| checked_secret("HOST_ENGINE_TOKEN", t).map(Secret::new))
+                .map(|t| checked_text("HOST_ENGINE_TOKEN", t).map(Secret::new))
                 .transpose()?,
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into())),
             secret_key: raw
                 .secret_key
                 .map(|k| {
-                    let k = checked_secret("SECRET_KEY", k)?;
+                    let k = checked_text("SECRET_KEY", k)?;
                     if k.chars().count() < 32 {
                         return Err(ConfigError::new(
                             "SECRET_KEY",
@@ -483,17 +483,13 @@ fn read_yaml(path: &str) -> Result<Vec<(String, String)>, ConfigError> {
     Ok(out)
 }
 
-/// Rejects control characters, which no legitimate setting contains.
+/// Rejects control characters, which no legitimate setting contains. The message never
+/// echoes the value, so it serves secret settings too.
 fn checked_text(variable: &'static str, value: String) -> Result<String, ConfigError> {
     if value.chars().any(char::is_control) {
         return Err(ConfigError::new(variable, "contains control characters"));
     }
     Ok(value.trim().to_string())
-}
-
-/// Like [`checked_text`]; named apart so that no secret-bearing message is ever added to it.
-fn checked_secret(variable: &'static str, value: String) -> Result<String, ConfigError> {
-    checked_text(variable, value)
 }
 
 fn parse_socket_addr(variable: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
