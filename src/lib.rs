@@ -83,7 +83,7 @@ impl AppState {
 }
 
 /// Runs the service on the given listeners until `shutdown` completes, then stops both
-/// servers gracefully: no new connections, in-flight requests finish.
+/// servers gracefully: no new connections, in-flight requests get `SHUTDOWN_TIMEOUT` to finish.
 pub async fn run(
     config: Config,
     http_listener: TcpListener,
