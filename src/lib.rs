@@ -108,26 +108,25 @@ pub async fn run(
 
     let grace = state.config.shutdown_timeout;
     let router = http::router(state.clone());
-    // Each server stops the other when it ends, whether on shutdown or on failure.
+    // Each server stops the other when it ends, whether on shutdown, on failure or by
+    // panicking: the drop guard cancels `stop` in every case.
     let http_server = tokio::spawn({
         let stop = stop.clone();
         async move {
-            let result = axum::serve(http_listener, router)
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
+            let _stop_the_other = stop.clone().drop_guard();
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
                 .await
-                .context("HTTP server failed");
-            stop.cancel();
-            result
+                .context("HTTP server failed")
         }
     });
     let grpc_server = tokio::spawn({
         let (state, stop) = (state.clone(), stop.clone());
         async move {
-            let result = grpc::serve(grpc_listener, state, stop.clone())
+            let _stop_the_other = stop.clone().drop_guard();
+            grpc::serve(grpc_listener, state, stop)
                 .await
-                .context("gRPC server failed");
-            stop.cancel();
-            result
+                .context("gRPC server failed")
         }
     });
     tracing::info!(
