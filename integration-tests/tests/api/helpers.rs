@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
 use zoom_integration::config::Config;
 use zoom_integration::connection::Status;
 use zoom_integration::proto::autokitteh::events::v1::events_service_client::EventsServiceClient;
@@ -109,6 +110,11 @@ impl TestApp {
         tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
     }
 
+    /// What `grpc.health.v1.Health/Check` says of `service`.
+    pub async fn grpc_health(&self, service: &str) -> ServingStatus {
+        grpc_health(self.channel.clone(), service).await
+    }
+
     /// `IntegrationsService.Get`, which must succeed.
     pub async fn integration(&self, request: GetRequest) -> Integration {
         self.integrations()
@@ -184,6 +190,18 @@ impl Drop for TestApp {
             task.abort();
         }
     }
+}
+
+/// What `grpc.health.v1.Health/Check` on `channel` says of `service`.
+pub async fn grpc_health(channel: Channel, service: &str) -> ServingStatus {
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("Health/Check succeeds")
+        .into_inner()
+        .status()
 }
 
 /// The integration id hosts send.

@@ -102,16 +102,8 @@ async fn sigterm_stops_both_servers_gracefully() {
         .connect()
         .await
         .unwrap();
-    let status = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status();
     assert_eq!(
-        status,
+        crate::helpers::grpc_health(channel, "").await,
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 
