@@ -62,6 +62,21 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "Zoom REST API base URL",
     },
     Variable {
+        name: "ZOOM_HTTP_TIMEOUT",
+        default: Some("10"),
+        meaning: "seconds a request to Zoom may take, connecting included",
+    },
+    Variable {
+        name: "OAUTH_STATE_TTL",
+        default: Some("600"),
+        meaning: "seconds a started OAuth flow stays valid, at most 600",
+    },
+    Variable {
+        name: "HOST_UI_URL",
+        default: None,
+        meaning: "base URL of the host engine's web UI; a finished setup with origin web or dash returns there",
+    },
+    Variable {
         name: "HTTP_ADDR",
         default: Some("0.0.0.0:9980"),
         meaning: "HTTP listener: connection page, OAuth, webhooks, health",
@@ -208,6 +223,13 @@ pub struct Config {
     pub zoom_oauth_url: BaseUrl,
     /// `ZOOM_API_URL`: base of the REST API.
     pub zoom_api_url: BaseUrl,
+    /// `ZOOM_HTTP_TIMEOUT`: how long one request to Zoom may take, connecting included.
+    pub zoom_http_timeout: std::time::Duration,
+    /// `OAUTH_STATE_TTL`: how long a started OAuth flow (its signed `state`) stays valid.
+    pub oauth_state_ttl: std::time::Duration,
+    /// `HOST_UI_URL`: the host engine's web UI, where a finished connection setup returns
+    /// when the host asked for it (`origin` = `web` or `dash`); `None` shows our own page.
+    pub host_ui_url: Option<BaseUrl>,
     /// `HTTP_ADDR`: where the HTTP server listens.
     pub http_addr: SocketAddr,
     /// `GRPC_ADDR`: where the gRPC server listens.
@@ -239,6 +261,9 @@ struct Raw {
     zoom_secret_token: Option<String>,
     zoom_oauth_url: Option<String>,
     zoom_api_url: Option<String>,
+    zoom_http_timeout: Option<String>,
+    oauth_state_ttl: Option<String>,
+    host_ui_url: Option<String>,
     http_addr: Option<String>,
     grpc_addr: Option<String>,
     host_engine_url: Option<String>,
@@ -331,6 +356,22 @@ impl Config {
                     .as_deref()
                     .unwrap_or("https://api.zoom.us/v2"),
             )?,
+            zoom_http_timeout: parse_seconds(
+                "ZOOM_HTTP_TIMEOUT",
+                raw.zoom_http_timeout.as_deref(),
+                10,
+                1..=120,
+            )?,
+            oauth_state_ttl: parse_seconds(
+                "OAUTH_STATE_TTL",
+                raw.oauth_state_ttl.as_deref(),
+                600,
+                1..=600,
+            )?,
+            host_ui_url: raw
+                .host_ui_url
+                .map(|u| parse_base_url("HOST_UI_URL", &u))
+                .transpose()?,
             http_addr: parse_socket_addr(
                 "HTTP_ADDR",
                 raw.http_addr.as_deref().unwrap_or("0.0.0.0:9980"),
@@ -370,15 +411,12 @@ impl Config {
                     Ok(Secret::new(k))
                 })
                 .transpose()?,
-            shutdown_timeout: match raw.shutdown_timeout.as_deref().unwrap_or("25").trim().parse() {
-                Ok(secs @ 1..=3600) => std::time::Duration::from_secs(secs),
-                _ => {
-                    return Err(ConfigError::new(
-                        "SHUTDOWN_TIMEOUT",
-                        "must be a whole number of seconds from 1 to 3600",
-                    ));
-                }
-            },
+            shutdown_timeout: parse_seconds(
+                "SHUTDOWN_TIMEOUT",
+                raw.shutdown_timeout.as_deref(),
+                25,
+                1..=3600,
+            )?,
             log_format: match raw.log_format.as_deref().unwrap_or("text") {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
@@ -423,6 +461,27 @@ impl Config {
             out.push_str(&format!("  {:<20} {}{}\n", v.name, v.meaning, default));
         }
         out
+    }
+}
+
+/// A whole number of seconds within `range`, or `default` when unset.
+fn parse_seconds(
+    variable: &'static str,
+    raw: Option<&str>,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<std::time::Duration, ConfigError> {
+    match raw.map(|r| r.trim().parse::<u64>()) {
+        None => Ok(std::time::Duration::from_secs(default)),
+        Some(Ok(secs)) if range.contains(&secs) => Ok(std::time::Duration::from_secs(secs)),
+        Some(_) => Err(ConfigError::new(
+            variable,
+            format!(
+                "must be a whole number of seconds from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        )),
     }
 }
 

@@ -31,8 +31,28 @@ pub mod vars {
     pub const ACCOUNT_ID: &str = "account_id";
     /// The Zoom user who authorized the connection.
     pub const USER_ID: &str = "user_id";
+    /// The Zoom user in words (name and e-mail), for the connection page.
+    pub const USER_NAME: &str = "user_name";
     /// Set when the connection stopped working and needs to be set up again; the value says why.
     pub const CONNECTION_ERROR: &str = "connection_error";
+
+    /// Every variable that connection setup writes; a new setup replaces all of them, so
+    /// nothing of an earlier authentication type is left behind.
+    pub const MANAGED: &[&str] = &[
+        AUTH_TYPE,
+        PRIVATE_ACCOUNT_ID,
+        PRIVATE_CLIENT_ID,
+        PRIVATE_CLIENT_SECRET,
+        PRIVATE_SECRET_TOKEN,
+        OAUTH_ACCESS_TOKEN,
+        OAUTH_REFRESH_TOKEN,
+        OAUTH_EXPIRY,
+        OAUTH_TOKEN_TYPE,
+        ACCOUNT_ID,
+        USER_ID,
+        USER_NAME,
+        CONNECTION_ERROR,
+    ];
 
     /// Variables that are stored with `is_secret = true`.
     pub const SECRETS: &[&str] = &[

@@ -15,8 +15,10 @@ pub mod http;
 pub mod ids;
 pub mod integration;
 pub mod secret;
+pub mod setup;
 pub mod telemetry;
 pub mod values;
+pub mod zoom;
 
 /// Code generated from `proto/`: AutoKitteh's public API, wire-compatible.
 pub mod proto {
@@ -36,6 +38,9 @@ use crate::crypto::Keys;
 use crate::host::HostEngine;
 use crate::host::embedded::{EmbeddedHost, OpenError};
 use crate::host::remote::RemoteHost;
+use crate::setup::state::Flows;
+use crate::zoom::api::ZoomApi;
+use crate::zoom::oauth::ZoomOAuth;
 
 /// What every request handler shares.
 #[derive(Clone)]
@@ -48,6 +53,12 @@ pub struct AppState {
     pub embedded: Option<EmbeddedHost>,
     /// Key material for OAuth state and secrets at rest.
     pub keys: Arc<Keys>,
+    /// OAuth flows in progress.
+    pub flows: Arc<Flows>,
+    /// Zoom's OAuth server.
+    pub zoom_oauth: ZoomOAuth,
+    /// Zoom's REST API.
+    pub zoom_api: ZoomApi,
 }
 
 impl AppState {
@@ -73,7 +84,14 @@ impl AppState {
                 (Arc::new(embedded.clone()), Some(embedded))
             }
         };
+        let http = zoom::http_client(&config)?;
         Ok(Self {
+            flows: Arc::new(Flows::new(
+                *keys.state_signing_key(),
+                config.oauth_state_ttl,
+            )),
+            zoom_oauth: ZoomOAuth::new(http.clone(), &config),
+            zoom_api: ZoomApi::new(http, &config),
             config: Arc::new(config),
             host,
             embedded,

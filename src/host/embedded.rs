@@ -52,6 +52,38 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_by_type ON events (event_type, seq);",
 ];
 
+/// Inserts or replaces one variable.
+const UPSERT_VAR: &str =
+    "INSERT INTO vars (scope_id, name, value, is_secret, description, updated_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+     ON CONFLICT (scope_id, name) DO UPDATE SET
+       value = excluded.value, is_secret = excluded.is_secret,
+       description = excluded.description, updated_ms = excluded.updated_ms";
+
+/// Runs [`UPSERT_VAR`] for `var`, sealing it first when it is a secret.
+fn upsert_var(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    keys: &Keys,
+    scope: &ConnectionId,
+    var: &Var,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let stored = if var.is_secret {
+        keys.seal(var.value.as_bytes(), &seal_context(scope, &var.name))
+    } else {
+        var.value.as_bytes().to_vec()
+    };
+    stmt.execute(params![
+        scope.as_str(),
+        var.name,
+        stored,
+        var.is_secret,
+        var.description,
+        now
+    ])?;
+    Ok(())
+}
+
 /// Why the embedded database could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -178,27 +210,9 @@ impl EmbeddedHost {
             let now = now_ms();
             let tx = conn.transaction()?;
             {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO vars (scope_id, name, value, is_secret, description, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (scope_id, name) DO UPDATE SET
-                       value = excluded.value, is_secret = excluded.is_secret,
-                       description = excluded.description, updated_ms = excluded.updated_ms",
-                )?;
+                let mut stmt = tx.prepare_cached(UPSERT_VAR)?;
                 for (scope, var) in &vars {
-                    let stored = if var.is_secret {
-                        keys.seal(var.value.as_bytes(), &seal_context(scope, &var.name))
-                    } else {
-                        var.value.as_bytes().to_vec()
-                    };
-                    stmt.execute(params![
-                        scope.as_str(),
-                        var.name,
-                        stored,
-                        var.is_secret,
-                        var.description,
-                        now
-                    ])?;
+                    upsert_var(&mut stmt, keys, scope, var, now)?;
                 }
             }
             tx.commit()?;
@@ -374,6 +388,44 @@ impl HostEngine for EmbeddedHost {
                     stmt.execute(params![scope.as_str(), name])?;
                 }
                 drop(stmt);
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn replace_vars(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<Var>,
+        remove: &[String],
+    ) -> Result<(), HostError> {
+        for var in &vars {
+            check_var(var)?;
+        }
+        for name in remove {
+            check_var_name(name)?;
+        }
+        let scope = scope.clone();
+        let remove: Vec<String> = remove
+            .iter()
+            .filter(|name| !vars.iter().any(|v| &v.name == *name))
+            .cloned()
+            .collect();
+        self.with_db(move |conn, keys| {
+            let now = now_ms();
+            let tx = conn.transaction()?;
+            {
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM vars WHERE scope_id = ?1 AND name = ?2")?;
+                for name in &remove {
+                    delete.execute(params![scope.as_str(), name])?;
+                }
+                let mut upsert = tx.prepare_cached(UPSERT_VAR)?;
+                for var in &vars {
+                    upsert_var(&mut upsert, keys, &scope, var, now)?;
+                }
             }
             tx.commit()?;
             Ok(())

@@ -109,6 +109,22 @@ pub trait HostEngine: Send + Sync + 'static {
     /// Deletes the variables named `names` from `scope` (all of them when `names` is empty).
     async fn delete_vars(&self, scope: &ConnectionId, names: &[String]) -> Result<(), HostError>;
 
+    /// Sets `vars` on `scope` and deletes the variables named `remove` (none when empty), as
+    /// one change where the host can do that; otherwise setting comes first, so a failure
+    /// half-way leaves the new values, never a connection without them.
+    async fn replace_vars(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<Var>,
+        remove: &[String],
+    ) -> Result<(), HostError> {
+        self.set_vars(scope, vars).await?;
+        if remove.is_empty() {
+            return Ok(());
+        }
+        self.delete_vars(scope, remove).await
+    }
+
     /// Connections of this integration with a variable `name` (any, when empty) whose value is
     /// `value` (any, when empty).
     async fn find_connections(

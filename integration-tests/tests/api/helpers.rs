@@ -49,22 +49,23 @@ pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
 
 /// The service on an existing data directory (to test restarts).
 pub async fn spawn_app_in(data_dir: &Path, env: &[(&str, &str)]) -> TestApp {
-    let mut pairs: Vec<(String, String)> = vec![
-        ("DATA_DIR".into(), data_dir.display().to_string()),
-        ("SECRET_KEY".into(), TEST_SECRET_KEY.into()),
-        ("WEBHOOK_ADDRESS".into(), "127.0.0.1:1".into()),
-        ("WEBHOOK_SCHEME".into(), "http".into()),
-    ];
-    pairs.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let config = Config::load(pairs).expect("test configuration is valid");
-    zoom_integration::telemetry::init(config.log_format, "warn");
-
+    zoom_integration::zoom::init_tls();
     let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (http, grpc) = (
         http_listener.local_addr().unwrap(),
         grpc_listener.local_addr().unwrap(),
     );
+    // The public address is the listener itself, so OAuth redirects come back here.
+    let mut pairs: Vec<(String, String)> = vec![
+        ("DATA_DIR".into(), data_dir.display().to_string()),
+        ("SECRET_KEY".into(), TEST_SECRET_KEY.into()),
+        ("WEBHOOK_ADDRESS".into(), http.to_string()),
+        ("WEBHOOK_SCHEME".into(), "http".into()),
+    ];
+    pairs.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let config = Config::load(pairs).expect("test configuration is valid");
+    zoom_integration::telemetry::init(config.log_format, "warn");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(zoom_integration::run(
         config,

@@ -33,7 +33,7 @@ async fn get_and_list_describe_the_zoom_integration() {
     assert_eq!(by_id.display_name, "Zoom");
     assert!(!by_id.description.is_empty());
     assert_eq!(by_id.connection_url, "/zoom/");
-    assert_eq!(by_id.logo_url, "http://127.0.0.1:1/zoom/logo.svg");
+    assert_eq!(by_id.logo_url, app.url("/zoom/logo.svg"));
     let caps = by_id.connection_capabilities.unwrap();
     assert!(
         caps.supports_connection_test

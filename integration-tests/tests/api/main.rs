@@ -2,8 +2,11 @@
 //! talked to through real HTTP and gRPC clients, with fakes only for the outside world.
 
 mod fake_host;
+mod fake_zoom;
 mod helpers;
+mod user_agent;
 
+mod connection_setup;
 mod embedded_host;
 mod integrations_api;
 mod process;

@@ -1,0 +1,858 @@
+//! Connection setup end to end: the connection page, the default, private and
+//! Server-to-Server flows against a fake Zoom, and every way a flow can fail, each leaving
+//! the stored connection exactly as it was.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use zoom_integration::connection::StatusCode as ConnStatus;
+use zoom_integration::ids::ConnectionId;
+use zoom_integration::proto::autokitteh::vars::v1 as vars;
+
+use crate::fake_zoom::*;
+use crate::helpers::{TestApp, spawn_app_with, var};
+use crate::user_agent::{UserAgent, Visit};
+
+/// The service pointed at `zoom`, whose OAuth apps accept its redirect URI.
+async fn app_with(zoom: &FakeZoom, env: Vec<(&'static str, String)>) -> TestApp {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app_with(&env).await;
+    zoom.register_redirect_uri(app.url("/oauth/redirect/zoom"));
+    app
+}
+
+async fn app_and_zoom() -> (TestApp, FakeZoom, UserAgent) {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let agent = UserAgent::new(&app.url(""));
+    (app, zoom, agent)
+}
+
+/// Every stored variable of `cid`: (name, value, is_secret), sorted.
+async fn snapshot(app: &TestApp, cid: &str) -> Vec<(String, String, bool)> {
+    let mut all: Vec<_> = app
+        .stored_vars(cid, &[])
+        .await
+        .into_iter()
+        .map(|v| (v.name, v.value, v.is_secret))
+        .collect();
+    all.sort();
+    all
+}
+
+fn value_of(snapshot: &[(String, String, bool)], name: &str) -> Option<(String, bool)> {
+    snapshot
+        .iter()
+        .find(|(n, _, _)| n == name)
+        .map(|(_, v, s)| (v.clone(), *s))
+}
+
+/// A connection already set up (with a private Server-to-Server app), so that failures
+/// have something to leave alone.
+async fn existing_connection(app: &TestApp) -> String {
+    let cid = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "serverToServer", false),
+                var(&cid, "private_account_id", "existingAccount", false),
+                var(&cid, "private_client_id", "existingClient", false),
+                var(&cid, "private_client_secret", "existing-secret", true),
+                var(&cid, "account_id", "existingAccount", false),
+            ],
+        })
+        .await
+        .unwrap();
+    cid
+}
+
+fn page_url(app: &TestApp, cid: &str) -> String {
+    app.url(&format!("/zoom/?cid={cid}&origin=test"))
+}
+
+async fn submit(app: &TestApp, agent: &UserAgent, form: &[(&str, &str)]) -> Visit {
+    agent.post_form(&app.url("/zoom/save"), form).await
+}
+
+/// Presses Allow (or Deny) on the fake Zoom's consent page and follows the way back.
+async fn consent(agent: &UserAgent, page: &Visit, allow: bool) -> Visit {
+    assert_eq!(page.status, StatusCode::OK, "consent page: {}", page.body);
+    let link = page.link(if allow { "allow" } else { "deny" });
+    agent.get(link.as_str()).await
+}
+
+fn assert_error_page(visit: &Visit, status: StatusCode, words: &str) {
+    assert_eq!(visit.status, status, "{}", visit.body);
+    assert!(
+        visit.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"),
+        "an error page, not bare text"
+    );
+    let message = visit.text_of("message");
+    assert!(
+        message.contains(words),
+        "expected {words:?} in the message {message:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_default_app_flow_saves_the_token_and_the_zoom_user() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = ConnectionId::generate().to_string();
+
+    let page = agent.get(&page_url(&app, &cid)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(page.text_of("status"), "Not set up yet.");
+
+    let consent_page = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("origin", "test"),
+            ("auth_type", "oauthDefault"),
+        ],
+    )
+    .await;
+    assert_eq!(consent_page.url.path(), "/oauth/authorize");
+    assert!(
+        consent_page
+            .hops
+            .iter()
+            .any(|u| u.path() == "/oauth/start/zoom"),
+        "the default app goes through /oauth/start/zoom"
+    );
+    let done = consent(&agent, &consent_page, true).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert_eq!(
+        done.text_of("message"),
+        format!("Connected to Zoom as {USER_DISPLAY_NAME} &lt;{USER_EMAIL}&gt;.")
+    );
+
+    let stored = snapshot(&app, &cid).await;
+    assert_eq!(
+        value_of(&stored, "auth_type"),
+        Some(("oauthDefault".into(), false))
+    );
+    assert_eq!(
+        value_of(&stored, "account_id"),
+        Some((USER_ACCOUNT_ID.into(), false))
+    );
+    assert_eq!(value_of(&stored, "user_id"), Some((USER_ID.into(), false)));
+    let (access, secret) = value_of(&stored, "oauth_access_token").unwrap();
+    assert!(access.starts_with("access-") && secret);
+    let (refresh, secret) = value_of(&stored, "oauth_refresh_token").unwrap();
+    assert!(refresh.starts_with("refresh-") && secret);
+    assert_eq!(
+        value_of(&stored, "oauth_token_type"),
+        Some(("bearer".into(), false))
+    );
+    let (expiry, _) = value_of(&stored, "oauth_expiry").unwrap();
+    let expiry = chrono_like_seconds_from_now(&expiry);
+    assert!(
+        (3500..=3600).contains(&expiry),
+        "expiry {expiry} s from now"
+    );
+    assert!(value_of(&stored, "private_client_secret").is_none());
+
+    let requests = zoom.token_requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].grant_type, "authorization_code");
+    assert_eq!(requests[0].client_id.as_deref(), Some(DEFAULT_CLIENT_ID));
+
+    let status = app.connection_status(&cid).await.unwrap();
+    assert_eq!(status.code(), ConnStatus::Ok);
+    let page = agent.get(&page_url(&app, &cid)).await;
+    assert_eq!(
+        page.text_of("status"),
+        format!(
+            "Connected as {USER_DISPLAY_NAME} &lt;{USER_EMAIL}&gt; with the default OAuth app."
+        )
+    );
+}
+
+/// Seconds from now until an RFC 3339 UTC time like `2026-11-22T10:00:00Z`.
+fn chrono_like_seconds_from_now(rfc3339: &str) -> i64 {
+    let parsed = time_from_rfc3339(rfc3339);
+    parsed
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+}
+
+fn time_from_rfc3339(s: &str) -> i64 {
+    assert!(s.ends_with('Z') && s.len() == 20, "RFC 3339 in UTC: {s}");
+    let n = |r: std::ops::Range<usize>| s[r].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19)
+}
+
+#[tokio::test]
+async fn a_private_app_flow_uses_its_credentials_and_saves_them_only_when_it_succeeds() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+
+    let consent_page = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("origin", "test"),
+            ("auth_type", "oauthPrivate"),
+            ("client_id", PRIVATE_CLIENT_ID),
+            ("client_secret", PRIVATE_CLIENT_SECRET),
+            ("secret_token", "private-webhook-token"),
+        ],
+    )
+    .await;
+    let authorize = consent_page.authorize_url();
+    let query: std::collections::HashMap<_, _> = authorize.query_pairs().collect();
+    assert_eq!(query["client_id"], PRIVATE_CLIENT_ID);
+    assert!(
+        !authorize.as_str().contains(PRIVATE_CLIENT_SECRET),
+        "no secret in the URL"
+    );
+    // Pending: nothing stored yet.
+    assert_eq!(snapshot(&app, &cid).await, before);
+
+    let done = consent(&agent, &consent_page, true).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let stored = snapshot(&app, &cid).await;
+    assert_eq!(
+        value_of(&stored, "auth_type"),
+        Some(("oauthPrivate".into(), false))
+    );
+    assert_eq!(
+        value_of(&stored, "private_client_id"),
+        Some((PRIVATE_CLIENT_ID.into(), false))
+    );
+    assert_eq!(
+        value_of(&stored, "private_client_secret"),
+        Some((PRIVATE_CLIENT_SECRET.into(), true))
+    );
+    assert_eq!(
+        value_of(&stored, "private_secret_token"),
+        Some(("private-webhook-token".into(), true))
+    );
+    assert_eq!(
+        value_of(&stored, "account_id"),
+        Some((USER_ACCOUNT_ID.into(), false))
+    );
+    assert!(value_of(&stored, "oauth_refresh_token").is_some());
+    // Nothing of the Server-to-Server setup it replaced is left.
+    assert!(value_of(&stored, "private_account_id").is_none());
+    let requests = zoom.token_requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].client_id.as_deref(), Some(PRIVATE_CLIENT_ID));
+    assert_eq!(requests[0].outcome, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_server_to_server_app_is_saved_once_zoom_issues_it_a_token() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = ConnectionId::generate().to_string();
+    let done = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("origin", "test"),
+            ("auth_type", "serverToServer"),
+            ("account_id", S2S_ACCOUNT_ID),
+            ("client_id", S2S_CLIENT_ID),
+            ("client_secret", S2S_CLIENT_SECRET),
+        ],
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert_eq!(
+        done.text_of("message"),
+        format!("Connected to Zoom account {S2S_ACCOUNT_ID} with your Server-to-Server app.")
+    );
+    let stored = snapshot(&app, &cid).await;
+    let names: Vec<&str> = stored.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "account_id",
+            "auth_type",
+            "private_account_id",
+            "private_client_id",
+            "private_client_secret"
+        ]
+    );
+    assert_eq!(
+        value_of(&stored, "auth_type"),
+        Some(("serverToServer".into(), false))
+    );
+    assert_eq!(
+        value_of(&stored, "account_id"),
+        Some((S2S_ACCOUNT_ID.into(), false))
+    );
+    assert_eq!(
+        value_of(&stored, "private_client_secret"),
+        Some((S2S_CLIENT_SECRET.into(), true))
+    );
+    let requests = zoom.token_requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].grant_type, "account_credentials");
+    assert_eq!(
+        app.connection_status(&cid).await.unwrap().code(),
+        ConnStatus::Ok
+    );
+}
+
+#[tokio::test]
+async fn the_authorize_url_carries_pkce_the_redirect_uri_and_a_signed_single_connection_state() {
+    let (app, _zoom, agent) = app_and_zoom().await;
+    let cid = ConnectionId::generate().to_string();
+    let start = agent
+        .get(&app.url(&format!("/oauth/start/zoom?cid={cid}&origin=web")))
+        .await;
+    let authorize = start.authorize_url();
+    assert!(
+        authorize
+            .as_str()
+            .starts_with(&format!("{}/oauth/authorize?", _zoom.oauth_url()))
+    );
+    let query: std::collections::HashMap<_, _> = authorize.query_pairs().collect();
+    assert_eq!(query["response_type"], "code");
+    assert_eq!(query["client_id"], DEFAULT_CLIENT_ID);
+    assert_eq!(query["redirect_uri"], app.url("/oauth/redirect/zoom"));
+    assert_eq!(query["code_challenge_method"], "S256");
+    assert_eq!(query["code_challenge"].len(), 43);
+    let state = &query["state"];
+    assert!(state.contains(&cid), "bound to the connection");
+    assert!(state.contains(".web."), "bound to the origin");
+    let cookies = agent.cookie_names();
+    assert_eq!(
+        cookies.len(),
+        1,
+        "the flow is bound to this browser: {cookies:?}"
+    );
+    assert!(cookies[0].starts_with("zoom_oauth_"));
+}
+
+#[tokio::test]
+async fn denying_consent_shows_zoom_error_and_saves_nothing() {
+    let (app, _zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let consent_page = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("origin", "test"),
+            ("auth_type", "oauthDefault"),
+        ],
+    )
+    .await;
+    let done = consent(&agent, &consent_page, false).await;
+    assert_error_page(&done, StatusCode::BAD_REQUEST, "access was denied in Zoom");
+    assert!(done.body.contains("id=\"back\""), "offers the way back");
+    assert_eq!(snapshot(&app, &cid).await, before);
+    // The denied flow's state cannot be used afterwards either.
+    let state = done
+        .url
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1;
+    let replay = agent
+        .get(&app.url(&format!("/oauth/redirect/zoom?code=x&state={state}")))
+        .await;
+    assert_eq!(replay.status, StatusCode::BAD_REQUEST);
+    assert_eq!(snapshot(&app, &cid).await, before);
+}
+
+/// Runs the default flow up to the point where Zoom sends the browser back, without
+/// following that last redirect; returns the redirect URL.
+async fn redirect_back_url(app: &TestApp, agent: &UserAgent, cid: &str) -> url::Url {
+    let consent_page = submit(
+        app,
+        agent,
+        &[
+            ("cid", cid),
+            ("origin", "test"),
+            ("auth_type", "oauthDefault"),
+        ],
+    )
+    .await;
+    let allow = consent_page.link("allow");
+    let response = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(allow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    url::Url::parse(response.headers()["location"].to_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_forged_state_is_refused_and_saves_nothing() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    let pairs: std::collections::HashMap<_, _> = back.query_pairs().into_owned().collect();
+    let state = &pairs["state"];
+    let code = &pairs["code"];
+    // The same state moved to another connection, or a made-up one.
+    let other = ConnectionId::generate().to_string();
+    for forged in [
+        state.replace(&cid, &other),
+        format!(
+            "v1.{}.9999999999.{cid}.test.{}",
+            "0".repeat(32),
+            "0".repeat(64)
+        ),
+        cid.clone(),
+        String::new(),
+    ] {
+        let mut url = back.clone();
+        url.query_pairs_mut()
+            .clear()
+            .append_pair("code", code)
+            .append_pair("state", &forged);
+        let visit = agent.get(url.as_str()).await;
+        assert_error_page(&visit, StatusCode::BAD_REQUEST, "not valid");
+    }
+    assert_eq!(snapshot(&app, &cid).await, before);
+    assert_eq!(snapshot(&app, &other).await, vec![]);
+    assert!(zoom.token_requests().is_empty(), "no code exchanged");
+}
+
+#[tokio::test]
+async fn an_expired_state_is_refused_and_saves_nothing() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("OAUTH_STATE_TTL", "1".into()));
+    let app = app_with(&zoom, env).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let visit = agent.get(back.as_str()).await;
+    assert_error_page(&visit, StatusCode::BAD_REQUEST, "expired");
+    assert_eq!(snapshot(&app, &cid).await, before);
+    assert!(zoom.token_requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_reused_state_is_refused_and_leaves_the_first_result() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = ConnectionId::generate().to_string();
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    let first = agent.get(back.as_str()).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let after_first = snapshot(&app, &cid).await;
+    assert!(value_of(&after_first, "oauth_access_token").is_some());
+
+    let again = agent.get(back.as_str()).await;
+    assert_error_page(&again, StatusCode::BAD_REQUEST, "already completed");
+    assert_eq!(snapshot(&app, &cid).await, after_first);
+    assert_eq!(
+        zoom.token_requests().len(),
+        1,
+        "the code was not sent twice"
+    );
+}
+
+#[tokio::test]
+async fn a_redirect_in_another_browser_is_refused_and_saves_nothing() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    let victim = UserAgent::new(&app.url(""));
+    let visit = victim.get(back.as_str()).await;
+    assert_error_page(&visit, StatusCode::BAD_REQUEST, "another browser");
+    assert_eq!(snapshot(&app, &cid).await, before);
+    assert!(zoom.token_requests().is_empty());
+}
+
+#[tokio::test]
+async fn wrong_private_credentials_show_zoom_reason_and_save_nothing() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let consent_page = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("origin", "test"),
+            ("auth_type", "oauthPrivate"),
+            ("client_id", PRIVATE_CLIENT_ID),
+            ("client_secret", "not-the-secret"),
+        ],
+    )
+    .await;
+    let done = consent(&agent, &consent_page, true).await;
+    assert_error_page(
+        &done,
+        StatusCode::BAD_REQUEST,
+        "Zoom refused: Invalid client_id or client_secret",
+    );
+    assert!(!done.body.contains("not-the-secret"));
+    assert_eq!(snapshot(&app, &cid).await, before);
+    assert_eq!(zoom.token_requests()[0].outcome, StatusCode::UNAUTHORIZED);
+
+    // An unknown client id is refused by Zoom's authorize page already.
+    let consent_page = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("auth_type", "oauthPrivate"),
+            ("client_id", "unknownClient"),
+            ("client_secret", "whatever"),
+        ],
+    )
+    .await;
+    assert_eq!(consent_page.status, StatusCode::BAD_REQUEST);
+    assert_eq!(snapshot(&app, &cid).await, before);
+}
+
+#[tokio::test]
+async fn zoom_token_endpoint_down_shows_an_error_and_saves_nothing() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    zoom.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let visit = agent.get(back.as_str()).await;
+    assert_error_page(&visit, StatusCode::BAD_GATEWAY, "Zoom is unavailable");
+    assert_eq!(snapshot(&app, &cid).await, before);
+}
+
+#[tokio::test]
+async fn zoom_token_endpoint_too_slow_times_out_and_saves_nothing() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("ZOOM_HTTP_TIMEOUT", "1".into()));
+    let app = app_with(&zoom, env).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    zoom.state.lock().unwrap().token_delay = Duration::from_secs(5);
+    let started = Instant::now();
+    let visit = agent.get(back.as_str()).await;
+    assert_error_page(
+        &visit,
+        StatusCode::GATEWAY_TIMEOUT,
+        "did not answer in time",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(snapshot(&app, &cid).await, before);
+}
+
+#[tokio::test]
+async fn server_to_server_with_a_wrong_account_id_shows_zoom_reason_and_saves_nothing() {
+    let (app, _zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let done = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("auth_type", "serverToServer"),
+            ("account_id", "someoneElse"),
+            ("client_id", S2S_CLIENT_ID),
+            ("client_secret", S2S_CLIENT_SECRET),
+        ],
+    )
+    .await;
+    assert_error_page(
+        &done,
+        StatusCode::BAD_REQUEST,
+        "Zoom refused: Invalid account_id",
+    );
+    assert_eq!(snapshot(&app, &cid).await, before);
+}
+
+#[tokio::test]
+async fn without_a_default_app_the_page_says_so_and_the_flow_is_refused() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env_without_default_app()).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+
+    let page = agent.get(&page_url(&app, &cid)).await;
+    assert!(
+        page.body
+            .contains("id=\"auth-oauthDefault\" value=\"oauthDefault\" disabled")
+    );
+    assert!(
+        page.body
+            .contains("Not available: this server has no default app")
+    );
+
+    let done = submit(
+        &app,
+        &agent,
+        &[("cid", &cid), ("auth_type", "oauthDefault")],
+    )
+    .await;
+    assert_error_page(&done, StatusCode::BAD_REQUEST, "no default OAuth app");
+    let start = agent
+        .get(&app.url(&format!("/oauth/start/zoom?cid={cid}")))
+        .await;
+    assert_error_page(&start, StatusCode::BAD_REQUEST, "no default OAuth app");
+    assert_eq!(snapshot(&app, &cid).await, before);
+    assert!(zoom.token_requests().is_empty());
+}
+
+#[tokio::test]
+async fn bad_form_input_gets_an_error_page_and_changes_nothing() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let long = "x".repeat(600);
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("cid", &cid)], "choose an authentication type"),
+        (
+            vec![("cid", &cid), ("auth_type", "basic")],
+            "authentication type must be",
+        ),
+        (
+            vec![("cid", "con_123"), ("auth_type", "oauthDefault")],
+            "malformed",
+        ),
+        (
+            vec![("auth_type", "oauthDefault")],
+            "connection_id is required",
+        ),
+        (
+            vec![
+                ("cid", &cid),
+                ("origin", "../../x"),
+                ("auth_type", "oauthDefault"),
+            ],
+            "origin must be",
+        ),
+        (
+            vec![
+                ("cid", &cid),
+                ("auth_type", "oauthPrivate"),
+                ("client_secret", "s"),
+            ],
+            "Client ID is required",
+        ),
+        (
+            vec![
+                ("cid", &cid),
+                ("auth_type", "oauthPrivate"),
+                ("client_id", "id"),
+                ("client_secret", &long),
+            ],
+            "Client secret is too long",
+        ),
+        (
+            vec![
+                ("cid", &cid),
+                ("auth_type", "serverToServer"),
+                ("account_id", "acc\u{1}"),
+                ("client_id", "id"),
+                ("client_secret", "s"),
+            ],
+            "Account ID may contain only",
+        ),
+        (
+            vec![
+                ("cid", &cid),
+                ("auth_type", "oauthPrivate"),
+                ("client_id", "id"),
+                ("client_secret", "line\nbreak"),
+            ],
+            "Client secret must not contain",
+        ),
+    ];
+    for (form, words) in cases {
+        let visit = submit(&app, &agent, &form).await;
+        assert_error_page(&visit, StatusCode::BAD_REQUEST, words);
+        assert!(
+            !visit.body.contains("line\nbreak"),
+            "secrets are not echoed"
+        );
+        // The same through GET.
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&form)
+            .finish();
+        let visit = agent.get(&app.url(&format!("/zoom/save?{query}"))).await;
+        assert_error_page(&visit, StatusCode::BAD_REQUEST, words);
+    }
+    // Not form-encoded at all.
+    let response = reqwest::Client::new()
+        .post(app.url("/zoom/save"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // Too large.
+    let big = "a".repeat(64 * 1024);
+    let visit = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("auth_type", "oauthPrivate"),
+            ("client_id", &big),
+        ],
+    )
+    .await;
+    assert!(visit.status.is_client_error(), "{}", visit.status);
+    // The page itself with a bad cid.
+    let page = agent.get(&app.url("/zoom/?cid=nope")).await;
+    assert_error_page(&page, StatusCode::BAD_REQUEST, "malformed");
+
+    assert_eq!(snapshot(&app, &cid).await, before);
+    assert!(zoom.token_requests().is_empty());
+}
+
+#[tokio::test]
+async fn without_a_public_address_oauth_cannot_start_and_says_why() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("WEBHOOK_ADDRESS", String::new()));
+    let app = app_with(&zoom, env).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = ConnectionId::generate().to_string();
+    let visit = agent
+        .get(&app.url(&format!("/oauth/start/zoom?cid={cid}")))
+        .await;
+    assert_error_page(&visit, StatusCode::SERVICE_UNAVAILABLE, "WEBHOOK_ADDRESS");
+}
+
+#[tokio::test]
+async fn with_a_host_ui_the_browser_returns_where_the_host_asks() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("HOST_UI_URL", "http://host.example:9980".into()));
+    let app = app_with(&zoom, env).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = ConnectionId::generate().to_string();
+    let consent_page = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("origin", "web"),
+            ("auth_type", "oauthDefault"),
+        ],
+    )
+    .await;
+    let allow = consent_page.link("allow");
+    let back = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(allow)
+        .send()
+        .await
+        .unwrap();
+    let back = back.headers()["location"].to_str().unwrap().to_string();
+    let done = agent.get_once(&back).await;
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    assert_eq!(
+        done.headers["location"],
+        format!("http://host.example:9980/connections/{cid}/success").as_str()
+    );
+    assert_eq!(
+        snapshot(&app, &cid).await.len(),
+        8,
+        "saved before going back to the host"
+    );
+}
+
+#[tokio::test]
+async fn the_fake_zoom_refuses_what_real_zoom_refuses() {
+    // The flow tests above pass only because the fake accepted what the service sent; this
+    // shows the fake would have refused a wrong verifier, redirect URI, secret or reused code.
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = ConnectionId::generate().to_string();
+    let http = reqwest::Client::new();
+    let exchange =
+        |code: String, verifier: &'static str, redirect: String, secret: &'static str| {
+            http.post(format!("{}/oauth/token", zoom.oauth_url()))
+                .basic_auth(DEFAULT_CLIENT_ID, Some(secret))
+                .form(&[
+                    ("grant_type", "authorization_code".to_string()),
+                    ("code", code),
+                    ("redirect_uri", redirect),
+                    ("code_verifier", verifier.to_string()),
+                ])
+                .send()
+        };
+    let redirect = app.url("/oauth/redirect/zoom");
+    let verifier = "a-wrong-verifier-that-is-long-enough-to-pass-length-checks";
+    for (secret, redirect_uri, expected) in [
+        (
+            DEFAULT_CLIENT_SECRET,
+            redirect.clone(),
+            "Invalid code_verifier",
+        ),
+        (
+            DEFAULT_CLIENT_SECRET,
+            "http://evil.example/cb".to_string(),
+            "Redirect URI mismatch",
+        ),
+        (
+            "wrong",
+            redirect.clone(),
+            "Invalid client_id or client_secret",
+        ),
+    ] {
+        let back = redirect_back_url(&app, &agent, &cid).await;
+        let code = back
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .unwrap()
+            .1
+            .to_string();
+        let answer = exchange(code.clone(), verifier, redirect_uri, secret)
+            .await
+            .unwrap();
+        assert!(answer.status().is_client_error());
+        assert_eq!(
+            answer.json::<serde_json::Value>().await.unwrap()["reason"],
+            expected
+        );
+        if secret != "wrong" {
+            let reused = exchange(code, verifier, redirect.clone(), DEFAULT_CLIENT_SECRET)
+                .await
+                .unwrap();
+            assert_eq!(
+                reused.json::<serde_json::Value>().await.unwrap()["reason"],
+                "Authorization code has been used"
+            );
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! A fake Zoom on port 0: the OAuth server (authorize with a consent page, token) and
+//! `/users/me`. It is the outside world, so it checks what the real one checks (client
+//! credentials in the Basic header, the registered redirect URI, single-use codes, the PKCE
+//! verifier, the Server-to-Server account id) and records what it was sent.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use serde_json::json;
+use sha2::Digest;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const DEFAULT_CLIENT_ID: &str = "defaultClientId";
+pub const DEFAULT_CLIENT_SECRET: &str = "default-client-secret-1";
+pub const PRIVATE_CLIENT_ID: &str = "privateClientId";
+pub const PRIVATE_CLIENT_SECRET: &str = "private-client-secret-2";
+pub const S2S_CLIENT_ID: &str = "s2sClientId";
+pub const S2S_CLIENT_SECRET: &str = "s2s-client-secret-3";
+pub const S2S_ACCOUNT_ID: &str = "s2sAccount-42";
+
+/// The user every OAuth app signs in as.
+pub const USER_ID: &str = "KdYKjnimT4KPd8FFgQt9FQ";
+pub const USER_ACCOUNT_ID: &str = "lAAAAAAAAAAAAA";
+pub const USER_DISPLAY_NAME: &str = "Zoë Ångström";
+pub const USER_EMAIL: &str = "zoe@example.com";
+
+#[derive(Clone)]
+struct App {
+    secret: String,
+    /// Server-to-Server apps have an account and no redirect URI.
+    account_id: Option<String>,
+}
+
+struct Grant {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    used: bool,
+}
+
+struct Consent {
+    client_id: String,
+    redirect_uri: String,
+    state: String,
+    challenge: String,
+}
+
+/// One request to `/oauth/token`, as received.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub grant_type: String,
+    pub client_id: Option<String>,
+    pub outcome: StatusCode,
+}
+
+#[derive(Default)]
+pub struct FakeZoomState {
+    apps: HashMap<String, App>,
+    /// The redirect URI registered for the OAuth apps.
+    pub redirect_uri: String,
+    consents: HashMap<String, Consent>,
+    grants: HashMap<String, Grant>,
+    access_tokens: Vec<String>,
+    pub token_requests: Vec<TokenRequest>,
+    /// Every token request waits this long first (to test slow Zoom).
+    pub token_delay: Duration,
+    next: u64,
+}
+
+impl FakeZoomState {
+    fn next_id(&mut self, prefix: &str) -> String {
+        self.next += 1;
+        format!("{prefix}{}{}", self.next, random_hex())
+    }
+}
+
+#[derive(Clone)]
+pub struct FakeZoom {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<FakeZoomState>>,
+    stop: CancellationToken,
+}
+
+impl FakeZoom {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut state = FakeZoomState::default();
+        for (id, secret, account) in [
+            (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, None),
+            (PRIVATE_CLIENT_ID, PRIVATE_CLIENT_SECRET, None),
+            (S2S_CLIENT_ID, S2S_CLIENT_SECRET, Some(S2S_ACCOUNT_ID)),
+        ] {
+            state.apps.insert(
+                id.into(),
+                App {
+                    secret: secret.into(),
+                    account_id: account.map(Into::into),
+                },
+            );
+        }
+        let state = Arc::new(Mutex::new(state));
+        let stop = CancellationToken::new();
+        let router = Router::new()
+            .route("/oauth/authorize", get(authorize))
+            .route("/oauth/consent", get(consent))
+            .route("/oauth/token", post(token))
+            .route("/v2/users/me", get(me))
+            .with_state(state.clone());
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .unwrap();
+            }
+        });
+        Self { addr, state, stop }
+    }
+
+    /// Settings that point the service at this fake, with the default app configured.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("ZOOM_OAUTH_URL", self.oauth_url()),
+            ("ZOOM_API_URL", format!("{}/v2", self.oauth_url())),
+            ("ZOOM_CLIENT_ID", DEFAULT_CLIENT_ID.into()),
+            ("ZOOM_CLIENT_SECRET", DEFAULT_CLIENT_SECRET.into()),
+        ]
+    }
+
+    /// Settings that point the service at this fake, with no default app.
+    pub fn env_without_default_app(&self) -> Vec<(&'static str, String)> {
+        self.env().into_iter().take(2).collect()
+    }
+
+    pub fn oauth_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn register_redirect_uri(&self, uri: String) {
+        self.state.lock().unwrap().redirect_uri = uri;
+    }
+
+    pub fn token_requests(&self) -> Vec<TokenRequest> {
+        self.state.lock().unwrap().token_requests.clone()
+    }
+
+    /// Stops answering: connections are refused from now on.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+fn random_hex() -> String {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn oauth_error(status: StatusCode, error: &str, reason: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({ "reason": reason, "error": error })),
+    )
+        .into_response()
+}
+
+fn bad_page(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Html(format!(
+            "<h1>Invalid request</h1><p id=\"error\">{message}</p>"
+        )),
+    )
+        .into_response()
+}
+
+async fn authorize(
+    State(state): State<Arc<Mutex<FakeZoomState>>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+    let mut s = state.lock().unwrap();
+    if get("response_type") != "code" {
+        return bad_page("response_type must be code");
+    }
+    let client_id = get("client_id");
+    match s.apps.get(&client_id) {
+        Some(app) if app.account_id.is_none() => {}
+        _ => return bad_page("Invalid client_id"),
+    }
+    if get("redirect_uri") != s.redirect_uri {
+        return bad_page("Invalid redirect: the redirect URI is not registered for this app");
+    }
+    if get("code_challenge_method") != "S256" || get("code_challenge").len() != 43 {
+        return bad_page("PKCE with S256 is required");
+    }
+    if get("state").is_empty() {
+        return bad_page("state is required");
+    }
+    let tx = s.next_id("tx");
+    s.consents.insert(
+        tx.clone(),
+        Consent {
+            client_id: client_id.clone(),
+            redirect_uri: get("redirect_uri"),
+            state: get("state"),
+            challenge: get("code_challenge"),
+        },
+    );
+    Html(format!(
+        "<!doctype html><html><head><title>Zoom - Authorize</title></head><body>\
+         <h1>Allow app {client_id} to use your Zoom account?</h1>\
+         <p>Signed in as {USER_DISPLAY_NAME}</p>\
+         <a id=\"allow\" href=\"/oauth/consent?tx={tx}&amp;decision=allow\">Allow</a> \
+         <a id=\"deny\" href=\"/oauth/consent?tx={tx}&amp;decision=deny\">Decline</a>\
+         </body></html>"
+    ))
+    .into_response()
+}
+
+async fn consent(
+    State(state): State<Arc<Mutex<FakeZoomState>>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    let Some(consent) = q.get("tx").and_then(|tx| s.consents.remove(tx)) else {
+        return bad_page("unknown consent");
+    };
+    let mut url = url::Url::parse(&consent.redirect_uri).unwrap();
+    if q.get("decision").map(String::as_str) == Some("allow") {
+        let code = s.next_id("code");
+        s.grants.insert(
+            code.clone(),
+            Grant {
+                client_id: consent.client_id,
+                redirect_uri: consent.redirect_uri.clone(),
+                challenge: consent.challenge,
+                used: false,
+            },
+        );
+        url.query_pairs_mut()
+            .append_pair("code", &code)
+            .append_pair("state", &consent.state);
+    } else {
+        url.query_pairs_mut()
+            .append_pair("error", "access_denied")
+            .append_pair("error_description", "The user denied access")
+            .append_pair("state", &consent.state);
+    }
+    Redirect::to(url.as_str()).into_response()
+}
+
+fn basic_auth(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    Some((id.to_string(), secret.to_string()))
+}
+
+async fn token(
+    State(state): State<Arc<Mutex<FakeZoomState>>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    body: String,
+) -> Response {
+    // Zoom takes the parameters in the form body or (as its Server-to-Server docs show) in
+    // the query string of a POST without a body.
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    let delay = state.lock().unwrap().token_delay;
+    tokio::time::sleep(delay).await;
+    let param = |k: &str| form.get(k).or(query.get(k)).cloned().unwrap_or_default();
+    let grant_type = param("grant_type");
+    let client = basic_auth(&headers);
+    let response = issue(
+        &mut state.lock().unwrap(),
+        &grant_type,
+        client.clone(),
+        &param,
+    );
+    state.lock().unwrap().token_requests.push(TokenRequest {
+        grant_type,
+        client_id: client.map(|c| c.0),
+        outcome: response.status(),
+    });
+    response
+}
+
+fn issue(
+    s: &mut FakeZoomState,
+    grant_type: &str,
+    client: Option<(String, String)>,
+    param: &dyn Fn(&str) -> String,
+) -> Response {
+    let Some((client_id, secret)) = client else {
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Client credentials are required in the Authorization header",
+        );
+    };
+    let Some(app) = s
+        .apps
+        .get(&client_id)
+        .filter(|a| a.secret == secret)
+        .cloned()
+    else {
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Invalid client_id or client_secret",
+        );
+    };
+    match grant_type {
+        "authorization_code" => {
+            let code = param("code");
+            let Some(grant) = s.grants.get_mut(&code) else {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "Invalid authorization code",
+                );
+            };
+            if grant.used {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "Authorization code has been used",
+                );
+            }
+            grant.used = true;
+            if grant.client_id != client_id {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "Code was issued to another client",
+                );
+            }
+            if param("redirect_uri") != grant.redirect_uri {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "Redirect URI mismatch",
+                );
+            }
+            let verifier = param("code_verifier");
+            let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(sha2::Sha256::digest(verifier.as_bytes()));
+            if verifier.len() < 43 || computed != grant.challenge {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "Invalid code_verifier",
+                );
+            }
+            let access = s.next_id("access-");
+            s.access_tokens.push(access.clone());
+            let refresh = s.next_id("refresh-");
+            (
+                StatusCode::OK,
+                axum::Json(json!({
+                    "access_token": access,
+                    "token_type": "bearer",
+                    "refresh_token": refresh,
+                    "expires_in": 3599,
+                    "scope": "user:read:user meeting:read:meeting",
+                    "api_url": "https://api.zoom.us",
+                })),
+            )
+                .into_response()
+        }
+        "account_credentials" => {
+            if app.account_id.as_deref() != Some(param("account_id").as_str()) {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "Invalid account_id",
+                );
+            }
+            let access = s.next_id("s2s-access-");
+            s.access_tokens.push(access.clone());
+            (
+                StatusCode::OK,
+                axum::Json(json!({
+                    "access_token": access,
+                    "token_type": "bearer",
+                    "expires_in": 3599,
+                    "scope": "user:read:admin",
+                    "api_url": "https://api.zoom.us",
+                })),
+            )
+                .into_response()
+        }
+        _ => oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "Unsupported grant type",
+        ),
+    }
+}
+
+async fn me(State(state): State<Arc<Mutex<FakeZoomState>>>, headers: HeaderMap) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !state
+        .lock()
+        .unwrap()
+        .access_tokens
+        .iter()
+        .any(|t| t == token)
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({ "code": 124, "message": "Invalid access token." })),
+        )
+            .into_response();
+    }
+    axum::Json(json!({
+        "id": USER_ID,
+        "account_id": USER_ACCOUNT_ID,
+        "email": USER_EMAIL,
+        "display_name": USER_DISPLAY_NAME,
+        "first_name": "Zoë",
+        "last_name": "Ångström",
+        "type": 2,
+    }))
+    .into_response()
+}

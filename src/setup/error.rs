@@ -1,0 +1,91 @@
+//! Why connection setup stopped, and the one place that turns it into a status and a page.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::form::{FormError, Target};
+use super::page::message_page;
+use super::state::StateError;
+use crate::host::HostError;
+use crate::zoom::ZoomError;
+
+/// A failed step of connection setup. Nothing is saved when one of these happens.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The form or query is wrong.
+    #[error("{0}")]
+    Form(#[from] FormError),
+    /// The OAuth `state` was not accepted.
+    #[error("{0}")]
+    State(#[from] StateError),
+    /// Zoom sent the browser back with an error (for example, the user pressed Deny).
+    #[error("Zoom did not authorize the connection: {0}")]
+    Denied(String),
+    /// The default app was chosen, but this server has none.
+    #[error(
+        "this server has no default OAuth app (its operator has not set ZOOM_CLIENT_ID and ZOOM_CLIENT_SECRET): choose a private app"
+    )]
+    NoDefaultApp,
+    /// `WEBHOOK_ADDRESS` is not set, so there is no redirect URI.
+    #[error(
+        "this server cannot run OAuth flows: its operator has not set WEBHOOK_ADDRESS, so Zoom would not know where to send you back"
+    )]
+    NoPublicAddress,
+    /// Zoom refused, failed or timed out.
+    #[error("{0}")]
+    Zoom(#[from] ZoomError),
+    /// The host engine failed.
+    #[error("{0}")]
+    Host(#[from] HostError),
+}
+
+impl SetupError {
+    fn status(&self) -> StatusCode {
+        match self {
+            SetupError::Form(_) | SetupError::Denied(_) | SetupError::NoDefaultApp => {
+                StatusCode::BAD_REQUEST
+            }
+            SetupError::State(StateError::Busy) => StatusCode::SERVICE_UNAVAILABLE,
+            SetupError::State(_) => StatusCode::BAD_REQUEST,
+            SetupError::NoPublicAddress => StatusCode::SERVICE_UNAVAILABLE,
+            SetupError::Zoom(ZoomError::Rejected { .. }) => StatusCode::BAD_REQUEST,
+            SetupError::Zoom(ZoomError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            SetupError::Zoom(_) => StatusCode::BAD_GATEWAY,
+            SetupError::Host(HostError::InvalidArgument(_)) => StatusCode::BAD_REQUEST,
+            SetupError::Host(HostError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            SetupError::Host(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// What people see: the error itself, except for internal failures, which are logged.
+    fn message(&self) -> String {
+        match self {
+            SetupError::Host(HostError::InvalidArgument(m)) => m.clone(),
+            SetupError::Host(HostError::Unavailable(_)) => {
+                "the host engine is unavailable, so nothing was saved: try again later".into()
+            }
+            SetupError::Host(_) => "internal error: nothing was saved".into(),
+            SetupError::Zoom(ZoomError::Rejected { reason, .. }) => {
+                format!("Zoom refused: {reason}")
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The error page, with a way back to the connection page when the connection is known.
+    pub fn page(self, back: Option<&Target>) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "connection setup failed");
+        } else {
+            tracing::info!(error = %self, "connection setup refused");
+        }
+        message_page(status, "Zoom connection not saved", &self.message(), back).into_response()
+    }
+}
+
+impl IntoResponse for SetupError {
+    fn into_response(self) -> Response {
+        self.page(None)
+    }
+}

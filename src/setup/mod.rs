@@ -1,0 +1,433 @@
+//! Connection setup over HTTP: the connection page (`/zoom/`), the form (`/zoom/save`), and
+//! the OAuth flow (`/oauth/start/zoom` → Zoom → `/oauth/redirect/zoom`).
+//!
+//! Nothing is written to the host engine until a flow has succeeded: a private app's fields
+//! wait in the flow ([`state::Flows`]), a Server-to-Server app is saved only after Zoom issued
+//! it a token, and every success writes all of the connection's variables in one change
+//! ([`crate::host::HostEngine::replace_vars`]). A failure leaves the connection as it was.
+
+pub mod error;
+pub mod form;
+pub mod page;
+pub mod state;
+
+use axum::Router;
+use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Form, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use self::error::SetupError;
+use self::form::{Choice, FormError, PrivateApp, RawForm, RawTarget, Target};
+use self::page::{ConnectionPage, CurrentStatus, message_page};
+use self::state::{Flow, FlowApp};
+use crate::AppState;
+use crate::config::{OAuthApp, Scheme};
+use crate::connection::{self, AuthType, StatusCode as ConnStatus, vars};
+use crate::host::Var;
+use crate::integration::CONNECTION_PATH;
+use crate::zoom::api::ZoomUser;
+use crate::zoom::oauth::{Pkce, Token};
+
+/// `/zoom/save`.
+pub const SAVE_PATH: &str = "/zoom/save";
+/// `/oauth/start/zoom`.
+pub const START_PATH: &str = "/oauth/start/zoom";
+/// `/oauth/redirect/zoom`, Zoom's redirect URI.
+pub const REDIRECT_PATH: &str = "/oauth/redirect/zoom";
+
+/// Forms are a few short fields.
+const MAX_FORM_BYTES: usize = 16 * 1024;
+
+/// The routes of connection setup.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(CONNECTION_PATH, get(connection_page))
+        .route(SAVE_PATH, get(save).post(save))
+        .route(START_PATH, get(start))
+        .route(REDIRECT_PATH, get(redirect))
+        .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
+}
+
+/// `GET /zoom/?cid=…&origin=…`
+async fn connection_page(
+    State(state): State<AppState>,
+    query: Result<Query<RawTarget>, QueryRejection>,
+) -> Result<Response, SetupError> {
+    let target = query
+        .map_err(|_| FormError("the query cannot be read".into()))?
+        .0
+        .check()?;
+    let stored = match state.host.get_vars(&target.cid, &[]).await {
+        Ok(vars) => Some(vars),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the connection for its page");
+            None
+        }
+    };
+    let get = |name: &str| {
+        stored
+            .iter()
+            .flatten()
+            .find(|v| v.name == name && !v.is_secret)
+            .map(|v| v.value.as_str())
+            .unwrap_or_default()
+    };
+    let auth_type = get(vars::AUTH_TYPE).parse::<AuthType>().ok();
+    let status = match &stored {
+        None => CurrentStatus::Unknown,
+        Some(all) => {
+            let status = connection::connection_status(all);
+            match status.code() {
+                ConnStatus::InitRequired => CurrentStatus::NotSetUp,
+                ConnStatus::Ok => CurrentStatus::Connected(match auth_type {
+                    Some(AuthType::ServerToServer) => format!(
+                        "to Zoom account {} with a private Server-to-Server app",
+                        get(vars::ACCOUNT_ID)
+                    ),
+                    Some(kind) => {
+                        let who = [get(vars::USER_NAME), get(vars::USER_ID)]
+                            .into_iter()
+                            .find(|w| !w.is_empty())
+                            .unwrap_or("an unknown Zoom user");
+                        format!("as {who} with the {}", kind.describe())
+                    }
+                    None => status.message,
+                }),
+                _ => CurrentStatus::Error(status.message),
+            }
+        }
+    };
+    let default_app_configured = state.config.default_app.is_some();
+    let selected = auth_type.unwrap_or(if default_app_configured {
+        AuthType::OAuthDefault
+    } else {
+        AuthType::OAuthPrivate
+    });
+    Ok(ConnectionPage {
+        target: &target,
+        status,
+        selected,
+        default_app_configured,
+        account_id: get(vars::PRIVATE_ACCOUNT_ID),
+        client_id: get(vars::PRIVATE_CLIENT_ID),
+    }
+    .render()
+    .into_response())
+}
+
+/// `GET` or `POST /zoom/save`: checks the form, then starts OAuth or saves a
+/// Server-to-Server app that Zoom accepted.
+async fn save(
+    State(state): State<AppState>,
+    form: Result<Form<RawForm>, FormRejection>,
+) -> Response {
+    let form = match form {
+        Ok(Form(raw)) => raw.check(),
+        Err(_) => Err(FormError(
+            "the form cannot be read: send it form-encoded (application/x-www-form-urlencoded)"
+                .into(),
+        )),
+    };
+    let form = match form {
+        Ok(form) => form,
+        Err(e) => return SetupError::from(e).into_response(),
+    };
+    let target = form.target;
+    let result = match form.choice {
+        Choice::Default => match state.config.default_app {
+            Some(_) => Ok(Redirect::to(&start_path(&target)).into_response()),
+            None => Err(SetupError::NoDefaultApp),
+        },
+        Choice::Private(app) => begin_flow(
+            &state,
+            &target,
+            FlowApp::Private {
+                app: app.app,
+                secret_token: app.secret_token,
+            },
+        ),
+        Choice::ServerToServer { app, account_id } => {
+            save_server_to_server(&state, &target, app, account_id).await
+        }
+    };
+    result.unwrap_or_else(|e| e.page(Some(&target)))
+}
+
+/// `GET /oauth/start/zoom?cid=…&origin=…`: the default app's flow.
+async fn start(
+    State(state): State<AppState>,
+    query: Result<Query<RawTarget>, QueryRejection>,
+) -> Response {
+    let target = match query
+        .map_err(|_| FormError("the query cannot be read".into()))
+        .and_then(|q| q.0.check())
+    {
+        Ok(target) => target,
+        Err(e) => return SetupError::from(e).into_response(),
+    };
+    if state.config.default_app.is_none() {
+        return SetupError::NoDefaultApp.page(Some(&target));
+    }
+    begin_flow(&state, &target, FlowApp::Default).unwrap_or_else(|e| e.page(Some(&target)))
+}
+
+/// Records a flow and sends the browser to Zoom's authorize URL, with the cookie that binds
+/// the flow to this browser.
+fn begin_flow(state: &AppState, target: &Target, app: FlowApp) -> Result<Response, SetupError> {
+    if state.config.oauth_redirect_uri().is_none() {
+        return Err(SetupError::NoPublicAddress);
+    }
+    let credentials = credentials(state, &app)?;
+    let pkce = Pkce::new();
+    let started = state.flows.start(Flow {
+        cid: target.cid.clone(),
+        origin: target.origin.clone(),
+        app,
+        verifier: pkce.verifier,
+    })?;
+    let url = state
+        .zoom_oauth
+        .authorize_url(&credentials, &started.state, pkce.challenge)?;
+    let secure = if state.config.webhook_scheme == Scheme::Https {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{}={}; Path={REDIRECT_PATH}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+        started.cookie_name,
+        started.cookie_value,
+        state.config.oauth_state_ttl.as_secs()
+    );
+    let mut response = Redirect::to(&url).into_response();
+    if let Ok(cookie) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// The client credentials a flow uses.
+fn credentials(state: &AppState, app: &FlowApp) -> Result<OAuthApp, SetupError> {
+    match app {
+        FlowApp::Default => state
+            .config
+            .default_app
+            .clone()
+            .ok_or(SetupError::NoDefaultApp),
+        FlowApp::Private { app, .. } => Ok(app.clone()),
+    }
+}
+
+/// What Zoom sends the browser back with.
+#[derive(Debug, Default, Deserialize)]
+struct RedirectQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// `GET /oauth/redirect/zoom`: checks `state`, exchanges the code, learns who authorized,
+/// and saves the connection.
+async fn redirect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<RedirectQuery>, QueryRejection>,
+) -> Response {
+    let query = query.map(|q| q.0).unwrap_or_default();
+    let oauth_state = query.state.as_deref().unwrap_or_default();
+    let cookies = headers.get(header::COOKIE).and_then(|c| c.to_str().ok());
+    let back = state
+        .flows
+        .peek(oauth_state)
+        .map(|(cid, origin)| Target { cid, origin });
+
+    if let Some(error) = query.error.as_deref() {
+        // The flow ends here either way: its state must not be usable later.
+        let _ = state.flows.finish(oauth_state, cookies);
+        let reason = match (error, query.error_description.as_deref()) {
+            ("access_denied", _) => "access was denied in Zoom".to_string(),
+            (error, Some(description)) if !description.trim().is_empty() => {
+                format!("{error}: {description}")
+            }
+            (error, _) => error.to_string(),
+        };
+        let reason = crate::ids::truncate(&reason.replace(|c: char| c.is_control(), " "), 200);
+        return SetupError::Denied(reason).page(back.as_ref());
+    }
+
+    let result = async {
+        let flow = state.flows.finish(oauth_state, cookies)?;
+        let code = query
+            .code
+            .as_deref()
+            .filter(|c| !c.is_empty() && c.len() <= 2048)
+            .ok_or_else(|| FormError("Zoom sent no authorization code".into()))?;
+        let credentials = credentials(&state, &flow.app)?;
+        let token = state
+            .zoom_oauth
+            .exchange_code(&credentials, code, &flow.verifier)
+            .await?;
+        let user = state.zoom_api.me(&token.access_token).await?;
+        let (auth_type, private) = match flow.app {
+            FlowApp::Default => (AuthType::OAuthDefault, None),
+            FlowApp::Private { app, secret_token } => (
+                AuthType::OAuthPrivate,
+                Some(PrivateApp { app, secret_token }),
+            ),
+        };
+        let vars = oauth_vars(auth_type, private.as_ref(), &token, &user);
+        save_connection(&state, &flow.cid, vars).await?;
+        tracing::info!(connection_id = %flow.cid, %auth_type, "connection set up");
+        let target = Target {
+            cid: flow.cid,
+            origin: flow.origin,
+        };
+        Ok::<_, SetupError>(finish(
+            &state,
+            &target,
+            &format!("Connected to Zoom as {}.", user.describe()),
+        ))
+    }
+    .await;
+    let mut response = result.unwrap_or_else(|e| e.page(back.as_ref()));
+    // The flow is over, successful or not: drop its cookie.
+    if let Some(name) = cookies.and_then(flow_cookie_name) {
+        let expired = format!("{name}=; Path={REDIRECT_PATH}; Max-Age=0; HttpOnly; SameSite=Lax");
+        if let Ok(expired) = HeaderValue::from_str(&expired) {
+            response.headers_mut().append(header::SET_COOKIE, expired);
+        }
+    }
+    response
+}
+
+/// The name of a flow cookie in a `Cookie` header, if any.
+fn flow_cookie_name(cookies: &str) -> Option<String> {
+    cookies
+        .split(';')
+        .filter_map(|pair| pair.trim().split_once('='))
+        .map(|(name, _)| name)
+        .find(|name| {
+            name.strip_prefix(state::COOKIE_PREFIX)
+                .is_some_and(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .map(str::to_string)
+}
+
+/// Checks a Server-to-Server app with Zoom (an `account_credentials` token) and saves it
+/// only if Zoom accepts.
+async fn save_server_to_server(
+    state: &AppState,
+    target: &Target,
+    app: PrivateApp,
+    account_id: String,
+) -> Result<Response, SetupError> {
+    state
+        .zoom_oauth
+        .account_credentials(&app.app, &account_id)
+        .await?;
+    let mut vars = private_vars(AuthType::ServerToServer, &app);
+    vars.push(Var::plain(vars::PRIVATE_ACCOUNT_ID, &account_id));
+    vars.push(Var::plain(vars::ACCOUNT_ID, &account_id));
+    save_connection(state, &target.cid, vars).await?;
+    tracing::info!(connection_id = %target.cid, auth_type = %AuthType::ServerToServer, "connection set up");
+    Ok(finish(
+        state,
+        target,
+        &format!("Connected to Zoom account {account_id} with your Server-to-Server app."),
+    ))
+}
+
+/// `auth_type` and a private app's fields.
+fn private_vars(auth_type: AuthType, app: &PrivateApp) -> Vec<Var> {
+    let mut vars = vec![
+        Var::plain(vars::AUTH_TYPE, auth_type.as_str()),
+        Var::plain(vars::PRIVATE_CLIENT_ID, &app.app.client_id),
+        Var::secret(vars::PRIVATE_CLIENT_SECRET, app.app.client_secret.expose()),
+    ];
+    if let Some(token) = &app.secret_token {
+        vars.push(Var::secret(vars::PRIVATE_SECRET_TOKEN, token.expose()));
+    }
+    vars
+}
+
+/// Every variable of a connection set up with OAuth.
+fn oauth_vars(
+    auth_type: AuthType,
+    private: Option<&PrivateApp>,
+    token: &Token,
+    user: &ZoomUser,
+) -> Vec<Var> {
+    let mut vars = match private {
+        Some(app) => private_vars(auth_type, app),
+        None => vec![Var::plain(vars::AUTH_TYPE, auth_type.as_str())],
+    };
+    vars.extend(token_vars(token));
+    vars.push(Var::plain(vars::ACCOUNT_ID, &user.account_id));
+    vars.push(Var::plain(vars::USER_ID, &user.id));
+    vars.push(Var::plain(vars::USER_NAME, user.describe()));
+    vars
+}
+
+/// The token variables of `token`.
+pub fn token_vars(token: &Token) -> Vec<Var> {
+    let mut vars = vec![
+        Var::secret(vars::OAUTH_ACCESS_TOKEN, token.access_token.expose()),
+        Var::plain(
+            vars::OAUTH_EXPIRY,
+            token
+                .expires_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ),
+        Var::plain(vars::OAUTH_TOKEN_TYPE, &token.token_type),
+    ];
+    if let Some(refresh) = &token.refresh_token {
+        vars.push(Var::secret(vars::OAUTH_REFRESH_TOKEN, refresh.expose()));
+    }
+    vars
+}
+
+/// Replaces every variable connection setup manages with `vars`, in one change.
+async fn save_connection(
+    state: &AppState,
+    cid: &crate::ids::ConnectionId,
+    vars: Vec<Var>,
+) -> Result<(), SetupError> {
+    let remove: Vec<String> = vars::MANAGED
+        .iter()
+        .filter(|name| !vars.iter().any(|v| v.name == **name))
+        .map(|name| name.to_string())
+        .collect();
+    state.host.replace_vars(cid, vars, &remove).await?;
+    Ok(())
+}
+
+/// The end of a successful setup: back where the host asked (`origin`), or our own page.
+fn finish(state: &AppState, target: &Target, message: &str) -> Response {
+    let cid = target.cid.as_str();
+    let url = match (target.origin.as_str(), &state.config.host_ui_url) {
+        ("vscode", _) => Some(format!("vscode://autokitteh.autokitteh?cid={cid}")),
+        ("web", Some(ui)) => Some(ui.join(&format!("/connections/{cid}/success"))),
+        ("dash", Some(ui)) => Some(ui.join(&format!(
+            "/internal/dashboard/connections/{cid}?msg=Success"
+        ))),
+        _ => None,
+    };
+    match url {
+        Some(url) => Redirect::to(&url).into_response(),
+        None => {
+            message_page(StatusCode::OK, "Zoom connected", message, Some(target)).into_response()
+        }
+    }
+}
+
+/// `/oauth/start/zoom?cid=…&origin=…`; both are checked to be letters, digits and `_`.
+fn start_path(target: &Target) -> String {
+    format!("{START_PATH}?cid={}&origin={}", target.cid, target.origin)
+}

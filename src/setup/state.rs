@@ -1,0 +1,351 @@
+//! OAuth flows in progress, and the `state` parameter that carries one through Zoom.
+//!
+//! A `state` is `v1.{flow id}.{expiry}.{connection id}.{origin}.{HMAC}`: signed with the
+//! state key (see [`crate::crypto::Keys::state_signing_key`]), so it cannot be forged or moved
+//! to another connection or origin; it expires (`OAUTH_STATE_TTL`, at most 10 minutes); and it
+//! is accepted once, because the flow it names is taken out of [`Flows`] when the browser
+//! comes back. The flow itself (PKCE verifier, a private app's pending credentials) never
+//! leaves this process: nothing secret is in the URL.
+//!
+//! The flow is also bound to the browser that started it: starting sets a random cookie, and
+//! only a browser presenting it may finish. A link to `/oauth/redirect/zoom` with someone
+//! else's code therefore cannot connect a victim's session to the attacker's Zoom account.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+use crate::config::OAuthApp;
+use crate::ids::ConnectionId;
+use crate::secret::Secret;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// At most this many flows wait for their browser at once; more are refused until some end.
+pub const MAX_PENDING_FLOWS: usize = 10_000;
+
+/// Name prefix of the cookie that binds a flow to its browser (followed by part of the id).
+pub const COOKIE_PREFIX: &str = "zoom_oauth_";
+
+/// Which app a flow authorizes.
+#[derive(Debug, Clone)]
+pub enum FlowApp {
+    /// The server-wide default OAuth app.
+    Default,
+    /// The connection's own OAuth app; its fields are saved only when the flow succeeds.
+    Private {
+        /// The app's credentials.
+        app: OAuthApp,
+        /// Its webhook secret token, if given.
+        secret_token: Option<Secret>,
+    },
+}
+
+/// An OAuth flow between `/oauth/start/zoom` (or `/zoom/save`) and `/oauth/redirect/zoom`.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// The connection being set up.
+    pub cid: ConnectionId,
+    /// Where the host wants the browser to go at the end.
+    pub origin: String,
+    /// The app being authorized.
+    pub app: FlowApp,
+    /// The PKCE verifier.
+    pub verifier: Secret,
+}
+
+/// A started flow: the `state` for Zoom and the cookie for the browser.
+#[derive(Debug)]
+pub struct Started {
+    /// The signed `state` parameter.
+    pub state: String,
+    /// Cookie name.
+    pub cookie_name: String,
+    /// Cookie value (random; only its hash is kept).
+    pub cookie_value: String,
+}
+
+/// Why a `state` was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// Malformed, or the signature does not match: not issued by this service.
+    #[error("the sign-in state is not valid: start again from the connection page")]
+    Invalid,
+    /// Issued by this service, but too long ago.
+    #[error("this sign-in has expired: start again from the connection page")]
+    Expired,
+    /// Already accepted once (or this service restarted in between).
+    #[error(
+        "this sign-in was already completed or is no longer known: start again from the connection page"
+    )]
+    Used,
+    /// The browser finishing the flow is not the one that started it.
+    #[error(
+        "this sign-in was started in another browser: start again from the connection page in this one"
+    )]
+    OtherBrowser,
+    /// Too many flows are in progress.
+    #[error("too many sign-ins are in progress: try again in a few minutes")]
+    Busy,
+}
+
+struct Pending {
+    flow: Option<Flow>,
+    browser: [u8; 32],
+    expires: u64,
+}
+
+/// The flows in progress, in memory: they hold secrets, live minutes, and end with the
+/// browser that started them.
+pub struct Flows {
+    key: [u8; 32],
+    ttl: Duration,
+    pending: Mutex<HashMap<[u8; 16], Pending>>,
+}
+
+impl Flows {
+    /// Flows signed with `key`, valid for `ttl`.
+    pub fn new(key: [u8; 32], ttl: Duration) -> Self {
+        Self {
+            key,
+            ttl,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records `flow` and returns its `state` and browser cookie.
+    pub fn start(&self, flow: Flow) -> Result<Started, StateError> {
+        let id: [u8; 16] = random();
+        let cookie: [u8; 16] = random();
+        let now = unix_now();
+        let expires = now + self.ttl.as_secs();
+        let state = self.sign(&id, expires, &flow.cid, &flow.origin);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= MAX_PENDING_FLOWS {
+            pending.retain(|_, p| p.expires >= now);
+            if pending.len() >= MAX_PENDING_FLOWS {
+                return Err(StateError::Busy);
+            }
+        }
+        pending.insert(
+            id,
+            Pending {
+                flow: Some(flow),
+                browser: Sha256::digest(cookie).into(),
+                expires,
+            },
+        );
+        Ok(Started {
+            state,
+            cookie_name: cookie_name(&id),
+            cookie_value: hex::encode(cookie),
+        })
+    }
+
+    /// Checks `state` and the browser's cookies (the raw `Cookie` header), and takes the flow:
+    /// a second call with the same `state` fails with [`StateError::Used`].
+    pub fn finish(&self, state: &str, cookies: Option<&str>) -> Result<Flow, StateError> {
+        let (id, expires) = self.verify(state)?;
+        let now = unix_now();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.retain(|_, p| p.expires >= now);
+        if expires < now {
+            return Err(StateError::Expired);
+        }
+        let entry = pending.get_mut(&id).ok_or(StateError::Used)?;
+        if entry.flow.is_none() {
+            return Err(StateError::Used);
+        }
+        let presented = cookies
+            .and_then(|c| cookie_value(c, &cookie_name(&id)))
+            .and_then(|v| hex::decode(v).ok())
+            .map(|v| <[u8; 32]>::from(Sha256::digest(v)));
+        if !presented.is_some_and(|p| constant_time_eq(&p, &entry.browser)) {
+            return Err(StateError::OtherBrowser);
+        }
+        // Keep a tombstone until expiry, so a replay is told apart from a forgery.
+        entry.flow.take().ok_or(StateError::Used)
+    }
+
+    /// The connection and origin a `state` names, if it is genuine (expired or not); for
+    /// error pages that offer a way back.
+    pub fn peek(&self, state: &str) -> Option<(ConnectionId, String)> {
+        self.verify(state).ok()?;
+        let mut parts = state.split('.').skip(3);
+        let cid = ConnectionId::parse(parts.next()?).ok()?;
+        Some((cid, parts.next()?.to_string()))
+    }
+
+    fn sign(&self, id: &[u8; 16], expires: u64, cid: &ConnectionId, origin: &str) -> String {
+        let body = format!("v1.{}.{expires}.{cid}.{origin}", hex::encode(id));
+        let mac = hex::encode(self.mac(&body).finalize().into_bytes());
+        format!("{body}.{mac}")
+    }
+
+    fn mac(&self, body: &str) -> HmacSha256 {
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.key)
+            .expect("HMAC takes keys of any length");
+        mac.update(b"zoom-integration oauth state\0");
+        mac.update(body.as_bytes());
+        mac
+    }
+
+    /// The flow id and expiry of a genuine `state`.
+    fn verify(&self, state: &str) -> Result<([u8; 16], u64), StateError> {
+        if state.len() > 512 {
+            return Err(StateError::Invalid);
+        }
+        let (body, mac) = state.rsplit_once('.').ok_or(StateError::Invalid)?;
+        let mac = hex::decode(mac).map_err(|_| StateError::Invalid)?;
+        self.mac(body)
+            .verify_slice(&mac)
+            .map_err(|_| StateError::Invalid)?;
+        let parts: Vec<&str> = body.split('.').collect();
+        let [version, id, expires, _cid, _origin] = parts[..] else {
+            return Err(StateError::Invalid);
+        };
+        if version != "v1" {
+            return Err(StateError::Invalid);
+        }
+        let id: [u8; 16] = hex::decode(id)
+            .ok()
+            .and_then(|id| id.try_into().ok())
+            .ok_or(StateError::Invalid)?;
+        let expires = expires.parse().map_err(|_| StateError::Invalid)?;
+        Ok((id, expires))
+    }
+}
+
+fn cookie_name(id: &[u8; 16]) -> String {
+    format!("{COOKIE_PREFIX}{}", hex::encode(&id[..8]))
+}
+
+/// The value of cookie `name` in a `Cookie` header.
+fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header
+        .split(';')
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+    bytes
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flows(ttl: u64) -> Flows {
+        Flows::new([7; 32], Duration::from_secs(ttl))
+    }
+
+    fn flow() -> Flow {
+        Flow {
+            cid: ConnectionId::generate(),
+            origin: "web".into(),
+            app: FlowApp::Default,
+            verifier: Secret::new("v".repeat(43)),
+        }
+    }
+
+    fn cookie(started: &Started) -> String {
+        format!("other=1; {}={}", started.cookie_name, started.cookie_value)
+    }
+
+    #[test]
+    fn a_state_is_accepted_once_and_only_with_its_cookie() {
+        let flows = flows(600);
+        let started = flows.start(flow()).unwrap();
+        assert_eq!(
+            flows.finish(&started.state, None).unwrap_err(),
+            StateError::OtherBrowser
+        );
+        assert_eq!(
+            flows
+                .finish(&started.state, Some(&format!("{}=00", started.cookie_name)))
+                .unwrap_err(),
+            StateError::OtherBrowser
+        );
+        let done = flows
+            .finish(&started.state, Some(&cookie(&started)))
+            .unwrap();
+        assert_eq!(done.origin, "web");
+        assert_eq!(
+            flows
+                .finish(&started.state, Some(&cookie(&started)))
+                .unwrap_err(),
+            StateError::Used
+        );
+    }
+
+    #[test]
+    fn a_changed_state_is_invalid() {
+        let flows = flows(600);
+        let started = flows.start(flow()).unwrap();
+        let other = ConnectionId::generate();
+        let parts: Vec<&str> = started.state.split('.').collect();
+        let moved = format!(
+            "{}.{}.{}.{}.{}.{}",
+            parts[0], parts[1], parts[2], other, parts[4], parts[5]
+        );
+        assert_eq!(
+            flows.finish(&moved, Some(&cookie(&started))).unwrap_err(),
+            StateError::Invalid
+        );
+        let later = format!(
+            "{}.{}.{}.{}.{}.{}",
+            parts[0],
+            parts[1],
+            u64::MAX,
+            parts[3],
+            parts[4],
+            parts[5]
+        );
+        assert_eq!(flows.finish(&later, None).unwrap_err(), StateError::Invalid);
+        for junk in ["", "v1", "....", &"a".repeat(600)] {
+            assert_eq!(flows.finish(junk, None).unwrap_err(), StateError::Invalid);
+        }
+        // Signed with another key.
+        let elsewhere = Flows::new([8; 32], Duration::from_secs(600));
+        let foreign = elsewhere.start(flow()).unwrap();
+        assert_eq!(
+            flows
+                .finish(&foreign.state, Some(&cookie(&foreign)))
+                .unwrap_err(),
+            StateError::Invalid
+        );
+        assert_eq!(flows.peek(&started.state).unwrap().1, "web");
+        assert!(flows.peek(&moved).is_none());
+    }
+
+    #[test]
+    fn an_old_state_has_expired() {
+        let flows = flows(0);
+        let started = flows.start(flow()).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(
+            flows
+                .finish(&started.state, Some(&cookie(&started)))
+                .unwrap_err(),
+            StateError::Expired
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! Zoom's OAuth server (`ZOOM_OAUTH_URL`): the authorize URL with PKCE, the authorization-code
+//! exchange (through the `oauth2` crate), and Server-to-Server `account_credentials` tokens.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use oauth2::basic::{
+    BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenResponse,
+};
+use oauth2::{
+    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RequestTokenError, StandardRevocableToken,
+    TokenResponse, TokenUrl,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ZoomError, error_reason, send};
+use crate::config::{BaseUrl, Config, OAuthApp};
+use crate::secret::Secret;
+
+/// How long Zoom's access tokens live when the answer does not say.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Tokens Zoom issued.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// The access token.
+    pub access_token: Secret,
+    /// The refresh token (none for Server-to-Server apps).
+    pub refresh_token: Option<Secret>,
+    /// When the access token stops working.
+    pub expires_at: DateTime<Utc>,
+    /// Usually `bearer`.
+    pub token_type: String,
+}
+
+/// A PKCE pair: the challenge goes in the authorize URL, the verifier stays here until the
+/// code is exchanged.
+pub struct Pkce {
+    /// The S256 challenge.
+    pub challenge: PkceCodeChallenge,
+    /// The verifier (secret until the exchange).
+    pub verifier: Secret,
+}
+
+impl Pkce {
+    /// A fresh random pair (S256).
+    pub fn new() -> Self {
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        Self {
+            challenge,
+            verifier: Secret::new(verifier.secret().clone()),
+        }
+    }
+}
+
+impl Default for Pkce {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The error body of Zoom's token endpoint: `{"reason": "...", "error": "invalid_client"}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZoomOAuthError {
+    /// The OAuth error code.
+    #[serde(default)]
+    pub error: String,
+    /// Zoom's explanation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The standard explanation field, in case Zoom uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_description: Option<String>,
+}
+
+impl fmt::Display for ZoomOAuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self
+            .reason
+            .as_deref()
+            .or(self.error_description.as_deref())
+            .filter(|t| !t.trim().is_empty())
+            .unwrap_or(&self.error);
+        f.write_str(&crate::ids::truncate(text, 200))
+    }
+}
+
+impl oauth2::ErrorResponse for ZoomOAuthError {}
+
+type CodeClient = oauth2::Client<
+    ZoomOAuthError,
+    BasicTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// Client of Zoom's OAuth server.
+#[derive(Clone)]
+pub struct ZoomOAuth {
+    http: reqwest::Client,
+    base: BaseUrl,
+    redirect_uri: Option<String>,
+}
+
+impl ZoomOAuth {
+    /// A client of `ZOOM_OAUTH_URL`, redirecting browsers back to the contract's redirect URI.
+    pub fn new(http: reqwest::Client, config: &Config) -> Self {
+        Self {
+            http,
+            base: config.zoom_oauth_url.clone(),
+            redirect_uri: config.oauth_redirect_uri(),
+        }
+    }
+
+    fn client(&self, app: &OAuthApp) -> Result<CodeClient, ZoomError> {
+        let redirect_uri = self
+            .redirect_uri
+            .clone()
+            .ok_or_else(|| ZoomError::Protocol("WEBHOOK_ADDRESS is not set".into()))?;
+        let bad_url = |e: url::ParseError| ZoomError::Protocol(format!("bad URL: {e}"));
+        Ok(oauth2::Client::new(ClientId::new(app.client_id.clone()))
+            .set_client_secret(ClientSecret::new(app.client_secret.expose().to_string()))
+            .set_auth_uri(AuthUrl::new(self.base.join("/oauth/authorize")).map_err(bad_url)?)
+            .set_token_uri(TokenUrl::new(self.base.join("/oauth/token")).map_err(bad_url)?)
+            .set_redirect_uri(RedirectUrl::new(redirect_uri).map_err(bad_url)?))
+    }
+
+    /// Where to send the browser: `/oauth/authorize` with `response_type=code`, the app's
+    /// client id, the redirect URI, the PKCE challenge (S256) and `state`.
+    pub fn authorize_url(
+        &self,
+        app: &OAuthApp,
+        state: &str,
+        challenge: PkceCodeChallenge,
+    ) -> Result<String, ZoomError> {
+        let state = state.to_string();
+        let (url, _) = self
+            .client(app)?
+            .authorize_url(move || CsrfToken::new(state))
+            .set_pkce_challenge(challenge)
+            .url();
+        Ok(url.into())
+    }
+
+    /// Exchanges an authorization code (with its PKCE verifier) for tokens. The client
+    /// credentials go in the Basic header; the body carries `redirect_uri` and `code_verifier`.
+    pub async fn exchange_code(
+        &self,
+        app: &OAuthApp,
+        code: &str,
+        verifier: &Secret,
+    ) -> Result<Token, ZoomError> {
+        let http = self.http.clone();
+        let execute = move |request: oauth2::HttpRequest| {
+            let http = http.clone();
+            async move { execute(&http, request).await }
+        };
+        let response = self
+            .client(app)?
+            .exchange_code(AuthorizationCode::new(code.to_string()))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose().to_string()))
+            .request_async(&execute)
+            .await
+            .map_err(|e| match e {
+                RequestTokenError::ServerResponse(e) => ZoomError::Rejected {
+                    status: 400,
+                    reason: e.to_string(),
+                },
+                RequestTokenError::Request(e) => e,
+                RequestTokenError::Parse(..) => {
+                    ZoomError::Protocol("the token response cannot be read".into())
+                }
+                RequestTokenError::Other(m) => ZoomError::Protocol(m),
+            })?;
+        Ok(Token {
+            access_token: Secret::new(response.access_token().secret().clone()),
+            refresh_token: response
+                .refresh_token()
+                .map(|t| Secret::new(t.secret().clone())),
+            expires_at: expires_at(response.expires_in()),
+            token_type: response.token_type().as_ref().to_string(),
+        })
+    }
+
+    /// A Server-to-Server token: `grant_type=account_credentials` for `account_id`, with the
+    /// app's credentials in the Basic header. Zoom's reason comes back when it refuses.
+    pub async fn account_credentials(
+        &self,
+        app: &OAuthApp,
+        account_id: &str,
+    ) -> Result<Token, ZoomError> {
+        #[derive(Deserialize)]
+        struct Answer {
+            access_token: String,
+            #[serde(default)]
+            token_type: Option<String>,
+            #[serde(default)]
+            expires_in: Option<u64>,
+        }
+        let request = self
+            .http
+            .post(self.base.join("/oauth/token"))
+            .basic_auth(&app.client_id, Some(app.client_secret.expose()))
+            .query(&[
+                ("grant_type", "account_credentials"),
+                ("account_id", account_id),
+            ])
+            .header(reqwest::header::ACCEPT, "application/json")
+            .build()
+            .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
+        let response = send(&self.http, request).await?;
+        if !response.status.is_success() {
+            return Err(ZoomError::Rejected {
+                status: response.status.as_u16(),
+                reason: error_reason(response.status, &response.body),
+            });
+        }
+        let answer: Answer = serde_json::from_slice(&response.body)
+            .map_err(|_| ZoomError::Protocol("the token response cannot be read".into()))?;
+        Ok(Token {
+            access_token: Secret::new(answer.access_token),
+            refresh_token: None,
+            expires_at: expires_at(answer.expires_in.map(Duration::from_secs)),
+            token_type: answer.token_type.unwrap_or_else(|| "bearer".into()),
+        })
+    }
+}
+
+fn expires_at(expires_in: Option<Duration>) -> DateTime<Utc> {
+    let lifetime = expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME);
+    Utc::now() + chrono::Duration::from_std(lifetime).unwrap_or(chrono::Duration::hours(1))
+}
+
+/// Runs one request of the `oauth2` crate on our HTTP client.
+async fn execute(
+    http: &reqwest::Client,
+    request: oauth2::HttpRequest,
+) -> Result<oauth2::HttpResponse, ZoomError> {
+    let request = reqwest::Request::try_from(request)
+        .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
+    let raw = send(http, request).await?;
+    let mut response = oauth2::HttpResponse::new(raw.body);
+    *response.status_mut() = raw.status;
+    *response.headers_mut() = raw.headers;
+    Ok(response)
+}
