@@ -14,7 +14,7 @@ use crate::helpers::{TestApp, spawn_app_with, var};
 use crate::user_agent::{UserAgent, Visit};
 
 /// The service pointed at `zoom`, whose OAuth apps accept its redirect URI.
-async fn app_with(zoom: &FakeZoom, env: Vec<(&'static str, String)>) -> TestApp {
+pub(crate) async fn app_with(zoom: &FakeZoom, env: Vec<(&'static str, String)>) -> TestApp {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let app = spawn_app_with(&env).await;
     zoom.register_redirect_uri(app.url("/oauth/redirect/zoom"));
@@ -29,7 +29,7 @@ async fn app_and_zoom() -> (TestApp, FakeZoom, UserAgent) {
 }
 
 /// Every stored variable of `cid`: (name, value, is_secret), sorted.
-async fn snapshot(app: &TestApp, cid: &str) -> Vec<(String, String, bool)> {
+pub(crate) async fn snapshot(app: &TestApp, cid: &str) -> Vec<(String, String, bool)> {
     let mut all: Vec<_> = app
         .stored_vars(cid, &[])
         .await
@@ -40,7 +40,7 @@ async fn snapshot(app: &TestApp, cid: &str) -> Vec<(String, String, bool)> {
     all
 }
 
-fn value_of(snapshot: &[(String, String, bool)], name: &str) -> Option<(String, bool)> {
+pub(crate) fn value_of(snapshot: &[(String, String, bool)], name: &str) -> Option<(String, bool)> {
     snapshot
         .iter()
         .find(|(n, _, _)| n == name)

@@ -5,7 +5,9 @@ mod fake_host;
 mod fake_zoom;
 mod helpers;
 mod user_agent;
+mod webdriver;
 
+mod browser;
 mod connection_setup;
 mod embedded_host;
 mod integrations_api;

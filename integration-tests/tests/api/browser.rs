@@ -1,0 +1,166 @@
+//! The connection page in a real browser: headless Chromium, driven through chromedriver,
+//! sets up one connection of each authentication type against the fake Zoom.
+
+use std::time::Duration;
+
+use zoom_integration::ids::ConnectionId;
+
+use crate::connection_setup::{app_with, snapshot, value_of};
+use crate::fake_zoom::*;
+use crate::helpers::TestApp;
+use crate::webdriver::{Browser, find_chromedriver};
+
+/// Where the screenshot of the connection page is kept.
+fn artifact(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+async fn open_page(browser: &Browser, app: &TestApp, cid: &str) {
+    browser
+        .goto(&app.url(&format!("/zoom/?cid={cid}&origin=test")))
+        .await;
+}
+
+/// Presses Allow on the fake Zoom's consent page and waits for the way back.
+async fn allow_in_zoom(browser: &Browser, zoom: &FakeZoom, app: &TestApp) -> String {
+    assert!(
+        browser
+            .url()
+            .await
+            .starts_with(&format!("{}/oauth/authorize", zoom.oauth_url())),
+        "on Zoom's consent page"
+    );
+    browser.find("#allow").await.click().await;
+    let url = browser.url().await;
+    assert!(url.starts_with(&app.url("/oauth/redirect/zoom")), "{url}");
+    browser.find("#message").await.text().await
+}
+
+#[tokio::test]
+async fn a_person_sets_up_each_kind_of_connection_in_a_real_browser() {
+    let Some(chromedriver) = find_chromedriver() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (see .ci/run)"
+        );
+        eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+        return;
+    };
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let browser = Browser::start(&chromedriver).await;
+
+    // The page, as a person first sees it: the default app chosen, no private fields shown.
+    let default_cid = ConnectionId::generate().to_string();
+    open_page(&browser, &app, &default_cid).await;
+    assert_eq!(
+        browser.find("#status").await.text().await,
+        "Not set up yet."
+    );
+    assert!(!browser.find("#client_id").await.is_displayed().await);
+    assert!(browser.find("#start").await.is_displayed().await);
+    assert!(!browser.find("#save").await.is_displayed().await);
+    let shot = browser.screenshot().await;
+    assert!(shot.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let path = artifact("connection-page.png");
+    std::fs::write(&path, &shot).unwrap();
+    eprintln!("screenshot of the connection page: {}", path.display());
+
+    // Default OAuth app.
+    browser.find("#auth-oauthDefault").await.click().await;
+    browser.find("#start").await.click().await;
+    let message = allow_in_zoom(&browser, &zoom, &app).await;
+    assert_eq!(
+        message,
+        format!("Connected to Zoom as {USER_DISPLAY_NAME} <{USER_EMAIL}>.")
+    );
+    let stored = snapshot(&app, &default_cid).await;
+    assert_eq!(value_of(&stored, "auth_type").unwrap().0, "oauthDefault");
+    assert_eq!(value_of(&stored, "user_id").unwrap().0, USER_ID);
+    assert!(
+        value_of(&stored, "oauth_refresh_token").unwrap().1,
+        "stored as a secret"
+    );
+
+    // Private OAuth app: its fields appear once chosen.
+    let private_cid = ConnectionId::generate().to_string();
+    open_page(&browser, &app, &private_cid).await;
+    browser.find("#auth-oauthPrivate").await.click().await;
+    assert!(browser.find("#client_id").await.is_displayed().await);
+    assert!(browser.find("#secret_token").await.is_displayed().await);
+    assert!(!browser.find("#account_id").await.is_displayed().await);
+    browser
+        .find("#client_id")
+        .await
+        .type_text(PRIVATE_CLIENT_ID)
+        .await;
+    browser
+        .find("#client_secret")
+        .await
+        .type_text(PRIVATE_CLIENT_SECRET)
+        .await;
+    browser
+        .find("#secret_token")
+        .await
+        .type_text("browser-webhook-token")
+        .await;
+    browser.find("#start").await.click().await;
+    let message = allow_in_zoom(&browser, &zoom, &app).await;
+    assert!(message.starts_with("Connected to Zoom as"), "{message}");
+    let stored = snapshot(&app, &private_cid).await;
+    assert_eq!(value_of(&stored, "auth_type").unwrap().0, "oauthPrivate");
+    assert_eq!(
+        value_of(&stored, "private_client_secret"),
+        Some((PRIVATE_CLIENT_SECRET.to_string(), true))
+    );
+    assert_eq!(
+        value_of(&stored, "private_secret_token"),
+        Some(("browser-webhook-token".to_string(), true))
+    );
+
+    // Server-to-Server: account id appears, and the button is Save.
+    let s2s_cid = ConnectionId::generate().to_string();
+    open_page(&browser, &app, &s2s_cid).await;
+    browser.find("#auth-serverToServer").await.click().await;
+    assert!(browser.find("#account_id").await.is_displayed().await);
+    assert!(browser.find("#save").await.is_displayed().await);
+    assert!(!browser.find("#start").await.is_displayed().await);
+    assert_eq!(browser.find("#save").await.text().await, "Save");
+    browser
+        .find("#account_id")
+        .await
+        .type_text(S2S_ACCOUNT_ID)
+        .await;
+    browser
+        .find("#client_id")
+        .await
+        .type_text(S2S_CLIENT_ID)
+        .await;
+    browser
+        .find("#client_secret")
+        .await
+        .type_text(S2S_CLIENT_SECRET)
+        .await;
+    browser.find("#save").await.click().await;
+    assert_eq!(
+        browser.find("#message").await.text().await,
+        format!("Connected to Zoom account {S2S_ACCOUNT_ID} with your Server-to-Server app.")
+    );
+    let stored = snapshot(&app, &s2s_cid).await;
+    assert_eq!(value_of(&stored, "auth_type").unwrap().0, "serverToServer");
+    assert_eq!(
+        value_of(&stored, "private_account_id").unwrap().0,
+        S2S_ACCOUNT_ID
+    );
+
+    // Back on the first connection's page, its status names the Zoom user.
+    open_page(&browser, &app, &default_cid).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        browser.find("#status").await.text().await,
+        format!("Connected as {USER_DISPLAY_NAME} <{USER_EMAIL}> with the default OAuth app.")
+    );
+    browser.close().await;
+}
