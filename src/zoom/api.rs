@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::{ZoomError, error_reason, send};
+use super::{ZoomError, fetch_json};
 use crate::config::{BaseUrl, Config};
 use crate::secret::Secret;
 
@@ -67,19 +67,8 @@ impl ZoomApi {
         let request = self
             .http
             .get(self.base.join("/users/me"))
-            .bearer_auth(access_token.expose())
-            .header(reqwest::header::ACCEPT, "application/json")
-            .build()
-            .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
-        let response = send(&self.http, request).await?;
-        if !response.status.is_success() {
-            return Err(ZoomError::Rejected {
-                status: response.status.as_u16(),
-                reason: error_reason(response.status, &response.body),
-            });
-        }
-        let user: ZoomUser = serde_json::from_slice(&response.body)
-            .map_err(|_| ZoomError::Protocol("the user cannot be read".into()))?;
+            .bearer_auth(access_token.expose());
+        let user: ZoomUser = fetch_json(&self.http, request, "the user").await?;
         if user.id.is_empty() || user.account_id.is_empty() {
             return Err(ZoomError::Protocol(
                 "the user has no id or account id".into(),

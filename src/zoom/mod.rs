@@ -115,6 +115,28 @@ pub async fn send(
     })
 }
 
+/// Sends `request` and reads a successful answer as JSON; a refusal (4xx) becomes
+/// [`ZoomError::Rejected`] with Zoom's reason. `what` names the answer in errors.
+pub async fn fetch_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    request: reqwest::RequestBuilder,
+    what: &str,
+) -> Result<T, ZoomError> {
+    let request = request
+        .header(reqwest::header::ACCEPT, "application/json")
+        .build()
+        .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
+    let response = send(http, request).await?;
+    if !response.status.is_success() {
+        return Err(ZoomError::Rejected {
+            status: response.status.as_u16(),
+            reason: error_reason(response.status, &response.body),
+        });
+    }
+    serde_json::from_slice(&response.body)
+        .map_err(|_| ZoomError::Protocol(format!("{what} cannot be read")))
+}
+
 /// Zoom's explanation in an error body: `reason` (OAuth), `message` (API) or `error`,
 /// shortened; the HTTP status when the body says nothing.
 pub fn error_reason(status: StatusCode, body: &[u8]) -> String {

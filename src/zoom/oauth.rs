@@ -15,7 +15,7 @@ use oauth2::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{ZoomError, error_reason, send};
+use super::{ZoomError, fetch_json, send};
 use crate::config::{BaseUrl, Config, OAuthApp};
 use crate::secret::Secret;
 
@@ -212,19 +212,8 @@ impl ZoomOAuth {
             .query(&[
                 ("grant_type", "account_credentials"),
                 ("account_id", account_id),
-            ])
-            .header(reqwest::header::ACCEPT, "application/json")
-            .build()
-            .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
-        let response = send(&self.http, request).await?;
-        if !response.status.is_success() {
-            return Err(ZoomError::Rejected {
-                status: response.status.as_u16(),
-                reason: error_reason(response.status, &response.body),
-            });
-        }
-        let answer: Answer = serde_json::from_slice(&response.body)
-            .map_err(|_| ZoomError::Protocol("the token response cannot be read".into()))?;
+            ]);
+        let answer: Answer = fetch_json(&self.http, request, "the token response").await?;
         Ok(Token {
             access_token: Secret::new(answer.access_token),
             refresh_token: None,
