@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod credentials;
 pub mod crypto;
 pub mod error;
 pub mod grpc;
@@ -34,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::crypto::Keys;
 use crate::host::HostEngine;
 use crate::host::embedded::{EmbeddedHost, OpenError};
@@ -59,6 +61,8 @@ pub struct AppState {
     pub zoom_oauth: ZoomOAuth,
     /// Zoom's REST API.
     pub zoom_api: ZoomApi,
+    /// Fresh access tokens for every connection.
+    pub credentials: Arc<Credentials>,
 }
 
 impl AppState {
@@ -85,12 +89,18 @@ impl AppState {
             }
         };
         let http = zoom::http_client(&config)?;
+        let zoom_oauth = ZoomOAuth::new(http.clone(), &config);
         Ok(Self {
             flows: Arc::new(Flows::new(
                 *keys.state_signing_key(),
                 config.oauth_state_ttl,
             )),
-            zoom_oauth: ZoomOAuth::new(http.clone(), &config),
+            credentials: Arc::new(Credentials::new(
+                host.clone(),
+                zoom_oauth.clone(),
+                config.default_app.clone(),
+            )),
+            zoom_oauth,
             zoom_api: ZoomApi::new(http, &config),
             config: Arc::new(config),
             host,

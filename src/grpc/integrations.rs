@@ -4,7 +4,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::connection::{connection_status, init_required, public_config};
+use crate::AppState;
+use crate::connection::{
+    AuthType, StatusCode, connection_status, init_required, public_config, status,
+};
+use crate::credentials::{CredentialError, Credentials};
 use crate::error::ApiError;
 use crate::host::HostEngine;
 use crate::ids::ConnectionId;
@@ -12,17 +16,53 @@ use crate::integration::is_this_integration;
 use crate::proto::autokitteh::integrations::v1::integrations_service_server::IntegrationsService;
 use crate::proto::autokitteh::integrations::v1::*;
 use crate::values;
+use crate::zoom::api::ZoomApi;
 
 /// The IntegrationsService of the `zoom` integration.
 pub struct IntegrationsApi {
     host: Arc<dyn HostEngine>,
     descriptor: Integration,
+    credentials: Arc<Credentials>,
+    zoom_api: ZoomApi,
 }
 
 impl IntegrationsApi {
-    /// A service answering with `descriptor` and reading connections from `host`.
-    pub fn new(host: Arc<dyn HostEngine>, descriptor: Integration) -> Self {
-        Self { host, descriptor }
+    /// The service of this process: connections from its host engine, tokens from its
+    /// credentials, Zoom through its API client.
+    pub fn new(state: &AppState) -> Self {
+        Self {
+            host: state.host.clone(),
+            descriptor: crate::integration::descriptor(&state.config),
+            credentials: state.credentials.clone(),
+            zoom_api: state.zoom_api.clone(),
+        }
+    }
+
+    /// What `TestConnection` reports: whether Zoom accepts the connection's credentials.
+    async fn test(&self, cid: &ConnectionId) -> Result<crate::connection::Status, ApiError> {
+        let access = match self.credentials.access_token(cid).await {
+            Ok(access) => access,
+            Err(CredentialError::NotSetUp) => return Ok(init_required()),
+            Err(CredentialError::Broken(reason)) => {
+                return Ok(status(StatusCode::Error, reason));
+            }
+            Err(CredentialError::Zoom(e)) => return Ok(status(StatusCode::Error, e.to_string())),
+            Err(CredentialError::Host(e)) => return Err(e.into()),
+        };
+        let result = match access.auth_type {
+            AuthType::ServerToServer => self.zoom_api.count_users(&access.token).await.map(|n| {
+                format!("Server-to-Server app works: Zoom lists {n} users in its account")
+            }),
+            _ => self
+                .zoom_api
+                .me(&access.token)
+                .await
+                .map(|user| format!("connected as {}", user.describe())),
+        };
+        Ok(match result {
+            Ok(message) => status(StatusCode::Ok, message),
+            Err(e) => status(StatusCode::Error, e.to_string()),
+        })
     }
 
     async fn connection_vars(
@@ -112,11 +152,12 @@ impl IntegrationsService for IntegrationsApi {
         request: Request<TestConnectionRequest>,
     ) -> Result<Response<TestConnectionResponse>, Status> {
         let req = request.into_inner();
-        self.connection_vars(&req.integration_id, &req.connection_id)
-            .await?;
-        Err(Status::unimplemented(
-            "TestConnection is not available in this version",
-        ))
+        check_integration(&req.integration_id)?;
+        let cid = ConnectionId::parse(&req.connection_id).map_err(ApiError::from)?;
+        let status = self.test(&cid).await?;
+        Ok(Response::new(TestConnectionResponse {
+            status: Some(status),
+        }))
     }
 
     async fn get_connection_status(

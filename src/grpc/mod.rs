@@ -30,10 +30,7 @@ pub async fn serve(
         .set_serving::<IntegrationsServiceServer<integrations::IntegrationsApi>>()
         .await;
 
-    let integrations = integrations::IntegrationsApi::new(
-        state.host.clone(),
-        crate::integration::descriptor(&state.config),
-    );
+    let integrations = integrations::IntegrationsApi::new(&state);
     let mut router =
         Server::builder()
             .timeout(REQUEST_TIMEOUT)

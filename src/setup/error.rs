@@ -48,7 +48,9 @@ impl SetupError {
             SetupError::State(StateError::Busy) => StatusCode::SERVICE_UNAVAILABLE,
             SetupError::State(_) => StatusCode::BAD_REQUEST,
             SetupError::NoPublicAddress => StatusCode::SERVICE_UNAVAILABLE,
-            SetupError::Zoom(ZoomError::Rejected { .. }) => StatusCode::BAD_REQUEST,
+            SetupError::Zoom(ZoomError::Rejected { .. } | ZoomError::InvalidGrant(_)) => {
+                StatusCode::BAD_REQUEST
+            }
             SetupError::Zoom(ZoomError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             SetupError::Zoom(_) => StatusCode::BAD_GATEWAY,
             SetupError::Host(HostError::InvalidArgument(_)) => StatusCode::BAD_REQUEST,
@@ -65,7 +67,9 @@ impl SetupError {
                 "the host engine is unavailable, so nothing was saved: try again later".into()
             }
             SetupError::Host(_) => "internal error: nothing was saved".into(),
-            SetupError::Zoom(ZoomError::Rejected { reason, .. }) => {
+            SetupError::Zoom(
+                ZoomError::Rejected { reason, .. } | ZoomError::InvalidGrant(reason),
+            ) => {
                 format!("Zoom refused: {reason}")
             }
             other => other.to_string(),

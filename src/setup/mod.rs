@@ -405,6 +405,7 @@ async fn save_connection(
         .map(|name| name.to_string())
         .collect();
     state.host.replace_vars(cid, vars, &remove).await?;
+    state.credentials.forget(cid);
     Ok(())
 }
 

@@ -76,4 +76,20 @@ impl ZoomApi {
         }
         Ok(user)
     }
+
+    /// `GET /users?page_size=1`: how many users the token's account lists.
+    pub async fn count_users(&self, access_token: &Secret) -> Result<u64, ZoomError> {
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            total_records: u64,
+        }
+        let request = self
+            .http
+            .get(self.base.join("/users"))
+            .query(&[("page_size", "1")])
+            .bearer_auth(access_token.expose());
+        let page: Page = fetch_json(&self.http, request, "the user list").await?;
+        Ok(page.total_records)
+    }
 }

@@ -45,6 +45,10 @@ pub enum ZoomError {
         /// Zoom's `reason`, `message` or `error`, as sent.
         reason: String,
     },
+    /// Zoom no longer accepts the grant (a used, revoked or expired refresh token, or an
+    /// authorization code): only setting the connection up again helps.
+    #[error("Zoom no longer accepts the connection's grant: {0}")]
+    InvalidGrant(String),
     /// Zoom did not answer in time.
     #[error("Zoom did not answer in time")]
     Timeout,

@@ -10,8 +10,8 @@ use oauth2::basic::{
 };
 use oauth2::{
     AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
-    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RequestTokenError, StandardRevocableToken,
-    TokenResponse, TokenUrl,
+    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError,
+    StandardRevocableToken, TokenResponse, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
 
@@ -133,6 +133,21 @@ impl ZoomOAuth {
             .set_redirect_uri(RedirectUrl::new(redirect_uri).map_err(bad_url)?))
     }
 
+    /// The `oauth2` crate's requests, run on our HTTP client.
+    fn executor(
+        &self,
+    ) -> impl Fn(
+        oauth2::HttpRequest,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, ZoomError>> + Send>,
+    > {
+        let http = self.http.clone();
+        move |request| {
+            let http = http.clone();
+            Box::pin(async move { execute(&http, request).await })
+        }
+    }
+
     /// Where to send the browser: `/oauth/authorize` with `response_type=code`, the app's
     /// client id, the redirect URI, the PKCE challenge (S256) and `state`.
     pub fn authorize_url(
@@ -158,33 +173,44 @@ impl ZoomOAuth {
         code: &str,
         verifier: &Secret,
     ) -> Result<Token, ZoomError> {
-        let http = self.http.clone();
-        let execute = move |request: oauth2::HttpRequest| {
-            let http = http.clone();
-            async move { execute(&http, request).await }
-        };
         let response = self
             .client(app)?
             .exchange_code(AuthorizationCode::new(code.to_string()))
             .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose().to_string()))
-            .request_async(&execute)
+            .request_async(&self.executor())
             .await
-            .map_err(|e| match e {
-                RequestTokenError::ServerResponse(e) => ZoomError::Rejected {
-                    status: 400,
-                    reason: e.to_string(),
-                },
-                RequestTokenError::Request(e) => e,
-                RequestTokenError::Parse(..) => {
-                    ZoomError::Protocol("the token response cannot be read".into())
-                }
-                RequestTokenError::Other(m) => ZoomError::Protocol(m),
-            })?;
+            .map_err(token_error)?;
         Ok(Token {
             access_token: Secret::new(response.access_token().secret().clone()),
             refresh_token: response
                 .refresh_token()
                 .map(|t| Secret::new(t.secret().clone())),
+            expires_at: expires_at(response.expires_in()),
+            token_type: response.token_type().as_ref().to_string(),
+        })
+    }
+
+    /// Exchanges a refresh token for new tokens. Zoom rotates refresh tokens: the one sent
+    /// stops working at once, so the answer must be saved before anything else happens.
+    /// A refresh token Zoom no longer accepts gives [`ZoomError::InvalidGrant`].
+    pub async fn refresh(
+        &self,
+        app: &OAuthApp,
+        refresh_token: &Secret,
+    ) -> Result<Token, ZoomError> {
+        let response = self
+            .client(app)?
+            .exchange_refresh_token(&RefreshToken::new(refresh_token.expose().to_string()))
+            .request_async(&self.executor())
+            .await
+            .map_err(token_error)?;
+        Ok(Token {
+            access_token: Secret::new(response.access_token().secret().clone()),
+            // Zoom always rotates; should it ever not, the old refresh token stays valid.
+            refresh_token: Some(response.refresh_token().map_or_else(
+                || refresh_token.clone(),
+                |t| Secret::new(t.secret().clone()),
+            )),
             expires_at: expires_at(response.expires_in()),
             token_type: response.token_type().as_ref().to_string(),
         })
@@ -220,6 +246,24 @@ impl ZoomOAuth {
             expires_at: expires_at(answer.expires_in.map(Duration::from_secs)),
             token_type: answer.token_type.unwrap_or_else(|| "bearer".into()),
         })
+    }
+}
+
+/// A failed token request of the `oauth2` crate, as a [`ZoomError`].
+fn token_error(err: RequestTokenError<ZoomError, ZoomOAuthError>) -> ZoomError {
+    match err {
+        RequestTokenError::ServerResponse(e) if e.error == "invalid_grant" => {
+            ZoomError::InvalidGrant(e.to_string())
+        }
+        RequestTokenError::ServerResponse(e) => ZoomError::Rejected {
+            status: 400,
+            reason: e.to_string(),
+        },
+        RequestTokenError::Request(e) => e,
+        RequestTokenError::Parse(..) => {
+            ZoomError::Protocol("the token response cannot be read".into())
+        }
+        RequestTokenError::Other(m) => ZoomError::Protocol(m),
     }
 }
 

@@ -70,6 +70,10 @@ pub struct FakeZoomState {
     consents: HashMap<String, Consent>,
     grants: HashMap<String, Grant>,
     access_tokens: Vec<String>,
+    /// Live refresh tokens and the client each belongs to; each works once (rotation).
+    refresh_tokens: HashMap<String, String>,
+    /// `expires_in` of Server-to-Server tokens.
+    pub s2s_expires_in: u64,
     pub token_requests: Vec<TokenRequest>,
     /// Every token request waits this long first (to test slow Zoom).
     pub token_delay: Duration,
@@ -94,7 +98,10 @@ impl FakeZoom {
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut state = FakeZoomState::default();
+        let mut state = FakeZoomState {
+            s2s_expires_in: 3599,
+            ..FakeZoomState::default()
+        };
         for (id, secret, account) in [
             (DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, None),
             (PRIVATE_CLIENT_ID, PRIVATE_CLIENT_SECRET, None),
@@ -115,6 +122,7 @@ impl FakeZoom {
             .route("/oauth/consent", get(consent))
             .route("/oauth/token", post(token))
             .route("/v2/users/me", get(me))
+            .route("/v2/users", get(users))
             .with_state(state.clone());
         tokio::spawn({
             let stop = stop.clone();
@@ -149,6 +157,31 @@ impl FakeZoom {
 
     pub fn register_redirect_uri(&self, uri: String) {
         self.state.lock().unwrap().redirect_uri = uri;
+    }
+
+    /// A refresh token of `client_id`, as an earlier authorization would have left.
+    pub fn issue_refresh_token(&self, client_id: &str) -> String {
+        let mut s = self.state.lock().unwrap();
+        let token = s.next_id("refresh-");
+        s.refresh_tokens.insert(token.clone(), client_id.into());
+        token
+    }
+
+    /// Whether `token` is a refresh token Zoom would still accept.
+    pub fn refresh_token_is_live(&self, token: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .refresh_tokens
+            .contains_key(token)
+    }
+
+    /// Token requests of one grant type.
+    pub fn token_requests_of(&self, grant_type: &str) -> usize {
+        self.token_requests()
+            .iter()
+            .filter(|r| r.grant_type == grant_type)
+            .count()
     }
 
     pub fn token_requests(&self) -> Vec<TokenRequest> {
@@ -369,21 +402,19 @@ fn issue(
                     "Invalid code_verifier",
                 );
             }
-            let access = s.next_id("access-");
-            s.access_tokens.push(access.clone());
-            let refresh = s.next_id("refresh-");
-            (
-                StatusCode::OK,
-                axum::Json(json!({
-                    "access_token": access,
-                    "token_type": "bearer",
-                    "refresh_token": refresh,
-                    "expires_in": 3599,
-                    "scope": "user:read:user meeting:read:meeting",
-                    "api_url": "https://api.zoom.us",
-                })),
-            )
-                .into_response()
+            tokens(s, &client_id)
+        }
+        "refresh_token" => {
+            let presented = param("refresh_token");
+            match s.refresh_tokens.get(&presented) {
+                Some(owner) if *owner == client_id => {}
+                _ => {
+                    return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "Invalid Token!");
+                }
+            }
+            // Rotation: the presented token dies now.
+            s.refresh_tokens.remove(&presented);
+            tokens(s, &client_id)
         }
         "account_credentials" => {
             if app.account_id.as_deref() != Some(param("account_id").as_str()) {
@@ -400,7 +431,7 @@ fn issue(
                 axum::Json(json!({
                     "access_token": access,
                     "token_type": "bearer",
-                    "expires_in": 3599,
+                    "expires_in": s.s2s_expires_in,
                     "scope": "user:read:admin",
                     "api_url": "https://api.zoom.us",
                 })),
@@ -415,24 +446,64 @@ fn issue(
     }
 }
 
-async fn me(State(state): State<Arc<Mutex<FakeZoomState>>>, headers: HeaderMap) -> Response {
+/// A new access and refresh token for `client_id`.
+fn tokens(s: &mut FakeZoomState, client_id: &str) -> Response {
+    let access = s.next_id("access-");
+    s.access_tokens.push(access.clone());
+    let refresh = s.next_id("refresh-");
+    s.refresh_tokens.insert(refresh.clone(), client_id.into());
+    (
+        StatusCode::OK,
+        axum::Json(json!({
+            "access_token": access,
+            "token_type": "bearer",
+            "refresh_token": refresh,
+            "expires_in": 3599,
+            "scope": "user:read:user meeting:read:meeting",
+            "api_url": "https://api.zoom.us",
+        })),
+    )
+        .into_response()
+}
+
+fn bearer_is_valid(state: &Mutex<FakeZoomState>, headers: &HeaderMap) -> bool {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if !state
+    state
         .lock()
         .unwrap()
         .access_tokens
         .iter()
         .any(|t| t == token)
-    {
-        return (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(json!({ "code": 124, "message": "Invalid access token." })),
-        )
-            .into_response();
+}
+
+fn invalid_access_token() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(json!({ "code": 124, "message": "Invalid access token." })),
+    )
+        .into_response()
+}
+
+async fn users(State(state): State<Arc<Mutex<FakeZoomState>>>, headers: HeaderMap) -> Response {
+    if !bearer_is_valid(&state, &headers) {
+        return invalid_access_token();
+    }
+    axum::Json(json!({
+        "page_size": 1,
+        "total_records": 3,
+        "next_page_token": "npt",
+        "users": [{ "id": USER_ID, "email": USER_EMAIL }],
+    }))
+    .into_response()
+}
+
+async fn me(State(state): State<Arc<Mutex<FakeZoomState>>>, headers: HeaderMap) -> Response {
+    if !bearer_is_valid(&state, &headers) {
+        return invalid_access_token();
     }
     axum::Json(json!({
         "id": USER_ID,

@@ -10,6 +10,7 @@ mod webdriver;
 mod browser;
 mod connection_setup;
 mod embedded_host;
+mod fresh_tokens;
 mod integrations_api;
 mod process;
 mod remote_host;

@@ -1,0 +1,258 @@
+//! Fresh credentials through `IntegrationsService.TestConnection`: one refresh at a time,
+//! rotated refresh tokens saved before use, `invalid_grant` ending token requests, and
+//! Server-to-Server tokens cached until shortly before they expire.
+
+use std::time::Duration;
+
+use zoom_integration::connection::StatusCode as ConnStatus;
+use zoom_integration::ids::ConnectionId;
+use zoom_integration::proto::autokitteh::integrations::v1::TestConnectionRequest;
+use zoom_integration::proto::autokitteh::vars::v1 as vars;
+
+use crate::connection_setup::{app_with, snapshot, value_of};
+use crate::fake_zoom::*;
+use crate::helpers::{TestApp, spawn_app_in, var, zoom_id};
+
+/// A default-app connection whose access token expired an hour ago; returns its id and its
+/// (live) refresh token.
+async fn expired_connection(app: &TestApp, zoom: &FakeZoom) -> (String, String) {
+    let cid = ConnectionId::generate().to_string();
+    let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "oauthDefault", false),
+                var(&cid, "oauth_access_token", "access-long-expired", true),
+                var(&cid, "oauth_refresh_token", &refresh, true),
+                var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+                var(&cid, "oauth_token_type", "bearer", false),
+                var(&cid, "account_id", USER_ACCOUNT_ID, false),
+            ],
+        })
+        .await
+        .unwrap();
+    (cid, refresh)
+}
+
+async fn test_connection(app: &TestApp, cid: &str) -> (ConnStatus, String) {
+    let status = app
+        .integrations()
+        .test_connection(TestConnectionRequest {
+            integration_id: zoom_id(),
+            connection_id: cid.into(),
+        })
+        .await
+        .expect("TestConnection answers")
+        .into_inner()
+        .status
+        .expect("a status");
+    (status.code(), status.message)
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_calls_on_an_expired_connection_make_exactly_one_refresh() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, old_refresh) = expired_connection(&app, &zoom).await;
+
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let mut client = app.integrations();
+        let request = TestConnectionRequest {
+            integration_id: zoom_id(),
+            connection_id: cid.clone(),
+        };
+        calls.spawn(async move { client.test_connection(request).await });
+    }
+    let mut answered = 0;
+    while let Some(result) = calls.join_next().await {
+        let status = result
+            .unwrap()
+            .expect("TestConnection answers")
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!(status.code(), ConnStatus::Ok, "{}", status.message);
+        assert_eq!(
+            status.message,
+            format!("connected as {USER_DISPLAY_NAME} <{USER_EMAIL}>")
+        );
+        answered += 1;
+    }
+    assert_eq!(answered, 1000);
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
+
+    let stored = snapshot(&app, &cid).await;
+    let (new_refresh, secret) = value_of(&stored, "oauth_refresh_token").unwrap();
+    assert!(secret);
+    assert_ne!(new_refresh, old_refresh);
+    assert!(
+        zoom.refresh_token_is_live(&new_refresh),
+        "the stored refresh token is the new one"
+    );
+    assert!(!zoom.refresh_token_is_live(&old_refresh));
+    assert_ne!(
+        value_of(&stored, "oauth_expiry").unwrap().0,
+        "2026-01-01T00:00:00Z"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_between_refresh_and_use_loses_nothing() {
+    let zoom = FakeZoom::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, String)> = zoom.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let app = spawn_app_in(dir.path(), &env).await;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    assert_eq!(test_connection(&app, &cid).await.0, ConnStatus::Ok);
+    app.stop().await.unwrap();
+
+    let app = spawn_app_in(dir.path(), &env).await;
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert_eq!(
+        zoom.token_requests_of("refresh_token"),
+        1,
+        "the saved token is used after the restart, not refreshed again"
+    );
+    let stored = snapshot(&app, &cid).await;
+    assert!(zoom.refresh_token_is_live(&value_of(&stored, "oauth_refresh_token").unwrap().0));
+}
+
+#[tokio::test]
+async fn invalid_grant_marks_the_connection_broken_and_stops_token_requests_until_set_up_again() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, refresh) = expired_connection(&app, &zoom).await;
+    // Someone else used the refresh token: Zoom rotated it away.
+    zoom.state.lock().unwrap().token_requests.clear();
+    assert!(zoom.refresh_token_is_live(&refresh));
+    let other = reqwest::Client::new()
+        .post(format!("{}/oauth/token", zoom.oauth_url()))
+        .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)])
+        .send()
+        .await
+        .unwrap();
+    assert!(other.status().is_success());
+
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(
+        (code, message.as_str()),
+        (ConnStatus::Error, "re-authorization required")
+    );
+    for _ in 0..5 {
+        assert_eq!(test_connection(&app, &cid).await.0, ConnStatus::Error);
+    }
+    assert_eq!(
+        zoom.token_requests_of("refresh_token"),
+        2,
+        "the other party's refresh and ours; no retries after invalid_grant"
+    );
+    let status = app.connection_status(&cid).await.unwrap();
+    assert_eq!(
+        (status.code(), status.message.as_str()),
+        (ConnStatus::Error, "re-authorization required")
+    );
+    let stored = snapshot(&app, &cid).await;
+    assert!(
+        value_of(&stored, "oauth_refresh_token").is_none(),
+        "the dead token is dropped"
+    );
+
+    // Set up again through the connection page: working again.
+    let agent = crate::user_agent::UserAgent::new(&app.url(""));
+    let consent = agent
+        .get(&app.url(&format!("/oauth/start/zoom?cid={cid}")))
+        .await;
+    let done = agent.get(consent.link("allow").as_str()).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(test_connection(&app, &cid).await.0, ConnStatus::Ok);
+    assert_eq!(
+        app.connection_status(&cid).await.unwrap().code(),
+        ConnStatus::Ok
+    );
+}
+
+#[tokio::test]
+async fn server_to_server_tokens_are_cached_and_renewed_before_they_expire() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "serverToServer", false),
+                var(&cid, "private_account_id", S2S_ACCOUNT_ID, false),
+                var(&cid, "private_client_id", S2S_CLIENT_ID, false),
+                var(&cid, "private_client_secret", S2S_CLIENT_SECRET, true),
+            ],
+        })
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let (code, message) = test_connection(&app, &cid).await;
+        assert_eq!(code, ConnStatus::Ok, "{message}");
+        assert_eq!(
+            message,
+            "Server-to-Server app works: Zoom lists 3 users in its account"
+        );
+    }
+    assert_eq!(zoom.token_requests_of("account_credentials"), 1, "cached");
+
+    // A token with just over the refresh margin left is renewed once the margin is reached.
+    zoom.state.lock().unwrap().s2s_expires_in = 302;
+    let fresh = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&fresh, "auth_type", "serverToServer", false),
+                var(&fresh, "private_account_id", S2S_ACCOUNT_ID, false),
+                var(&fresh, "private_client_id", S2S_CLIENT_ID, false),
+                var(&fresh, "private_client_secret", S2S_CLIENT_SECRET, true),
+            ],
+        })
+        .await
+        .unwrap();
+    assert_eq!(test_connection(&app, &fresh).await.0, ConnStatus::Ok);
+    assert_eq!(test_connection(&app, &fresh).await.0, ConnStatus::Ok);
+    assert_eq!(zoom.token_requests_of("account_credentials"), 2);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(test_connection(&app, &fresh).await.0, ConnStatus::Ok);
+    assert_eq!(
+        zoom.token_requests_of("account_credentials"),
+        3,
+        "renewed before it expired"
+    );
+}
+
+#[tokio::test]
+async fn test_connection_reports_zoom_reason_and_init_required() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = ConnectionId::generate().to_string();
+    assert_eq!(
+        test_connection(&app, &cid).await.0,
+        ConnStatus::InitRequired
+    );
+
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "oauthDefault", false),
+                var(&cid, "oauth_access_token", "revoked-in-zoom", true),
+                var(&cid, "oauth_expiry", "2099-01-01T00:00:00Z", false),
+            ],
+        })
+        .await
+        .unwrap();
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Error);
+    assert_eq!(
+        message,
+        "Zoom refused the request (401): Invalid access token."
+    );
+    assert!(zoom.token_requests().is_empty());
+}

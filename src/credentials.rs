@@ -1,0 +1,276 @@
+//! Fresh credentials for every connection.
+//!
+//! One [`Credentials`] per process hands out access tokens. Per connection it keeps a slot
+//! behind an async mutex, so at most one refresh (or Server-to-Server token request) is in
+//! flight per connection and every concurrent caller waits for that one and then uses its
+//! result. Zoom rotates refresh tokens (the old one dies at once), so a refreshed pair is saved
+//! to the host engine before anyone uses it; if saving fails, the pair stays in memory and is
+//! saved before the next use, never thrown away. A refresh Zoom answers with `invalid_grant`
+//! marks the connection broken ("re-authorization required"), and no further token requests
+//! are made for it until it is set up again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::OAuthApp;
+use crate::connection::{AuthType, vars};
+use crate::host::{HostEngine, HostError, Var};
+use crate::ids::ConnectionId;
+use crate::secret::Secret;
+use crate::zoom::ZoomError;
+use crate::zoom::oauth::{Token, ZoomOAuth};
+
+/// Tokens with less than this left are refreshed before use.
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// The `connection_error` of a connection whose refresh token Zoom no longer accepts.
+pub const REAUTHORIZATION_REQUIRED: &str = "re-authorization required";
+
+/// How often saving refreshed tokens is tried before giving up for this call.
+const SAVE_ATTEMPTS: u32 = 3;
+
+/// An access token ready to use.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// The bearer token.
+    pub token: Secret,
+    /// How the connection authenticates.
+    pub auth_type: AuthType,
+    /// When the token expires.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Why no access token could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// The connection has no (known) `auth_type`.
+    #[error("the connection is not set up")]
+    NotSetUp,
+    /// The connection is marked broken; the text says why.
+    #[error("{0}")]
+    Broken(String),
+    /// Zoom refused or failed.
+    #[error(transparent)]
+    Zoom(#[from] ZoomError),
+    /// The host engine failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+#[derive(Default)]
+struct Slot {
+    cached: Option<Access>,
+    /// Refreshed token variables not yet saved to the host engine.
+    unsaved: Option<Vec<Var>>,
+    /// Set once Zoom refused the refresh token; cleared by [`Credentials::forget`].
+    broken: Option<String>,
+}
+
+/// Access tokens for every connection, refreshed once at a time.
+pub struct Credentials {
+    host: Arc<dyn HostEngine>,
+    oauth: ZoomOAuth,
+    default_app: Option<OAuthApp>,
+    slots: Mutex<HashMap<ConnectionId, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+impl Credentials {
+    /// Credentials stored in `host`, refreshed through `oauth`.
+    pub fn new(host: Arc<dyn HostEngine>, oauth: ZoomOAuth, default_app: Option<OAuthApp>) -> Self {
+        Self {
+            host,
+            oauth,
+            default_app,
+            slots: Mutex::default(),
+        }
+    }
+
+    fn slot(&self, cid: &ConnectionId) -> Arc<tokio::sync::Mutex<Slot>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(cid.clone()).or_default().clone()
+    }
+
+    /// Forgets what is cached for `cid` (it was set up again).
+    pub fn forget(&self, cid: &ConnectionId) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.remove(cid);
+    }
+
+    /// How many connections have a slot (for the memory benchmark and tests).
+    pub fn cached_connections(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// A token with at least [`REFRESH_MARGIN`] left, refreshing (once, for all concurrent
+    /// callers) when needed.
+    pub async fn access_token(&self, cid: &ConnectionId) -> Result<Access, CredentialError> {
+        let slot = self.slot(cid);
+        let mut slot = slot.lock().await;
+        if let Some(reason) = &slot.broken {
+            return Err(CredentialError::Broken(reason.clone()));
+        }
+        if let Some(unsaved) = slot.unsaved.clone() {
+            self.save(cid, unsaved).await?;
+            slot.unsaved = None;
+        }
+        if let Some(access) = slot.cached.as_ref().filter(|a| fresh(a.expires_at)) {
+            return Ok(access.clone());
+        }
+        slot.cached = None;
+
+        let names: Vec<String> = [
+            vars::AUTH_TYPE,
+            vars::OAUTH_ACCESS_TOKEN,
+            vars::OAUTH_REFRESH_TOKEN,
+            vars::OAUTH_EXPIRY,
+            vars::OAUTH_TOKEN_TYPE,
+            vars::PRIVATE_CLIENT_ID,
+            vars::PRIVATE_CLIENT_SECRET,
+            vars::PRIVATE_ACCOUNT_ID,
+            vars::CONNECTION_ERROR,
+        ]
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+        let stored = self.host.get_vars(cid, &names).await?;
+        let get = |name: &str| {
+            stored
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| v.value.as_str())
+                .filter(|v| !v.is_empty())
+        };
+        if let Some(reason) = get(vars::CONNECTION_ERROR) {
+            return Err(CredentialError::Broken(reason.to_string()));
+        }
+        let auth_type: AuthType = get(vars::AUTH_TYPE)
+            .and_then(|t| t.parse().ok())
+            .ok_or(CredentialError::NotSetUp)?;
+        let private_app =
+            || -> Result<OAuthApp, CredentialError> {
+                match (get(vars::PRIVATE_CLIENT_ID), get(vars::PRIVATE_CLIENT_SECRET)) {
+                (Some(id), Some(secret)) => Ok(OAuthApp {
+                    client_id: id.to_string(),
+                    client_secret: Secret::new(secret),
+                }),
+                _ => Err(CredentialError::Broken(
+                    "the private app's client id or secret is missing: set the connection up again"
+                        .into(),
+                )),
+            }
+            };
+
+        let access = match auth_type {
+            AuthType::ServerToServer => {
+                let account_id = get(vars::PRIVATE_ACCOUNT_ID).ok_or_else(|| {
+                    CredentialError::Broken(
+                        "the Server-to-Server account id is missing: set the connection up again"
+                            .into(),
+                    )
+                })?;
+                let token = self
+                    .oauth
+                    .account_credentials(&private_app()?, account_id)
+                    .await?;
+                access_of(token, auth_type)
+            }
+            AuthType::OAuthDefault | AuthType::OAuthPrivate => {
+                let stored_expiry = get(vars::OAUTH_EXPIRY)
+                    .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
+                    .map(|e| e.with_timezone(&Utc));
+                match (get(vars::OAUTH_ACCESS_TOKEN), stored_expiry) {
+                    (Some(token), Some(expires_at)) if fresh(expires_at) => Access {
+                        token: Secret::new(token),
+                        auth_type,
+                        expires_at,
+                    },
+                    _ => {
+                        let refresh = get(vars::OAUTH_REFRESH_TOKEN).ok_or_else(|| {
+                            CredentialError::Broken(
+                                "no OAuth refresh token is stored: reconnect".into(),
+                            )
+                        })?;
+                        let app = match auth_type {
+                            AuthType::OAuthDefault => {
+                                self.default_app.clone().ok_or_else(|| {
+                                    CredentialError::Broken(
+                                        "the default OAuth app is no longer configured on this server"
+                                            .into(),
+                                    )
+                                })?
+                            }
+                            _ => private_app()?,
+                        };
+                        let token = match self.oauth.refresh(&app, &Secret::new(refresh)).await {
+                            Ok(token) => token,
+                            Err(ZoomError::InvalidGrant(reason)) => {
+                                tracing::warn!(connection_id = %cid, %reason, "Zoom refused the refresh token; the connection needs re-authorization");
+                                slot.broken = Some(REAUTHORIZATION_REQUIRED.into());
+                                self.mark_broken(cid).await;
+                                return Err(CredentialError::Broken(
+                                    REAUTHORIZATION_REQUIRED.into(),
+                                ));
+                            }
+                            Err(e) => return Err(e.into()),
+                        };
+                        // The old refresh token is dead now: the new pair must reach the host
+                        // engine before it is used, and must not be lost if that fails.
+                        let vars = crate::setup::token_vars(&token);
+                        if let Err(e) = self.save(cid, vars.clone()).await {
+                            slot.unsaved = Some(vars);
+                            return Err(e);
+                        }
+                        tracing::info!(connection_id = %cid, "refreshed the OAuth token");
+                        access_of(token, auth_type)
+                    }
+                }
+            }
+        };
+        slot.cached = Some(access.clone());
+        Ok(access)
+    }
+
+    /// Saves token variables, retrying a host engine that is briefly unavailable.
+    async fn save(&self, cid: &ConnectionId, vars: Vec<Var>) -> Result<(), CredentialError> {
+        let mut attempt = 1;
+        loop {
+            match self.host.set_vars(cid, vars.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(HostError::Unavailable(e)) if attempt < SAVE_ATTEMPTS => {
+                    tracing::warn!(connection_id = %cid, error = %e, attempt, "cannot save refreshed tokens yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    tracing::error!(connection_id = %cid, error = %e, "cannot save refreshed tokens; keeping them in memory");
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Marks the connection broken in the host engine and drops its dead tokens.
+    async fn mark_broken(&self, cid: &ConnectionId) {
+        let dead = [vars::OAUTH_ACCESS_TOKEN, vars::OAUTH_REFRESH_TOKEN].map(String::from);
+        let marker = vec![Var::plain(vars::CONNECTION_ERROR, REAUTHORIZATION_REQUIRED)];
+        if let Err(e) = self.host.replace_vars(cid, marker, &dead).await {
+            // The in-memory mark still stops further token requests in this process.
+            tracing::error!(connection_id = %cid, error = %e, "cannot mark the connection broken");
+        }
+    }
+}
+
+fn fresh(expires_at: DateTime<Utc>) -> bool {
+    expires_at - Utc::now() > chrono::Duration::from_std(REFRESH_MARGIN).unwrap_or_default()
+}
+
+fn access_of(token: Token, auth_type: AuthType) -> Access {
+    Access {
+        token: token.access_token,
+        auth_type,
+        expires_at: token.expires_at,
+    }
+}
