@@ -72,6 +72,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "seconds a started OAuth flow stays valid, at most 600",
     },
     Variable {
+        name: "TOKEN_KEEPALIVE_DAYS",
+        default: Some("30"),
+        meaning: "refresh OAuth connections whose refresh token has been idle this many days (1-80)",
+    },
+    Variable {
         name: "HOST_UI_URL",
         default: None,
         meaning: "base URL of the host engine's web UI; a finished setup with origin web or dash returns there",
@@ -227,6 +232,10 @@ pub struct Config {
     pub zoom_http_timeout: std::time::Duration,
     /// `OAUTH_STATE_TTL`: how long a started OAuth flow (its signed `state`) stays valid.
     pub oauth_state_ttl: std::time::Duration,
+    /// `TOKEN_KEEPALIVE_DAYS`: OAuth connections whose refresh token has not been used for
+    /// this long are refreshed by the keep-alive task (Zoom drops refresh tokens unused for
+    /// about 90 days).
+    pub token_keepalive: std::time::Duration,
     /// `HOST_UI_URL`: the host engine's web UI, where a finished connection setup returns
     /// when the host asked for it (`origin` = `web` or `dash`); `None` shows our own page.
     pub host_ui_url: Option<BaseUrl>,
@@ -263,6 +272,7 @@ struct Raw {
     zoom_api_url: Option<String>,
     zoom_http_timeout: Option<String>,
     oauth_state_ttl: Option<String>,
+    token_keepalive_days: Option<String>,
     host_ui_url: Option<String>,
     http_addr: Option<String>,
     grpc_addr: Option<String>,
@@ -368,6 +378,16 @@ impl Config {
                 600,
                 1..=600,
             )?,
+            token_keepalive: std::time::Duration::from_secs(
+                86_400
+                    * parse_count(
+                        "TOKEN_KEEPALIVE_DAYS",
+                        raw.token_keepalive_days.as_deref(),
+                        30,
+                        1..=80,
+                        "days",
+                    )?,
+            ),
             host_ui_url: raw
                 .host_ui_url
                 .map(|u| parse_base_url("HOST_UI_URL", &u))
@@ -471,13 +491,24 @@ fn parse_seconds(
     default: u64,
     range: std::ops::RangeInclusive<u64>,
 ) -> Result<std::time::Duration, ConfigError> {
+    parse_count(variable, raw, default, range, "seconds").map(std::time::Duration::from_secs)
+}
+
+/// A whole number of `unit`s within `range`, or `default` when unset.
+fn parse_count(
+    variable: &'static str,
+    raw: Option<&str>,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+    unit: &str,
+) -> Result<u64, ConfigError> {
     match raw.map(|r| r.trim().parse::<u64>()) {
-        None => Ok(std::time::Duration::from_secs(default)),
-        Some(Ok(secs)) if range.contains(&secs) => Ok(std::time::Duration::from_secs(secs)),
+        None => Ok(default),
+        Some(Ok(n)) if range.contains(&n) => Ok(n),
         Some(_) => Err(ConfigError::new(
             variable,
             format!(
-                "must be a whole number of seconds from {} to {}",
+                "must be a whole number of {unit} from {} to {}",
                 range.start(),
                 range.end()
             ),

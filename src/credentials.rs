@@ -29,6 +29,9 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// The `connection_error` of a connection whose refresh token Zoom no longer accepts.
 pub const REAUTHORIZATION_REQUIRED: &str = "re-authorization required";
 
+/// How often the keep-alive task looks for idle connections.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60 * 60);
+
 /// How often saving refreshed tokens is tried before giving up for this call.
 const SAVE_ATTEMPTS: u32 = 3;
 
@@ -107,6 +110,81 @@ impl Credentials {
     /// A token with at least [`REFRESH_MARGIN`] left, refreshing (once, for all concurrent
     /// callers) when needed.
     pub async fn access_token(&self, cid: &ConnectionId) -> Result<Access, CredentialError> {
+        self.obtain(cid, false).await
+    }
+
+    /// Refreshes an OAuth connection's tokens now, however fresh they are (keep-alive).
+    pub async fn refresh_now(&self, cid: &ConnectionId) -> Result<Access, CredentialError> {
+        self.obtain(cid, true).await
+    }
+
+    /// Every `interval` (and once at start), refreshes the OAuth connections whose refresh
+    /// token has not been used for `max_idle`, so that idle connections do not expire
+    /// (Zoom drops refresh tokens unused for about 90 days). Runs until `stop`.
+    pub async fn keep_alive(
+        self: Arc<Self>,
+        max_idle: Duration,
+        interval: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            if let Err(e) = self.keep_alive_pass(max_idle).await {
+                tracing::warn!(error = %e, "token keep-alive pass failed; trying again later");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// One keep-alive pass; returns how many connections were refreshed.
+    pub async fn keep_alive_pass(&self, max_idle: Duration) -> Result<usize, HostError> {
+        let max_idle = chrono::Duration::from_std(max_idle).unwrap_or(chrono::Duration::MAX);
+        let names = [vars::OAUTH_EXPIRY, vars::CONNECTION_ERROR].map(String::from);
+        let mut refreshed = 0;
+        for auth_type in [AuthType::OAuthDefault, AuthType::OAuthPrivate] {
+            for cid in self
+                .host
+                .find_connections(vars::AUTH_TYPE, auth_type.as_str())
+                .await?
+            {
+                let stored = self.host.get_vars(&cid, &names).await?;
+                let get = |name: &str| {
+                    stored
+                        .iter()
+                        .find(|v| v.name == name && !v.value.is_empty())
+                        .map(|v| v.value.as_str())
+                };
+                if get(vars::CONNECTION_ERROR).is_some() {
+                    continue;
+                }
+                // Zoom's access tokens live an hour, so the last refresh was an hour before
+                // the stored expiry.
+                let Some(last_refresh) = get(vars::OAUTH_EXPIRY)
+                    .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
+                    .map(|e| e.with_timezone(&Utc) - chrono::Duration::hours(1))
+                else {
+                    continue;
+                };
+                if Utc::now() - last_refresh < max_idle {
+                    continue;
+                }
+                match self.refresh_now(&cid).await {
+                    Ok(_) => refreshed += 1,
+                    Err(e) => {
+                        tracing::warn!(connection_id = %cid, error = %e, "keep-alive refresh failed")
+                    }
+                }
+            }
+        }
+        if refreshed > 0 {
+            tracing::info!(refreshed, "keep-alive refreshed idle connections");
+        }
+        Ok(refreshed)
+    }
+
+    async fn obtain(&self, cid: &ConnectionId, force: bool) -> Result<Access, CredentialError> {
         let slot = self.slot(cid);
         let mut slot = slot.lock().await;
         if let Some(reason) = &slot.broken {
@@ -116,7 +194,11 @@ impl Credentials {
             self.save(cid, unsaved).await?;
             slot.unsaved = None;
         }
-        if let Some(access) = slot.cached.as_ref().filter(|a| fresh(a.expires_at)) {
+        if let Some(access) = slot
+            .cached
+            .as_ref()
+            .filter(|a| !force && fresh(a.expires_at))
+        {
             return Ok(access.clone());
         }
         slot.cached = None;
@@ -182,7 +264,7 @@ impl Credentials {
                     .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
                     .map(|e| e.with_timezone(&Utc));
                 match (get(vars::OAUTH_ACCESS_TOKEN), stored_expiry) {
-                    (Some(token), Some(expires_at)) if fresh(expires_at) => Access {
+                    (Some(token), Some(expires_at)) if !force && fresh(expires_at) => Access {
                         token: Secret::new(token),
                         auth_type,
                         expires_at,

@@ -134,6 +134,12 @@ pub async fn run(
         }
     });
 
+    tokio::spawn(state.credentials.clone().keep_alive(
+        state.config.token_keepalive,
+        credentials::KEEP_ALIVE_INTERVAL,
+        stop.clone(),
+    ));
+
     let grace = state.config.shutdown_timeout;
     let router = http::router(state.clone());
     // Each server stops the other when it ends, whether on shutdown, on failure or by

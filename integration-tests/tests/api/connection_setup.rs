@@ -150,7 +150,7 @@ async fn the_default_app_flow_saves_the_token_and_the_zoom_user() {
         Some(("bearer".into(), false))
     );
     let (expiry, _) = value_of(&stored, "oauth_expiry").unwrap();
-    let expiry = chrono_like_seconds_from_now(&expiry);
+    let expiry = seconds_from_now(&expiry);
     assert!(
         (3500..=3600).contains(&expiry),
         "expiry {expiry} s from now"
@@ -173,29 +173,11 @@ async fn the_default_app_flow_saves_the_token_and_the_zoom_user() {
     );
 }
 
-/// Seconds from now until an RFC 3339 UTC time like `2026-11-22T10:00:00Z`.
-fn chrono_like_seconds_from_now(rfc3339: &str) -> i64 {
-    let parsed = time_from_rfc3339(rfc3339);
-    parsed
-        - std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
-}
-
-fn time_from_rfc3339(s: &str) -> i64 {
-    assert!(s.ends_with('Z') && s.len() == 20, "RFC 3339 in UTC: {s}");
-    let n = |r: std::ops::Range<usize>| s[r].parse::<i64>().unwrap();
-    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
-    // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19)
+/// Seconds from now until an RFC 3339 time.
+fn seconds_from_now(rfc3339: &str) -> i64 {
+    let at = chrono::DateTime::parse_from_rfc3339(rfc3339).expect("RFC 3339");
+    assert!(rfc3339.ends_with('Z'), "in UTC: {rfc3339}");
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_seconds()
 }
 
 #[tokio::test]

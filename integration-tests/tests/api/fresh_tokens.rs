@@ -256,3 +256,55 @@ async fn test_connection_reports_zoom_reason_and_init_required() {
     );
     assert!(zoom.token_requests().is_empty());
 }
+
+#[tokio::test]
+async fn keep_alive_refreshes_connections_idle_for_the_configured_days_and_no_others() {
+    let zoom = FakeZoom::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, String)> = zoom.env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("TOKEN_KEEPALIVE_DAYS", "30"));
+
+    let app = spawn_app_in(dir.path(), &env).await;
+    let idle = ConnectionId::generate().to_string();
+    let recent = ConnectionId::generate().to_string();
+    let idle_refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    let recent_refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    let days_ago = |days: i64| {
+        (chrono::Utc::now() - chrono::Duration::days(days))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let mut vars = Vec::new();
+    for (cid, refresh, expiry) in [
+        (&idle, &idle_refresh, days_ago(31)),
+        (&recent, &recent_refresh, days_ago(29)),
+    ] {
+        vars.extend([
+            var(cid, "auth_type", "oauthDefault", false),
+            var(cid, "oauth_access_token", "old-access", true),
+            var(cid, "oauth_refresh_token", refresh, true),
+            var(cid, "oauth_expiry", &expiry, false),
+        ]);
+    }
+    app.vars().set(vars::SetRequest { vars }).await.unwrap();
+    app.stop().await.unwrap();
+
+    // The keep-alive task makes a pass when the service starts.
+    let app = spawn_app_in(dir.path(), &env).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while zoom.refresh_token_is_live(&idle_refresh) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle connection was not refreshed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
+    assert!(
+        zoom.refresh_token_is_live(&recent_refresh),
+        "a recently used one is left alone"
+    );
+    let stored = snapshot(&app, &idle).await;
+    assert!(zoom.refresh_token_is_live(&value_of(&stored, "oauth_refresh_token").unwrap().0));
+}
