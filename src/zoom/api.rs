@@ -1,5 +1,7 @@
 //! Zoom's REST API (`ZOOM_API_URL`).
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use super::{ZoomError, fetch_json};
@@ -91,5 +93,187 @@ impl ZoomApi {
             .bearer_auth(access_token.expose());
         let page: Page = fetch_json(&self.http, request, "the user list").await?;
         Ok(page.total_records)
+    }
+}
+
+/// The most a call waits for one `Retry-After` of a rate limit before giving up.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
+/// How many times a rate-limited call is retried.
+pub const MAX_RATE_LIMIT_RETRIES: u32 = 3;
+
+/// A Zoom API answer, whatever its status.
+#[derive(Debug)]
+pub struct ApiAnswer {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body (JSON, or empty for 204).
+    pub body: Vec<u8>,
+}
+
+/// Why a path was refused before anything was sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadPath(pub String);
+
+/// Checks that `path` names a resource under `ZOOM_API_URL` and nothing else: it starts with
+/// `/`, has no scheme or host, no `..` (plain or percent-encoded), no query or fragment (those
+/// go in `query`), no backslash and no control characters.
+pub fn check_path(path: &str) -> Result<(), BadPath> {
+    let refuse = |why: &str| {
+        Err(BadPath(format!(
+            "path {:?} is refused: {why}",
+            crate::ids::truncate(path, 80)
+        )))
+    };
+    if !path.starts_with('/') || path.starts_with("//") {
+        return refuse("it must be relative to ZOOM_API_URL and start with one /");
+    }
+    if path.contains("://") {
+        return refuse("a full URL is not allowed");
+    }
+    if path.len() > 1024 || path.chars().any(|c| c.is_control() || c == '\\') {
+        return refuse("it has control characters or backslashes, or is too long");
+    }
+    if path.contains(['?', '#']) {
+        return refuse("put query parameters in query, not in the path");
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    if path.split('/').any(|s| s == "." || s == "..")
+        || decoded.split('/').any(|s| s == "." || s == "..")
+    {
+        return refuse("`.` and `..` segments are not allowed");
+    }
+    Ok(())
+}
+
+/// When a 429 may be retried: `Retry-After` in seconds or as an HTTP date; `None` for a
+/// daily limit, or a wait longer than [`MAX_RETRY_WAIT`].
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let daily = headers
+        .get("x-ratelimit-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.eq_ignore_ascii_case("daily-limit"));
+    if daily {
+        return None;
+    }
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default()
+        }
+    };
+    (wait <= MAX_RETRY_WAIT).then_some(wait)
+}
+
+impl ZoomApi {
+    /// Calls the API: `method` on `path` (relative to `ZOOM_API_URL`, checked with
+    /// [`check_path`]) with `query` and an optional JSON body. Any HTTP status comes back as an
+    /// answer; a short rate limit (429 with `Retry-After`) is waited out and retried up to
+    /// [`MAX_RATE_LIMIT_RETRIES`] times, a daily limit is answered at once.
+    pub async fn call(
+        &self,
+        access_token: &Secret,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<ApiAnswer, CallError> {
+        check_path(path).map_err(CallError::BadPath)?;
+        let mut retries = 0;
+        loop {
+            let mut request = self
+                .http
+                .request(method.clone(), self.base.join(path))
+                .query(query)
+                .bearer_auth(access_token.expose())
+                .header(reqwest::header::ACCEPT, "application/json");
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let request = request
+                .build()
+                .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
+            let response = super::send(&self.http, request).await?;
+            if response.status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                && retries < MAX_RATE_LIMIT_RETRIES
+                && let Some(wait) = retry_after(&response.headers)
+            {
+                retries += 1;
+                tracing::info!(?wait, retries, "Zoom rate limit; waiting before retrying");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            return Ok(ApiAnswer {
+                status: response.status.as_u16(),
+                body: response.body,
+            });
+        }
+    }
+}
+
+/// Why a call did not reach Zoom or got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The path is not allowed.
+    #[error(transparent)]
+    BadPath(BadPath),
+    /// Zoom could not be reached, timed out, or failed (5xx).
+    #[error(transparent)]
+    Zoom(#[from] ZoomError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_paths_under_the_api_base_are_allowed() {
+        for ok in [
+            "/users/me",
+            "/meetings/123/recordings",
+            "/users/a%40b.com",
+            "/report/daily",
+        ] {
+            assert_eq!(check_path(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "users/me",
+            "//evil.example/x",
+            "https://evil.example/x",
+            "/users/../admin",
+            "/users/%2e%2e/admin",
+            "/users/%2E%2E",
+            "/./users",
+            "/users?x=1",
+            "/users#x",
+            "/users\\..\\x",
+            "/users/\n",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date_and_not_a_daily_limit() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "1".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(1)));
+        h.insert("retry-after", "3600".parse().unwrap());
+        assert_eq!(retry_after(&h), None, "too long to wait inside a call");
+        let soon = (chrono::Utc::now() + chrono::Duration::seconds(3))
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        h.insert("retry-after", soon.parse().unwrap());
+        assert!(retry_after(&h).is_some_and(|w| w <= Duration::from_secs(3)));
+        h.insert("x-ratelimit-type", "Daily-limit".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
     }
 }
