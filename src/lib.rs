@@ -17,6 +17,7 @@ pub mod integration;
 pub mod secret;
 pub mod telemetry;
 pub mod values;
+pub mod webhook;
 
 /// Code generated from `proto/`: AutoKitteh's public API, wire-compatible.
 pub mod proto {
@@ -48,6 +49,8 @@ pub struct AppState {
     pub embedded: Option<EmbeddedHost>,
     /// Key material for OAuth state and secrets at rest.
     pub keys: Arc<Keys>,
+    /// Webhook routing, the event outbox and its counters.
+    pub webhooks: Arc<webhook::Webhooks>,
 }
 
 impl AppState {
@@ -73,12 +76,29 @@ impl AppState {
                 (Arc::new(embedded.clone()), Some(embedded))
             }
         };
+        let webhooks = Arc::new(webhook::Webhooks::open(&config)?);
         Ok(Self {
             config: Arc::new(config),
             host,
             embedded,
             keys,
+            webhooks,
         })
+    }
+
+    /// Tells webhook routing that a connection's variables changed (saved, re-authorized or
+    /// deleted), so webhooks route by them at once: call it after writing a connection's
+    /// variables. Routing also reloads every minute, and the embedded host reports its own
+    /// changes, so a failure here only delays routing; it is logged, not returned.
+    pub async fn connection_changed(&self, connection_id: &crate::ids::ConnectionId) {
+        if let Err(e) = self
+            .webhooks
+            .routing
+            .reload_connection(&*self.host, connection_id)
+            .await
+        {
+            tracing::warn!(error = %e, %connection_id, "cannot refresh webhook routing for a changed connection; the periodic reload will");
+        }
     }
 }
 
@@ -105,6 +125,10 @@ pub async fn run(
             stop.cancel();
         }
     });
+
+    let background = state
+        .webhooks
+        .start(state.host.clone(), state.embedded.clone(), stop.clone());
 
     let grace = state.config.shutdown_timeout;
     let router = http::router(state.clone());
@@ -156,6 +180,18 @@ pub async fn run(
             for abort in aborts {
                 abort.abort();
             }
+        }
+    }
+    stop.cancel();
+    // The background tasks stop at their next await on `stop`; whatever they had not finished
+    // is still in the outbox for the next start.
+    for task in background {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(2), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
         }
     }
     tracing::info!("stopped");

@@ -14,6 +14,7 @@ use crate::integration::LOGO_PATH;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
+        .merge(crate::webhook::router())
         .route(LOGO_PATH, get(logo))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
