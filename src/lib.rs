@@ -194,6 +194,7 @@ pub async fn run(
             abort.abort();
         }
     }
+    state.webhooks.outbox.close().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -145,6 +145,7 @@ enum Command {
         error: String,
     },
     Flush(oneshot::Sender<()>),
+    Close(oneshot::Sender<()>),
 }
 
 /// Handle of the outbox: cheap to clone.
@@ -153,7 +154,7 @@ pub struct Outbox {
     tx: mpsc::Sender<Command>,
     queued_bytes: Arc<AtomicUsize>,
     committed: Arc<Notify>,
-    reader: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Option<Connection>>>,
     settings: Arc<OutboxSettings>,
 }
 
@@ -188,7 +189,7 @@ impl Outbox {
             tx,
             queued_bytes,
             committed,
-            reader: Arc::new(Mutex::new(reader)),
+            reader: Arc::new(Mutex::new(Some(reader))),
             settings,
         })
     }
@@ -231,7 +232,8 @@ impl Outbox {
     ) -> Result<Vec<Pending>, RecordError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let conn = guard.as_ref().ok_or(rusqlite::Error::InvalidQuery)?;
             let mut stmt = conn.prepare_cached(
                 "SELECT id, destination, received_ms, event_type, memo, body FROM outbox
                  WHERE id > ?1 ORDER BY id LIMIT ?2",
@@ -284,6 +286,20 @@ impl Outbox {
         }
     }
 
+    /// Commits what was sent before, then closes the database, so its files are complete and
+    /// settled when this returns. Recording fails (503) from then on.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let reader = self.reader.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+        })
+        .await;
+    }
+
     /// Completes after the writer commits new rows (or at once if it did since the last wait).
     pub async fn committed(&self) {
         self.committed.notified().await;
@@ -293,7 +309,8 @@ impl Outbox {
     pub async fn counts(&self) -> Result<(u64, u64), RecordError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let conn = guard.as_ref().ok_or(rusqlite::Error::InvalidQuery)?;
             conn.query_row(
                 "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM dead_letters)",
                 [],
@@ -359,6 +376,7 @@ fn writer_loop(
         }
         let mut inserted = false;
         let mut retry_after_failure = Vec::new();
+        let mut close = None;
         for (i, command) in group.drain(..).enumerate() {
             match command {
                 Command::Record { bytes, reply, .. } => {
@@ -376,6 +394,7 @@ fn writer_loop(
                 Command::Flush(reply) => {
                     let _ = reply.send(());
                 }
+                Command::Close(reply) => close = Some(reply),
                 other @ (Command::Delivered(_) | Command::Failed { .. }) => {
                     if outcome.is_err() {
                         retry_after_failure.push(other);
@@ -391,6 +410,11 @@ fn writer_loop(
             && let Err(e) = apply(&mut conn, &retry_after_failure, settings.dedupe_window)
         {
             tracing::error!(error = %e, "event outbox could not mark deliveries; they will be delivered again after a restart");
+        }
+        if let Some(reply) = close {
+            drop(conn);
+            let _ = reply.send(());
+            return;
         }
         if last_purge.elapsed() >= settings.purge_interval {
             last_purge = Instant::now();
@@ -461,7 +485,7 @@ fn apply(
                     delete.execute([id])?;
                     results.push(None);
                 }
-                Command::Flush(_) => results.push(None),
+                Command::Flush(_) | Command::Close(_) => results.push(None),
             }
         }
     }
