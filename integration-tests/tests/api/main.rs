@@ -8,3 +8,4 @@ mod embedded_host;
 mod integrations_api;
 mod process;
 mod remote_host;
+mod webhooks;
