@@ -117,6 +117,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "seconds in-flight requests get to finish after SIGTERM before the service exits anyway",
     },
     Variable {
+        name: "WEBHOOK_REPLAY_WINDOW",
+        default: Some("5400"),
+        meaning: "seconds a webhook's timestamp may be from now (older or newer is refused), and for which the same body is forwarded only once",
+    },
+    Variable {
         name: "LOG_FORMAT",
         default: Some("text"),
         meaning: "log output: text or json",
@@ -254,6 +259,9 @@ pub struct Config {
     /// `SHUTDOWN_TIMEOUT`: after SIGTERM, how long in-flight requests (and open streams) get
     /// before the service exits anyway.
     pub shutdown_timeout: std::time::Duration,
+    /// `WEBHOOK_REPLAY_WINDOW`: how far a webhook's `x-zm-request-timestamp` may be from now,
+    /// and how long a body is remembered so that a re-sent webhook is forwarded only once.
+    pub webhook_replay_window: std::time::Duration,
     /// `LOG_FORMAT`: text or JSON logs.
     pub log_format: LogFormat,
     /// `RUST_LOG`: the log filter directive.
@@ -281,6 +289,7 @@ struct Raw {
     data_dir: Option<String>,
     secret_key: Option<String>,
     shutdown_timeout: Option<String>,
+    webhook_replay_window: Option<String>,
     log_format: Option<String>,
     rust_log: Option<String>,
 }
@@ -436,6 +445,12 @@ impl Config {
                 raw.shutdown_timeout.as_deref(),
                 25,
                 1..=3600,
+            )?,
+            webhook_replay_window: parse_seconds(
+                "WEBHOOK_REPLAY_WINDOW",
+                raw.webhook_replay_window.as_deref(),
+                5400,
+                60..=86_400,
             )?,
             log_format: match raw.log_format.as_deref().unwrap_or("text") {
                 "text" => LogFormat::Text,
@@ -663,6 +678,10 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.secret_key, None);
         assert_eq!(c.shutdown_timeout, std::time::Duration::from_secs(25));
+        assert_eq!(
+            c.webhook_replay_window,
+            std::time::Duration::from_secs(90 * 60)
+        );
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.log_filter, "info");
         assert_eq!(c.oauth_redirect_uri(), None);
@@ -685,6 +704,7 @@ mod tests {
             ("DATA_DIR", "/var/lib/zoom"),
             ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
             ("SHUTDOWN_TIMEOUT", "5"),
+            ("WEBHOOK_REPLAY_WINDOW", "600"),
             ("LOG_FORMAT", "json"),
             ("RUST_LOG", "zoom_integration=debug"),
             ("UNRELATED", "ignored"),
@@ -717,6 +737,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/zoom"));
         assert_eq!(c.secret_key.as_ref().unwrap().expose().len(), 32);
         assert_eq!(c.shutdown_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.webhook_replay_window, std::time::Duration::from_secs(600));
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.log_filter, "zoom_integration=debug");
         assert_eq!(
@@ -768,6 +789,8 @@ mod tests {
             (&[("SECRET_KEY", "too-short")], "SECRET_KEY"),
             (&[("SHUTDOWN_TIMEOUT", "0")], "SHUTDOWN_TIMEOUT"),
             (&[("SHUTDOWN_TIMEOUT", "10s")], "SHUTDOWN_TIMEOUT"),
+            (&[("WEBHOOK_REPLAY_WINDOW", "59")], "WEBHOOK_REPLAY_WINDOW"),
+            (&[("WEBHOOK_REPLAY_WINDOW", "90m")], "WEBHOOK_REPLAY_WINDOW"),
             (&[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
             (&[("RUST_LOG", "info,[[[")], "RUST_LOG"),
             (&[("CONFIG_FILE", "/nonexistent/zoom.yaml")], "CONFIG_FILE"),

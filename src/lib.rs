@@ -19,6 +19,7 @@ pub mod secret;
 pub mod setup;
 pub mod telemetry;
 pub mod values;
+pub mod webhook;
 pub mod zoom;
 
 /// Code generated from `proto/`: AutoKitteh's public API, wire-compatible.
@@ -63,6 +64,8 @@ pub struct AppState {
     pub zoom_api: ZoomApi,
     /// Fresh access tokens for every connection.
     pub credentials: Arc<Credentials>,
+    /// Webhook routing, the event outbox and its counters.
+    pub webhooks: Arc<webhook::Webhooks>,
 }
 
 impl AppState {
@@ -90,6 +93,7 @@ impl AppState {
         };
         let http = zoom::http_client(&config)?;
         let zoom_oauth = ZoomOAuth::new(http.clone(), &config);
+        let webhooks = Arc::new(webhook::Webhooks::open(&config)?);
         Ok(Self {
             flows: Arc::new(Flows::new(
                 *keys.state_signing_key(),
@@ -106,7 +110,23 @@ impl AppState {
             host,
             embedded,
             keys,
+            webhooks,
         })
+    }
+
+    /// Tells webhook routing that a connection's variables changed (saved, re-authorized or
+    /// deleted), so webhooks route by them at once: call it after writing a connection's
+    /// variables. Routing also reloads every minute, and the embedded host reports its own
+    /// changes, so a failure here only delays routing; it is logged, not returned.
+    pub async fn connection_changed(&self, connection_id: &crate::ids::ConnectionId) {
+        if let Err(e) = self
+            .webhooks
+            .routing
+            .reload_connection(&*self.host, connection_id)
+            .await
+        {
+            tracing::warn!(error = %e, %connection_id, "cannot refresh webhook routing for a changed connection; the periodic reload will");
+        }
     }
 }
 
@@ -139,6 +159,9 @@ pub async fn run(
         credentials::KEEP_ALIVE_INTERVAL,
         stop.clone(),
     ));
+    let background = state
+        .webhooks
+        .start(state.host.clone(), state.embedded.clone(), stop.clone());
 
     let grace = state.config.shutdown_timeout;
     let router = http::router(state.clone());
@@ -192,6 +215,19 @@ pub async fn run(
             }
         }
     }
+    stop.cancel();
+    // The background tasks stop at their next await on `stop`; whatever they had not finished
+    // is still in the outbox for the next start.
+    for task in background {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(2), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+    state.webhooks.outbox.close().await;
     tracing::info!("stopped");
     Ok(())
 }

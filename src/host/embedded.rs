@@ -119,6 +119,7 @@ pub struct EmbeddedHost {
     conn: Arc<Mutex<Connection>>,
     keys: Arc<Keys>,
     path: PathBuf,
+    changes: tokio::sync::broadcast::Sender<ConnectionId>,
 }
 
 impl EmbeddedHost {
@@ -175,7 +176,22 @@ impl EmbeddedHost {
             conn: Arc::new(Mutex::new(conn)),
             keys,
             path,
+            changes: tokio::sync::broadcast::channel(1024).0,
         })
+    }
+
+    /// The connection ids whose variables change from now on, each sent after its change is
+    /// committed. A receiver that falls behind gets `Lagged` and should re-read everything.
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<ConnectionId> {
+        self.changes.subscribe()
+    }
+
+    fn announce_change(&self, scopes: impl IntoIterator<Item = ConnectionId>) {
+        let scopes: std::collections::BTreeSet<ConnectionId> = scopes.into_iter().collect();
+        for scope in scopes {
+            // No receiver is not an error: nobody is interested yet.
+            let _ = self.changes.send(scope);
+        }
     }
 
     /// The database file.
@@ -206,6 +222,7 @@ impl EmbeddedHost {
         for (_, var) in &vars {
             check_var(var)?;
         }
+        let scopes: Vec<ConnectionId> = vars.iter().map(|(scope, _)| scope.clone()).collect();
         self.with_db(move |conn, keys| {
             let now = now_ms();
             let tx = conn.transaction()?;
@@ -218,53 +235,72 @@ impl EmbeddedHost {
             tx.commit()?;
             Ok(())
         })
-        .await
+        .await?;
+        self.announce_change(scopes);
+        Ok(())
     }
 
     /// Appends `event` to the event log, giving it an id, a creation time and a sequence
     /// number; returns the id.
-    pub async fn save_event(&self, mut event: Event) -> Result<String, HostError> {
-        if event.destination_id.is_empty() {
-            return Err(HostError::InvalidArgument(
-                "event.destination_id is required".into(),
-            ));
-        }
-        if event.event_type.is_empty() {
-            return Err(HostError::InvalidArgument(
-                "event.event_type is required".into(),
-            ));
-        }
-        if !event.event_id.is_empty() {
-            return Err(HostError::InvalidArgument(
-                "event.event_id must be empty: the host assigns it".into(),
-            ));
-        }
+    pub async fn save_event(&self, event: Event) -> Result<String, HostError> {
+        let mut ids = self.save_events(vec![event]).await?;
+        Ok(ids.pop().unwrap_or_default())
+    }
+
+    /// Appends `events` to the event log in one transaction, all or none (an invalid event
+    /// fails the whole call with `InvalidArgument`); returns their ids in order.
+    pub async fn save_events(&self, mut events: Vec<Event>) -> Result<Vec<String>, HostError> {
         let now = now_ms();
-        event.event_id = new_typeid("evt");
-        event.seq = 0;
-        let created_ms = match &event.created_at {
-            Some(ts) => ts.seconds * 1000 + i64::from(ts.nanos / 1_000_000),
-            None => {
-                event.created_at = Some(prost_types::Timestamp {
-                    seconds: now / 1000,
-                    nanos: ((now % 1000) * 1_000_000) as i32,
-                });
-                now
+        let mut rows = Vec::with_capacity(events.len());
+        for event in &mut events {
+            if event.destination_id.is_empty() {
+                return Err(HostError::InvalidArgument(
+                    "event.destination_id is required".into(),
+                ));
             }
-        };
+            if event.event_type.is_empty() {
+                return Err(HostError::InvalidArgument(
+                    "event.event_type is required".into(),
+                ));
+            }
+            if !event.event_id.is_empty() {
+                return Err(HostError::InvalidArgument(
+                    "event.event_id must be empty: the host assigns it".into(),
+                ));
+            }
+            event.event_id = new_typeid("evt");
+            event.seq = 0;
+            let created_ms = match &event.created_at {
+                Some(ts) => ts.seconds * 1000 + i64::from(ts.nanos / 1_000_000),
+                None => {
+                    event.created_at = Some(prost_types::Timestamp {
+                        seconds: now / 1000,
+                        nanos: ((now % 1000) * 1_000_000) as i32,
+                    });
+                    now
+                }
+            };
+            rows.push(created_ms);
+        }
         self.with_db(move |conn, _| {
-            conn.execute(
-                "INSERT INTO events (event_id, destination_id, event_type, created_ms, event)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    event.event_id,
-                    event.destination_id,
-                    event.event_type,
-                    created_ms,
-                    event.encode_to_vec()
-                ],
-            )?;
-            Ok(event.event_id)
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO events (event_id, destination_id, event_type, created_ms, event)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (event, created_ms) in events.iter().zip(rows) {
+                    stmt.execute(params![
+                        event.event_id,
+                        event.destination_id,
+                        event.event_type,
+                        created_ms,
+                        event.encode_to_vec()
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(events.into_iter().map(|e| e.event_id).collect())
         })
         .await
     }
@@ -375,6 +411,7 @@ impl HostEngine for EmbeddedHost {
         for name in names {
             check_var_name(name)?;
         }
+        let changed = scope.clone();
         let scope = scope.clone();
         let names = names.to_vec();
         self.with_db(move |conn, _| {
@@ -392,7 +429,9 @@ impl HostEngine for EmbeddedHost {
             tx.commit()?;
             Ok(())
         })
-        .await
+        .await?;
+        self.announce_change([changed]);
+        Ok(())
     }
 
     async fn replace_vars(

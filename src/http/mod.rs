@@ -15,6 +15,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(crate::setup::router())
+        .merge(crate::webhook::router())
         .route(LOGO_PATH, get(logo))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()

@@ -406,6 +406,7 @@ async fn save_connection(
         .collect();
     state.host.replace_vars(cid, vars, &remove).await?;
     state.credentials.forget(cid);
+    state.connection_changed(cid).await;
     Ok(())
 }
 

@@ -29,6 +29,11 @@ pub struct FakeHostState {
     /// The `authorization` header of every call.
     pub authorization: Vec<Option<String>>,
     pub find_requests: Vec<pb::FindActiveConnectionIDsRequest>,
+    /// While set, Dispatch answers UNAVAILABLE (a host that is up but cannot take events).
+    pub refuse_dispatch: bool,
+    /// Set by `stop`: a connection still draining after the listener closed gets UNAVAILABLE,
+    /// as from a host that is going away, instead of quietly taking events.
+    pub stopped: bool,
 }
 
 #[derive(Clone)]
@@ -70,6 +75,7 @@ impl FakeHost {
     }
 
     pub fn stop(&self) {
+        self.state.lock().unwrap().stopped = true;
         self.stop.cancel();
     }
 
@@ -181,6 +187,9 @@ impl DispatcherService for Svc {
             return Err(Status::invalid_argument("event_id must not be specified"));
         }
         let mut state = self.0.lock().unwrap();
+        if state.refuse_dispatch || state.stopped {
+            return Err(Status::unavailable("the fake host refuses events for now"));
+        }
         state.dispatched.push(event);
         Ok(Response::new(DispatchResponse {
             event_id: format!("evt_fake{}", state.dispatched.len()),

@@ -14,3 +14,4 @@ mod fresh_tokens;
 mod integrations_api;
 mod process;
 mod remote_host;
+mod webhooks;

@@ -66,16 +66,17 @@ async fn a_malformed_setting_stops_start_up_with_one_line_naming_it_and_exit_cod
     assert_eq!(out.status.code(), Some(64));
 }
 
-#[tokio::test]
-async fn sigterm_stops_both_servers_gracefully() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = service()
-        .env("DATA_DIR", dir.path())
-        .env("HTTP_ADDR", "127.0.0.1:0")
+/// Starts the service on port 0 with `env` and waits until it serves; returns the process
+/// and its HTTP and gRPC addresses.
+async fn start_service(env: &[(&str, &str)]) -> (tokio::process::Child, String, String) {
+    let mut cmd = service();
+    cmd.env("HTTP_ADDR", "127.0.0.1:0")
         .env("GRPC_ADDR", "127.0.0.1:0")
-        .env("LOG_FORMAT", "json")
-        .spawn()
-        .unwrap();
+        .env("LOG_FORMAT", "json");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
 
     // The service logs the addresses it bound; port 0 means we learn them from the log.
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -90,8 +91,18 @@ async fn sigterm_stops_both_servers_gracefully() {
     })
     .await
     .expect("the service starts within 20 s");
+    // Keep reading the log so the service never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let http = serving["http_addr"].as_str().unwrap().to_string();
     let grpc = serving["grpc_addr"].as_str().unwrap().to_string();
+    (child, http, grpc)
+}
+
+#[tokio::test]
+async fn sigterm_stops_both_servers_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, http, grpc) =
+        start_service(&[("DATA_DIR", dir.path().to_str().unwrap())]).await;
 
     let health = reqwest::get(format!("http://{http}/healthz"))
         .await
@@ -128,4 +139,74 @@ async fn sigterm_stops_both_servers_gracefully() {
         tokio::net::TcpStream::connect(&grpc).await.is_err(),
         "gRPC listener closed"
     );
+}
+
+#[tokio::test]
+async fn every_webhook_answered_200_is_delivered_after_a_sigkill_and_restart() {
+    use crate::webhooks::{ACCOUNT, SECRET, post_to, post_until_recorded};
+    let host = crate::fake_host::FakeHost::start().await;
+    let cid = zoom_integration::ids::ConnectionId::generate().to_string();
+    host.put(crate::helpers::var(
+        &cid,
+        "auth_type",
+        "oauthDefault",
+        false,
+    ));
+    host.put(crate::helpers::var(&cid, "account_id", ACCOUNT, false));
+    // Up for routing, but taking no events: everything answered stays in the outbox.
+    host.state.lock().unwrap().refuse_dispatch = true;
+
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("DATA_DIR", dir.path().to_str().unwrap()),
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ];
+    let (mut child, http, _) = start_service(&env).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{http}/zoom/event");
+    let body = |n: u64| {
+        serde_json::json!({
+            "event": "meeting.participant_joined",
+            "event_ts": n,
+            "payload": {"account_id": ACCOUNT, "object": {"participant": {"user_name": "Zdeněk Ødegård"}}}
+        })
+        .to_string()
+        .into_bytes()
+    };
+    post_until_recorded(&client, &url, SECRET, &body(0)).await;
+    let mut answered = std::collections::BTreeSet::from([0i64]);
+    for n in 1..=50u64 {
+        let (status, answer) =
+            post_to(&client, &url, SECRET, crate::webhooks::now(), &body(n)).await;
+        assert_eq!((status, answer["status"].as_str()), (200, Some("recorded")));
+        answered.insert(n as i64);
+    }
+    child.kill().await.unwrap();
+    assert!(host.state.lock().unwrap().dispatched.is_empty());
+
+    host.state.lock().unwrap().refuse_dispatch = false;
+    let (mut child, _, _) = start_service(&env).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let delivered: std::collections::BTreeSet<i64> = host
+            .state
+            .lock()
+            .unwrap()
+            .dispatched
+            .iter()
+            .map(|e| e.data["event_ts"].integer.as_ref().unwrap().v)
+            .collect();
+        if delivered == answered {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} delivered after the restart",
+            delivered.len(),
+            answered.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().await.unwrap();
 }

@@ -1,0 +1,449 @@
+//! `POST /zoom/event`: Zoom's webhooks, verified, deduplicated, durably recorded, and then
+//! forwarded to the host engine in the background.
+//!
+//! The handler checks, in order: the body size (413), the signature headers and the timestamp
+//! window (401), the signature against every known secret token on the raw bytes (401), the
+//! JSON and its `event` (400). URL validation is answered with the secret that verified it.
+//! Other events go to the connections the [`routing`] index names and are answered 200 only
+//! once the [`outbox`] has committed them; the [`forwarder`] delivers them afterwards.
+
+pub mod forwarder;
+pub mod normalize;
+pub mod outbox;
+pub mod routing;
+pub mod verify;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::Digest;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+use crate::config::Config;
+use crate::host::HostEngine;
+use crate::host::embedded::EmbeddedHost;
+use crate::webhook::normalize::Received;
+use crate::webhook::outbox::{Outbox, OutboxSettings, Record, RecordError, Recorded};
+use crate::webhook::routing::RoutingIndex;
+
+/// The path Zoom posts webhooks to.
+pub const PATH: &str = "/zoom/event";
+/// The largest body accepted: 8 MiB.
+pub const MAX_BODY: usize = 8 << 20;
+/// Zoom's event for URL validation.
+pub const URL_VALIDATION: &str = "endpoint.url_validation";
+
+const SIGNATURE_HEADER: &str = "x-zm-signature";
+const TIMESTAMP_HEADER: &str = "x-zm-request-timestamp";
+/// Request headers copied into the event memo (header, memo key), when present and sane.
+const MEMO_HEADERS: &[(&str, &str)] = &[
+    ("x-zm-trackingid", "zoom_tracking_id"),
+    ("x-zm-request-id", "zoom_request_id"),
+    (TIMESTAMP_HEADER, "zoom_request_timestamp"),
+];
+
+/// Internal knobs of the webhook path; only the replay window comes from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How far a request timestamp may be from now, and how long bodies are deduplicated.
+    pub replay_window: Duration,
+    /// The outbox.
+    pub outbox: OutboxSettings,
+    /// The forwarder.
+    pub forwarder: forwarder::ForwarderSettings,
+    /// How often the routing index re-reads every connection from the host engine.
+    pub reload_interval: Duration,
+}
+
+impl Settings {
+    /// The settings for `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            replay_window: config.webhook_replay_window,
+            outbox: OutboxSettings {
+                dedupe_window: config.webhook_replay_window,
+                ..OutboxSettings::default()
+            },
+            forwarder: forwarder::ForwarderSettings::default(),
+            reload_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counts of what happened to webhooks since start.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests refused (4xx).
+    pub rejected: AtomicU64,
+    /// URL validations answered.
+    pub url_validations: AtomicU64,
+    /// Verified events that no connection wants: answered 200 and dropped.
+    pub unrouted: AtomicU64,
+    /// Events recorded in the outbox.
+    pub recorded: AtomicU64,
+    /// Events already recorded within the window: answered 200, not recorded again.
+    pub duplicates: AtomicU64,
+    /// Events not recorded in time or at all: answered 503.
+    pub unavailable: AtomicU64,
+    /// (event, connection) pairs delivered to the host engine.
+    pub delivered: AtomicU64,
+    /// Delivery rounds that had to be retried.
+    pub retries: AtomicU64,
+    /// Pairs the host engine refused for good, kept as dead letters.
+    pub dead_letters: AtomicU64,
+}
+
+/// The webhook machinery every request shares.
+pub struct Webhooks {
+    /// Which connections an event goes to, and which secrets verify requests.
+    pub routing: Arc<RoutingIndex>,
+    /// The durable record of accepted events.
+    pub outbox: Outbox,
+    /// What happened so far.
+    pub counters: Arc<Counters>,
+    /// The knobs.
+    pub settings: Settings,
+}
+
+impl Webhooks {
+    /// Opens the outbox in `DATA_DIR` and creates an empty routing index.
+    pub fn open(config: &Config) -> Result<Self, outbox::OpenError> {
+        let settings = Settings::from_config(config);
+        Ok(Self {
+            routing: Arc::new(RoutingIndex::new(config.zoom_secret_token.clone())),
+            outbox: Outbox::open(&config.data_dir, settings.outbox.clone())?,
+            counters: Arc::new(Counters::default()),
+            settings,
+        })
+    }
+
+    /// Starts the background work: loading and refreshing the routing index, and the
+    /// forwarder. Both end when `stop` is cancelled.
+    pub fn start(
+        &self,
+        host: Arc<dyn HostEngine>,
+        embedded: Option<EmbeddedHost>,
+        stop: CancellationToken,
+    ) -> Vec<JoinHandle<()>> {
+        let refresher = tokio::spawn(keep_routing_fresh(
+            self.routing.clone(),
+            host.clone(),
+            embedded.clone(),
+            self.settings.reload_interval,
+            self.settings.forwarder.backoff_max,
+            stop.clone(),
+        ));
+        let forwarder = tokio::spawn(forwarder::run(
+            self.outbox.clone(),
+            forwarder::Target { host, embedded },
+            self.counters.clone(),
+            self.settings.forwarder.clone(),
+            stop,
+        ));
+        vec![refresher, forwarder]
+    }
+}
+
+/// Loads the index (retrying until the host answers), then reloads it every `interval` and
+/// whenever the embedded host reports a changed connection.
+async fn keep_routing_fresh(
+    routing: Arc<RoutingIndex>,
+    host: Arc<dyn HostEngine>,
+    embedded: Option<EmbeddedHost>,
+    interval: Duration,
+    max_backoff: Duration,
+    stop: CancellationToken,
+) {
+    let mut changes = embedded.as_ref().map(EmbeddedHost::subscribe_changes);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match routing.reload_all(&*host).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot load webhook routing from the host engine; webhooks are answered 503 until it loads");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        let changed = async {
+            match changes.as_mut() {
+                Some(rx) => Some(rx.recv().await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {
+                if let Err(e) = routing.reload_all(&*host).await {
+                    tracing::warn!(error = %e, "reloading webhook routing failed; keeping the previous routes");
+                }
+            }
+            Some(change) = changed => {
+                let result = match change {
+                    Ok(cid) => routing.reload_connection(&*host, &cid).await,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => routing.reload_all(&*host).await,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        changes = None;
+                        Ok(())
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "reloading webhook routing failed; keeping the previous routes");
+                }
+            }
+        }
+    }
+}
+
+/// Why a webhook request is refused; each maps to one HTTP status in [`IntoResponse`].
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// The body is over [`MAX_BODY`].
+    #[error("body is larger than 8 MiB")]
+    TooLarge,
+    /// The signature header is missing.
+    #[error("x-zm-signature header is missing")]
+    MissingSignature,
+    /// The timestamp header is missing.
+    #[error("x-zm-request-timestamp header is missing")]
+    MissingTimestamp,
+    /// The timestamp is malformed or outside the replay window.
+    #[error(transparent)]
+    Timestamp(#[from] verify::TimestampError),
+    /// No known secret token signed this request.
+    #[error("signature does not verify")]
+    BadSignature,
+    /// The body is not a JSON object.
+    #[error("body is not a JSON object shaped like a Zoom webhook")]
+    NotJson,
+    /// The body has no `event`.
+    #[error("body has no \"event\" text")]
+    NoEvent,
+    /// A URL validation without a usable `payload.plainToken`.
+    #[error("payload.plainToken must be 1 to 64 characters of A-Z, a-z, 0-9, - and _")]
+    BadPlainToken,
+    /// The body could not be read.
+    #[error("body could not be read")]
+    BodyRead,
+    /// The routing index has not loaded yet.
+    #[error("starting up, try again later")]
+    NotReady,
+    /// The event could not be recorded durably.
+    #[error("cannot record the event now, try again later")]
+    NotRecorded(#[source] RecordError),
+}
+
+impl IntoResponse for WebhookError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            WebhookError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            WebhookError::MissingSignature
+            | WebhookError::MissingTimestamp
+            | WebhookError::Timestamp(_)
+            | WebhookError::BadSignature => StatusCode::UNAUTHORIZED,
+            WebhookError::NotJson
+            | WebhookError::NoEvent
+            | WebhookError::BadPlainToken
+            | WebhookError::BodyRead => StatusCode::BAD_REQUEST,
+            WebhookError::NotReady | WebhookError::NotRecorded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        match &self {
+            WebhookError::NotRecorded(e) => {
+                tracing::warn!(error = %e, "webhook not recorded; answered 503 so Zoom retries")
+            }
+            // Never the signature or the secret: only what kind of failure it was.
+            other => tracing::debug!(error = %other, %status, "webhook refused"),
+        }
+        (status, axum::Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+/// `POST /zoom/event`.
+pub fn router() -> Router<AppState> {
+    Router::new().route(PATH, post(receive))
+}
+
+/// The few fields the request path reads; everything else is only checked to be JSON.
+#[derive(Deserialize)]
+struct Head {
+    event: Option<serde_json::Value>,
+    #[serde(default)]
+    payload: Option<PayloadHead>,
+}
+
+#[derive(Deserialize)]
+struct PayloadHead {
+    #[serde(default)]
+    account_id: Option<serde_json::Value>,
+    #[serde(default, rename = "plainToken")]
+    plain_token: Option<serde_json::Value>,
+}
+
+async fn receive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, WebhookError> {
+    let webhooks = &state.webhooks;
+    let result = handle(webhooks, &headers, body).await;
+    if let Err(e) = &result {
+        let counter = match e {
+            WebhookError::NotReady | WebhookError::NotRecorded(_) => &webhooks.counters.unavailable,
+            _ => &webhooks.counters.rejected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    result
+}
+
+async fn handle(
+    webhooks: &Webhooks,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, WebhookError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(WebhookError::TooLarge);
+    }
+    let signature = headers
+        .get(SIGNATURE_HEADER)
+        .ok_or(WebhookError::MissingSignature)?
+        .as_bytes();
+    let timestamp = headers
+        .get(TIMESTAMP_HEADER)
+        .ok_or(WebhookError::MissingTimestamp)?
+        .as_bytes();
+    verify::check_timestamp(
+        timestamp,
+        SystemTime::now(),
+        webhooks.settings.replay_window,
+    )?;
+    let body = read_body(body, declared).await?;
+
+    let routes = webhooks.routing.snapshot().ok_or(WebhookError::NotReady)?;
+    let verified = routes
+        .verify(signature, timestamp, &body)
+        .ok_or(WebhookError::BadSignature)?;
+
+    let head: Head = serde_json::from_slice(&body).map_err(|_| WebhookError::NotJson)?;
+    let event = match head.event {
+        Some(serde_json::Value::String(e)) if !e.is_empty() => e,
+        _ => return Err(WebhookError::NoEvent),
+    };
+    let payload = head.payload.unwrap_or(PayloadHead {
+        account_id: None,
+        plain_token: None,
+    });
+
+    if event == URL_VALIDATION {
+        let plain_token = match &payload.plain_token {
+            Some(serde_json::Value::String(t)) if verify::is_sane_plain_token(t) => t,
+            _ => return Err(WebhookError::BadPlainToken),
+        };
+        webhooks
+            .counters
+            .url_validations
+            .fetch_add(1, Ordering::Relaxed);
+        let encrypted = routes.verifier(verified).encrypt_token(plain_token);
+        return Ok(axum::Json(json!({
+            "plainToken": plain_token,
+            "encryptedToken": encrypted,
+        }))
+        .into_response());
+    }
+
+    let account_id = match &payload.account_id {
+        Some(serde_json::Value::String(a)) => a.as_str(),
+        _ => "",
+    };
+    let destinations = routes.destinations(verified, account_id);
+    if destinations.is_empty() {
+        webhooks.counters.unrouted.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(event_type = %crate::ids::truncate(&event, 64), "verified webhook for no connection: dropped");
+        return Ok(accepted("unrouted"));
+    }
+
+    let mut memo = HashMap::with_capacity(MEMO_HEADERS.len() + 1);
+    memo.insert("account_id".to_string(), account_id.to_string());
+    for (name, key) in MEMO_HEADERS {
+        if let Some(value) = headers
+            .get(*name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 256)
+        {
+            memo.insert(key.to_string(), value.to_string());
+        }
+    }
+    let record = Record {
+        body_hash: sha2::Sha256::digest(&body).into(),
+        destinations: destinations.iter().map(ToString::to_string).collect(),
+        received: Received {
+            event_type: event,
+            memo,
+            received_ms: now_ms(),
+            body,
+        },
+    };
+    match webhooks.outbox.record(record).await {
+        Ok(Recorded::New) => {
+            webhooks.counters.recorded.fetch_add(1, Ordering::Relaxed);
+            Ok(accepted("recorded"))
+        }
+        Ok(Recorded::Duplicate) => {
+            webhooks.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            Ok(accepted("duplicate"))
+        }
+        Err(e) => Err(WebhookError::NotRecorded(e)),
+    }
+}
+
+fn accepted(status: &'static str) -> Response {
+    axum::Json(json!({ "status": status })).into_response()
+}
+
+/// Reads at most [`MAX_BODY`] bytes; a longer body is refused without reading the rest.
+async fn read_body(body: Body, declared: Option<u64>) -> Result<Vec<u8>, WebhookError> {
+    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(MAX_BODY as u64) as usize);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| WebhookError::BodyRead)?;
+        if out.len() + chunk.len() > MAX_BODY {
+            return Err(WebhookError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

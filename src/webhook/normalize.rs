@@ -1,0 +1,409 @@
+//! A Zoom webhook body becomes an `autokitteh.events.v1.Event`: `event_type` is Zoom's `event`,
+//! `data` holds every top-level field of the body as a `Value`, `memo` carries the account id and
+//! Zoom's request ids.
+//!
+//! The conversion reads the raw JSON text itself rather than going through `serde_json::Value`,
+//! so that nothing is lost: integers stay integers whatever their size (beyond 64 bits they
+//! become `big_integer` with their exact digits), text stays exactly as sent, and object keys
+//! keep the order Zoom sent them in.
+
+use std::collections::HashMap;
+
+use crate::proto::autokitteh::events::v1::Event;
+use crate::proto::autokitteh::values::v1 as pb;
+
+/// Nesting deeper than this is refused (serde_json refuses the same depth when the request
+/// is checked, so accepted bodies never reach it).
+const MAX_DEPTH: usize = 128;
+
+/// Why a body cannot be normalized.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("body is not a JSON object: {0}")]
+pub struct NormalizeError(String);
+
+/// Everything recorded about one webhook besides its destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Zoom's `event`.
+    pub event_type: String,
+    /// Memo entries: `account_id`, Zoom's tracking and request ids, the request timestamp.
+    pub memo: HashMap<String, String>,
+    /// When the service accepted it, in Unix milliseconds.
+    pub received_ms: i64,
+    /// The raw body, exactly as signed.
+    pub body: Vec<u8>,
+}
+
+/// The event for `destination` built from a recorded webhook.
+pub fn event(received: &Received, destination: &str) -> Result<Event, NormalizeError> {
+    Ok(Event {
+        event_id: String::new(),
+        destination_id: destination.to_string(),
+        event_type: received.event_type.clone(),
+        data: top_level_fields(&received.body)?,
+        memo: received.memo.clone(),
+        created_at: Some(prost_types::Timestamp {
+            seconds: received.received_ms.div_euclid(1000),
+            nanos: (received.received_ms.rem_euclid(1000) * 1_000_000) as i32,
+        }),
+        seq: 0,
+    })
+}
+
+/// Every top-level field of a JSON object, as values. A key given twice keeps its last value.
+pub fn top_level_fields(body: &[u8]) -> Result<HashMap<String, pb::Value>, NormalizeError> {
+    let mut parser = Parser { text: body, pos: 0 };
+    parser.skip_ws();
+    if parser.peek() != Some(b'{') {
+        return Err(parser.error("expected an object"));
+    }
+    let mut fields = HashMap::new();
+    parser.object(0, |k, v| {
+        fields.insert(k, v);
+    })?;
+    parser.skip_ws();
+    if parser.pos != body.len() {
+        return Err(parser.error("trailing characters"));
+    }
+    Ok(fields)
+}
+
+/// The value of one JSON text (for tests and tools).
+pub fn value(text: &[u8]) -> Result<pb::Value, NormalizeError> {
+    let mut parser = Parser { text, pos: 0 };
+    let v = parser.value(0)?;
+    parser.skip_ws();
+    if parser.pos != text.len() {
+        return Err(parser.error("trailing characters"));
+    }
+    Ok(v)
+}
+
+struct Parser<'a> {
+    text: &'a [u8],
+    pos: usize,
+}
+
+impl Parser<'_> {
+    fn error(&self, what: &str) -> NormalizeError {
+        NormalizeError(format!("{what} at byte {}", self.pos))
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.pos += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), NormalizeError> {
+        self.skip_ws();
+        if self.peek() == Some(byte) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.error(&format!("expected {:?}", byte as char)))
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<pb::Value, NormalizeError> {
+        if depth > MAX_DEPTH {
+            return Err(self.error("nested too deeply"));
+        }
+        self.skip_ws();
+        let v = match self.peek() {
+            Some(b'{') => {
+                let mut items = Vec::new();
+                self.object(depth, |k, v| {
+                    items.push(pb::dict::Item {
+                        k: Some(crate::values::string(k)),
+                        v: Some(v),
+                    });
+                })?;
+                pb::Value {
+                    dict: Some(pb::Dict { items }),
+                    ..Default::default()
+                }
+            }
+            Some(b'[') => {
+                self.pos += 1;
+                let mut vs = Vec::new();
+                self.skip_ws();
+                if self.peek() == Some(b']') {
+                    self.pos += 1;
+                } else {
+                    loop {
+                        vs.push(self.value(depth + 1)?);
+                        self.skip_ws();
+                        match self.peek() {
+                            Some(b',') => self.pos += 1,
+                            Some(b']') => {
+                                self.pos += 1;
+                                break;
+                            }
+                            _ => return Err(self.error("expected , or ]")),
+                        }
+                    }
+                }
+                pb::Value {
+                    list: Some(pb::List { vs }),
+                    ..Default::default()
+                }
+            }
+            Some(b'"') => crate::values::string(self.string()?),
+            Some(b't') => self.literal(b"true", boolean(true))?,
+            Some(b'f') => self.literal(b"false", boolean(false))?,
+            Some(b'n') => self.literal(
+                b"null",
+                pb::Value {
+                    nothing: Some(pb::Nothing {}),
+                    ..Default::default()
+                },
+            )?,
+            Some(b'-' | b'0'..=b'9') => self.number()?,
+            _ => return Err(self.error("expected a value")),
+        };
+        Ok(v)
+    }
+
+    /// Parses `{ "k": v, ... }`, handing each pair to `each` in order.
+    fn object(
+        &mut self,
+        depth: usize,
+        mut each: impl FnMut(String, pb::Value),
+    ) -> Result<(), NormalizeError> {
+        self.expect(b'{')?;
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            self.skip_ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.error("expected a key"));
+            }
+            let key = self.string()?;
+            self.expect(b':')?;
+            let v = self.value(depth + 1)?;
+            each(key, v);
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.error("expected , or }")),
+            }
+        }
+    }
+
+    /// A string literal; escapes are decoded by serde_json, plain text is copied as it is.
+    fn string(&mut self) -> Result<String, NormalizeError> {
+        let start = self.pos;
+        self.pos += 1;
+        let mut escaped = false;
+        loop {
+            match self.peek() {
+                None => return Err(self.error("unterminated string")),
+                Some(b'"') => break,
+                Some(b'\\') => {
+                    escaped = true;
+                    self.pos += 2;
+                }
+                Some(_) => self.pos += 1,
+            }
+        }
+        self.pos += 1;
+        let raw = &self.text[start..self.pos];
+        if escaped {
+            serde_json::from_slice(raw).map_err(|_| self.error("malformed string"))
+        } else {
+            std::str::from_utf8(&raw[1..raw.len() - 1])
+                .map(str::to_string)
+                .map_err(|_| self.error("string is not UTF-8"))
+        }
+    }
+
+    fn literal(&mut self, word: &[u8], v: pb::Value) -> Result<pb::Value, NormalizeError> {
+        if self.text[self.pos..].starts_with(word) {
+            self.pos += word.len();
+            Ok(v)
+        } else {
+            Err(self.error("expected true, false or null"))
+        }
+    }
+
+    fn number(&mut self) -> Result<pb::Value, NormalizeError> {
+        let start = self.pos;
+        while matches!(
+            self.peek(),
+            Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+        ) {
+            self.pos += 1;
+        }
+        let text = std::str::from_utf8(&self.text[start..self.pos])
+            .map_err(|_| self.error("malformed number"))?;
+        let is_integer = !text.contains(['.', 'e', 'E']);
+        if is_integer {
+            let digits = text.strip_prefix('-').unwrap_or(text);
+            if digits.is_empty()
+                || !digits.bytes().all(|b| b.is_ascii_digit())
+                || (digits.len() > 1 && digits.starts_with('0'))
+            {
+                return Err(self.error("malformed number"));
+            }
+            return Ok(match text.parse::<i64>() {
+                Ok(v) => pb::Value {
+                    integer: Some(pb::Integer { v }),
+                    ..Default::default()
+                },
+                Err(_) => pb::Value {
+                    big_integer: Some(pb::BigInteger {
+                        v: text.to_string(),
+                    }),
+                    ..Default::default()
+                },
+            });
+        }
+        // serde_json checks the JSON grammar (Rust's own parser accepts more, e.g. "1.").
+        let v: f64 = serde_json::from_str(text).map_err(|_| self.error("malformed number"))?;
+        Ok(pb::Value {
+            float: Some(pb::Float { v }),
+            ..Default::default()
+        })
+    }
+}
+
+fn boolean(v: bool) -> pb::Value {
+    pb::Value {
+        boolean: Some(pb::Boolean { v }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::values::to_json;
+
+    fn int(v: &pb::Value) -> Option<i64> {
+        v.integer.as_ref().map(|i| i.v)
+    }
+
+    #[test]
+    fn every_top_level_field_becomes_a_value() {
+        let body = r#"{"event":"meeting.started","event_ts":1648038806658,
+            "payload":{"account_id":"PX5y","object":{"id":"86431910364","type":1,
+            "topic":"Zdeněk Ødegård's Zoom Meeting","duration":0}}}"#;
+        let fields = top_level_fields(body.as_bytes()).unwrap();
+        assert_eq!(fields.len(), 3);
+        assert_eq!(to_json(&fields["event"]), "meeting.started");
+        assert_eq!(int(&fields["event_ts"]), Some(1_648_038_806_658));
+        let payload: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(to_json(&fields["payload"]), payload["payload"]);
+        let object = &fields["payload"].dict.as_ref().unwrap().items[1];
+        let topic = object.v.as_ref().unwrap().dict.as_ref().unwrap().items[2].clone();
+        assert_eq!(
+            topic.k.unwrap().string.unwrap().v,
+            "topic",
+            "keys keep their order"
+        );
+        assert_eq!(
+            topic.v.unwrap().string.unwrap().v,
+            "Zdeněk Ødegård's Zoom Meeting"
+        );
+    }
+
+    #[test]
+    fn numbers_keep_their_kind_and_digits() {
+        assert_eq!(int(&value(b"0").unwrap()), Some(0));
+        assert_eq!(int(&value(b"-42").unwrap()), Some(-42));
+        assert_eq!(int(&value(b"9223372036854775807").unwrap()), Some(i64::MAX));
+        for big in [
+            "9223372036854775808",
+            "123456789012345678901234567890",
+            "-99999999999999999999",
+        ] {
+            let v = value(big.as_bytes()).unwrap();
+            assert_eq!(v.big_integer.unwrap().v, big);
+        }
+        assert_eq!(value(b"1.5").unwrap().float.unwrap().v, 1.5);
+        assert_eq!(value(b"-2e3").unwrap().float.unwrap().v, -2000.0);
+        assert_eq!(value(b"1.0").unwrap().float.unwrap().v, 1.0);
+        for bad in ["01", "-", "1.", "1e", "+1", "--1", "1-2"] {
+            assert!(value(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn text_escapes_and_literals_are_decoded_exactly() {
+        let v = value(
+            r#"["a\"b\\c\n\u00e9\ud83d\ude00", "日本語", true, false, null, [], {}]"#.as_bytes(),
+        )
+        .unwrap();
+        let vs = v.list.unwrap().vs;
+        assert_eq!(vs[0].string.as_ref().unwrap().v, "a\"b\\c\né😀");
+        assert_eq!(vs[1].string.as_ref().unwrap().v, "日本語");
+        assert!(vs[2].boolean.as_ref().unwrap().v);
+        assert!(!vs[3].boolean.as_ref().unwrap().v);
+        assert!(vs[4].nothing.is_some());
+        assert!(vs[5].list.as_ref().unwrap().vs.is_empty());
+        assert!(vs[6].dict.as_ref().unwrap().items.is_empty());
+    }
+
+    #[test]
+    fn object_keys_keep_their_order() {
+        let v = value(br#"{"z":1,"a":2,"m":3}"#).unwrap();
+        let keys: Vec<String> = v
+            .dict
+            .unwrap()
+            .items
+            .iter()
+            .map(|i| i.k.as_ref().unwrap().string.as_ref().unwrap().v.clone())
+            .collect();
+        assert_eq!(keys, ["z", "a", "m"]);
+    }
+
+    #[test]
+    fn malformed_or_non_object_bodies_are_refused() {
+        for bad in [
+            "",
+            "[]",
+            "\"x\"",
+            "{",
+            "{\"a\":}",
+            "{\"a\" 1}",
+            "{\"a\":1,}",
+            "{\"a\":1} x",
+            "{\"a\":tru}",
+            "{\"a\":\"unterminated}",
+            "{a:1}",
+        ] {
+            assert!(top_level_fields(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        assert!(top_level_fields(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn an_event_carries_type_destination_memo_and_receive_time() {
+        let received = Received {
+            event_type: "app_deauthorized".into(),
+            memo: HashMap::from([("account_id".into(), "acc".into())]),
+            received_ms: 1_700_000_000_123,
+            body: br#"{"event":"app_deauthorized","payload":{"account_id":"acc","event_ts":"1700000000000"}}"#.to_vec(),
+        };
+        let e = event(&received, "con_01jf3xabcdefghjkmnpqrstvwx").unwrap();
+        assert_eq!(e.event_type, "app_deauthorized");
+        assert_eq!(e.destination_id, "con_01jf3xabcdefghjkmnpqrstvwx");
+        assert_eq!(e.memo["account_id"], "acc");
+        assert_eq!(e.data.len(), 2);
+        let ts = e.created_at.unwrap();
+        assert_eq!((ts.seconds, ts.nanos), (1_700_000_000, 123_000_000));
+    }
+}

@@ -1,0 +1,631 @@
+//! The durable record of accepted webhooks: `DATA_DIR/outbox.db`, a SQLite database of its
+//! own (so it works the same with the embedded and with a remote host engine).
+//!
+//! One writer thread owns the only writing connection. Requests reach it through a bounded
+//! channel; it takes everything waiting (up to [`OutboxSettings::max_group`]) and commits it
+//! in one transaction (group commit: one fsync for many webhooks), then answers each request.
+//! The same transaction deduplicates: a body whose SHA-256 was recorded within the replay
+//! window is answered "duplicate" and not recorded again.
+//!
+//! Rows leave the outbox when the forwarder has delivered them, or move to `dead_letters`
+//! when the host engine refused them for good.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::webhook::normalize::Received;
+
+/// File name of the outbox inside `DATA_DIR`.
+pub const OUTBOX_FILE: &str = "outbox.db";
+
+const MIGRATIONS: &[&str] = &[
+    // 1: pending deliveries, deduplication keys, and deliveries the host refused for good.
+    "CREATE TABLE outbox (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        destination TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        event_type  TEXT NOT NULL,
+        memo        TEXT NOT NULL,
+        body        BLOB NOT NULL
+    );
+    CREATE TABLE dedupe (
+        hash       BLOB PRIMARY KEY,
+        expires_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX dedupe_by_expiry ON dedupe (expires_ms);
+    CREATE TABLE dead_letters (
+        id          INTEGER PRIMARY KEY,
+        destination TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        event_type  TEXT NOT NULL,
+        memo        TEXT NOT NULL,
+        body        BLOB NOT NULL,
+        failed_ms   INTEGER NOT NULL,
+        error       TEXT NOT NULL
+    );",
+];
+
+/// Knobs of the outbox; the defaults suit production and tests alike.
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// How long a body's hash is remembered for deduplication (the replay window).
+    pub dedupe_window: Duration,
+    /// How long a request waits for its commit before it is answered 503.
+    pub record_timeout: Duration,
+    /// Requests waiting for the writer at most; more are refused at once (503).
+    pub queue_capacity: usize,
+    /// Bytes of bodies waiting for the writer at most; more are refused at once (503).
+    pub queue_bytes: usize,
+    /// The most requests committed in one transaction.
+    pub max_group: usize,
+    /// How often expired deduplication keys are purged.
+    pub purge_interval: Duration,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            dedupe_window: Duration::from_secs(90 * 60),
+            record_timeout: Duration::from_secs(2),
+            queue_capacity: 8192,
+            queue_bytes: 64 << 20,
+            max_group: 1024,
+            purge_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why the outbox could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the event outbox {path}: {source}")]
+pub struct OpenError {
+    path: PathBuf,
+    source: rusqlite::Error,
+}
+
+/// Why a webhook was not recorded. Every case means "not durable": answer 503.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// Too much is already waiting for the writer.
+    #[error("the event outbox is busy")]
+    Busy,
+    /// The commit did not complete within the record timeout (it may still complete later).
+    #[error("the event outbox did not commit in time")]
+    TimedOut,
+    /// The database failed.
+    #[error("the event outbox failed: {0}")]
+    Storage(String),
+}
+
+/// A webhook to record: its body hash for deduplication, and one row per destination.
+pub struct Record {
+    /// SHA-256 of the raw body.
+    pub body_hash: [u8; 32],
+    /// Connection ids to deliver to (at least one).
+    pub destinations: Vec<String>,
+    /// The webhook itself.
+    pub received: Received,
+}
+
+/// What recording did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded now, durably.
+    New,
+    /// The same body was recorded within the window; nothing was written.
+    Duplicate,
+}
+
+/// One undelivered (event, connection) pair.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Row id; rows are read in id order.
+    pub id: i64,
+    /// The connection id.
+    pub destination: String,
+    /// The webhook.
+    pub received: Received,
+}
+
+enum Command {
+    Record {
+        record: Record,
+        bytes: usize,
+        reply: oneshot::Sender<Result<Recorded, RecordError>>,
+    },
+    Delivered(Vec<i64>),
+    Failed {
+        id: i64,
+        error: String,
+    },
+    Flush(oneshot::Sender<()>),
+    Close(oneshot::Sender<()>),
+}
+
+/// Handle of the outbox: cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Command>,
+    queued_bytes: Arc<AtomicUsize>,
+    committed: Arc<Notify>,
+    reader: Arc<Mutex<Option<Connection>>>,
+    settings: Arc<OutboxSettings>,
+}
+
+impl Outbox {
+    /// Opens (creating if needed) `outbox.db` in `data_dir` and starts its writer thread, which
+    /// ends when the last handle is dropped.
+    pub fn open(data_dir: &Path, settings: OutboxSettings) -> Result<Self, OpenError> {
+        let path = data_dir.join(OUTBOX_FILE);
+        let err = |source| OpenError {
+            path: path.clone(),
+            source,
+        };
+        let mut writer = open_connection(&path).map_err(err)?;
+        migrate(&mut writer).map_err(err)?;
+        let reader = open_connection(&path).map_err(err)?;
+        let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let committed = Arc::new(Notify::new());
+        let settings = Arc::new(settings);
+        std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn({
+                let (queued_bytes, committed, settings) =
+                    (queued_bytes.clone(), committed.clone(), settings.clone());
+                move || writer_loop(writer, rx, &queued_bytes, &committed, &settings)
+            })
+            .map_err(|e| OpenError {
+                path: path.clone(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        Ok(Self {
+            tx,
+            queued_bytes,
+            committed,
+            reader: Arc::new(Mutex::new(Some(reader))),
+            settings,
+        })
+    }
+
+    /// Records a webhook durably, or says why not within the record timeout.
+    pub async fn record(&self, record: Record) -> Result<Recorded, RecordError> {
+        let bytes = record.received.body.len() * record.destinations.len();
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > self.settings.queue_bytes {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(RecordError::Busy);
+        }
+        let (reply, answer) = oneshot::channel();
+        if self
+            .tx
+            .try_send(Command::Record {
+                record,
+                bytes,
+                reply,
+            })
+            .is_err()
+        {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(RecordError::Busy);
+        }
+        match tokio::time::timeout(self.settings.record_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(RecordError::Storage("the writer stopped".into())),
+            Err(_) => Err(RecordError::TimedOut),
+        }
+    }
+
+    /// Up to `max_rows` undelivered rows after `after_id`, in id order, stopping early once
+    /// their bodies add up to `max_bytes`.
+    pub async fn pending(
+        &self,
+        after_id: i64,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Pending>, RecordError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let conn = guard.as_ref().ok_or(rusqlite::Error::InvalidQuery)?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, destination, received_ms, event_type, memo, body FROM outbox
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let mut rows = stmt.query(params![after_id, max_rows as i64])?;
+            let (mut out, mut bytes) = (Vec::new(), 0usize);
+            while let Some(row) = rows.next()? {
+                let memo: String = row.get(4)?;
+                let body: Vec<u8> = row.get(5)?;
+                bytes += body.len();
+                out.push(Pending {
+                    id: row.get(0)?,
+                    destination: row.get(1)?,
+                    received: Received {
+                        received_ms: row.get(2)?,
+                        event_type: row.get(3)?,
+                        memo: serde_json::from_str(&memo).unwrap_or_default(),
+                        body,
+                    },
+                });
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok::<_, rusqlite::Error>(out)
+        })
+        .await
+        .map_err(|e| RecordError::Storage(e.to_string()))?
+        .map_err(|e| RecordError::Storage(e.to_string()))
+    }
+
+    /// Removes delivered rows (in the writer's next group; a crash before that means the
+    /// rows are delivered again: at least once).
+    pub async fn delivered(&self, ids: Vec<i64>) {
+        if !ids.is_empty() {
+            let _ = self.tx.send(Command::Delivered(ids)).await;
+        }
+    }
+
+    /// Moves a row the host engine refused for good to `dead_letters`, with the reason.
+    pub async fn failed(&self, id: i64, error: String) {
+        let _ = self.tx.send(Command::Failed { id, error }).await;
+    }
+
+    /// Waits until everything sent to the writer before this call is committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Commits what was sent before, then closes the database, so its files are complete and
+    /// settled when this returns. Recording fails (503) from then on.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let reader = self.reader.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+        })
+        .await;
+    }
+
+    /// Completes after the writer commits new rows (or at once if it did since the last wait).
+    pub async fn committed(&self) {
+        self.committed.notified().await;
+    }
+
+    /// Counts of undelivered rows and dead letters.
+    pub async fn counts(&self) -> Result<(u64, u64), RecordError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let conn = guard.as_ref().ok_or(rusqlite::Error::InvalidQuery)?;
+            conn.query_row(
+                "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM dead_letters)",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+        })
+        .await
+        .map_err(|e| RecordError::Storage(e.to_string()))?
+        .map_err(|e| RecordError::Storage(e.to_string()))
+    }
+}
+
+fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    use std::os::unix::fs::PermissionsExt;
+    let conn = Connection::open(path)?;
+    // Bodies name accounts and people: keep them to this user.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a webhook answered 200 survives power loss, not only a crash of this process.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, step) in (0i64..).zip(MIGRATIONS).skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    queued_bytes: &AtomicUsize,
+    committed: &Notify,
+    settings: &OutboxSettings,
+) {
+    let mut last_purge = Instant::now();
+    let mut group = Vec::with_capacity(settings.max_group);
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < settings.max_group {
+            match rx.try_recv() {
+                Ok(command) => group.push(command),
+                Err(_) => break,
+            }
+        }
+        let outcome = apply(&mut conn, &group, settings.dedupe_window);
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, requests = group.len(), "event outbox commit failed");
+        }
+        let mut inserted = false;
+        let mut retry_after_failure = Vec::new();
+        let mut close = None;
+        for (i, command) in group.drain(..).enumerate() {
+            match command {
+                Command::Record { bytes, reply, .. } => {
+                    queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                    let answer = match &outcome {
+                        Ok(results) => {
+                            let r = results[i].expect("every record has a result");
+                            inserted |= r == Recorded::New;
+                            Ok(r)
+                        }
+                        Err(e) => Err(RecordError::Storage(e.to_string())),
+                    };
+                    let _ = reply.send(answer);
+                }
+                Command::Flush(reply) => {
+                    let _ = reply.send(());
+                }
+                Command::Close(reply) => close = Some(reply),
+                other @ (Command::Delivered(_) | Command::Failed { .. }) => {
+                    if outcome.is_err() {
+                        retry_after_failure.push(other);
+                    }
+                }
+            }
+        }
+        if inserted {
+            committed.notify_one();
+        }
+        // Deliveries must not be forgotten because a request in the same group failed.
+        if !retry_after_failure.is_empty()
+            && let Err(e) = apply(&mut conn, &retry_after_failure, settings.dedupe_window)
+        {
+            tracing::error!(error = %e, "event outbox could not mark deliveries; they will be delivered again after a restart");
+        }
+        if let Some(reply) = close {
+            drop(conn);
+            let _ = reply.send(());
+            return;
+        }
+        if last_purge.elapsed() >= settings.purge_interval {
+            last_purge = Instant::now();
+            if let Err(e) = purge(&conn) {
+                tracing::warn!(error = %e, "purging expired deduplication keys failed");
+            }
+        }
+    }
+}
+
+/// One transaction for a whole group; for each `Record`, whether it was new or a duplicate.
+fn apply(
+    conn: &mut Connection,
+    group: &[Command],
+    window: Duration,
+) -> rusqlite::Result<Vec<Option<Recorded>>> {
+    let now = now_ms();
+    let expires = now + window.as_millis() as i64;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(group.len());
+    {
+        let mut dedupe = tx.prepare_cached(
+            "INSERT INTO dedupe (hash, expires_ms) VALUES (?1, ?2)
+             ON CONFLICT (hash) DO UPDATE SET expires_ms = excluded.expires_ms
+             WHERE dedupe.expires_ms <= ?3",
+        )?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO outbox (destination, received_ms, event_type, memo, body)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+        let mut dead = tx.prepare_cached(
+            "INSERT OR REPLACE INTO dead_letters
+             SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3
+             FROM outbox WHERE id = ?1",
+        )?;
+        for command in group {
+            match command {
+                Command::Record { record, .. } => {
+                    let fresh = dedupe.execute(params![&record.body_hash[..], expires, now])? > 0;
+                    if fresh {
+                        let r = &record.received;
+                        let memo = memo_json(&r.memo);
+                        for destination in &record.destinations {
+                            insert.execute(params![
+                                destination,
+                                r.received_ms,
+                                r.event_type,
+                                memo,
+                                r.body
+                            ])?;
+                        }
+                    }
+                    results.push(Some(if fresh {
+                        Recorded::New
+                    } else {
+                        Recorded::Duplicate
+                    }));
+                }
+                Command::Delivered(ids) => {
+                    for id in ids {
+                        delete.execute([id])?;
+                    }
+                    results.push(None);
+                }
+                Command::Failed { id, error } => {
+                    dead.execute(params![id, now, error])?;
+                    delete.execute([id])?;
+                    results.push(None);
+                }
+                Command::Flush(_) | Command::Close(_) => results.push(None),
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn memo_json(memo: &HashMap<String, String>) -> String {
+    serde_json::to_string(memo).unwrap_or_else(|_| "{}".into())
+}
+
+fn purge(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.execute(
+        "DELETE FROM dedupe WHERE hash IN
+         (SELECT hash FROM dedupe WHERE expires_ms <= ?1 ORDER BY expires_ms LIMIT 10000)",
+        [now_ms()],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(body: &str, destinations: &[&str]) -> Record {
+        use sha2::Digest;
+        Record {
+            body_hash: sha2::Sha256::digest(body.as_bytes()).into(),
+            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+            received: Received {
+                event_type: "meeting.started".into(),
+                memo: HashMap::from([("account_id".into(), "acc".into())]),
+                received_ms: 1,
+                body: body.as_bytes().to_vec(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopening_and_duplicates_are_recorded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+            assert_eq!(
+                outbox.record(record("{\"a\":1}", &["c1", "c2"])).await,
+                Ok(Recorded::New)
+            );
+            assert_eq!(
+                outbox.record(record("{\"a\":1}", &["c1", "c2"])).await,
+                Ok(Recorded::Duplicate)
+            );
+            assert_eq!(
+                outbox.record(record("{\"a\":2}", &["c1"])).await,
+                Ok(Recorded::New)
+            );
+        }
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        let pending = outbox.pending(0, 100, usize::MAX).await.unwrap();
+        let rows: Vec<(&str, &[u8])> = pending
+            .iter()
+            .map(|p| (p.destination.as_str(), p.received.body.as_slice()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("c1", &b"{\"a\":1}"[..]),
+                ("c2", b"{\"a\":1}"),
+                ("c1", b"{\"a\":2}")
+            ]
+        );
+        assert_eq!(pending[0].received.memo["account_id"], "acc");
+        assert_eq!(
+            outbox.record(record("{\"a\":1}", &["c1"])).await,
+            Ok(Recorded::Duplicate),
+            "deduplication survives a restart"
+        );
+
+        outbox.delivered(vec![pending[0].id, pending[1].id]).await;
+        outbox.failed(pending[2].id, "refused".into()).await;
+        outbox.flush().await;
+        assert_eq!(outbox.counts().await.unwrap(), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn an_expired_key_no_longer_deduplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(
+            dir.path(),
+            OutboxSettings {
+                dedupe_window: Duration::ZERO,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(outbox.record(record("{}", &["c"])).await, Ok(Recorded::New));
+        assert_eq!(outbox.record(record("{}", &["c"])).await, Ok(Recorded::New));
+        assert_eq!(outbox.counts().await.unwrap(), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn pending_reads_are_bounded_by_rows_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        for i in 0..10 {
+            outbox
+                .record(record(&format!("{{\"i\":{i}}}"), &["c"]))
+                .await
+                .unwrap();
+        }
+        let first = outbox.pending(0, 4, usize::MAX).await.unwrap();
+        assert_eq!(first.len(), 4);
+        let next = outbox.pending(first[3].id, 100, 1).await.unwrap();
+        assert_eq!(next.len(), 1, "stops once the byte budget is reached");
+        assert_eq!(next[0].id, first[3].id + 1);
+    }
+
+    #[tokio::test]
+    async fn a_locked_database_times_out_instead_of_claiming_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(
+            dir.path(),
+            OutboxSettings {
+                record_timeout: Duration::from_millis(200),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let blocker = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            outbox.record(record("{}", &["c"])).await,
+            Err(RecordError::TimedOut)
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        blocker.execute_batch("COMMIT").unwrap();
+        outbox.flush().await;
+        // The late commit went through; Zoom's retry is then a duplicate.
+        assert_eq!(
+            outbox.record(record("{}", &["c"])).await,
+            Ok(Recorded::Duplicate)
+        );
+    }
+}

@@ -1,0 +1,429 @@
+//! Which connections a webhook is for, and which secrets may sign webhooks at all.
+//!
+//! An in-memory index built from the host engine's connection variables: for every distinct
+//! secret token (the default app's `ZOOM_SECRET_TOKEN` and each private app's
+//! `private_secret_token`), the connections that use it, by Zoom account id. A webhook goes to
+//! the connections whose account id equals `payload.account_id` *and* whose secret verified it.
+//!
+//! Requests read an immutable snapshot (`Arc`), so they never wait for a reload. The index is
+//! loaded at start, reloaded periodically, and updated for one connection by
+//! [`RoutingIndex::reload_connection`] whenever a connection is saved.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::connection::{AuthType, vars};
+use crate::host::{HostEngine, HostError};
+use crate::ids::ConnectionId;
+use crate::secret::Secret;
+use crate::webhook::verify::Verifier;
+
+/// How one connection is routed.
+#[derive(Clone, PartialEq, Eq)]
+struct Route {
+    /// `account_id` (or, for private apps, `private_account_id` when `account_id` is not set yet).
+    account_id: String,
+    /// The secret token that signs this connection's webhooks.
+    secret: Secret,
+}
+
+/// One distinct secret token and the connections that use it.
+struct SecretRoutes {
+    verifier: Verifier,
+    by_account: HashMap<String, Vec<ConnectionId>>,
+}
+
+/// What requests read: every distinct secret with its connections by account.
+pub struct Snapshot {
+    secrets: Vec<SecretRoutes>,
+    connections: usize,
+}
+
+/// The secret that verified a request, as an index into the snapshot it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifiedBy(usize);
+
+impl Snapshot {
+    /// Which secret signed `body` with `signature` and `timestamp`, if any.
+    pub fn verify(&self, signature: &[u8], timestamp: &[u8], body: &[u8]) -> Option<VerifiedBy> {
+        // Every secret is tried, even after a match, so the time taken does not tell which
+        // secret (or whether any) matched.
+        let mut found = None;
+        for (i, s) in self.secrets.iter().enumerate() {
+            if s.verifier.verifies(signature, timestamp, body) && found.is_none() {
+                found = Some(VerifiedBy(i));
+            }
+        }
+        found
+    }
+
+    /// The verifier of the secret that verified a request.
+    pub fn verifier(&self, by: VerifiedBy) -> &Verifier {
+        &self.secrets[by.0].verifier
+    }
+
+    /// The connections of `account_id` whose secret is `by`.
+    pub fn destinations(&self, by: VerifiedBy, account_id: &str) -> &[ConnectionId] {
+        self.secrets[by.0]
+            .by_account
+            .get(account_id)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// How many distinct secrets can verify requests.
+    pub fn secret_count(&self) -> usize {
+        self.secrets.len()
+    }
+
+    /// How many connections are routable.
+    pub fn connection_count(&self) -> usize {
+        self.connections
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    routes: HashMap<ConnectionId, Route>,
+    /// Bumped by every change; a full reload keeps entries changed after it started.
+    version: u64,
+    changed_at: HashMap<ConnectionId, u64>,
+    loaded: bool,
+}
+
+/// The routing index. Cheap to share: clone the `Arc` it lives in.
+pub struct RoutingIndex {
+    default_secret: Option<Secret>,
+    table: Mutex<Table>,
+    snapshot: RwLock<Option<Arc<Snapshot>>>,
+}
+
+/// The variables routing reads.
+fn routing_var_names() -> Vec<String> {
+    [
+        vars::AUTH_TYPE,
+        vars::ACCOUNT_ID,
+        vars::PRIVATE_ACCOUNT_ID,
+        vars::PRIVATE_SECRET_TOKEN,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+impl RoutingIndex {
+    /// An empty, not yet loaded index; `default_secret` is `ZOOM_SECRET_TOKEN`.
+    pub fn new(default_secret: Option<Secret>) -> Self {
+        Self {
+            default_secret,
+            table: Mutex::new(Table::default()),
+            snapshot: RwLock::new(None),
+        }
+    }
+
+    /// The current snapshot, or `None` until the first load completed.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads every connection from the host engine and replaces the index. On failure the
+    /// index keeps what it had.
+    pub async fn reload_all(&self, host: &dyn HostEngine) -> Result<(), HostError> {
+        let started_at = self.lock().version;
+        let ids = host.find_connections(vars::AUTH_TYPE, "").await?;
+        let mut routes = HashMap::new();
+        for chunk in ids.chunks(16) {
+            let reads = chunk
+                .iter()
+                .map(|cid| async move { (cid, host.get_vars(cid, &routing_var_names()).await) });
+            for (cid, result) in join_all(reads).await {
+                if let Some(route) = self.route_of(cid, &result?) {
+                    routes.insert(cid.clone(), route);
+                }
+            }
+        }
+        let mut table = self.lock();
+        // Connections saved while this reload ran keep what their own reload found.
+        let newer: Vec<(ConnectionId, Option<Route>)> = table
+            .changed_at
+            .iter()
+            .filter(|(_, v)| **v > started_at)
+            .map(|(cid, _)| (cid.clone(), table.routes.get(cid).cloned()))
+            .collect();
+        for (cid, route) in newer {
+            match route {
+                Some(route) => routes.insert(cid, route),
+                None => routes.remove(&cid),
+            };
+        }
+        table.routes = routes;
+        table.changed_at.clear();
+        table.loaded = true;
+        self.publish(&table);
+        Ok(())
+    }
+
+    /// Re-reads one connection from the host engine: call it after a connection's variables
+    /// were saved or deleted, so webhooks route by them at once.
+    pub async fn reload_connection(
+        &self,
+        host: &dyn HostEngine,
+        cid: &ConnectionId,
+    ) -> Result<(), HostError> {
+        let found = host.get_vars(cid, &routing_var_names()).await?;
+        let route = self.route_of(cid, &found);
+        let mut table = self.lock();
+        table.version += 1;
+        let version = table.version;
+        table.changed_at.insert(cid.clone(), version);
+        let changed = match route {
+            Some(route) => table.routes.insert(cid.clone(), route.clone()) != Some(route),
+            None => table.routes.remove(cid).is_some(),
+        };
+        if changed && table.loaded {
+            self.publish(&table);
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn route_of(&self, cid: &ConnectionId, found: &[crate::host::Var]) -> Option<Route> {
+        let get = |name: &str| {
+            found
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| v.value.trim())
+                .filter(|v| !v.is_empty())
+        };
+        let auth_type = get(vars::AUTH_TYPE)?.parse::<AuthType>().ok()?;
+        let (secret, account_id) = match auth_type {
+            AuthType::OAuthDefault => (self.default_secret.clone(), get(vars::ACCOUNT_ID)),
+            AuthType::OAuthPrivate | AuthType::ServerToServer => (
+                get(vars::PRIVATE_SECRET_TOKEN).map(Secret::new),
+                get(vars::ACCOUNT_ID).or_else(|| get(vars::PRIVATE_ACCOUNT_ID)),
+            ),
+        };
+        match (secret, account_id) {
+            (Some(secret), Some(account_id)) => Some(Route {
+                account_id: account_id.to_string(),
+                secret,
+            }),
+            (None, _) => {
+                tracing::debug!(connection_id = %cid, %auth_type, "connection has no webhook secret token: its webhooks cannot be verified");
+                None
+            }
+            (_, None) => {
+                tracing::debug!(connection_id = %cid, %auth_type, "connection has no account id yet: no webhooks routed to it");
+                None
+            }
+        }
+    }
+
+    fn publish(&self, table: &Table) {
+        let mut secrets: Vec<(Secret, SecretRoutes)> = Vec::new();
+        // The default secret verifies requests (URL validation) even with no connection.
+        if let Some(default) = &self.default_secret {
+            secrets.push((
+                default.clone(),
+                SecretRoutes {
+                    verifier: Verifier::new(default),
+                    by_account: HashMap::new(),
+                },
+            ));
+        }
+        for (cid, route) in &table.routes {
+            let i = match secrets.iter().position(|(s, _)| *s == route.secret) {
+                Some(i) => i,
+                None => {
+                    secrets.push((
+                        route.secret.clone(),
+                        SecretRoutes {
+                            verifier: Verifier::new(&route.secret),
+                            by_account: HashMap::new(),
+                        },
+                    ));
+                    secrets.len() - 1
+                }
+            };
+            let list = secrets[i]
+                .1
+                .by_account
+                .entry(route.account_id.clone())
+                .or_default();
+            list.push(cid.clone());
+            list.sort();
+        }
+        let snapshot = Snapshot {
+            secrets: secrets.into_iter().map(|(_, r)| r).collect(),
+            connections: table.routes.len(),
+        };
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
+    }
+}
+
+/// Runs futures concurrently on this task and returns their results in order.
+async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (f, slot) in pending.iter_mut().zip(results.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().map(Option::unwrap).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Keys;
+    use crate::host::Var;
+    use crate::host::embedded::EmbeddedHost;
+
+    async fn host() -> (tempfile::TempDir, EmbeddedHost) {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(
+            dir.path(),
+            Arc::new(Keys::from_material(b"routing test key material, 32+ bytes")),
+        )
+        .unwrap();
+        (dir, host)
+    }
+
+    fn signed(secret: &str, body: &[u8]) -> String {
+        Verifier::new(&Secret::new(secret)).sign("1", body)
+    }
+
+    #[tokio::test]
+    async fn routes_follow_account_and_secret() {
+        let (_dir, host) = host().await;
+        let (default_a, private_a, private_b, no_account) = (
+            ConnectionId::generate(),
+            ConnectionId::generate(),
+            ConnectionId::generate(),
+            ConnectionId::generate(),
+        );
+        host.set_vars(
+            &default_a,
+            vec![
+                Var::plain("auth_type", "oauthDefault"),
+                Var::plain("account_id", "acc-A"),
+            ],
+        )
+        .await
+        .unwrap();
+        host.set_vars(
+            &private_a,
+            vec![
+                Var::plain("auth_type", "serverToServer"),
+                Var::plain("private_account_id", "acc-A"),
+                Var::secret("private_secret_token", "private-1"),
+            ],
+        )
+        .await
+        .unwrap();
+        host.set_vars(
+            &private_b,
+            vec![
+                Var::plain("auth_type", "oauthPrivate"),
+                Var::plain("account_id", "acc-B"),
+                Var::secret("private_secret_token", "private-1"),
+            ],
+        )
+        .await
+        .unwrap();
+        host.set_vars(&no_account, vec![Var::plain("auth_type", "oauthDefault")])
+            .await
+            .unwrap();
+
+        let index = RoutingIndex::new(Some(Secret::new("default-secret")));
+        assert!(index.snapshot().is_none(), "not loaded yet");
+        index.reload_all(&host).await.unwrap();
+        let snap = index.snapshot().unwrap();
+        assert_eq!(snap.secret_count(), 2);
+        assert_eq!(snap.connection_count(), 3);
+
+        let by_default = snap
+            .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
+            .unwrap();
+        let by_private = snap
+            .verify(signed("private-1", b"x").as_bytes(), b"1", b"x")
+            .unwrap();
+        assert!(
+            snap.verify(signed("other", b"x").as_bytes(), b"1", b"x")
+                .is_none()
+        );
+        assert_eq!(
+            snap.destinations(by_default, "acc-A"),
+            std::slice::from_ref(&default_a)
+        );
+        assert_eq!(
+            snap.destinations(by_private, "acc-A"),
+            std::slice::from_ref(&private_a)
+        );
+        assert_eq!(
+            snap.destinations(by_private, "acc-B"),
+            std::slice::from_ref(&private_b)
+        );
+        assert!(snap.destinations(by_default, "acc-B").is_empty());
+
+        // A connection saved later is routable as soon as it is reloaded.
+        let later = ConnectionId::generate();
+        host.set_vars(
+            &later,
+            vec![
+                Var::plain("auth_type", "oauthDefault"),
+                Var::plain("account_id", "acc-B"),
+            ],
+        )
+        .await
+        .unwrap();
+        index.reload_connection(&host, &later).await.unwrap();
+        let snap = index.snapshot().unwrap();
+        let by_default = snap
+            .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
+            .unwrap();
+        assert_eq!(
+            snap.destinations(by_default, "acc-B"),
+            std::slice::from_ref(&later)
+        );
+
+        // And gone once its variables are.
+        host.delete_vars(&later, &[]).await.unwrap();
+        index.reload_connection(&host, &later).await.unwrap();
+        let snap = index.snapshot().unwrap();
+        let by_default = snap
+            .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
+            .unwrap();
+        assert!(snap.destinations(by_default, "acc-B").is_empty());
+    }
+
+    #[tokio::test]
+    async fn with_no_secret_at_all_nothing_verifies() {
+        let (_dir, host) = host().await;
+        let index = RoutingIndex::new(None);
+        index.reload_all(&host).await.unwrap();
+        let snap = index.snapshot().unwrap();
+        assert_eq!(snap.secret_count(), 0);
+        assert!(
+            snap.verify(signed("", b"x").as_bytes(), b"1", b"x")
+                .is_none()
+        );
+    }
+}
