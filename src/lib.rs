@@ -10,6 +10,7 @@ pub mod connection;
 pub mod credentials;
 pub mod crypto;
 pub mod error;
+pub mod functions;
 pub mod grpc;
 pub mod host;
 pub mod http;

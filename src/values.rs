@@ -60,6 +60,30 @@ pub fn string(s: impl Into<String>) -> pb::Value {
     }
 }
 
+/// A value holding an integer.
+pub fn integer(v: i64) -> pb::Value {
+    pb::Value {
+        integer: Some(pb::Integer { v }),
+        ..Default::default()
+    }
+}
+
+/// A dict of text keys, in the given order.
+pub fn dict(items: Vec<(String, pb::Value)>) -> pb::Value {
+    pb::Value {
+        dict: Some(pb::Dict {
+            items: items
+                .into_iter()
+                .map(|(k, v)| pb::dict::Item {
+                    k: Some(string(k)),
+                    v: Some(v),
+                })
+                .collect(),
+        }),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ use crate::connection::{
 };
 use crate::credentials::{CredentialError, Credentials};
 use crate::error::ApiError;
+use crate::functions::Functions;
 use crate::host::HostEngine;
 use crate::ids::ConnectionId;
 use crate::integration::is_this_integration;
@@ -24,6 +25,7 @@ pub struct IntegrationsApi {
     descriptor: Integration,
     credentials: Arc<Credentials>,
     zoom_api: ZoomApi,
+    functions: Functions,
 }
 
 impl IntegrationsApi {
@@ -35,6 +37,7 @@ impl IntegrationsApi {
             descriptor: crate::integration::descriptor(&state.config),
             credentials: state.credentials.clone(),
             zoom_api: state.zoom_api.clone(),
+            functions: Functions::new(state.credentials.clone(), state.zoom_api.clone()),
         }
     }
 
@@ -194,9 +197,51 @@ impl IntegrationsService for IntegrationsApi {
     }
 
     async fn call(&self, request: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
-        check_integration(&request.into_inner().integration_id)?;
-        Err(Status::unimplemented(
-            "Call is not available in this version",
-        ))
+        let req = request.into_inner();
+        check_integration(&req.integration_id)?;
+        let function = req.function.unwrap_or_default();
+        let (name, data) = match (&function.function, &function.string) {
+            (Some(f), _) => (f.name.clone(), f.data.clone()),
+            (None, Some(s)) => (s.v.clone(), Vec::new()),
+            (None, None) => {
+                return Err(ApiError::InvalidArgument(
+                    "function must be a function value (or its name as text)".into(),
+                )
+                .into());
+            }
+        };
+        let mut kwargs = req.kwargs;
+        // AutoKitteh's SDK puts the connection id in the function value's data.
+        let cid = match String::from_utf8(data) {
+            Ok(cid) if !cid.is_empty() => cid,
+            _ => kwargs
+                .remove("connection_id")
+                .and_then(|v| v.string.map(|s| s.v))
+                .unwrap_or_default(),
+        };
+        let cid = ConnectionId::parse(&cid).map_err(ApiError::from)?;
+        let response = match self.functions.call(&cid, &name, req.args, kwargs).await {
+            Ok(value) => CallResponse {
+                value: Some(value),
+                error: None,
+            },
+            Err(failure) => CallResponse {
+                value: None,
+                error: Some(crate::proto::autokitteh::program::v1::Error {
+                    value: Some(failure.to_value()),
+                    callstack: Vec::new(),
+                    extra: [
+                        failure
+                            .status
+                            .map(|s| ("status".to_string(), s.to_string())),
+                        failure.code.map(|c| ("code".to_string(), c.to_string())),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+                }),
+            },
+        };
+        Ok(Response::new(response))
     }
 }

@@ -68,7 +68,7 @@ pub fn top_level_fields(body: &[u8]) -> Result<HashMap<String, pb::Value>, Norma
     Ok(fields)
 }
 
-/// The value of one JSON text (for tests and tools).
+/// The value of one JSON text, losslessly (Zoom API answers use it too).
 pub fn value(text: &[u8]) -> Result<pb::Value, NormalizeError> {
     let mut parser = Parser { text, pos: 0 };
     let v = parser.value(0)?;

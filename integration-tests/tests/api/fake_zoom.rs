@@ -74,6 +74,11 @@ pub struct FakeZoomState {
     refresh_tokens: HashMap<String, String>,
     /// `expires_in` of Server-to-Server tokens.
     pub s2s_expires_in: u64,
+    /// Answers for the next API requests: 429 with (`Retry-After`, `X-RateLimit-Type`).
+    pub rate_limits: std::collections::VecDeque<(String, String)>,
+    /// API requests received (method and path), rate-limited ones included.
+    pub api_requests: Vec<String>,
+    meetings: std::collections::BTreeMap<u64, serde_json::Value>,
     pub token_requests: Vec<TokenRequest>,
     /// Every token request waits this long first (to test slow Zoom).
     pub token_delay: Duration,
@@ -123,6 +128,22 @@ impl FakeZoom {
             .route("/oauth/token", post(token))
             .route("/v2/users/me", get(me))
             .route("/v2/users", get(users))
+            .route("/v2/users/{user}", get(get_user))
+            .route(
+                "/v2/users/{user}/meetings",
+                get(list_meetings).post(create_meeting),
+            )
+            .route("/v2/users/{user}/recordings", get(list_recordings))
+            .route(
+                "/v2/meetings/{id}",
+                get(get_meeting)
+                    .patch(update_meeting)
+                    .delete(delete_meeting),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                api_gate,
+            ))
             .with_state(state.clone());
         tokio::spawn({
             let stop = stop.clone();
@@ -488,10 +509,7 @@ fn invalid_access_token() -> Response {
         .into_response()
 }
 
-async fn users(State(state): State<Arc<Mutex<FakeZoomState>>>, headers: HeaderMap) -> Response {
-    if !bearer_is_valid(&state, &headers) {
-        return invalid_access_token();
-    }
+async fn users() -> Response {
     axum::Json(json!({
         "page_size": 1,
         "total_records": 3,
@@ -501,11 +519,42 @@ async fn users(State(state): State<Arc<Mutex<FakeZoomState>>>, headers: HeaderMa
     .into_response()
 }
 
-async fn me(State(state): State<Arc<Mutex<FakeZoomState>>>, headers: HeaderMap) -> Response {
-    if !bearer_is_valid(&state, &headers) {
+async fn me() -> Response {
+    axum::Json(user_json()).into_response()
+}
+
+/// Every API request: recorded, checked for a valid bearer token, and rate-limited when the
+/// test queued a 429.
+async fn api_gate(
+    State(state): State<Arc<Mutex<FakeZoomState>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !request.uri().path().starts_with("/v2/") {
+        return next.run(request).await;
+    }
+    let limited = {
+        let mut s = state.lock().unwrap();
+        s.api_requests
+            .push(format!("{} {}", request.method(), request.uri()));
+        s.rate_limits.pop_front()
+    };
+    if let Some((retry_after, kind)) = limited {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", retry_after), ("x-ratelimit-type", kind)],
+            axum::Json(json!({ "code": 429, "message": "You have reached the maximum per-second rate limit for this API. Try again later." })),
+        )
+            .into_response();
+    }
+    if !bearer_is_valid(&state, request.headers()) {
         return invalid_access_token();
     }
-    axum::Json(json!({
+    next.run(request).await
+}
+
+fn user_json() -> serde_json::Value {
+    json!({
         "id": USER_ID,
         "account_id": USER_ACCOUNT_ID,
         "email": USER_EMAIL,
@@ -513,6 +562,107 @@ async fn me(State(state): State<Arc<Mutex<FakeZoomState>>>, headers: HeaderMap) 
         "first_name": "Zoë",
         "last_name": "Ångström",
         "type": 2,
+    })
+}
+
+fn no_meeting(id: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({ "code": 3001, "message": format!("Meeting does not exist: {id}.") })),
+    )
+        .into_response()
+}
+
+async fn get_user(axum::extract::Path(user): axum::extract::Path<String>) -> Response {
+    if user == "me" || user == USER_ID || user == USER_EMAIL {
+        axum::Json(user_json()).into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({ "code": 1001, "message": "User does not exist." })),
+        )
+            .into_response()
+    }
+}
+
+async fn list_meetings(
+    State(state): State<Arc<Mutex<FakeZoomState>>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let s = state.lock().unwrap();
+    let meetings: Vec<_> = s.meetings.values().cloned().collect();
+    axum::Json(json!({
+        "page_size": q.get("page_size").and_then(|p| p.parse::<u64>().ok()).unwrap_or(30),
+        "total_records": meetings.len(),
+        "meetings": meetings,
+    }))
+    .into_response()
+}
+
+async fn create_meeting(
+    State(state): State<Arc<Mutex<FakeZoomState>>>,
+    axum::Json(body): axum::Json<serde_json::Value>,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    // Zoom's meeting ids are 10 to 11 digits: beyond 32 bits.
+    let id = 85_746_065_432 + s.meetings.len() as u64;
+    let mut meeting = body;
+    meeting["id"] = json!(id);
+    meeting["host_id"] = json!(USER_ID);
+    meeting["join_url"] = json!(format!("https://zoom.us/j/{id}"));
+    s.meetings.insert(id, meeting.clone());
+    (StatusCode::CREATED, axum::Json(meeting)).into_response()
+}
+
+async fn get_meeting(
+    State(state): State<Arc<Mutex<FakeZoomState>>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let s = state.lock().unwrap();
+    match id.parse::<u64>().ok().and_then(|id| s.meetings.get(&id)) {
+        Some(m) => axum::Json(m.clone()).into_response(),
+        None => no_meeting(&id),
+    }
+}
+
+async fn update_meeting(
+    State(state): State<Arc<Mutex<FakeZoomState>>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::Json(body): axum::Json<serde_json::Value>,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    match id
+        .parse::<u64>()
+        .ok()
+        .and_then(|id| s.meetings.get_mut(&id))
+    {
+        Some(m) => {
+            for (k, v) in body.as_object().cloned().unwrap_or_default() {
+                m[k] = v;
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        None => no_meeting(&id),
+    }
+}
+
+async fn delete_meeting(
+    State(state): State<Arc<Mutex<FakeZoomState>>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    match id.parse::<u64>().ok().and_then(|id| s.meetings.remove(&id)) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => no_meeting(&id),
+    }
+}
+
+async fn list_recordings(Query(q): Query<HashMap<String, String>>) -> Response {
+    axum::Json(json!({
+        "from": q.get("from").cloned().unwrap_or_default(),
+        "to": q.get("to").cloned().unwrap_or_default(),
+        "total_records": 0,
+        "meetings": [],
     }))
     .into_response()
 }

@@ -8,6 +8,7 @@ mod user_agent;
 mod webdriver;
 
 mod browser;
+mod calls;
 mod connection_setup;
 mod embedded_host;
 mod fresh_tokens;

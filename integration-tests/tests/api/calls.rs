@@ -1,0 +1,338 @@
+//! `IntegrationsService.Call`: workflows calling Zoom through a connection, against the
+//! fake Zoom. Results are values; every failure is the call's error, not a gRPC failure.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use zoom_integration::ids::ConnectionId;
+use zoom_integration::proto::autokitteh::integrations::v1::{CallRequest, CallResponse};
+use zoom_integration::proto::autokitteh::values::v1 as pb;
+use zoom_integration::proto::autokitteh::vars::v1 as vars;
+use zoom_integration::values::{self, to_json};
+
+use crate::connection_setup::app_with;
+use crate::fake_zoom::*;
+use crate::helpers::{TestApp, var, zoom_id};
+
+/// A working default-app connection: its access token is one the fake Zoom issued.
+async fn connected(app: &TestApp, zoom: &FakeZoom) -> String {
+    let cid = ConnectionId::generate().to_string();
+    let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "oauthDefault", false),
+                var(&cid, "oauth_refresh_token", &refresh, true),
+                var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+            ],
+        })
+        .await
+        .unwrap();
+    cid
+}
+
+fn function(name: &str, cid: &str) -> pb::Value {
+    pb::Value {
+        function: Some(pb::Function {
+            name: name.into(),
+            data: cid.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn text(s: &str) -> pb::Value {
+    values::string(s)
+}
+
+async fn call(
+    app: &TestApp,
+    cid: &str,
+    name: &str,
+    args: Vec<pb::Value>,
+    kwargs: Vec<(&str, pb::Value)>,
+) -> CallResponse {
+    app.integrations()
+        .call(CallRequest {
+            integration_id: zoom_id(),
+            function: Some(function(name, cid)),
+            args,
+            kwargs: kwargs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<HashMap<_, _>>(),
+        })
+        .await
+        .expect("Call answers, whatever Zoom says")
+        .into_inner()
+}
+
+fn ok(response: CallResponse) -> serde_json::Value {
+    assert!(response.error.is_none(), "{:?}", response.error);
+    to_json(&response.value.expect("a value"))
+}
+
+fn err(response: CallResponse) -> serde_json::Value {
+    assert!(response.value.is_none());
+    to_json(
+        &response
+            .error
+            .expect("an error")
+            .value
+            .expect("an error value"),
+    )
+}
+
+#[tokio::test]
+async fn named_functions_manage_meetings_and_return_zoom_values_losslessly() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+
+    let user = ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert_eq!(user["display_name"], USER_DISPLAY_NAME);
+
+    let created = call(
+        &app,
+        &cid,
+        "create_meeting",
+        vec![],
+        vec![
+            ("topic", text("Grüße, 会議 🎉")),
+            ("type", values::integer(2)),
+            ("duration", values::integer(30)),
+        ],
+    )
+    .await;
+    let created_value = created.value.clone().unwrap();
+    let meeting = ok(created);
+    assert_eq!(meeting["topic"], "Grüße, 会議 🎉");
+    let id = meeting["id"].as_i64().unwrap();
+    assert_eq!(id, 85_746_065_432);
+    // The id is an integer value, not a float or text.
+    let dict = created_value.dict.unwrap();
+    let id_value = dict
+        .items
+        .iter()
+        .find(|i| to_json(i.k.as_ref().unwrap()) == "id")
+        .unwrap()
+        .v
+        .clone()
+        .unwrap();
+    assert_eq!(id_value.integer.map(|i| i.v), Some(85_746_065_432));
+
+    let fetched = ok(call(&app, &cid, "get_meeting", vec![values::integer(id)], vec![]).await);
+    assert_eq!(fetched["duration"], 30);
+    let updated = ok(call(
+        &app,
+        &cid,
+        "update_meeting",
+        vec![text(&id.to_string())],
+        vec![("topic", text("Renamed"))],
+    )
+    .await);
+    assert!(updated.is_null(), "204 gives nothing");
+    let list = ok(call(
+        &app,
+        &cid,
+        "list_meetings",
+        vec![],
+        vec![("page_size", values::integer(10))],
+    )
+    .await);
+    assert_eq!(list["meetings"][0]["topic"], "Renamed");
+    assert_eq!(list["page_size"], 10);
+    let recordings = ok(call(
+        &app,
+        &cid,
+        "list_recordings",
+        vec![],
+        vec![("from", text("2026-11-01")), ("to", text("2026-11-22"))],
+    )
+    .await);
+    assert_eq!(recordings["from"], "2026-11-01");
+    ok(call(
+        &app,
+        &cid,
+        "delete_meeting",
+        vec![values::integer(id)],
+        vec![],
+    )
+    .await);
+
+    let missing = call(&app, &cid, "get_meeting", vec![values::integer(id)], vec![]).await;
+    let extra = missing.error.as_ref().unwrap().extra.clone();
+    assert_eq!(
+        err(missing),
+        json!({ "status": 404, "code": 3001, "message": format!("Meeting does not exist: {id}.") })
+    );
+    assert_eq!(extra["code"], "3001");
+    assert_eq!(
+        zoom.token_requests_of("refresh_token"),
+        1,
+        "one refresh for every call"
+    );
+}
+
+#[tokio::test]
+async fn api_calls_any_path_with_query_and_body_and_returns_status_and_body() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    let answer = ok(call(
+        &app,
+        &cid,
+        "api",
+        vec![text("get"), text("/users/me")],
+        vec![("query", values::dict(vec![("fields".into(), text("id"))]))],
+    )
+    .await);
+    assert_eq!(answer["status"], 200);
+    assert_eq!(answer["body"]["id"], USER_ID);
+    let answer = ok(call(
+        &app,
+        &cid,
+        "api",
+        vec![
+            text("POST"),
+            text("/users/me/meetings"),
+            values::dict(vec![]),
+            values::dict(vec![("topic".into(), text("via api"))]),
+        ],
+        vec![],
+    )
+    .await);
+    assert_eq!(answer["status"], 201);
+    assert_eq!(answer["body"]["topic"], "via api");
+    assert!(
+        zoom.state
+            .lock()
+            .unwrap()
+            .api_requests
+            .iter()
+            .any(|r| r == "GET /v2/users/me?fields=id")
+    );
+}
+
+#[tokio::test]
+async fn a_rate_limit_with_retry_after_one_second_is_waited_out_and_succeeds() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    zoom.state
+        .lock()
+        .unwrap()
+        .rate_limits
+        .push_back(("1".into(), "QPS".into()));
+    let started = Instant::now();
+    let user = ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert_eq!(user["id"], USER_ID);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited per Retry-After"
+    );
+    assert_eq!(zoom.state.lock().unwrap().api_requests.len(), 2);
+}
+
+#[tokio::test]
+async fn a_daily_limit_is_reported_at_once() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    zoom.state
+        .lock()
+        .unwrap()
+        .rate_limits
+        .push_back(("3600".into(), "Daily-limit".into()));
+    let started = Instant::now();
+    let error = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(error["status"], 429);
+    assert_eq!(error["code"], 429);
+    assert_eq!(zoom.state.lock().unwrap().api_requests.len(), 1, "no retry");
+}
+
+#[tokio::test]
+async fn paths_leaving_the_api_are_refused_before_anything_is_sent() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    for path in [
+        "/users/../../oauth/token",
+        "/users/%2e%2e/x",
+        "https://evil.example/users/me",
+        "//evil.example/users",
+        "users/me",
+    ] {
+        let error = err(call(&app, &cid, "api", vec![text("GET"), text(path)], vec![]).await);
+        assert!(
+            error["message"].as_str().unwrap().contains("is refused"),
+            "{path}: {error}"
+        );
+    }
+    // A user id cannot climb out of its segment either.
+    let error = err(call(&app, &cid, "get_user", vec![text("..")], vec![]).await);
+    assert!(error["message"].as_str().unwrap().contains("is refused"));
+    assert!(zoom.state.lock().unwrap().api_requests.is_empty());
+    assert!(
+        zoom.token_requests().is_empty(),
+        "refused before getting a token"
+    );
+}
+
+#[tokio::test]
+async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    type Case<'a> = (&'a str, Vec<pb::Value>, Vec<(&'a str, pb::Value)>, &'a str);
+    let cases: Vec<Case> = vec![
+        ("no_such_function", vec![], vec![], "unknown function"),
+        ("get_meeting", vec![], vec![], "meeting_id is required"),
+        (
+            "get_user",
+            vec![],
+            vec![("colour", text("red"))],
+            "unexpected argument colour",
+        ),
+        (
+            "api",
+            vec![text("TRACE"), text("/users/me")],
+            vec![],
+            "method must be",
+        ),
+        (
+            "api",
+            vec![text("GET"), text("/x"), text("q")],
+            vec![],
+            "query must be a dict",
+        ),
+    ];
+    for (name, args, kwargs, words) in cases {
+        let error = err(call(&app, &cid, name, args, kwargs).await);
+        assert!(
+            error["message"].as_str().unwrap().contains(words),
+            "{name}: {error}"
+        );
+    }
+    // A connection that is not set up.
+    let other = ConnectionId::generate().to_string();
+    let error = err(call(&app, &other, "get_user", vec![], vec![]).await);
+    assert!(
+        error["message"].as_str().unwrap().contains("not set up"),
+        "{error}"
+    );
+    // Without a connection at all, the request itself is invalid.
+    let status = app
+        .integrations()
+        .call(CallRequest {
+            integration_id: zoom_id(),
+            function: Some(function("get_user", "")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+}

@@ -1,0 +1,388 @@
+//! The functions workflows call through `IntegrationsService.Call`: a general `api` and named
+//! functions for the common jobs. Arguments and results are `autokitteh.values.v1.Value`s;
+//! Zoom's answers are converted losslessly (integers stay integers, text exactly as sent).
+//!
+//! The connection is named the way AutoKitteh's SDK does it: the function value's `data`
+//! holds the connection id (a `connection_id` keyword argument is accepted too).
+//!
+//! Zoom refusing, rate limits, bad arguments and unusable connections all come back as the
+//! call's *error* (a value with Zoom's `code` and `message`), never as a failed gRPC call.
+
+use std::collections::HashMap;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::credentials::{CredentialError, Credentials};
+use crate::ids::ConnectionId;
+use crate::proto::autokitteh::values::v1 as pb;
+use crate::values::{self, to_json};
+use crate::zoom::api::{CallError, ZoomApi};
+
+/// One function: its name, its parameters (in positional order) and what it does.
+pub struct FunctionSpec {
+    /// The name workflows call.
+    pub name: &'static str,
+    /// Parameter names, positional order; `*` marks required ones.
+    pub params: &'static [&'static str],
+    /// One line for people.
+    pub doc: &'static str,
+}
+
+/// Every function, as the README documents them.
+pub const FUNCTIONS: &[FunctionSpec] = &[
+    FunctionSpec {
+        name: "api",
+        params: &["method*", "path*", "query", "body"],
+        doc: "any Zoom API call: method (GET, POST, PATCH, PUT, DELETE), path relative to ZOOM_API_URL, query dict, JSON body; returns {status, body}",
+    },
+    FunctionSpec {
+        name: "get_user",
+        params: &["user_id"],
+        doc: "GET /users/{user_id} (default me)",
+    },
+    FunctionSpec {
+        name: "list_meetings",
+        params: &["user_id", "type", "page_size", "next_page_token"],
+        doc: "GET /users/{user_id}/meetings (default me)",
+    },
+    FunctionSpec {
+        name: "get_meeting",
+        params: &["meeting_id*"],
+        doc: "GET /meetings/{meeting_id}",
+    },
+    FunctionSpec {
+        name: "create_meeting",
+        params: &["meeting", "user_id"],
+        doc: "POST /users/{user_id}/meetings with the meeting dict and any other keyword arguments (topic, type, start_time, duration, timezone, agenda, settings, ...) as its body",
+    },
+    FunctionSpec {
+        name: "update_meeting",
+        params: &["meeting_id*", "meeting"],
+        doc: "PATCH /meetings/{meeting_id} with the meeting dict and any other keyword arguments as its body",
+    },
+    FunctionSpec {
+        name: "delete_meeting",
+        params: &["meeting_id*"],
+        doc: "DELETE /meetings/{meeting_id}",
+    },
+    FunctionSpec {
+        name: "list_recordings",
+        params: &["user_id", "from", "to", "page_size", "next_page_token"],
+        doc: "GET /users/{user_id}/recordings (default me); from and to are dates (yyyy-mm-dd)",
+    },
+];
+
+/// A failed call, as the caller's program sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallFailure {
+    /// The HTTP status Zoom answered, if it did.
+    pub status: Option<u16>,
+    /// Zoom's error code, if it gave one.
+    pub code: Option<i64>,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl CallFailure {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            status: None,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// The failure as a value: a dict of `status`, `code` and `message`.
+    pub fn to_value(&self) -> pb::Value {
+        let mut items = vec![("message".to_string(), values::string(&self.message))];
+        if let Some(status) = self.status {
+            items.push(("status".into(), values::integer(i64::from(status))));
+        }
+        if let Some(code) = self.code {
+            items.push(("code".into(), values::integer(code)));
+        }
+        values::dict(items)
+    }
+}
+
+/// Arguments by position and by name.
+struct Args {
+    spec: &'static FunctionSpec,
+    by_name: HashMap<String, pb::Value>,
+}
+
+impl Args {
+    fn new(
+        spec: &'static FunctionSpec,
+        args: Vec<pb::Value>,
+        mut kwargs: HashMap<String, pb::Value>,
+    ) -> Result<Self, CallFailure> {
+        if args.len() > spec.params.len() {
+            return Err(CallFailure::new(format!(
+                "{} takes at most {} positional arguments",
+                spec.name,
+                spec.params.len()
+            )));
+        }
+        for (param, value) in spec.params.iter().zip(args) {
+            let name = param.trim_end_matches('*');
+            if kwargs.insert(name.to_string(), value).is_some() {
+                return Err(CallFailure::new(format!(
+                    "{}: {name} given twice",
+                    spec.name
+                )));
+            }
+        }
+        for param in spec.params.iter().filter(|p| p.ends_with('*')) {
+            let name = param.trim_end_matches('*');
+            if !kwargs.contains_key(name) {
+                return Err(CallFailure::new(format!(
+                    "{}: {name} is required",
+                    spec.name
+                )));
+            }
+        }
+        Ok(Self {
+            spec,
+            by_name: kwargs,
+        })
+    }
+
+    fn take(&mut self, name: &str) -> Option<serde_json::Value> {
+        self.by_name
+            .remove(name)
+            .map(|v| to_json(&v))
+            .filter(|v| !v.is_null())
+    }
+
+    /// A text argument (numbers are accepted as their digits).
+    fn text(&mut self, name: &str) -> Result<Option<String>, CallFailure> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s)),
+            Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(_) => Err(CallFailure::new(format!(
+                "{}: {name} must be text",
+                self.spec.name
+            ))),
+        }
+    }
+
+    fn required_text(&mut self, name: &str) -> Result<String, CallFailure> {
+        self.text(name)?
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| CallFailure::new(format!("{}: {name} is required", self.spec.name)))
+    }
+
+    /// The named query parameters that were given.
+    fn query(&mut self, names: &[&str]) -> Result<Vec<(String, String)>, CallFailure> {
+        let mut query = Vec::new();
+        for name in names {
+            if let Some(value) = self.text(name)? {
+                query.push((name.to_string(), value));
+            }
+        }
+        Ok(query)
+    }
+
+    /// `meeting` (a dict) merged with every keyword argument left.
+    fn body(&mut self, dict_name: &str) -> Result<serde_json::Value, CallFailure> {
+        let mut body = match self.take(dict_name) {
+            None => serde_json::Map::new(),
+            Some(serde_json::Value::Object(map)) => map,
+            Some(_) => {
+                return Err(CallFailure::new(format!(
+                    "{}: {dict_name} must be a dict",
+                    self.spec.name
+                )));
+            }
+        };
+        for (name, value) in self.by_name.drain() {
+            body.insert(name, to_json(&value));
+        }
+        Ok(serde_json::Value::Object(body))
+    }
+
+    fn no_more(&self) -> Result<(), CallFailure> {
+        match self.by_name.keys().next() {
+            Some(name) => Err(CallFailure::new(format!(
+                "{}: unexpected argument {name}",
+                self.spec.name
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Characters left as they are in a path segment built from an argument.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'@')
+    .remove(b'~');
+
+fn segment(s: &str) -> String {
+    utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// Runs the functions of [`FUNCTIONS`] through a connection.
+pub struct Functions {
+    credentials: std::sync::Arc<Credentials>,
+    api: ZoomApi,
+}
+
+impl Functions {
+    /// Functions using `credentials` and `api`.
+    pub fn new(credentials: std::sync::Arc<Credentials>, api: ZoomApi) -> Self {
+        Self { credentials, api }
+    }
+
+    /// Calls `name` with `args` and `kwargs` through connection `cid`.
+    pub async fn call(
+        &self,
+        cid: &ConnectionId,
+        name: &str,
+        args: Vec<pb::Value>,
+        kwargs: HashMap<String, pb::Value>,
+    ) -> Result<pb::Value, CallFailure> {
+        let spec = FUNCTIONS.iter().find(|f| f.name == name).ok_or_else(|| {
+            CallFailure::new(format!(
+                "unknown function {:?}",
+                crate::ids::truncate(name, 64)
+            ))
+        })?;
+        let mut args = Args::new(spec, args, kwargs)?;
+        let user = |args: &mut Args| -> Result<String, CallFailure> {
+            Ok(segment(
+                &args.text("user_id")?.unwrap_or_else(|| "me".into()),
+            ))
+        };
+        let (method, path, query, body, wrap) = match name {
+            "api" => {
+                let method = args.required_text("method")?.to_ascii_uppercase();
+                let method = match method.as_str() {
+                    "GET" | "POST" | "PATCH" | "PUT" | "DELETE" => {
+                        reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| {
+                            CallFailure::new("api: method must be GET, POST, PATCH, PUT or DELETE")
+                        })?
+                    }
+                    _ => {
+                        return Err(CallFailure::new(
+                            "api: method must be GET, POST, PATCH, PUT or DELETE",
+                        ));
+                    }
+                };
+                let path = args.required_text("path")?;
+                let query = match args.take("query") {
+                    None => Vec::new(),
+                    Some(serde_json::Value::Object(map)) => map
+                        .into_iter()
+                        .map(|(k, v)| match v {
+                            serde_json::Value::String(s) => (k, s),
+                            other => (k, other.to_string()),
+                        })
+                        .collect(),
+                    Some(_) => return Err(CallFailure::new("api: query must be a dict")),
+                };
+                let body = args.take("body");
+                args.no_more()?;
+                (method, path, query, body, true)
+            }
+            "get_user" => {
+                let path = format!("/users/{}", user(&mut args)?);
+                args.no_more()?;
+                (reqwest::Method::GET, path, Vec::new(), None, false)
+            }
+            "list_meetings" => {
+                let path = format!("/users/{}/meetings", user(&mut args)?);
+                let query = args.query(&["type", "page_size", "next_page_token"])?;
+                args.no_more()?;
+                (reqwest::Method::GET, path, query, None, false)
+            }
+            "get_meeting" | "delete_meeting" => {
+                let path = format!("/meetings/{}", segment(&args.required_text("meeting_id")?));
+                args.no_more()?;
+                let method = if name == "get_meeting" {
+                    reqwest::Method::GET
+                } else {
+                    reqwest::Method::DELETE
+                };
+                (method, path, Vec::new(), None, false)
+            }
+            "create_meeting" => {
+                let path = format!("/users/{}/meetings", user(&mut args)?);
+                let body = args.body("meeting")?;
+                (reqwest::Method::POST, path, Vec::new(), Some(body), false)
+            }
+            "update_meeting" => {
+                let path = format!("/meetings/{}", segment(&args.required_text("meeting_id")?));
+                let body = args.body("meeting")?;
+                (reqwest::Method::PATCH, path, Vec::new(), Some(body), false)
+            }
+            "list_recordings" => {
+                let path = format!("/users/{}/recordings", user(&mut args)?);
+                let query = args.query(&["from", "to", "page_size", "next_page_token"])?;
+                args.no_more()?;
+                (reqwest::Method::GET, path, query, None, false)
+            }
+            _ => unreachable!("every function in FUNCTIONS is handled"),
+        };
+
+        // Refuse a bad path before a token is fetched for it.
+        crate::zoom::api::check_path(&path).map_err(|e| CallFailure::new(e.to_string()))?;
+        let access = self
+            .credentials
+            .access_token(cid)
+            .await
+            .map_err(|e| match e {
+                CredentialError::Host(e) => {
+                    tracing::warn!(error = %e, "cannot read the connection for a call");
+                    CallFailure::new("the host engine is unavailable: try again later")
+                }
+                other => CallFailure::new(format!("the connection cannot be used: {other}")),
+            })?;
+        let answer = self
+            .api
+            .call(&access.token, method, &path, &query, body.as_ref())
+            .await
+            .map_err(|e| match e {
+                CallError::BadPath(e) => CallFailure::new(e.to_string()),
+                CallError::Zoom(e) => CallFailure::new(e.to_string()),
+            })?;
+        let body = if answer.body.iter().all(u8::is_ascii_whitespace) {
+            pb::Value {
+                nothing: Some(pb::Nothing {}),
+                ..Default::default()
+            }
+        } else {
+            crate::webhook::normalize::value(&answer.body).map_err(|_| CallFailure {
+                status: Some(answer.status),
+                code: None,
+                message: "Zoom answered something that is not JSON".into(),
+            })?
+        };
+        if answer.status >= 400 {
+            let json = to_json(&body);
+            return Err(CallFailure {
+                status: Some(answer.status),
+                code: json.get("code").and_then(serde_json::Value::as_i64),
+                message: json
+                    .get("message")
+                    .and_then(serde_json::Value::as_str)
+                    .map_or_else(
+                        || format!("Zoom answered HTTP {}", answer.status),
+                        str::to_string,
+                    ),
+            });
+        }
+        Ok(if wrap {
+            values::dict(vec![
+                ("status".into(), values::integer(i64::from(answer.status))),
+                ("body".into(), body),
+            ])
+        } else {
+            body
+        })
+    }
+}
