@@ -446,6 +446,7 @@ impl HostEngine for EmbeddedHost {
         for name in remove {
             check_var_name(name)?;
         }
+        let changed = scope.clone();
         let scope = scope.clone();
         let remove: Vec<String> = remove
             .iter()
@@ -469,7 +470,9 @@ impl HostEngine for EmbeddedHost {
             tx.commit()?;
             Ok(())
         })
-        .await
+        .await?;
+        self.announce_change([changed]);
+        Ok(())
     }
 
     async fn find_connections(
@@ -818,5 +821,44 @@ mod tests {
             })
             .await;
         assert!(matches!(with_id, Err(HostError::InvalidArgument(_))));
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_events_is_saved_all_or_none_and_variable_changes_are_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let cid = ConnectionId::generate();
+        let event = |t: &str| Event {
+            destination_id: cid.to_string(),
+            event_type: t.into(),
+            ..Default::default()
+        };
+        let ids = host
+            .save_events(vec![event("a"), event("b")])
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_ne!(ids[0], ids[1]);
+        let refused = host.save_events(vec![event("c"), event("")]).await;
+        assert!(matches!(refused, Err(HostError::InvalidArgument(_))));
+        let all = host
+            .list_events(EventFilter {
+                limit: 10,
+                ascending: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let types: Vec<&str> = all.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["a", "b"], "nothing of the refused batch was saved");
+
+        let mut changes = host.subscribe_changes();
+        host.set_vars(&cid, vec![Var::plain("account_id", "acc")])
+            .await
+            .unwrap();
+        assert_eq!(changes.try_recv().unwrap(), cid);
+        host.delete_vars(&cid, &[]).await.unwrap();
+        assert_eq!(changes.try_recv().unwrap(), cid);
+        assert!(changes.try_recv().is_err(), "one announcement per change");
     }
 }

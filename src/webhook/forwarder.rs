@@ -45,6 +45,9 @@ pub struct ForwarderSettings {
     /// Attempts at a row that fails with an error other than "unavailable" before it becomes
     /// a dead letter.
     pub max_attempts: u32,
+    /// How long to let new rows accumulate after a wake-up before reading them: fewer, larger
+    /// deliveries (one host transaction each) instead of one per commit of the outbox.
+    pub linger: Duration,
 }
 
 impl Default for ForwarderSettings {
@@ -56,6 +59,7 @@ impl Default for ForwarderSettings {
             backoff_start: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             max_attempts: 10,
+            linger: Duration::from_millis(20),
         }
     }
 }
@@ -92,6 +96,7 @@ pub async fn run(
     let mut cursor = 0i64;
     let mut retry: Vec<Attempt> = Vec::new();
     let mut backoff = settings.backoff_start;
+    let mut last_checkpoint = std::time::Instant::now();
     loop {
         if stop.is_cancelled() {
             return;
@@ -123,6 +128,9 @@ pub async fn run(
                 () = stop.cancelled() => return,
                 // A safety net only: commits wake the forwarder.
                 () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+            if sleep_or_stop(settings.linger, &stop).await {
+                return;
             }
             continue;
         };
@@ -163,6 +171,10 @@ pub async fn run(
             .delivered
             .fetch_add(delivered.len() as u64, Ordering::Relaxed);
         outbox.delivered(delivered).await;
+        if last_checkpoint.elapsed() >= Duration::from_millis(500) {
+            last_checkpoint = std::time::Instant::now();
+            outbox.checkpoint().await;
+        }
         if retry.is_empty() {
             backoff = settings.backoff_start;
         } else {
@@ -219,15 +231,18 @@ async fn deliver_embedded(
             Err(outcome) => done.push((attempt, outcome)),
         }
     }
-    let events: Vec<Event> = ready.iter().map(|(_, e)| e.clone()).collect();
+    let (attempts, events): (Vec<Attempt>, Vec<Event>) = ready.into_iter().unzip();
     match embedded.save_events(events).await {
-        Ok(_) => done.extend(ready.into_iter().map(|(a, _)| (a, Outcome::Delivered))),
+        Ok(_) => done.extend(attempts.into_iter().map(|a| (a, Outcome::Delivered))),
         Err(HostError::InvalidArgument(_)) => {
             // One bad event must not hold back the rest: save them one at a time.
-            for (attempt, event) in ready {
-                let outcome = match embedded.save_event(event).await {
-                    Ok(_) => Outcome::Delivered,
-                    Err(e) => classify(e),
+            for attempt in attempts {
+                let outcome = match prepare(host, &attempt.row).await {
+                    Ok(event) => match embedded.save_event(event).await {
+                        Ok(_) => Outcome::Delivered,
+                        Err(e) => classify(e),
+                    },
+                    Err(outcome) => outcome,
                 };
                 done.push((attempt, outcome));
             }
@@ -235,9 +250,9 @@ async fn deliver_embedded(
         Err(e) => {
             let why = e.to_string();
             done.extend(
-                ready
+                attempts
                     .into_iter()
-                    .map(|(a, _)| (a, Outcome::Retry(why.clone()))),
+                    .map(|a| (a, Outcome::Retry(why.clone()))),
             );
         }
     }

@@ -169,6 +169,11 @@ impl Outbox {
         };
         let mut writer = open_connection(&path).map_err(err)?;
         migrate(&mut writer).map_err(err)?;
+        // Checkpoints run on the reader's connection (see `checkpoint`), so a commit that
+        // requests wait for never also copies the WAL into the database.
+        writer
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(err)?;
         let reader = open_connection(&path).map_err(err)?;
         let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
@@ -263,6 +268,23 @@ impl Outbox {
         .await
         .map_err(|e| RecordError::Storage(e.to_string()))?
         .map_err(|e| RecordError::Storage(e.to_string()))
+    }
+
+    /// Copies committed WAL pages into the database without blocking the writer (a PASSIVE
+    /// checkpoint), so the WAL stops growing. The forwarder calls it between batches.
+    pub async fn checkpoint(&self) {
+        let reader = self.reader.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref() {
+                Some(conn) => conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())),
+                None => Ok(()),
+            }
+        })
+        .await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!(error = %e, "event outbox checkpoint failed");
+        }
     }
 
     /// Removes delivered rows (in the writer's next group; a crash before that means the
@@ -446,6 +468,8 @@ fn apply(
              VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+        let mut delete_range =
+            tx.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
         let mut dead = tx.prepare_cached(
             "INSERT OR REPLACE INTO dead_letters
              SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3
@@ -475,8 +499,17 @@ fn apply(
                     }));
                 }
                 Command::Delivered(ids) => {
-                    for id in ids {
-                        delete.execute([id])?;
+                    // A batch is mostly consecutive ids: one range delete each run of them.
+                    let mut ids = ids.clone();
+                    ids.sort_unstable();
+                    let mut i = 0;
+                    while i < ids.len() {
+                        let mut j = i;
+                        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+                            j += 1;
+                        }
+                        delete_range.execute([ids[i], ids[j]])?;
+                        i = j + 1;
                     }
                     results.push(None);
                 }

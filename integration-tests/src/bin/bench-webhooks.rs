@@ -1,0 +1,355 @@
+//! Benchmark of `POST /zoom/event` (not a test): `cargo run --release -p integration-tests --bin bench-webhooks`.
+//!
+//! 1. A floor: a plain axum handler that reads the body and answers 200.
+//! 2. The whole service (embedded host, fresh DATA_DIR): verify, dedupe, durable record, with
+//!    the forwarder draining into the embedded host at the same time.
+//!
+//! Both get the same distinct, validly signed `meeting.started` bodies from `WORKERS` keep-alive
+//! connections on loopback for `SECONDS` each. Then the full path again at half the floor's
+//! rate, and the forwarder's drain rate from an outbox pre-filled with `DRAIN_EVENTS` events.
+//! Environment knobs: `WORKERS` (32), `SECONDS` (5), `DRAIN_EVENTS` (100000).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use zoom_integration::config::Config;
+use zoom_integration::crypto::Keys;
+use zoom_integration::host::embedded::EmbeddedHost;
+use zoom_integration::host::{HostEngine, Var};
+use zoom_integration::ids::ConnectionId;
+use zoom_integration::secret::Secret;
+use zoom_integration::webhook::normalize::Received;
+use zoom_integration::webhook::outbox::{Outbox, OutboxSettings, Record};
+use zoom_integration::webhook::{Counters, forwarder};
+
+const SECRET: &str = "bench-zoom-secret-token";
+const KEY: &str = "bench key material, at least 32 characters long";
+const ACCOUNT: &str = "PX5yQAcnT5azdXF5ma2Apw";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn body(n: u64) -> Vec<u8> {
+    format!(
+        r#"{{"event":"meeting.started","payload":{{"account_id":"{ACCOUNT}","object":{{"duration":0,"start_time":"2022-03-23T12:33:26Z","timezone":"","topic":"Zdeněk Ødegård's Zoom Meeting","id":"{n}","type":1,"uuid":"hwkAADUySwyG3GyUkqc0vA==","host_id":"tUo7WohjTs6ELvl9WR3JAA"}}}},"event_ts":{}}}"#,
+        1_648_038_806_658u64 + n
+    )
+    .into_bytes()
+}
+
+fn sign(timestamp: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("v0:{timestamp}:").as_bytes());
+    mac.update(body);
+    format!("v0={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+struct RunResult {
+    requests: u64,
+    failures: u64,
+    seconds: f64,
+    latencies_us: Vec<u32>,
+}
+
+impl RunResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+
+    fn line(&self, name: &str) -> String {
+        format!(
+            "{name:<34} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   ({} requests, {} not 200)",
+            self.rps(),
+            self.percentile(0.50),
+            self.percentile(0.99),
+            self.requests,
+            self.failures
+        )
+    }
+}
+
+/// Loads `url` from `workers` connections for `duration`; with `rate`, paces the total to that
+/// many requests per second. Bodies are numbered from `first` on, so every run sends new ones.
+async fn load(
+    url: &str,
+    workers: u64,
+    duration: Duration,
+    rate: Option<f64>,
+    first: Arc<AtomicU64>,
+) -> RunResult {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(workers as usize)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let (client, url, first) = (client.clone(), url.to_string(), first.clone());
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut failures = 0u64;
+            let interval = rate.map(|r| Duration::from_secs_f64(workers as f64 / r));
+            let offset = interval.map(|i| i.mul_f64(w as f64 / workers as f64));
+            let mut k = 0u32;
+            while start.elapsed() < duration {
+                if let (Some(interval), Some(offset)) = (interval, offset) {
+                    let at = start + offset + interval * k;
+                    k += 1;
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                let n = first.fetch_add(1, Ordering::Relaxed);
+                let body = body(n);
+                let ts = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    .to_string();
+                let signature = sign(&ts, &body);
+                let sent = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-zm-request-timestamp", ts)
+                    .header("x-zm-signature", signature)
+                    .body(body)
+                    .send()
+                    .await;
+                let ok = match response {
+                    Ok(r) => {
+                        let ok = r.status() == 200;
+                        let _ = r.bytes().await;
+                        ok
+                    }
+                    Err(_) => false,
+                };
+                latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                if !ok {
+                    failures += 1;
+                }
+            }
+            (latencies, failures)
+        });
+    }
+    let mut all = Vec::new();
+    let mut failures = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (latencies, f) = done.unwrap();
+        all.extend(latencies);
+        failures += f;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    RunResult {
+        requests: all.len() as u64,
+        failures,
+        seconds,
+        latencies_us: all,
+    }
+}
+
+async fn floor_server() -> String {
+    let app = axum::Router::new().route(
+        "/zoom/event",
+        axum::routing::post(|body: axum::body::Bytes| async move {
+            std::hint::black_box(body.len());
+            axum::http::StatusCode::OK
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/zoom/event")
+}
+
+async fn service(dir: &std::path::Path) -> String {
+    let keys = Arc::new(Keys::load_or_generate(Some(&Secret::new(KEY)), dir).unwrap());
+    {
+        let host = EmbeddedHost::open(dir, keys).unwrap();
+        let cid = ConnectionId::generate();
+        host.set_vars(
+            &cid,
+            vec![
+                Var::plain("auth_type", "oauthDefault"),
+                Var::plain("account_id", ACCOUNT),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    let config = Config::load([
+        ("DATA_DIR".to_string(), dir.display().to_string()),
+        ("SECRET_KEY".to_string(), KEY.to_string()),
+        ("ZOOM_SECRET_TOKEN".to_string(), SECRET.to_string()),
+    ])
+    .unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/zoom/event", http.local_addr().unwrap());
+    tokio::spawn(zoom_integration::run(
+        config,
+        http,
+        grpc,
+        std::future::pending(),
+    ));
+    // Wait until routing is loaded: a first event is recorded.
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let b = body(u64::MAX / 2);
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .to_string();
+        let r = client
+            .post(&url)
+            .header("x-zm-request-timestamp", &ts)
+            .header("x-zm-signature", sign(&ts, &b))
+            .body(b)
+            .send()
+            .await;
+        if let Ok(r) = r
+            && r.status() == 200
+            && r.text().await.unwrap_or_default().contains("recorded")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the service did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    url
+}
+
+async fn drain(events: u64) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+    let filled = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let cid = ConnectionId::generate().to_string();
+    for w in 0..64u64 {
+        let (outbox, cid) = (outbox.clone(), cid.clone());
+        tasks.spawn(async move {
+            let mut n = w;
+            while n < events {
+                let body = body(n);
+                outbox
+                    .record(Record {
+                        body_hash: Sha256::digest(&body).into(),
+                        destinations: vec![cid.clone()],
+                        received: Received {
+                            event_type: "meeting.started".into(),
+                            memo: [("account_id".to_string(), ACCOUNT.to_string())].into(),
+                            received_ms: 1,
+                            body,
+                        },
+                    })
+                    .await
+                    .unwrap();
+                n += 64;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let fill_rate = events as f64 / filled.elapsed().as_secs_f64();
+
+    let keys = Arc::new(Keys::from_material(KEY.as_bytes()));
+    let host = EmbeddedHost::open(dir.path(), keys).unwrap();
+    let counters = Arc::new(Counters::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(forwarder::run(
+        outbox.clone(),
+        forwarder::Target {
+            host: Arc::new(host.clone()),
+            embedded: Some(host.clone()),
+        },
+        counters.clone(),
+        forwarder::ForwarderSettings::default(),
+        stop.clone(),
+    ));
+    while counters.delivered.load(Ordering::Relaxed) < events {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drain_rate = events as f64 / started.elapsed().as_secs_f64();
+    stop.cancel();
+    let _ = task.await;
+    outbox.flush().await;
+    let (left, dead) = outbox.counts().await.unwrap();
+    assert_eq!((left, dead), (0, 0), "everything delivered");
+    (fill_rate, drain_rate)
+}
+
+#[tokio::main]
+async fn main() {
+    let workers = env_or("WORKERS", 32);
+    let seconds = Duration::from_secs(env_or("SECONDS", 5));
+    let drain_events = env_or("DRAIN_EVENTS", 100_000);
+    println!(
+        "bench-webhooks: {workers} keep-alive connections, {}s per run, {} cores",
+        seconds.as_secs(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let counter = Arc::new(AtomicU64::new(0));
+
+    let floor_url = floor_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let service_url = service(dir.path()).await;
+
+    // Warm both up (connections, caches) before measuring.
+    load(
+        &floor_url,
+        workers,
+        Duration::from_millis(500),
+        None,
+        counter.clone(),
+    )
+    .await;
+    load(
+        &service_url,
+        workers,
+        Duration::from_millis(500),
+        None,
+        counter.clone(),
+    )
+    .await;
+
+    let floor = load(&floor_url, workers, seconds, None, counter.clone()).await;
+    println!("{}", floor.line("floor (axum, read body, 200)"));
+    let full = load(&service_url, workers, seconds, None, counter.clone()).await;
+    println!("{}", full.line("full path (verify, dedupe, record)"));
+    println!(
+        "ratio full/floor: {:.1}% (target >= 75%)",
+        100.0 * full.rps() / floor.rps()
+    );
+    let half = floor.rps() / 2.0;
+    let paced = load(&service_url, workers, seconds, Some(half), counter.clone()).await;
+    println!("{}", paced.line(&format!("full path at {half:.0} req/s")));
+    println!(
+        "p99 at half the floor's rate: {:.2} ms (target <= 5 ms)",
+        paced.percentile(0.99)
+    );
+
+    let (fill, drain) = drain(drain_events).await;
+    println!(
+        "outbox: {drain_events} events recorded at {fill:.0}/s, drained into the embedded host at {drain:.0} events/s (target >= 20000)"
+    );
+}
