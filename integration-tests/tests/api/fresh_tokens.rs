@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use zoom_integration::connection::StatusCode as ConnStatus;
 use zoom_integration::ids::ConnectionId;
-use zoom_integration::proto::autokitteh::integrations::v1::TestConnectionRequest;
+use zoom_integration::proto::autokitteh::integrations::v1::{CallRequest, TestConnectionRequest};
+use zoom_integration::proto::autokitteh::values::v1 as pb;
 use zoom_integration::proto::autokitteh::vars::v1 as vars;
 
 use crate::connection_setup::{app_with, snapshot, value_of};
@@ -58,25 +59,26 @@ async fn a_thousand_concurrent_calls_on_an_expired_connection_make_exactly_one_r
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..1000 {
         let mut client = app.integrations();
-        let request = TestConnectionRequest {
+        let request = CallRequest {
             integration_id: zoom_id(),
-            connection_id: cid.clone(),
+            function: Some(pb::Value {
+                function: Some(pb::Function {
+                    name: "get_user".into(),
+                    data: cid.as_bytes().to_vec(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
         };
-        calls.spawn(async move { client.test_connection(request).await });
+        calls.spawn(async move { client.call(request).await });
     }
     let mut answered = 0;
     while let Some(result) = calls.join_next().await {
-        let status = result
-            .unwrap()
-            .expect("TestConnection answers")
-            .into_inner()
-            .status
-            .unwrap();
-        assert_eq!(status.code(), ConnStatus::Ok, "{}", status.message);
-        assert_eq!(
-            status.message,
-            format!("connected as {USER_DISPLAY_NAME} <{USER_EMAIL}>")
-        );
+        let answer = result.unwrap().expect("Call answers").into_inner();
+        assert!(answer.error.is_none(), "{:?}", answer.error);
+        let user = zoom_integration::values::to_json(&answer.value.unwrap());
+        assert_eq!(user["display_name"], USER_DISPLAY_NAME);
         answered += 1;
     }
     assert_eq!(answered, 1000);
