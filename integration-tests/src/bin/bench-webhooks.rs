@@ -300,6 +300,8 @@ async fn drain(events: u64) -> (f64, f64) {
 
 #[tokio::main]
 async fn main() {
+    // reqwest is built without a default TLS provider (see zoom::init_tls).
+    zoom_integration::zoom::init_tls();
     let workers = env_or("WORKERS", 32);
     let seconds = Duration::from_secs(env_or("SECONDS", 5));
     let drain_events = env_or("DRAIN_EVENTS", 100_000);
