@@ -362,6 +362,11 @@ impl Functions {
                 message: "Zoom answered something that is not JSON".into(),
             })?
         };
+        if answer.status == 401 {
+            // A token Zoom no longer accepts (revoked, or the app was deauthorized): read the
+            // connection again next time instead of reusing it.
+            self.credentials.forget(cid);
+        }
         if answer.status >= 400 {
             let json = to_json(&body);
             return Err(CallFailure {

@@ -62,6 +62,10 @@ impl IntegrationsApi {
                 .await
                 .map(|user| format!("connected as {}", user.describe())),
         };
+        if let Err(crate::zoom::ZoomError::Rejected { status: 401, .. }) = &result {
+            // Revoked or deauthorized: read the connection again next time.
+            self.credentials.forget(cid);
+        }
         Ok(match result {
             Ok(message) => status(StatusCode::Ok, message),
             Err(e) => status(StatusCode::Error, e.to_string()),

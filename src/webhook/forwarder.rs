@@ -315,10 +315,11 @@ async fn deauthorize(host: &dyn HostEngine, cid: &ConnectionId) -> Result<(), Ho
         vars::OAUTH_EXPIRY,
     ]
     .map(String::from);
-    host.delete_vars(cid, &tokens).await?;
-    host.set_vars(
+    // One change where the host allows it; otherwise the mark comes first.
+    host.replace_vars(
         cid,
         vec![Var::plain(vars::CONNECTION_ERROR, DEAUTHORIZED_MESSAGE)],
+        &tokens,
     )
     .await?;
     tracing::info!(connection_id = %cid, "connection deauthorized in Zoom: tokens removed");

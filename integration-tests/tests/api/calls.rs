@@ -336,3 +336,44 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_token_zoom_revoked_is_not_reused_and_a_deauthorized_connection_says_so() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+
+    // The app is removed in Zoom: Zoom revokes its tokens, and the app_deauthorized webhook
+    // marks the connection (as the forwarder does).
+    zoom.revoke_access_tokens();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![var(
+                &cid,
+                "connection_error",
+                "deauthorized in Zoom: reconnect",
+                false,
+            )],
+        })
+        .await
+        .unwrap();
+    let first = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert_eq!(
+        first["status"], 401,
+        "the cached token went to Zoom once: {first}"
+    );
+    let second = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert!(
+        second["message"]
+            .as_str()
+            .unwrap()
+            .contains("deauthorized in Zoom: reconnect"),
+        "{second}"
+    );
+    assert_eq!(
+        zoom.state.lock().unwrap().api_requests.len(),
+        2,
+        "no more requests to Zoom"
+    );
+}

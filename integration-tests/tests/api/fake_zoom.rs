@@ -188,6 +188,11 @@ impl FakeZoom {
         token
     }
 
+    /// Revokes every access token issued so far (as deauthorizing an app does).
+    pub fn revoke_access_tokens(&self) {
+        self.state.lock().unwrap().access_tokens.clear();
+    }
+
     /// Whether `token` is a refresh token Zoom would still accept.
     pub fn refresh_token_is_live(&self, token: &str) -> bool {
         self.state
