@@ -62,6 +62,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "Zoom REST API base URL",
     },
     Variable {
+        name: "OUTBOX_SYNC",
+        default: Some("full"),
+        meaning: "full: a webhook answered 200 survives power loss; normal: it survives a crash of this process, not of the machine (faster)",
+    },
+    Variable {
         name: "ZOOM_HTTP_TIMEOUT",
         default: Some("10"),
         meaning: "seconds a request to Zoom may take, connecting included",
@@ -185,6 +190,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// How hard the event outbox syncs a commit before a webhook is answered 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutboxSync {
+    /// fsync the write-ahead log on every commit: survives power loss.
+    #[default]
+    Full,
+    /// No fsync per commit: survives a crash of this process (even SIGKILL), not of the
+    /// machine; the last commits before a power loss may be lost.
+    Normal,
+}
+
 /// An OAuth app's client credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuthApp {
@@ -233,6 +249,8 @@ pub struct Config {
     pub zoom_oauth_url: BaseUrl,
     /// `ZOOM_API_URL`: base of the REST API.
     pub zoom_api_url: BaseUrl,
+    /// `OUTBOX_SYNC`: how durable a webhook is when it is answered 200.
+    pub outbox_sync: OutboxSync,
     /// `ZOOM_HTTP_TIMEOUT`: how long one request to Zoom may take, connecting included.
     pub zoom_http_timeout: std::time::Duration,
     /// `OAUTH_STATE_TTL`: how long a started OAuth flow (its signed `state`) stays valid.
@@ -279,6 +297,7 @@ struct Raw {
     zoom_oauth_url: Option<String>,
     zoom_api_url: Option<String>,
     zoom_http_timeout: Option<String>,
+    outbox_sync: Option<String>,
     oauth_state_ttl: Option<String>,
     token_keepalive_days: Option<String>,
     host_ui_url: Option<String>,
@@ -375,6 +394,11 @@ impl Config {
                     .as_deref()
                     .unwrap_or("https://api.zoom.us/v2"),
             )?,
+            outbox_sync: match raw.outbox_sync.as_deref().unwrap_or("full") {
+                "full" => OutboxSync::Full,
+                "normal" => OutboxSync::Normal,
+                _ => return Err(ConfigError::new("OUTBOX_SYNC", "must be full or normal")),
+            },
             zoom_http_timeout: parse_seconds(
                 "ZOOM_HTTP_TIMEOUT",
                 raw.zoom_http_timeout.as_deref(),
@@ -789,6 +813,11 @@ mod tests {
             (&[("SECRET_KEY", "too-short")], "SECRET_KEY"),
             (&[("SHUTDOWN_TIMEOUT", "0")], "SHUTDOWN_TIMEOUT"),
             (&[("SHUTDOWN_TIMEOUT", "10s")], "SHUTDOWN_TIMEOUT"),
+            (&[("OUTBOX_SYNC", "sometimes")], "OUTBOX_SYNC"),
+            (&[("OAUTH_STATE_TTL", "601")], "OAUTH_STATE_TTL"),
+            (&[("ZOOM_HTTP_TIMEOUT", "0")], "ZOOM_HTTP_TIMEOUT"),
+            (&[("TOKEN_KEEPALIVE_DAYS", "90")], "TOKEN_KEEPALIVE_DAYS"),
+            (&[("HOST_UI_URL", "ftp://x")], "HOST_UI_URL"),
             (&[("WEBHOOK_REPLAY_WINDOW", "59")], "WEBHOOK_REPLAY_WINDOW"),
             (&[("WEBHOOK_REPLAY_WINDOW", "90m")], "WEBHOOK_REPLAY_WINDOW"),
             (&[("LOG_FORMAT", "xml")], "LOG_FORMAT"),

@@ -74,6 +74,7 @@ impl Settings {
         Self {
             replay_window: config.webhook_replay_window,
             outbox: OutboxSettings {
+                sync: config.outbox_sync,
                 dedupe_window: config.webhook_replay_window,
                 ..OutboxSettings::default()
             },

@@ -54,6 +54,8 @@ const MIGRATIONS: &[&str] = &[
 /// Knobs of the outbox; the defaults suit production and tests alike.
 #[derive(Debug, Clone)]
 pub struct OutboxSettings {
+    /// `OUTBOX_SYNC`: fsync every commit (`Full`) or only survive process crashes (`Normal`).
+    pub sync: crate::config::OutboxSync,
     /// How long a body's hash is remembered for deduplication (the replay window).
     pub dedupe_window: Duration,
     /// How long a request waits for its commit before it is answered 503.
@@ -71,6 +73,7 @@ pub struct OutboxSettings {
 impl Default for OutboxSettings {
     fn default() -> Self {
         Self {
+            sync: crate::config::OutboxSync::Full,
             dedupe_window: Duration::from_secs(90 * 60),
             record_timeout: Duration::from_secs(2),
             queue_capacity: 8192,
@@ -167,14 +170,14 @@ impl Outbox {
             path: path.clone(),
             source,
         };
-        let mut writer = open_connection(&path).map_err(err)?;
+        let mut writer = open_connection(&path, settings.sync).map_err(err)?;
         migrate(&mut writer).map_err(err)?;
         // Checkpoints run on the reader's connection (see `checkpoint`), so a commit that
         // requests wait for never also copies the WAL into the database.
         writer
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(err)?;
-        let reader = open_connection(&path).map_err(err)?;
+        let reader = open_connection(&path, settings.sync).map_err(err)?;
         let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let committed = Arc::new(Notify::new());
@@ -345,7 +348,7 @@ impl Outbox {
     }
 }
 
-fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+fn open_connection(path: &Path, sync: crate::config::OutboxSync) -> rusqlite::Result<Connection> {
     use std::os::unix::fs::PermissionsExt;
     let conn = Connection::open(path)?;
     // Bodies name accounts and people: keep them to this user.
@@ -353,7 +356,12 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: a webhook answered 200 survives power loss, not only a crash of this process.
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    // NORMAL (in WAL mode): it survives a crash of this process, not of the machine.
+    let level = match sync {
+        crate::config::OutboxSync::Full => "FULL",
+        crate::config::OutboxSync::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", level)?;
     Ok(conn)
 }
 

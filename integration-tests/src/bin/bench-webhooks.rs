@@ -7,7 +7,8 @@
 //! Both get the same distinct, validly signed `meeting.started` bodies from `WORKERS` keep-alive
 //! connections on loopback for `SECONDS` each. Then the full path again at half the floor's
 //! rate, and the forwarder's drain rate from an outbox pre-filled with `DRAIN_EVENTS` events.
-//! Environment knobs: `WORKERS` (32), `SECONDS` (5), `DRAIN_EVENTS` (100000).
+//! Environment knobs: `WORKERS` (32), `SECONDS` (5), `DRAIN_EVENTS` (100000), `OUTBOX_SYNC`
+//! (`full`, the default, or `normal`: see the README).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -197,6 +198,10 @@ async fn service(dir: &std::path::Path) -> String {
         ("DATA_DIR".to_string(), dir.display().to_string()),
         ("SECRET_KEY".to_string(), KEY.to_string()),
         ("ZOOM_SECRET_TOKEN".to_string(), SECRET.to_string()),
+        (
+            "OUTBOX_SYNC".to_string(),
+            std::env::var("OUTBOX_SYNC").unwrap_or_else(|_| "full".into()),
+        ),
     ])
     .unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -306,9 +311,10 @@ async fn main() {
     let seconds = Duration::from_secs(env_or("SECONDS", 5));
     let drain_events = env_or("DRAIN_EVENTS", 100_000);
     println!(
-        "bench-webhooks: {workers} keep-alive connections, {}s per run, {} cores",
+        "bench-webhooks: {workers} keep-alive connections, {}s per run, {} cores, OUTBOX_SYNC={}",
         seconds.as_secs(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::env::var("OUTBOX_SYNC").unwrap_or_else(|_| "full".into()),
     );
     let counter = Arc::new(AtomicU64::new(0));
 
