@@ -25,16 +25,11 @@ async fn open_page(browser: &Browser, app: &TestApp, cid: &str) {
 
 /// Presses Allow on the fake Zoom's consent page and waits for the way back.
 async fn allow_in_zoom(browser: &Browser, zoom: &FakeZoom, app: &TestApp) -> String {
-    assert!(
-        browser
-            .url()
-            .await
-            .starts_with(&format!("{}/oauth/authorize", zoom.oauth_url())),
-        "on Zoom's consent page"
-    );
+    browser
+        .wait_for_url(&format!("{}/oauth/authorize", zoom.oauth_url()))
+        .await;
     browser.find("#allow").await.click().await;
-    let url = browser.url().await;
-    assert!(url.starts_with(&app.url("/oauth/redirect/zoom")), "{url}");
+    browser.wait_for_url(&app.url("/oauth/redirect/zoom")).await;
     browser.find("#message").await.text().await
 }
 
@@ -144,6 +139,7 @@ async fn a_person_sets_up_each_kind_of_connection_in_a_real_browser() {
         .type_text(S2S_CLIENT_SECRET)
         .await;
     browser.find("#save").await.click().await;
+    browser.wait_for_url(&app.url("/zoom/save")).await;
     assert_eq!(
         browser.find("#message").await.text().await,
         format!("Connected to Zoom account {S2S_ACCOUNT_ID} with your Server-to-Server app.")

@@ -374,7 +374,7 @@ async fn redirect_back_url(app: &TestApp, agent: &UserAgent, cid: &str) -> url::
     )
     .await;
     let allow = consent_page.link("allow");
-    let response = reqwest::Client::builder()
+    let response = crate::helpers::http_client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
@@ -690,7 +690,7 @@ async fn bad_form_input_gets_an_error_page_and_changes_nothing() {
         assert_error_page(&visit, StatusCode::BAD_REQUEST, words);
     }
     // Not form-encoded at all.
-    let response = reqwest::Client::new()
+    let response = crate::helpers::http_client()
         .post(app.url("/zoom/save"))
         .header("content-type", "application/json")
         .body("{}")
@@ -752,7 +752,7 @@ async fn with_a_host_ui_the_browser_returns_where_the_host_asks() {
     )
     .await;
     let allow = consent_page.link("allow");
-    let back = reqwest::Client::builder()
+    let back = crate::helpers::http_client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
@@ -780,7 +780,7 @@ async fn the_fake_zoom_refuses_what_real_zoom_refuses() {
     // shows the fake would have refused a wrong verifier, redirect URI, secret or reused code.
     let (app, zoom, agent) = app_and_zoom().await;
     let cid = ConnectionId::generate().to_string();
-    let http = reqwest::Client::new();
+    let http = crate::helpers::http_client();
     let exchange =
         |code: String, verifier: &'static str, redirect: String, secret: &'static str| {
             http.post(format!("{}/oauth/token", zoom.oauth_url()))

@@ -131,7 +131,7 @@ async fn invalid_grant_marks_the_connection_broken_and_stops_token_requests_unti
     // Someone else used the refresh token: Zoom rotated it away.
     zoom.state.lock().unwrap().token_requests.clear();
     assert!(zoom.refresh_token_is_live(&refresh));
-    let other = reqwest::Client::new()
+    let other = crate::helpers::http_client()
         .post(format!("{}/oauth/token", zoom.oauth_url()))
         .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
         .form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)])

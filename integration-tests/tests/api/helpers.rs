@@ -205,6 +205,17 @@ pub async fn grpc_health(channel: Channel, service: &str) -> ServingStatus {
         .status()
 }
 
+/// A plain HTTP client for tests (reqwest needs the TLS provider installed first).
+pub fn http_client() -> reqwest::Client {
+    http_client_builder().build().unwrap()
+}
+
+/// A builder of [`http_client`], for tests that set timeouts or redirects.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    zoom_integration::zoom::init_tls();
+    reqwest::Client::builder()
+}
+
 /// The integration id hosts send.
 pub fn zoom_id() -> String {
     zoom_integration::ids::INTEGRATION_ID.clone()

@@ -104,7 +104,9 @@ async fn sigterm_stops_both_servers_gracefully() {
     let (mut child, http, grpc) =
         start_service(&[("DATA_DIR", dir.path().to_str().unwrap())]).await;
 
-    let health = reqwest::get(format!("http://{http}/healthz"))
+    let health = crate::helpers::http_client()
+        .get(format!("http://{http}/healthz"))
+        .send()
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
@@ -130,7 +132,9 @@ async fn sigterm_stops_both_servers_gracefully() {
         .unwrap();
     assert!(exit.success(), "graceful stop exits 0, got {exit:?}");
     assert!(
-        reqwest::get(format!("http://{http}/healthz"))
+        crate::helpers::http_client()
+            .get(format!("http://{http}/healthz"))
+            .send()
             .await
             .is_err(),
         "HTTP listener closed"
@@ -143,6 +147,15 @@ async fn sigterm_stops_both_servers_gracefully() {
 
 #[tokio::test]
 async fn every_webhook_answered_200_is_delivered_after_a_sigkill_and_restart() {
+    answered_webhooks_survive_a_sigkill("full").await;
+}
+
+#[tokio::test]
+async fn with_outbox_sync_normal_answered_webhooks_still_survive_a_sigkill() {
+    answered_webhooks_survive_a_sigkill("normal").await;
+}
+
+async fn answered_webhooks_survive_a_sigkill(outbox_sync: &str) {
     use crate::webhooks::{ACCOUNT, SECRET, post_to, post_until_recorded};
     let host = crate::fake_host::FakeHost::start().await;
     let cid = zoom_integration::ids::ConnectionId::generate().to_string();
@@ -161,9 +174,10 @@ async fn every_webhook_answered_200_is_delivered_after_a_sigkill_and_restart() {
         ("DATA_DIR", dir.path().to_str().unwrap()),
         ("HOST_ENGINE_URL", &host.url()),
         ("ZOOM_SECRET_TOKEN", SECRET),
+        ("OUTBOX_SYNC", outbox_sync),
     ];
     let (mut child, http, _) = start_service(&env).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client();
     let url = format!("http://{http}/zoom/event");
     let body = |n: u64| {
         serde_json::json!({

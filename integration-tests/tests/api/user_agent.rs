@@ -66,9 +66,8 @@ pub struct UserAgent {
 impl UserAgent {
     /// A browser for the service at `service_base` (`http://127.0.0.1:port`).
     pub fn new(service_base: &str) -> Self {
-        zoom_integration::zoom::init_tls();
         Self {
-            client: reqwest::Client::builder()
+            client: crate::helpers::http_client_builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .timeout(std::time::Duration::from_secs(20))
                 .build()

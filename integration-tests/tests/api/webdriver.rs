@@ -53,7 +53,7 @@ impl Browser {
         let browser = Self {
             driver,
             base: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::builder()
+            http: crate::helpers::http_client_builder()
                 .timeout(Duration::from_secs(60))
                 .build()
                 .unwrap(),
@@ -124,6 +124,23 @@ impl Browser {
             .as_str()
             .unwrap()
             .to_string()
+    }
+
+    /// Waits (up to 10 s) until the page's URL starts with `prefix`: a click that submits a
+    /// form or follows a link returns before the next page has loaded.
+    pub async fn wait_for_url(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let url = self.url().await;
+            if url.starts_with(prefix) {
+                return url;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still on {url}, waiting for {prefix}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn find(&self, css: &str) -> Element<'_> {
