@@ -70,6 +70,10 @@ pub struct FakeZoomState {
     consents: HashMap<String, Consent>,
     grants: HashMap<String, Grant>,
     access_tokens: Vec<String>,
+    /// Every access and refresh token ever issued.
+    pub issued: Vec<String>,
+    /// Every authorization code ever issued.
+    pub codes_issued: Vec<String>,
     /// Live refresh tokens and the client each belongs to; each works once (rotation).
     refresh_tokens: HashMap<String, String>,
     /// `expires_in` of Server-to-Server tokens.
@@ -185,6 +189,7 @@ impl FakeZoom {
         let mut s = self.state.lock().unwrap();
         let token = s.next_id("refresh-");
         s.refresh_tokens.insert(token.clone(), client_id.into());
+        s.issued.push(token.clone());
         token
     }
 
@@ -299,6 +304,7 @@ async fn consent(
     let mut url = url::Url::parse(&consent.redirect_uri).unwrap();
     if q.get("decision").map(String::as_str) == Some("allow") {
         let code = s.next_id("code");
+        s.codes_issued.push(code.clone());
         s.grants.insert(
             code.clone(),
             Grant {
@@ -452,6 +458,7 @@ fn issue(
             }
             let access = s.next_id("s2s-access-");
             s.access_tokens.push(access.clone());
+            s.issued.push(access.clone());
             (
                 StatusCode::OK,
                 axum::Json(json!({
@@ -478,6 +485,7 @@ fn tokens(s: &mut FakeZoomState, client_id: &str) -> Response {
     s.access_tokens.push(access.clone());
     let refresh = s.next_id("refresh-");
     s.refresh_tokens.insert(refresh.clone(), client_id.into());
+    s.issued.extend([access.clone(), refresh.clone()]);
     (
         StatusCode::OK,
         axum::Json(json!({

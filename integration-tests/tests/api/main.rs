@@ -15,4 +15,5 @@ mod fresh_tokens;
 mod integrations_api;
 mod process;
 mod remote_host;
+mod secrets;
 mod webhooks;

@@ -69,6 +69,17 @@ async fn a_malformed_setting_stops_start_up_with_one_line_naming_it_and_exit_cod
 /// Starts the service on port 0 with `env` and waits until it serves; returns the process
 /// and its HTTP and gRPC addresses.
 async fn start_service(env: &[(&str, &str)]) -> (tokio::process::Child, String, String) {
+    let (child, http, grpc, _) = start_service_with_log(env).await;
+    (child, http, grpc)
+}
+
+/// Every line the service wrote (stdout and stderr), as it arrives.
+pub type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// [`start_service`], keeping everything the process writes.
+pub async fn start_service_with_log(
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, String, String, Log) {
     let mut cmd = service();
     cmd.env("HTTP_ADDR", "127.0.0.1:0")
         .env("GRPC_ADDR", "127.0.0.1:0")
@@ -77,11 +88,22 @@ async fn start_service(env: &[(&str, &str)]) -> (tokio::process::Child, String, 
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().unwrap();
+    let log = Log::default();
+    let mut errors = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn({
+        let log = log.clone();
+        async move {
+            while let Ok(Some(line)) = errors.next_line().await {
+                log.lock().unwrap().push(line);
+            }
+        }
+    });
 
     // The service logs the addresses it bound; port 0 means we learn them from the log.
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let serving = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.unwrap() {
+            log.lock().unwrap().push(line.clone());
             let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if entry["message"] == "zoom-integration serving" {
                 return entry;
@@ -92,10 +114,17 @@ async fn start_service(env: &[(&str, &str)]) -> (tokio::process::Child, String, 
     .await
     .expect("the service starts within 20 s");
     // Keep reading the log so the service never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tokio::spawn({
+        let log = log.clone();
+        async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.lock().unwrap().push(line);
+            }
+        }
+    });
     let http = serving["http_addr"].as_str().unwrap().to_string();
     let grpc = serving["grpc_addr"].as_str().unwrap().to_string();
-    (child, http, grpc)
+    (child, http, grpc, log)
 }
 
 #[tokio::test]
