@@ -19,6 +19,7 @@ use crate::config::OAuthApp;
 use crate::connection::{AuthType, vars};
 use crate::host::{HostEngine, HostError, Var};
 use crate::ids::ConnectionId;
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::zoom::ZoomError;
 use crate::zoom::oauth::{Token, ZoomOAuth};
@@ -78,17 +79,37 @@ pub struct Credentials {
     oauth: ZoomOAuth,
     default_app: Option<OAuthApp>,
     slots: Mutex<HashMap<ConnectionId, Arc<tokio::sync::Mutex<Slot>>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Credentials {
     /// Credentials stored in `host`, refreshed through `oauth`.
-    pub fn new(host: Arc<dyn HostEngine>, oauth: ZoomOAuth, default_app: Option<OAuthApp>) -> Self {
+    pub fn new(
+        host: Arc<dyn HostEngine>,
+        oauth: ZoomOAuth,
+        default_app: Option<OAuthApp>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             host,
             oauth,
             default_app,
             slots: Mutex::default(),
+            metrics,
         }
+    }
+
+    /// Counts one token request to Zoom.
+    fn count<T>(&self, grant: &str, result: &Result<T, ZoomError>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(ZoomError::InvalidGrant(_)) => "invalid_grant",
+            Err(_) => "error",
+        };
+        self.metrics
+            .token_requests
+            .with_label_values(&[grant, outcome])
+            .inc();
     }
 
     fn slot(&self, cid: &ConnectionId) -> Arc<tokio::sync::Mutex<Slot>> {
@@ -256,7 +277,9 @@ impl Credentials {
                 let token = self
                     .oauth
                     .account_credentials(&private_app()?, account_id)
-                    .await?;
+                    .await;
+                self.count("account_credentials", &token);
+                let token = token?;
                 access_of(token, auth_type)
             }
             AuthType::OAuthDefault | AuthType::OAuthPrivate => {
@@ -286,7 +309,9 @@ impl Credentials {
                             }
                             _ => private_app()?,
                         };
-                        let token = match self.oauth.refresh(&app, &Secret::new(refresh)).await {
+                        let refreshed = self.oauth.refresh(&app, &Secret::new(refresh)).await;
+                        self.count("refresh_token", &refreshed);
+                        let token = match refreshed {
                             Ok(token) => token,
                             Err(ZoomError::InvalidGrant(reason)) => {
                                 tracing::warn!(connection_id = %cid, %reason, "Zoom refused the refresh token; the connection needs re-authorization");

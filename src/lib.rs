@@ -16,6 +16,7 @@ pub mod host;
 pub mod http;
 pub mod ids;
 pub mod integration;
+pub mod metrics;
 pub mod secret;
 pub mod setup;
 pub mod telemetry;
@@ -42,6 +43,7 @@ use crate::crypto::Keys;
 use crate::host::HostEngine;
 use crate::host::embedded::{EmbeddedHost, OpenError};
 use crate::host::remote::RemoteHost;
+use crate::metrics::Metrics;
 use crate::setup::state::Flows;
 use crate::zoom::api::ZoomApi;
 use crate::zoom::oauth::ZoomOAuth;
@@ -65,6 +67,8 @@ pub struct AppState {
     pub zoom_api: ZoomApi,
     /// Fresh access tokens for every connection.
     pub credentials: Arc<Credentials>,
+    /// Prometheus metrics of this instance.
+    pub metrics: Arc<Metrics>,
     /// Webhook routing, the event outbox and its counters.
     pub webhooks: Arc<webhook::Webhooks>,
 }
@@ -94,7 +98,8 @@ impl AppState {
         };
         let http = zoom::http_client(&config)?;
         let zoom_oauth = ZoomOAuth::new(http.clone(), &config);
-        let webhooks = Arc::new(webhook::Webhooks::open(&config)?);
+        let metrics = Arc::new(Metrics::new());
+        let webhooks = Arc::new(webhook::Webhooks::open(&config, &metrics)?);
         Ok(Self {
             flows: Arc::new(Flows::new(
                 *keys.state_signing_key(),
@@ -104,9 +109,11 @@ impl AppState {
                 host.clone(),
                 zoom_oauth.clone(),
                 config.default_app.clone(),
+                metrics.clone(),
             )),
             zoom_oauth,
-            zoom_api: ZoomApi::new(http, &config),
+            zoom_api: ZoomApi::new(http, &config, metrics.clone()),
+            metrics,
             config: Arc::new(config),
             host,
             embedded,

@@ -39,6 +39,13 @@ pub async fn serve(
             .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(
                 tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
             ))
+            .layer(tower::layer::layer_fn({
+                let metrics = state.metrics.clone();
+                move |inner| ObserveLatency {
+                    inner,
+                    metrics: metrics.clone(),
+                }
+            }))
             .add_service(health)
             .add_service(IntegrationsServiceServer::new(integrations));
     if let Some(embedded) = &state.embedded {
@@ -65,4 +72,58 @@ pub async fn serve(
     router
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
         .await
+}
+
+/// Records each gRPC call's latency by method and status code (`Ok` unless the call failed
+/// before its body: tonic sends errors as headers-only responses).
+#[derive(Clone)]
+struct ObserveLatency<S> {
+    inner: S,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl<S, B, RB> tower::Service<axum::http::Request<B>> for ObserveLatency<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_string();
+        let metrics = self.metrics.clone();
+        let started = std::time::Instant::now();
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let response = call.await;
+            let code = match &response {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or_else(
+                        || "Ok".to_string(),
+                        |c| format!("{:?}", tonic::Code::from_i32(c)),
+                    ),
+                Err(_) => "TransportError".to_string(),
+            };
+            metrics
+                .grpc_requests
+                .with_label_values(&[method.as_str(), code.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+            response
+        })
+    }
 }

@@ -2,7 +2,10 @@
 
 pub mod health;
 
+use std::time::Instant;
+
 use axum::Router;
+use axum::extract::{MatchedPath, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -10,13 +13,18 @@ use axum::routing::get;
 use crate::AppState;
 use crate::integration::LOGO_PATH;
 
-/// Every HTTP route of the service.
+/// Every HTTP route of the service, with request latency recorded for `/metrics`.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(crate::setup::router())
         .merge(crate::webhook::router())
         .route(LOGO_PATH, get(logo))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe_latency,
+        ))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(request_span)
@@ -32,6 +40,51 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
         "request",
         method = %request.method(),
         path = %request.uri().path(),
+    )
+}
+
+/// Records each request's latency by method, route (the pattern, not the path) and status.
+async fn observe_latency(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[method.as_str(), route.as_str(), response.status().as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics`: Prometheus's text format; the outbox gauges are read now.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    match state.webhooks.outbox.depth().await {
+        Ok((depth, oldest)) => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            state.metrics.outbox_depth.set(depth as i64);
+            state
+                .metrics
+                .outbox_oldest_age
+                .set(oldest.map_or(0.0, |ms| (now_ms - ms).max(0) as f64 / 1000.0));
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the outbox depth for /metrics"),
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
     )
 }
 

@@ -9,7 +9,6 @@
 //! Undelivered rows survive restarts: the next start reads them again.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -159,7 +158,7 @@ pub async fn run(
                             error = %why,
                             "the host engine refused an event; kept as a dead letter in the outbox"
                         );
-                        counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+                        counters.dead_letters.inc();
                         outbox.failed(attempt.row.id, why).await;
                     } else {
                         retry.push(attempt);
@@ -167,9 +166,7 @@ pub async fn run(
                 }
             }
         }
-        counters
-            .delivered
-            .fetch_add(delivered.len() as u64, Ordering::Relaxed);
+        counters.delivered.inc_by(delivered.len() as u64);
         outbox.delivered(delivered).await;
         if last_checkpoint.elapsed() >= Duration::from_millis(500) {
             last_checkpoint = std::time::Instant::now();
@@ -178,7 +175,7 @@ pub async fn run(
         if retry.is_empty() {
             backoff = settings.backoff_start;
         } else {
-            counters.retries.fetch_add(1, Ordering::Relaxed);
+            counters.retries.inc();
             if let Some(why) = unavailable {
                 tracing::warn!(error = %why, pending = retry.len(), retry_in = ?backoff, "host engine unavailable; will retry");
             }

@@ -13,9 +13,9 @@ pub mod outbox;
 pub mod routing;
 pub mod verify;
 
+use prometheus::IntCounter;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
@@ -35,6 +35,7 @@ use crate::AppState;
 use crate::config::Config;
 use crate::host::HostEngine;
 use crate::host::embedded::EmbeddedHost;
+use crate::metrics::Metrics;
 use crate::webhook::normalize::Received;
 use crate::webhook::outbox::{Outbox, OutboxSettings, Record, RecordError, Recorded};
 use crate::webhook::routing::RoutingIndex;
@@ -84,27 +85,58 @@ impl Settings {
     }
 }
 
-/// Counts of what happened to webhooks since start.
-#[derive(Debug, Default)]
+/// Counts of what happened to webhooks since start: handles on [`crate::metrics::Metrics`].
+#[derive(Debug, Clone)]
 pub struct Counters {
-    /// Requests refused (4xx).
-    pub rejected: AtomicU64,
+    /// Requests whose signature checked out.
+    pub verified: IntCounter,
+    /// Refused: a bad or missing signature.
+    pub bad_signature: IntCounter,
+    /// Refused: a timestamp outside the replay window (or none).
+    pub stale: IntCounter,
+    /// Refused: a body over 8 MiB.
+    pub too_large: IntCounter,
+    /// Refused: not JSON, no `event`, a bad `plainToken`, or an unreadable body.
+    pub malformed: IntCounter,
     /// URL validations answered.
-    pub url_validations: AtomicU64,
+    pub url_validations: IntCounter,
     /// Verified events that no connection wants: answered 200 and dropped.
-    pub unrouted: AtomicU64,
+    pub unrouted: IntCounter,
     /// Events recorded in the outbox.
-    pub recorded: AtomicU64,
+    pub recorded: IntCounter,
     /// Events already recorded within the window: answered 200, not recorded again.
-    pub duplicates: AtomicU64,
+    pub duplicates: IntCounter,
     /// Events not recorded in time or at all: answered 503.
-    pub unavailable: AtomicU64,
+    pub unavailable: IntCounter,
     /// (event, connection) pairs delivered to the host engine.
-    pub delivered: AtomicU64,
+    pub delivered: IntCounter,
     /// Delivery rounds that had to be retried.
-    pub retries: AtomicU64,
+    pub retries: IntCounter,
     /// Pairs the host engine refused for good, kept as dead letters.
-    pub dead_letters: AtomicU64,
+    pub dead_letters: IntCounter,
+}
+
+impl Counters {
+    /// The counters of `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        let webhooks = |result: &str| metrics.webhooks.with_label_values(&[result]);
+        let deliveries = |result: &str| metrics.deliveries.with_label_values(&[result]);
+        Self {
+            verified: metrics.webhooks_verified.clone(),
+            bad_signature: webhooks("bad_signature"),
+            stale: webhooks("stale"),
+            too_large: webhooks("too_large"),
+            malformed: webhooks("malformed"),
+            url_validations: webhooks("url_validation"),
+            unrouted: webhooks("unrouted"),
+            recorded: webhooks("recorded"),
+            duplicates: webhooks("duplicate"),
+            unavailable: webhooks("unavailable"),
+            delivered: deliveries("delivered"),
+            retries: deliveries("retried"),
+            dead_letters: deliveries("dead_letter"),
+        }
+    }
 }
 
 /// The webhook machinery every request shares.
@@ -121,12 +153,12 @@ pub struct Webhooks {
 
 impl Webhooks {
     /// Opens the outbox in `DATA_DIR` and creates an empty routing index.
-    pub fn open(config: &Config) -> Result<Self, outbox::OpenError> {
+    pub fn open(config: &Config, metrics: &Metrics) -> Result<Self, outbox::OpenError> {
         let settings = Settings::from_config(config);
         Ok(Self {
             routing: Arc::new(RoutingIndex::new(config.zoom_secret_token.clone())),
             outbox: Outbox::open(&config.data_dir, settings.outbox.clone())?,
-            counters: Arc::new(Counters::default()),
+            counters: Arc::new(Counters::new(metrics)),
             settings,
         })
     }
@@ -311,11 +343,18 @@ async fn receive(
     let webhooks = &state.webhooks;
     let result = handle(webhooks, &headers, body).await;
     if let Err(e) = &result {
+        let counters = &webhooks.counters;
         let counter = match e {
-            WebhookError::NotReady | WebhookError::NotRecorded(_) => &webhooks.counters.unavailable,
-            _ => &webhooks.counters.rejected,
+            WebhookError::NotReady | WebhookError::NotRecorded(_) => &counters.unavailable,
+            WebhookError::TooLarge => &counters.too_large,
+            WebhookError::MissingSignature | WebhookError::BadSignature => &counters.bad_signature,
+            WebhookError::MissingTimestamp | WebhookError::Timestamp(_) => &counters.stale,
+            WebhookError::NotJson
+            | WebhookError::NoEvent
+            | WebhookError::BadPlainToken
+            | WebhookError::BodyRead => &counters.malformed,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
     }
     result
 }
@@ -351,6 +390,7 @@ async fn handle(
     let verified = routes
         .verify(signature, timestamp, &body)
         .ok_or(WebhookError::BadSignature)?;
+    webhooks.counters.verified.inc();
 
     let head: Head = serde_json::from_slice(&body).map_err(|_| WebhookError::NotJson)?;
     let event = match head.event {
@@ -367,10 +407,7 @@ async fn handle(
             Some(serde_json::Value::String(t)) if verify::is_sane_plain_token(t) => t,
             _ => return Err(WebhookError::BadPlainToken),
         };
-        webhooks
-            .counters
-            .url_validations
-            .fetch_add(1, Ordering::Relaxed);
+        webhooks.counters.url_validations.inc();
         let encrypted = routes.verifier(verified).encrypt_token(plain_token);
         return Ok(axum::Json(json!({
             "plainToken": plain_token,
@@ -385,7 +422,7 @@ async fn handle(
     };
     let destinations = routes.destinations(verified, account_id);
     if destinations.is_empty() {
-        webhooks.counters.unrouted.fetch_add(1, Ordering::Relaxed);
+        webhooks.counters.unrouted.inc();
         tracing::debug!(event_type = %crate::ids::truncate(&event, 64), "verified webhook for no connection: dropped");
         return Ok(accepted("unrouted"));
     }
@@ -413,11 +450,11 @@ async fn handle(
     };
     match webhooks.outbox.record(record).await {
         Ok(Recorded::New) => {
-            webhooks.counters.recorded.fetch_add(1, Ordering::Relaxed);
+            webhooks.counters.recorded.inc();
             Ok(accepted("recorded"))
         }
         Ok(Recorded::Duplicate) => {
-            webhooks.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            webhooks.counters.duplicates.inc();
             Ok(accepted("duplicate"))
         }
         Err(e) => Err(WebhookError::NotRecorded(e)),

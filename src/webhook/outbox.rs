@@ -330,6 +330,25 @@ impl Outbox {
         self.committed.notified().await;
     }
 
+    /// How many pairs wait for delivery, and when the oldest was received (Unix ms).
+    /// Ids grow with time, so the oldest is the lowest id: no scan.
+    pub async fn depth(&self) -> Result<(u64, Option<i64>), RecordError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let conn = guard.as_ref().ok_or(rusqlite::Error::InvalidQuery)?;
+            conn.query_row(
+                "SELECT (SELECT count(*) FROM outbox),
+                        (SELECT received_ms FROM outbox ORDER BY id LIMIT 1)",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?)),
+            )
+        })
+        .await
+        .map_err(|e| RecordError::Storage(e.to_string()))?
+        .map_err(|e| RecordError::Storage(e.to_string()))
+    }
+
     /// Counts of undelivered rows and dead letters.
     pub async fn counts(&self) -> Result<(u64, u64), RecordError> {
         let reader = self.reader.clone();

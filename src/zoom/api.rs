@@ -53,15 +53,39 @@ impl ZoomUser {
 pub struct ZoomApi {
     http: reqwest::Client,
     base: BaseUrl,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl ZoomApi {
     /// A client of `ZOOM_API_URL`.
-    pub fn new(http: reqwest::Client, config: &Config) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        config: &Config,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             http,
             base: config.zoom_api_url.clone(),
+            metrics,
         }
+    }
+
+    /// Counts one API call by the status Zoom answered (`error` when it did not).
+    fn count(&self, status: Option<u16>) {
+        let label = status.map_or_else(|| "error".to_string(), |s| s.to_string());
+        self.metrics
+            .zoom_api_calls
+            .with_label_values(&[label.as_str()])
+            .inc();
+    }
+
+    /// Counts the outcome of a [`fetch_json`].
+    fn count_result<T>(&self, result: &Result<T, ZoomError>) {
+        self.count(match result {
+            Ok(_) => Some(200),
+            Err(ZoomError::Rejected { status, .. }) => Some(*status),
+            Err(_) => None,
+        });
     }
 
     /// `GET /users/me`: who the access token belongs to.
@@ -70,7 +94,9 @@ impl ZoomApi {
             .http
             .get(self.base.join("/users/me"))
             .bearer_auth(access_token.expose());
-        let user: ZoomUser = fetch_json(&self.http, request, "the user").await?;
+        let user = fetch_json::<ZoomUser>(&self.http, request, "the user").await;
+        self.count_result(&user);
+        let user = user?;
         if user.id.is_empty() || user.account_id.is_empty() {
             return Err(ZoomError::Protocol(
                 "the user has no id or account id".into(),
@@ -91,7 +117,9 @@ impl ZoomApi {
             .get(self.base.join("/users"))
             .query(&[("page_size", "1")])
             .bearer_auth(access_token.expose());
-        let page: Page = fetch_json(&self.http, request, "the user list").await?;
+        let page = fetch_json::<Page>(&self.http, request, "the user list").await;
+        self.count_result(&page);
+        let page = page?;
         Ok(page.total_records)
     }
 }
@@ -201,7 +229,9 @@ impl ZoomApi {
             let request = request
                 .build()
                 .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
-            let response = super::send(&self.http, request).await?;
+            let response = super::send(&self.http, request).await;
+            self.count(response.as_ref().ok().map(|r| r.status.as_u16()));
+            let response = response?;
             if response.status == reqwest::StatusCode::TOO_MANY_REQUESTS
                 && retries < MAX_RATE_LIMIT_RETRIES
                 && let Some(wait) = retry_after(&response.headers)

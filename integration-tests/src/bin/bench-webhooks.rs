@@ -278,7 +278,7 @@ async fn drain(events: u64) -> (f64, f64) {
 
     let keys = Arc::new(Keys::from_material(KEY.as_bytes()));
     let host = EmbeddedHost::open(dir.path(), keys).unwrap();
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Counters::new(&zoom_integration::metrics::Metrics::new()));
     let stop = tokio_util::sync::CancellationToken::new();
     let started = Instant::now();
     let task = tokio::spawn(forwarder::run(
@@ -291,7 +291,7 @@ async fn drain(events: u64) -> (f64, f64) {
         forwarder::ForwarderSettings::default(),
         stop.clone(),
     ));
-    while counters.delivered.load(Ordering::Relaxed) < events {
+    while counters.delivered.get() < events {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drain_rate = events as f64 / started.elapsed().as_secs_f64();

@@ -13,6 +13,7 @@ mod connection_setup;
 mod embedded_host;
 mod fresh_tokens;
 mod integrations_api;
+mod metrics;
 mod process;
 mod remote_host;
 mod secrets;
