@@ -215,6 +215,9 @@ impl Parser<'_> {
                     escaped = true;
                     self.pos += 2;
                 }
+                // RFC 8259: control characters inside strings must be escaped (serde_json,
+                // which checks requests first, refuses them too; found by fuzzing).
+                Some(0x00..=0x1f) => return Err(self.error("control character in string")),
                 Some(_) => self.pos += 1,
             }
         }
@@ -367,6 +370,15 @@ mod tests {
             .map(|i| i.k.as_ref().unwrap().string.as_ref().unwrap().v.clone())
             .collect();
         assert_eq!(keys, ["z", "a", "m"]);
+    }
+
+    #[test]
+    fn raw_control_characters_in_strings_are_refused_as_serde_json_does() {
+        for text in [&b"\"a\x00b\""[..], b"\"\r\"", b"{\"k\":\"\n\"}"] {
+            assert!(serde_json::from_slice::<serde_json::Value>(text).is_err());
+            assert!(value(text).is_err(), "{text:?}");
+        }
+        assert_eq!(int(&value(b"[1]").unwrap().list.unwrap().vs[0]), Some(1));
     }
 
     #[test]
