@@ -62,6 +62,16 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "Zoom REST API base URL",
     },
     Variable {
+        name: "SETUP_ACCESS",
+        default: Some("signed"),
+        meaning: "who may open connection setup: signed (links from `setup-link` or SetupLinksService) or loopback (also any client on this machine)",
+    },
+    Variable {
+        name: "SETUP_LINK_TTL",
+        default: Some("900"),
+        meaning: "seconds a signed setup link stays valid (60-86400)",
+    },
+    Variable {
         name: "OUTBOX_SYNC",
         default: Some("full"),
         meaning: "full: a webhook answered 200 survives power loss; normal: it survives a crash of this process, not of the machine (faster)",
@@ -190,6 +200,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Who may use the connection-setup endpoints (`/zoom/`, `/zoom/save`, `/oauth/start/zoom`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SetupAccess {
+    /// Only people holding a link signed by this service, for that connection.
+    #[default]
+    Signed,
+    /// Also any client connecting from this machine (for local use; never behind a proxy).
+    Loopback,
+}
+
 /// How hard the event outbox syncs a commit before a webhook is answered 200.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OutboxSync {
@@ -249,6 +269,10 @@ pub struct Config {
     pub zoom_oauth_url: BaseUrl,
     /// `ZOOM_API_URL`: base of the REST API.
     pub zoom_api_url: BaseUrl,
+    /// `SETUP_ACCESS`: who may use the connection-setup endpoints.
+    pub setup_access: SetupAccess,
+    /// `SETUP_LINK_TTL`: how long a signed setup link stays valid.
+    pub setup_link_ttl: std::time::Duration,
     /// `OUTBOX_SYNC`: how durable a webhook is when it is answered 200.
     pub outbox_sync: OutboxSync,
     /// `ZOOM_HTTP_TIMEOUT`: how long one request to Zoom may take, connecting included.
@@ -298,6 +322,8 @@ struct Raw {
     zoom_api_url: Option<String>,
     zoom_http_timeout: Option<String>,
     outbox_sync: Option<String>,
+    setup_access: Option<String>,
+    setup_link_ttl: Option<String>,
     oauth_state_ttl: Option<String>,
     token_keepalive_days: Option<String>,
     host_ui_url: Option<String>,
@@ -393,6 +419,17 @@ impl Config {
                 raw.zoom_api_url
                     .as_deref()
                     .unwrap_or("https://api.zoom.us/v2"),
+            )?,
+            setup_access: match raw.setup_access.as_deref().unwrap_or("signed") {
+                "signed" => SetupAccess::Signed,
+                "loopback" => SetupAccess::Loopback,
+                _ => return Err(ConfigError::new("SETUP_ACCESS", "must be signed or loopback")),
+            },
+            setup_link_ttl: parse_seconds(
+                "SETUP_LINK_TTL",
+                raw.setup_link_ttl.as_deref(),
+                900,
+                60..=86_400,
             )?,
             outbox_sync: match raw.outbox_sync.as_deref().unwrap_or("full") {
                 "full" => OutboxSync::Full,
@@ -814,6 +851,8 @@ mod tests {
             (&[("SHUTDOWN_TIMEOUT", "0")], "SHUTDOWN_TIMEOUT"),
             (&[("SHUTDOWN_TIMEOUT", "10s")], "SHUTDOWN_TIMEOUT"),
             (&[("OUTBOX_SYNC", "sometimes")], "OUTBOX_SYNC"),
+            (&[("SETUP_ACCESS", "open")], "SETUP_ACCESS"),
+            (&[("SETUP_LINK_TTL", "5")], "SETUP_LINK_TTL"),
             (&[("OAUTH_STATE_TTL", "601")], "OAUTH_STATE_TTL"),
             (&[("ZOOM_HTTP_TIMEOUT", "0")], "ZOOM_HTTP_TIMEOUT"),
             (&[("TOKEN_KEEPALIVE_DAYS", "90")], "TOKEN_KEEPALIVE_DAYS"),

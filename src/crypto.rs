@@ -31,6 +31,7 @@ pub struct OpenError;
 pub struct Keys {
     at_rest: Aes256Gcm,
     state_signing: [u8; 32],
+    link_signing: [u8; 32],
     fingerprint: String,
 }
 
@@ -100,14 +101,17 @@ impl Keys {
         let hk = Hkdf::<Sha256>::new(Some(b"zoom-integration"), material);
         let mut at_rest = [0u8; 32];
         let mut state_signing = [0u8; 32];
+        let mut link_signing = [0u8; 32];
         let mut fingerprint = [0u8; 8];
         hk.expand(b"secrets at rest v1", &mut at_rest)
             .and_then(|()| hk.expand(b"oauth state v1", &mut state_signing))
+            .and_then(|()| hk.expand(b"setup links v1", &mut link_signing))
             .and_then(|()| hk.expand(b"key fingerprint v1", &mut fingerprint))
             .expect("HKDF output lengths are valid");
         Self {
             at_rest: Aes256Gcm::new(&at_rest.into()),
             state_signing,
+            link_signing,
             fingerprint: hex::encode(fingerprint),
         }
     }
@@ -120,6 +124,11 @@ impl Keys {
     /// The key that signs OAuth state.
     pub fn state_signing_key(&self) -> &[u8; 32] {
         &self.state_signing
+    }
+
+    /// The key that signs connection-setup links.
+    pub fn link_signing_key(&self) -> &[u8; 32] {
+        &self.link_signing
     }
 
     /// Encrypts `plaintext` with AES-256-GCM under a fresh random nonce. `context` (for

@@ -44,6 +44,7 @@ use crate::host::HostEngine;
 use crate::host::embedded::{EmbeddedHost, OpenError};
 use crate::host::remote::RemoteHost;
 use crate::metrics::Metrics;
+use crate::setup::links::SetupLinks;
 use crate::setup::state::Flows;
 use crate::zoom::api::ZoomApi;
 use crate::zoom::oauth::ZoomOAuth;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub keys: Arc<Keys>,
     /// OAuth flows in progress.
     pub flows: Arc<Flows>,
+    /// Signed setup links: who may set up a connection.
+    pub links: Arc<SetupLinks>,
     /// Zoom's OAuth server.
     pub zoom_oauth: ZoomOAuth,
     /// Zoom's REST API.
@@ -104,6 +107,11 @@ impl AppState {
             flows: Arc::new(Flows::new(
                 *keys.state_signing_key(),
                 config.oauth_state_ttl,
+            )),
+            links: Arc::new(SetupLinks::new(
+                *keys.link_signing_key(),
+                config.setup_link_ttl,
+                config.setup_access,
             )),
             credentials: Arc::new(Credentials::new(
                 host.clone(),
@@ -179,10 +187,13 @@ pub async fn run(
         let stop = stop.clone();
         async move {
             let _stop_the_other = stop.clone().drop_guard();
-            axum::serve(http_listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .context("HTTP server failed")
+            axum::serve(
+                http_listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+            .context("HTTP server failed")
         }
     });
     let grpc_server = tokio::spawn({

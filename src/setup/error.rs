@@ -34,6 +34,9 @@ pub enum SetupError {
     /// Zoom refused, failed or timed out.
     #[error("{0}")]
     Zoom(#[from] ZoomError),
+    /// The request was not sent here by the operator (no valid setup link).
+    #[error("{0}")]
+    Forbidden(super::links::LinkError),
     /// The host engine failed.
     #[error("{0}")]
     Host(#[from] HostError),
@@ -46,6 +49,7 @@ impl SetupError {
                 StatusCode::BAD_REQUEST
             }
             SetupError::State(StateError::Busy) => StatusCode::SERVICE_UNAVAILABLE,
+            SetupError::Forbidden(_) => StatusCode::FORBIDDEN,
             SetupError::State(_) => StatusCode::BAD_REQUEST,
             SetupError::NoPublicAddress => StatusCode::SERVICE_UNAVAILABLE,
             SetupError::Zoom(ZoomError::Rejected { .. } | ZoomError::InvalidGrant(_)) => {

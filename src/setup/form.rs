@@ -20,6 +20,7 @@ pub const MAX_ORIGIN_LEN: usize = 32;
 pub struct RawForm {
     cid: Option<String>,
     origin: Option<String>,
+    grant: Option<String>,
     auth_type: Option<String>,
     account_id: Option<String>,
     client_id: Option<String>,
@@ -32,6 +33,7 @@ pub struct RawForm {
 pub struct RawTarget {
     cid: Option<String>,
     origin: Option<String>,
+    grant: Option<String>,
 }
 
 /// Which connection is being set up, and where the host wants the browser at the end.
@@ -41,6 +43,8 @@ pub struct Target {
     pub cid: ConnectionId,
     /// `web`, `dash`, `vscode`, … or empty.
     pub origin: String,
+    /// The signed setup link's grant, if the request carried one (see [`super::links`]).
+    pub grant: Option<String>,
 }
 
 /// A private app's fields.
@@ -85,11 +89,15 @@ pub struct FormError(pub String);
 impl RawTarget {
     /// Checks `cid` and `origin`.
     pub fn check(self) -> Result<Target, FormError> {
-        check_target(self.cid, self.origin)
+        check_target(self.cid, self.origin, self.grant)
     }
 }
 
-fn check_target(cid: Option<String>, origin: Option<String>) -> Result<Target, FormError> {
+fn check_target(
+    cid: Option<String>,
+    origin: Option<String>,
+    grant: Option<String>,
+) -> Result<Target, FormError> {
     let cid = ConnectionId::parse(cid.as_deref().unwrap_or_default().trim())
         .map_err(|e| FormError(format!("{e} (the cid parameter)")))?;
     let origin = origin.unwrap_or_default();
@@ -103,16 +111,21 @@ fn check_target(cid: Option<String>, origin: Option<String>) -> Result<Target, F
             "origin must be at most {MAX_ORIGIN_LEN} letters, digits or _"
         )));
     }
+    // A grant is hex, digits and dots; anything else cannot be one (and is not echoed).
+    let grant = grant.filter(|g| {
+        !g.is_empty() && g.len() <= 128 && g.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
+    });
     Ok(Target {
         cid,
         origin: origin.to_string(),
+        grant,
     })
 }
 
 impl RawForm {
     /// Checks every field the chosen authentication type needs, and ignores the others.
     pub fn check(self) -> Result<SetupForm, FormError> {
-        let target = check_target(self.cid, self.origin)?;
+        let target = check_target(self.cid, self.origin, self.grant)?;
         let auth_type: AuthType = self
             .auth_type
             .as_deref()

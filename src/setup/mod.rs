@@ -8,12 +8,15 @@
 
 pub mod error;
 pub mod form;
+pub mod links;
 pub mod page;
 pub mod state;
 
 use axum::Router;
 use axum::extract::rejection::{FormRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Form, Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Form, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -54,12 +57,14 @@ pub fn router() -> Router<AppState> {
 /// `GET /zoom/?cid=…&origin=…`
 async fn connection_page(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     query: Result<Query<RawTarget>, QueryRejection>,
 ) -> Result<Response, SetupError> {
     let target = query
         .map_err(|_| FormError("the query cannot be read".into()))?
         .0
         .check()?;
+    authorize(&state, &target, peer)?;
     let stored = match state.host.get_vars(&target.cid, &[]).await {
         Ok(vars) => Some(vars),
         Err(e) => {
@@ -122,6 +127,7 @@ async fn connection_page(
 /// Server-to-Server app that Zoom accepted.
 async fn save(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     form: Result<Form<RawForm>, FormRejection>,
 ) -> Response {
     let form = match form {
@@ -136,6 +142,9 @@ async fn save(
         Err(e) => return SetupError::from(e).into_response(),
     };
     let target = form.target;
+    if let Err(e) = authorize(&state, &target, peer) {
+        return e.into_response();
+    }
     let result = match form.choice {
         Choice::Default => match state.config.default_app {
             Some(_) => Ok(Redirect::to(&start_path(&target)).into_response()),
@@ -159,6 +168,7 @@ async fn save(
 /// `GET /oauth/start/zoom?cid=…&origin=…`: the default app's flow.
 async fn start(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     query: Result<Query<RawTarget>, QueryRejection>,
 ) -> Response {
     let target = match query
@@ -168,6 +178,9 @@ async fn start(
         Ok(target) => target,
         Err(e) => return SetupError::from(e).into_response(),
     };
+    if let Err(e) = authorize(&state, &target, peer) {
+        return e.into_response();
+    }
     if state.config.default_app.is_none() {
         return SetupError::NoDefaultApp.page(Some(&target));
     }
@@ -243,10 +256,11 @@ async fn redirect(
     let query = query.map(|q| q.0).unwrap_or_default();
     let oauth_state = query.state.as_deref().unwrap_or_default();
     let cookies = headers.get(header::COOKIE).and_then(|c| c.to_str().ok());
-    let back = state
-        .flows
-        .peek(oauth_state)
-        .map(|(cid, origin)| Target { cid, origin });
+    let back = state.flows.peek(oauth_state).map(|(cid, origin)| Target {
+        cid,
+        origin,
+        grant: None,
+    });
 
     if let Some(error) = query.error.as_deref() {
         // The flow ends here either way: its state must not be usable later.
@@ -288,6 +302,7 @@ async fn redirect(
         let target = Target {
             cid: flow.cid,
             origin: flow.origin,
+            grant: None,
         };
         Ok::<_, SetupError>(finish(
             &state,
@@ -429,7 +444,25 @@ fn finish(state: &AppState, target: &Target, message: &str) -> Response {
     }
 }
 
-/// `/oauth/start/zoom?cid=…&origin=…`; both are checked to be letters, digits and `_`.
+/// `/oauth/start/zoom?cid=…&origin=…&grant=…`; all three are checked to be letters, digits,
+/// `_` or `.`.
 fn start_path(target: &Target) -> String {
-    format!("{START_PATH}?cid={}&origin={}", target.cid, target.origin)
+    let mut path = format!("{START_PATH}?cid={}&origin={}", target.cid, target.origin);
+    if let Some(grant) = &target.grant {
+        path.push_str(&format!("&grant={grant}"));
+    }
+    path
+}
+
+/// Refuses requests the operator did not send here (see [`links`]).
+fn authorize(state: &AppState, target: &Target, peer: SocketAddr) -> Result<(), SetupError> {
+    state
+        .links
+        .check(
+            &target.cid,
+            &target.origin,
+            target.grant.as_deref(),
+            Some(peer),
+        )
+        .map_err(SetupError::Forbidden)
 }

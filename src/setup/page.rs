@@ -164,7 +164,7 @@ impl ConnectionPage<'_> {
             "<p class=\"status {class}\" id=\"status\">{status}</p>\
              <form method=\"post\" action=\"/zoom/save\" autocomplete=\"off\">\
              <input type=\"hidden\" name=\"cid\" value=\"{cid}\">\
-             <input type=\"hidden\" name=\"origin\" value=\"{origin}\">\
+             <input type=\"hidden\" name=\"origin\" value=\"{origin}\">{grant}\
              <fieldset><legend>Authentication type</legend>{c1}{c2}{c3}</fieldset>\
              <div class=\"field for-s2s\"><label for=\"account_id\">Account ID</label>\
              <input id=\"account_id\" name=\"account_id\" maxlength=\"128\" value=\"{account_id}\">\
@@ -184,6 +184,14 @@ impl ConnectionPage<'_> {
             status = escape(&text),
             cid = escape(self.target.cid.as_str()),
             origin = escape(&self.target.origin),
+            grant = self
+                .target
+                .grant
+                .as_deref()
+                .map_or_else(String::new, |g| format!(
+                    "<input type=\"hidden\" name=\"grant\" value=\"{}\">",
+                    escape(g)
+                )),
             c1 = choice(
                 AuthType::OAuthDefault,
                 "Default OAuth app",
@@ -221,8 +229,12 @@ pub fn message_page(status: StatusCode, title: &str, message: &str, back: Option
         escape(message)
     );
     if let Some(target) = back {
+        let grant = target
+            .grant
+            .as_deref()
+            .map_or_else(String::new, |g| format!("&amp;grant={}", escape(g)));
         body.push_str(&format!(
-            "<p><a id=\"back\" href=\"/zoom/?cid={}&amp;origin={}\">Back to the connection page</a></p>",
+            "<p><a id=\"back\" href=\"/zoom/?cid={}&amp;origin={}{grant}\">Back to the connection page</a></p>",
             escape(target.cid.as_str()),
             escape(&target.origin)
         ));

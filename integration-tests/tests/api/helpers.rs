@@ -62,6 +62,8 @@ pub async fn spawn_app_in(data_dir: &Path, env: &[(&str, &str)]) -> TestApp {
         ("SECRET_KEY".into(), TEST_SECRET_KEY.into()),
         ("WEBHOOK_ADDRESS".into(), http.to_string()),
         ("WEBHOOK_SCHEME".into(), "http".into()),
+        // Tests are this machine's clients; signed-link tests set SETUP_ACCESS=signed.
+        ("SETUP_ACCESS".into(), "loopback".into()),
     ];
     pairs.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let config = Config::load(pairs).expect("test configuration is valid");

@@ -53,6 +53,7 @@ async fn no_secret_reaches_a_log_a_page_an_error_or_a_url() {
         ("WEBHOOK_ADDRESS", http_addr.as_str()),
         ("WEBHOOK_SCHEME", "http"),
         ("RUST_LOG", "debug"),
+        ("SETUP_ACCESS", "loopback"),
     ]);
     // A fixed HTTP_ADDR (it wins over the helper's port 0), so WEBHOOK_ADDRESS can name it.
     env.push(("HTTP_ADDR", http_addr.as_str()));
