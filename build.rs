@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
     "autokitteh/values/v1/values.proto",
     "autokitteh/vars/v1/svc.proto",
     "autokitteh/vars/v1/var.proto",
+    "zoomintegration/v1/setup_links.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,4 +1,5 @@
-//! The command line: `--help`, `--version`, or (no arguments) serve until SIGTERM.
+//! The command line: `--help`, `--version`, `setup-link`, or (no arguments) serve until
+//! SIGTERM.
 
 use std::process::ExitCode;
 
@@ -22,6 +23,7 @@ pub fn main() -> ExitCode {
             println!("zoom-integration {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Some("setup-link") => return setup_link(&args[1..]),
         Some(other) => {
             eprintln!(
                 "zoom-integration: unknown argument {:?}; see --help",
@@ -78,6 +80,55 @@ pub fn main() -> ExitCode {
             },
         }
     })
+}
+
+/// `setup-link <connection id> [origin]`: prints a signed link to the connection's setup
+/// page, made with the same configuration (and key) the service uses.
+fn setup_link(args: &[String]) -> ExitCode {
+    let (Some(cid), origin, None) = (args.first(), args.get(1), args.get(2)) else {
+        eprintln!("zoom-integration: usage: zoom-integration setup-link <connection id> [origin]");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let cid = match crate::ids::ConnectionId::parse(cid) {
+        Ok(cid) => cid,
+        Err(e) => {
+            eprintln!("zoom-integration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let origin = origin.map_or("", String::as_str);
+    if let Err(e) = crate::setup::form::check_origin(origin) {
+        eprintln!("zoom-integration: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => return config_error(&err),
+    };
+    if config.webhook_address.is_none() {
+        return config_error(&ConfigError::new(
+            "WEBHOOK_ADDRESS",
+            "is required to make a link people can open",
+        ));
+    }
+    let keys = match crate::config::create_private_dir(&config.data_dir).and_then(|()| {
+        crate::crypto::Keys::load_or_generate(config.secret_key.as_ref(), &config.data_dir)
+    }) {
+        Ok(keys) => keys,
+        Err(err) => return config_error(&err),
+    };
+    let links = crate::setup::links::SetupLinks::new(
+        *keys.link_signing_key(),
+        config.setup_link_ttl,
+        config.setup_access,
+    );
+    let link = links.issue(&config, &cid, origin);
+    println!("{}", link.url.unwrap_or_default());
+    eprintln!(
+        "valid for {} seconds (SETUP_LINK_TTL)",
+        config.setup_link_ttl.as_secs()
+    );
+    ExitCode::SUCCESS
 }
 
 fn config_error(err: &ConfigError) -> ExitCode {

@@ -545,6 +545,8 @@ impl Config {
         let mut out = String::from(
             "zoom-integration: connects Zoom to an AutoKitteh-compatible workflow host.\n\n\
              Usage: zoom-integration            serve HTTP and gRPC until SIGTERM\n       \
+             zoom-integration setup-link <connection id> [origin]\n                                   \
+             print a signed link to the connection's setup page\n       \
              zoom-integration --help     this text\n       \
              zoom-integration --version  the version\n\n\
              Configuration (environment; CONFIG_FILE may give the same keys in lower case, the environment wins):\n",

@@ -2,6 +2,7 @@
 
 pub mod events;
 pub mod integrations;
+pub mod setup_links;
 pub mod vars;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use crate::AppState;
 use crate::proto::autokitteh::events::v1::events_service_server::EventsServiceServer;
 use crate::proto::autokitteh::integrations::v1::integrations_service_server::IntegrationsServiceServer;
 use crate::proto::autokitteh::vars::v1::vars_service_server::VarsServiceServer;
+use crate::proto::zoomintegration::v1::setup_links_service_server::SetupLinksServiceServer;
 
 /// The longest a gRPC call may run before it is cancelled.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,6 +30,9 @@ pub async fn serve(
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<IntegrationsServiceServer<integrations::IntegrationsApi>>()
+        .await;
+    reporter
+        .set_serving::<SetupLinksServiceServer<setup_links::SetupLinksApi>>()
         .await;
 
     let integrations = integrations::IntegrationsApi::new(&state);
@@ -47,7 +52,10 @@ pub async fn serve(
                 }
             }))
             .add_service(health)
-            .add_service(IntegrationsServiceServer::new(integrations));
+            .add_service(IntegrationsServiceServer::new(integrations))
+            .add_service(SetupLinksServiceServer::new(
+                setup_links::SetupLinksApi::new(&state),
+            ));
     if let Some(embedded) = &state.embedded {
         reporter
             .set_serving::<VarsServiceServer<vars::VarsApi>>()

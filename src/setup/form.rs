@@ -102,15 +102,7 @@ fn check_target(
         .map_err(|e| FormError(format!("{e} (the cid parameter)")))?;
     let origin = origin.unwrap_or_default();
     let origin = origin.trim();
-    if origin.len() > MAX_ORIGIN_LEN
-        || !origin
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    {
-        return Err(FormError(format!(
-            "origin must be at most {MAX_ORIGIN_LEN} letters, digits or _"
-        )));
-    }
+    check_origin(origin)?;
     // A grant is hex, digits and dots; anything else cannot be one (and is not echoed).
     let grant = grant.filter(|g| {
         !g.is_empty() && g.len() <= 128 && g.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
@@ -120,6 +112,20 @@ fn check_target(
         origin: origin.to_string(),
         grant,
     })
+}
+
+/// Checks an `origin`: at most [`MAX_ORIGIN_LEN`] letters, digits or `_` (it ends up in URLs).
+pub fn check_origin(origin: &str) -> Result<(), FormError> {
+    if origin.len() > MAX_ORIGIN_LEN
+        || !origin
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(FormError(format!(
+            "origin must be at most {MAX_ORIGIN_LEN} letters, digits or _"
+        )));
+    }
+    Ok(())
 }
 
 impl RawForm {

@@ -49,7 +49,7 @@ pub(crate) fn value_of(snapshot: &[(String, String, bool)], name: &str) -> Optio
 
 /// A connection already set up (with a private Server-to-Server app), so that failures
 /// have something to leave alone.
-async fn existing_connection(app: &TestApp) -> String {
+pub(crate) async fn existing_connection(app: &TestApp) -> String {
     let cid = ConnectionId::generate().to_string();
     app.vars()
         .set(vars::SetRequest {

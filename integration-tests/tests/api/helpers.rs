@@ -97,6 +97,11 @@ pub async fn spawn_app_in(data_dir: &Path, env: &[(&str, &str)]) -> TestApp {
 }
 
 impl TestApp {
+    /// The gRPC channel to the service.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     pub fn integrations(&self) -> IntegrationsServiceClient<Channel> {
         IntegrationsServiceClient::new(self.channel.clone())
     }

@@ -17,4 +17,5 @@ mod metrics;
 mod process;
 mod remote_host;
 mod secrets;
+mod setup_links;
 mod webhooks;

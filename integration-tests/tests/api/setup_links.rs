@@ -1,0 +1,187 @@
+//! Who may set up a connection: with `SETUP_ACCESS=signed` only holders of a signed link for
+//! that connection and origin get past the connection page, the form and the start of OAuth;
+//! links come from `SetupLinksService.Create` and from `zoom-integration setup-link`.
+
+use reqwest::StatusCode;
+use zoom_integration::ids::ConnectionId;
+use zoom_integration::proto::zoomintegration::v1::CreateRequest;
+use zoom_integration::proto::zoomintegration::v1::setup_links_service_client::SetupLinksServiceClient;
+
+use crate::connection_setup::{app_with, snapshot, value_of};
+use crate::fake_zoom::*;
+use crate::helpers::{TEST_SECRET_KEY, TestApp};
+use crate::user_agent::UserAgent;
+
+async fn signed_app(zoom: &FakeZoom) -> TestApp {
+    let mut env = zoom.env();
+    env.push(("SETUP_ACCESS", "signed".into()));
+    app_with(zoom, env).await
+}
+
+async fn link(app: &TestApp, cid: &str, origin: &str) -> url::Url {
+    let created = SetupLinksServiceClient::new(app.channel())
+        .create(CreateRequest {
+            connection_id: cid.into(),
+            origin: origin.into(),
+        })
+        .await
+        .expect("Create answers")
+        .into_inner();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now + 890..=now + 900).contains(&created.expires_at));
+    let url = url::Url::parse(&created.url).unwrap();
+    assert_eq!(
+        url.query_pairs().find(|(k, _)| k == "grant").unwrap().1,
+        created.grant
+    );
+    url
+}
+
+fn grant_of(url: &url::Url) -> String {
+    url.query_pairs()
+        .find(|(k, _)| k == "grant")
+        .map(|(_, v)| v.into_owned())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn without_a_signed_link_no_setup_endpoint_lets_anyone_change_a_connection() {
+    let zoom = FakeZoom::start().await;
+    let app = signed_app(&zoom).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = crate::connection_setup::existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let other_link = link(&app, &ConnectionId::generate().to_string(), "web").await;
+    let forged = format!("v1.9999999999.{}", "ab".repeat(32));
+
+    for grant in [
+        None,
+        Some(forged.as_str()),
+        Some(grant_of(&other_link).as_str()),
+    ] {
+        let suffix = grant.map_or_else(String::new, |g| format!("&grant={g}"));
+        let page = agent
+            .get(&app.url(&format!("/zoom/?cid={cid}&origin=web{suffix}")))
+            .await;
+        assert_eq!(page.status, StatusCode::FORBIDDEN, "{}", page.body);
+        assert!(page.text_of("message").contains("valid setup link"));
+        let start = agent
+            .get(&app.url(&format!("/oauth/start/zoom?cid={cid}&origin=web{suffix}")))
+            .await;
+        assert_eq!(start.status, StatusCode::FORBIDDEN);
+        let mut form = vec![
+            ("cid", cid.as_str()),
+            ("origin", "web"),
+            ("auth_type", "serverToServer"),
+            ("account_id", S2S_ACCOUNT_ID),
+            ("client_id", S2S_CLIENT_ID),
+            ("client_secret", S2S_CLIENT_SECRET),
+        ];
+        if let Some(g) = grant {
+            form.push(("grant", g));
+        }
+        let saved = agent.post_form(&app.url("/zoom/save"), &form).await;
+        assert_eq!(saved.status, StatusCode::FORBIDDEN, "{}", saved.body);
+    }
+    assert_eq!(snapshot(&app, &cid).await, before);
+    assert!(zoom.token_requests().is_empty(), "nothing reached Zoom");
+
+    // Zoom's endpoints stay open: they rely on signatures and state.
+    let redirect = agent
+        .get(&app.url("/oauth/redirect/zoom?code=x&state=y"))
+        .await;
+    assert_eq!(redirect.status, StatusCode::BAD_REQUEST);
+    let event = app
+        .http_client
+        .post(app.url("/zoom/event"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(event.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_link_from_the_grpc_method_sets_up_its_connection_and_only_for_its_origin() {
+    let zoom = FakeZoom::start().await;
+    let app = signed_app(&zoom).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = ConnectionId::generate().to_string();
+    let url = link(&app, &cid, "test").await;
+    let grant = grant_of(&url);
+
+    let page = agent.get(url.as_str()).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(
+        page.body
+            .contains(&format!("name=\"grant\" value=\"{grant}\""))
+    );
+    // The same link for another origin is refused.
+    let elsewhere = agent
+        .get(&app.url(&format!("/zoom/?cid={cid}&origin=web&grant={grant}")))
+        .await;
+    assert_eq!(elsewhere.status, StatusCode::FORBIDDEN);
+
+    // The default app's flow carries the grant through /oauth/start/zoom.
+    let consent = agent
+        .post_form(
+            &app.url("/zoom/save"),
+            &[
+                ("cid", &cid),
+                ("origin", "test"),
+                ("grant", &grant),
+                ("auth_type", "oauthDefault"),
+            ],
+        )
+        .await;
+    assert_eq!(consent.url.path(), "/oauth/authorize", "{}", consent.body);
+    let done = agent.get(consent.link("allow").as_str()).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    let stored = snapshot(&app, &cid).await;
+    assert_eq!(value_of(&stored, "auth_type").unwrap().0, "oauthDefault");
+}
+
+#[tokio::test]
+async fn the_cli_prints_a_link_the_service_accepts() {
+    let zoom = FakeZoom::start().await;
+    let app = signed_app(&zoom).await;
+    let cid = ConnectionId::generate().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_service-under-test"))
+        .args(["setup-link", &cid, "web"])
+        .env_clear()
+        .env("SECRET_KEY", TEST_SECRET_KEY)
+        .env("DATA_DIR", dir.path())
+        .env("WEBHOOK_ADDRESS", app.http.to_string())
+        .env("WEBHOOK_SCHEME", "http")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        url.starts_with(&app.url(&format!("/zoom/?cid={cid}&origin=web&grant=v1."))),
+        "{url}"
+    );
+    let page = UserAgent::new(&app.url("")).get(&url).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+
+    // Without a public address there is no link to give.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_service-under-test"))
+        .args(["setup-link", &cid])
+        .env_clear()
+        .env("SECRET_KEY", TEST_SECRET_KEY)
+        .env("DATA_DIR", dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WEBHOOK_ADDRESS"));
+}
