@@ -97,6 +97,16 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "base URL of the host engine's web UI; a finished setup with origin web or dash returns there",
     },
     Variable {
+        name: "MAX_CONCURRENT_REQUESTS",
+        default: Some("1024"),
+        meaning: "requests served at once per server (HTTP, and per gRPC connection); more are answered 503 at once",
+    },
+    Variable {
+        name: "REQUEST_TIMEOUT",
+        default: Some("30"),
+        meaning: "seconds one HTTP or gRPC request may take before it is answered 503 or DEADLINE_EXCEEDED",
+    },
+    Variable {
         name: "HTTP_ADDR",
         default: Some("0.0.0.0:9980"),
         meaning: "HTTP listener: connection page, OAuth, webhooks, health",
@@ -286,6 +296,10 @@ pub struct Config {
     /// `HOST_UI_URL`: the host engine's web UI, where a finished connection setup returns
     /// when the host asked for it (`origin` = `web` or `dash`); `None` shows our own page.
     pub host_ui_url: Option<BaseUrl>,
+    /// `MAX_CONCURRENT_REQUESTS`: requests served at once (HTTP server; gRPC per connection).
+    pub max_concurrent_requests: usize,
+    /// `REQUEST_TIMEOUT`: how long one HTTP or gRPC request may take.
+    pub request_timeout: std::time::Duration,
     /// `HTTP_ADDR`: where the HTTP server listens.
     pub http_addr: SocketAddr,
     /// `GRPC_ADDR`: where the gRPC server listens.
@@ -327,6 +341,8 @@ struct Raw {
     oauth_state_ttl: Option<String>,
     token_keepalive_days: Option<String>,
     host_ui_url: Option<String>,
+    max_concurrent_requests: Option<String>,
+    request_timeout: Option<String>,
     http_addr: Option<String>,
     grpc_addr: Option<String>,
     host_engine_url: Option<String>,
@@ -462,6 +478,19 @@ impl Config {
                 .host_ui_url
                 .map(|u| parse_base_url("HOST_UI_URL", &u))
                 .transpose()?,
+            max_concurrent_requests: parse_count(
+                "MAX_CONCURRENT_REQUESTS",
+                raw.max_concurrent_requests.as_deref(),
+                1024,
+                1..=100_000,
+                "requests",
+            )? as usize,
+            request_timeout: parse_seconds(
+                "REQUEST_TIMEOUT",
+                raw.request_timeout.as_deref(),
+                30,
+                1..=600,
+            )?,
             http_addr: parse_socket_addr(
                 "HTTP_ADDR",
                 raw.http_addr.as_deref().unwrap_or("0.0.0.0:9980"),
@@ -854,6 +883,11 @@ mod tests {
             (&[("SHUTDOWN_TIMEOUT", "10s")], "SHUTDOWN_TIMEOUT"),
             (&[("OUTBOX_SYNC", "sometimes")], "OUTBOX_SYNC"),
             (&[("SETUP_ACCESS", "open")], "SETUP_ACCESS"),
+            (
+                &[("MAX_CONCURRENT_REQUESTS", "0")],
+                "MAX_CONCURRENT_REQUESTS",
+            ),
+            (&[("REQUEST_TIMEOUT", "forever")], "REQUEST_TIMEOUT"),
             (&[("SETUP_LINK_TTL", "5")], "SETUP_LINK_TTL"),
             (&[("OAUTH_STATE_TTL", "601")], "OAUTH_STATE_TTL"),
             (&[("ZOOM_HTTP_TIMEOUT", "0")], "ZOOM_HTTP_TIMEOUT"),

@@ -5,8 +5,6 @@ pub mod integrations;
 pub mod setup_links;
 pub mod vars;
 
-use std::time::Duration;
-
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -18,8 +16,8 @@ use crate::proto::autokitteh::integrations::v1::integrations_service_server::Int
 use crate::proto::autokitteh::vars::v1::vars_service_server::VarsServiceServer;
 use crate::proto::zoomintegration::v1::setup_links_service_server::SetupLinksServiceServer;
 
-/// The longest a gRPC call may run before it is cancelled.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest header list a gRPC request may carry.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Serves gRPC on `listener` until `shutdown` is cancelled, then lets in-flight calls finish.
 pub async fn serve(
@@ -38,7 +36,9 @@ pub async fn serve(
     let integrations = integrations::IntegrationsApi::new(&state);
     let mut router =
         Server::builder()
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(state.config.request_timeout)
+            .concurrency_limit_per_connection(state.config.max_concurrent_requests)
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             // Callers' mistakes (INVALID_ARGUMENT, NOT_FOUND) are not our failures: log every
             // outcome at debug; internal errors are logged where they are mapped (error.rs).
             .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(

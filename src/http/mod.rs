@@ -21,6 +21,31 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::webhook::router())
         .route(LOGO_PATH, get(logo))
         .route("/metrics", get(metrics))
+        // Bounds: a request that takes too long is answered 503; past the concurrency limit,
+        // new requests are answered 503 at once instead of queueing without end.
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            state.config.request_timeout,
+        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(
+                    |_: tower::BoxError| async {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            axum::Json(serde_json::json!({
+                                "error": "too many requests at once: try again shortly"
+                            })),
+                        )
+                    },
+                ))
+                .load_shed()
+                // Global: `Router::layer` gives each route its own copy of a layer, and a
+                // per-route limit would not bound the server.
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    state.config.max_concurrent_requests,
+                )),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             observe_latency,

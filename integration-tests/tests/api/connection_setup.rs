@@ -362,7 +362,7 @@ async fn denying_consent_shows_zoom_error_and_saves_nothing() {
 
 /// Runs the default flow up to the point where Zoom sends the browser back, without
 /// following that last redirect; returns the redirect URL.
-async fn redirect_back_url(app: &TestApp, agent: &UserAgent, cid: &str) -> url::Url {
+pub(crate) async fn redirect_back_url(app: &TestApp, agent: &UserAgent, cid: &str) -> url::Url {
     let consent_page = submit(
         app,
         agent,

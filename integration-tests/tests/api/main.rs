@@ -7,6 +7,7 @@ mod helpers;
 mod user_agent;
 mod webdriver;
 
+mod bounds;
 mod browser;
 mod calls;
 mod connection_setup;

@@ -1,0 +1,72 @@
+//! Resource bounds: past `MAX_CONCURRENT_REQUESTS` requests are answered 503 at once, and a
+//! request taking longer than `REQUEST_TIMEOUT` is answered 503; neither changes stored data.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use zoom_integration::ids::ConnectionId;
+
+use crate::connection_setup::{app_with, redirect_back_url, snapshot};
+use crate::fake_zoom::FakeZoom;
+use crate::user_agent::UserAgent;
+
+#[tokio::test]
+async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("MAX_CONCURRENT_REQUESTS", "2".into()));
+    let app = app_with(&zoom, env).await;
+    // Two requests held inside the service: OAuth redirects waiting on a slow Zoom.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let agent = UserAgent::new(&app.url(""));
+        let cid = ConnectionId::generate().to_string();
+        let back = redirect_back_url(&app, &agent, &cid).await;
+        held.push((agent, back));
+    }
+    zoom.state.lock().unwrap().token_delay = Duration::from_secs(2);
+    let mut running = Vec::new();
+    for (agent, back) in held {
+        running.push(tokio::spawn(async move {
+            agent.get(back.as_str()).await.status
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let refused = app.get("/healthz").await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused at once"
+    );
+    for task in running {
+        assert_eq!(
+            task.await.unwrap(),
+            StatusCode::OK,
+            "the held requests finish"
+        );
+    }
+    assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_request_past_the_timeout_is_answered_503_and_saves_nothing() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("REQUEST_TIMEOUT", "1".into()));
+    let app = app_with(&zoom, env).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = ConnectionId::generate().to_string();
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    zoom.state.lock().unwrap().token_delay = Duration::from_secs(4);
+    let started = Instant::now();
+    let visit = agent.get(back.as_str()).await;
+    assert_eq!(visit.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(snapshot(&app, &cid).await.is_empty());
+}
