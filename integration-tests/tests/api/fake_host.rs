@@ -31,6 +31,10 @@ pub struct FakeHostState {
     pub find_requests: Vec<pb::FindActiveConnectionIDsRequest>,
     /// While set, Dispatch answers UNAVAILABLE (a host that is up but cannot take events).
     pub refuse_dispatch: bool,
+    /// Every Dispatch waits this long first (a slow host).
+    pub dispatch_delay: std::time::Duration,
+    /// While set, Dispatch fails with INTERNAL (a host with a bug).
+    pub fail_dispatch: bool,
     /// Set by `stop`: a connection still draining after the listener closed gets UNAVAILABLE,
     /// as from a host that is going away, instead of quietly taking events.
     pub stopped: bool,
@@ -186,7 +190,12 @@ impl DispatcherService for Svc {
         if !event.event_id.is_empty() {
             return Err(Status::invalid_argument("event_id must not be specified"));
         }
+        let delay = self.0.lock().unwrap().dispatch_delay;
+        tokio::time::sleep(delay).await;
         let mut state = self.0.lock().unwrap();
+        if state.fail_dispatch {
+            return Err(Status::internal("the fake host failed"));
+        }
         if state.refuse_dispatch || state.stopped {
             return Err(Status::unavailable("the fake host refuses events for now"));
         }

@@ -12,6 +12,7 @@ mod browser;
 mod calls;
 mod connection_setup;
 mod embedded_host;
+mod faults;
 mod fresh_tokens;
 mod integrations_api;
 mod metrics;

@@ -9,7 +9,11 @@ use tokio::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_service-under-test");
 
 fn service() -> Command {
-    let mut cmd = Command::new(BIN);
+    isolated(Command::new(BIN))
+}
+
+/// `cmd` with an empty environment (but `PATH`) and piped output.
+pub fn isolated(mut cmd: Command) -> Command {
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .stdin(Stdio::null())
@@ -80,7 +84,30 @@ pub type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 pub async fn start_service_with_log(
     env: &[(&str, &str)],
 ) -> (tokio::process::Child, String, String, Log) {
-    let mut cmd = service();
+    launch(service(), env).await
+}
+
+/// The service binary run by `sh` with a file-size limit of `kib` KiB (writes past it fail
+/// as on a full disk; SIGXFSZ is ignored so the process lives to answer).
+pub async fn start_service_with_file_limit(
+    env: &[(&str, &str)],
+    kib: u64,
+) -> (tokio::process::Child, String, String, Log) {
+    let mut sh = Command::new("sh");
+    // dash counts `ulimit -f` in 512-byte blocks.
+    sh.args([
+        "-c",
+        &format!("trap '' XFSZ; ulimit -f {}; exec \"$0\"", kib * 2),
+        BIN,
+    ]);
+    launch(isolated(sh), env).await
+}
+
+/// Starts `cmd` on port 0 with `env` and waits until it serves.
+async fn launch(
+    mut cmd: Command,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, String, String, Log) {
     cmd.env("HTTP_ADDR", "127.0.0.1:0")
         .env("GRPC_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json");

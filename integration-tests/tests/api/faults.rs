@@ -1,0 +1,253 @@
+//! Faults, each stating what was sent and proving what arrived: a slow host, a failing host,
+//! SIGTERM under load, and a full disk while webhooks arrive.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use zoom_integration::ids::ConnectionId;
+
+use crate::fake_host::FakeHost;
+use crate::helpers::{http_client, spawn_app_with, var};
+use crate::process::{start_service_with_file_limit, start_service_with_log};
+use crate::webhooks::{ACCOUNT, SECRET, now, post_to, post_until_recorded};
+
+/// A routed `meeting.participant_joined` body whose `event_ts` is `n`, padded to `pad` bytes.
+fn body(n: u64, pad: usize) -> Vec<u8> {
+    serde_json::json!({
+        "event": "meeting.participant_joined",
+        "event_ts": n,
+        "payload": {"account_id": ACCOUNT, "object": {"id": n.to_string(), "note": "x".repeat(pad)}}
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A host with one default-app connection of [`ACCOUNT`].
+async fn host_with_connection() -> FakeHost {
+    let host = FakeHost::start().await;
+    let cid = ConnectionId::generate().to_string();
+    host.put(var(&cid, "auth_type", "oauthDefault", false));
+    host.put(var(&cid, "account_id", ACCOUNT, false));
+    host
+}
+
+fn delivered(host: &FakeHost) -> BTreeSet<i64> {
+    host.state
+        .lock()
+        .unwrap()
+        .dispatched
+        .iter()
+        .map(|e| e.data["event_ts"].integer.as_ref().unwrap().v)
+        .collect()
+}
+
+/// Waits until the host has every event of `answered`.
+async fn wait_for(host: &FakeHost, answered: &BTreeSet<i64>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = delivered(host);
+        if answered.is_subset(&got) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} answered events delivered",
+            answered.intersection(&got).count(),
+            answered.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_slow_host_delays_delivery_but_not_the_answers_to_zoom() {
+    let host = host_with_connection().await;
+    host.state.lock().unwrap().dispatch_delay = Duration::from_millis(300);
+    let app = spawn_app_with(&[
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ])
+    .await;
+    let url = app.url("/zoom/event");
+    post_until_recorded(&app.http_client, &url, SECRET, &body(0, 0)).await;
+    // Sent: 30 webhooks, one after another.
+    let mut answered = BTreeSet::from([0]);
+    let mut slowest = Duration::ZERO;
+    for n in 1..=30 {
+        let started = Instant::now();
+        let (status, _) = post_to(&app.http_client, &url, SECRET, now(), &body(n, 0)).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(status, 200);
+        answered.insert(n as i64);
+    }
+    assert!(
+        slowest < Duration::from_millis(300),
+        "answers waited for the host: {slowest:?}"
+    );
+    // Arrived: all 31.
+    wait_for(&host, &answered, Duration::from_secs(20)).await;
+}
+
+#[tokio::test]
+async fn a_host_failing_with_errors_gets_every_event_once_it_recovers() {
+    let host = host_with_connection().await;
+    let app = spawn_app_with(&[
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ])
+    .await;
+    let url = app.url("/zoom/event");
+    post_until_recorded(&app.http_client, &url, SECRET, &body(0, 0)).await;
+    wait_for(&host, &BTreeSet::from([0]), Duration::from_secs(5)).await;
+    // Sent: 20 webhooks while the host answers INTERNAL to every Dispatch, for a second.
+    host.state.lock().unwrap().fail_dispatch = true;
+    let mut answered = BTreeSet::new();
+    for n in 1..=20 {
+        assert_eq!(
+            post_to(&app.http_client, &url, SECRET, now(), &body(n, 0))
+                .await
+                .0,
+            200
+        );
+        answered.insert(n as i64);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        delivered(&host).len() == 1,
+        "nothing arrives while the host fails"
+    );
+    host.state.lock().unwrap().fail_dispatch = false;
+    // Arrived: all 20, after the retries.
+    wait_for(&host, &answered, Duration::from_secs(20)).await;
+}
+
+#[tokio::test]
+async fn sigterm_under_load_finishes_what_it_answered_and_loses_nothing() {
+    let host = host_with_connection().await;
+    host.state.lock().unwrap().dispatch_delay = Duration::from_millis(50);
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("DATA_DIR", dir.path().to_str().unwrap()),
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+        ("SHUTDOWN_TIMEOUT", "5"),
+    ];
+    let (mut child, http, _, _) = start_service_with_log(&env).await;
+    let url = format!("http://{http}/zoom/event");
+    let client = http_client();
+    post_until_recorded(&client, &url, SECRET, &body(0, 0)).await;
+
+    // Sent: four clients posting distinct webhooks as fast as they can; SIGTERM after 500 ms.
+    let answered = Arc::new(Mutex::new(BTreeSet::from([0i64])));
+    let mut posters = Vec::new();
+    for worker in 0..4u64 {
+        let (client, url, answered) = (client.clone(), url.clone(), answered.clone());
+        posters.push(tokio::spawn(async move {
+            for i in 0.. {
+                let n = 1 + worker + 4 * i;
+                let ts = now().to_string();
+                let b = body(n, 0);
+                let sent = client
+                    .post(&url)
+                    .header("x-zm-request-timestamp", &ts)
+                    .header("x-zm-signature", crate::webhooks::sign(SECRET, &ts, &b))
+                    .body(b)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 200 => {
+                        answered.lock().unwrap().insert(n as i64);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return, // the server is gone
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("stops within the shutdown timeout")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    for poster in posters {
+        let _ = poster.await;
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() > 20,
+        "load was real: {} answered",
+        answered.len()
+    );
+
+    // Arrived: every answered webhook, some before the stop and the rest after a restart.
+    let (mut child, _, _, _) = start_service_with_log(&env).await;
+    wait_for(&host, &answered, Duration::from_secs(20)).await;
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_full_disk_gets_503_and_every_webhook_answered_200_is_delivered_later() {
+    let host = host_with_connection().await;
+    // The host takes nothing, so the outbox only grows.
+    host.state.lock().unwrap().refuse_dispatch = true;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("DATA_DIR", dir.path().to_str().unwrap()),
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ];
+    // Files may grow to 1 MiB: the databases start far smaller.
+    let (mut child, http, _, log) = start_service_with_file_limit(&env, 1024).await;
+    let url = format!("http://{http}/zoom/event");
+    let client = http_client();
+    post_until_recorded(&client, &url, SECRET, &body(0, 0)).await;
+
+    // Sent: 4 KiB webhooks until the disk is full, then 20 more.
+    let mut answered = BTreeSet::from([0i64]);
+    let mut refused = 0;
+    let mut n = 1u64;
+    while refused < 20 {
+        assert!(n < 2000, "the disk never filled up");
+        let (status, _) = post_to(&client, &url, SECRET, now(), &body(n, 4096)).await;
+        match status {
+            // A checkpoint may free room in the log now and then: a 200 is a 200.
+            200 => {
+                answered.insert(n as i64);
+            }
+            503 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+        n += 1;
+    }
+    assert!(
+        answered.len() > 10,
+        "{} answered before the disk filled",
+        answered.len()
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the service is still running"
+    );
+    child.kill().await.unwrap();
+    let log = log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("event outbox commit failed"),
+        "the failure is logged"
+    );
+
+    // Arrived: after a restart with room on disk, every webhook answered 200.
+    host.state.lock().unwrap().refuse_dispatch = false;
+    let (mut child, _, _, _) = start_service_with_log(&env).await;
+    wait_for(&host, &answered, Duration::from_secs(20)).await;
+    child.kill().await.unwrap();
+}
