@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
                     state.config.max_concurrent_requests,
                 )),
         )
+        .layer(axum::middleware::from_fn(limit_headers))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             observe_latency,
@@ -66,6 +67,32 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
         method = %request.method(),
         path = %request.uri().path(),
     )
+}
+
+/// The most header bytes (names and values) a request may carry; hyper bounds what it reads
+/// (about 400 KiB), this bounds what handlers see.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Refuses requests with more than [`MAX_HEADER_BYTES`] of headers: 431.
+async fn limit_headers(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let size: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if size > MAX_HEADER_BYTES {
+        return (
+            axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            axum::Json(serde_json::json!({
+                "error": format!("request headers exceed {MAX_HEADER_BYTES} bytes")
+            })),
+        )
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// Records each request's latency by method, route (the pattern, not the path) and status.

@@ -1,5 +1,6 @@
-//! Resource bounds: past `MAX_CONCURRENT_REQUESTS` requests are answered 503 at once, and a
-//! request taking longer than `REQUEST_TIMEOUT` is answered 503; neither changes stored data.
+//! Resource bounds: past `MAX_CONCURRENT_REQUESTS` requests are answered 503 at once, a
+//! request taking longer than `REQUEST_TIMEOUT` is answered 503 (neither changes stored data),
+//! and oversized headers get 431.
 
 use std::time::{Duration, Instant};
 
@@ -69,4 +70,29 @@ async fn a_request_past_the_timeout_is_answered_503_and_saves_nothing() {
         started.elapsed()
     );
     assert!(snapshot(&app, &cid).await.is_empty());
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused_with_431() {
+    let app = crate::helpers::spawn_app().await;
+    let big = "x".repeat(20 * 1024);
+    let response = app
+        .http_client
+        .get(app.url("/healthz"))
+        .header("x-padding", big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    let fine = app
+        .http_client
+        .get(app.url("/healthz"))
+        .header("x-padding", "x".repeat(8 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fine.status(), StatusCode::OK);
 }
