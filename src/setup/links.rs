@@ -8,11 +8,12 @@
 //! `SETUP_ACCESS=loopback` the operator chooses instead to let any client on this machine in.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 
+use super::state::unix_now;
 use crate::config::{Config, SetupAccess};
 use crate::ids::ConnectionId;
 
@@ -113,13 +114,6 @@ impl SetupLinks {
     fn mac(&self, cid: &ConnectionId, origin: &str, expires_at: u64) -> String {
         hex::encode(self.hmac(cid, origin, expires_at).finalize().into_bytes())
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

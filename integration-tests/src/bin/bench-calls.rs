@@ -9,12 +9,16 @@
 //!
 //! Environment knobs: `CALLERS` (64), `SECONDS` (5), `CONNECTIONS` (10000).
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
+
+use support::{fake_zoom, rss_mib};
 use tonic::transport::Channel;
 use zoom_integration::config::Config;
 use zoom_integration::ids::ConnectionId;
@@ -31,33 +35,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// The resident memory of this process, in MiB.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// A fake Zoom that answers `/users/me` for any bearer token.
-async fn fake_zoom() -> String {
-    let app = axum::Router::new().route(
-        "/v2/users/me",
-        axum::routing::get(|| async {
-            (
-                [("content-type", "application/json")],
-                r#"{"id":"KdYKjnimT4KPd8FFgQt9FQ","account_id":"lAAAAAAAAAAAAA","email":"zoe@example.com","display_name":"Zoë Ångström","type":2}"#,
-            )
-        }),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
 }
 
 fn call_request(cid: &str) -> CallRequest {

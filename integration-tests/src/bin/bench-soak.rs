@@ -6,6 +6,8 @@
 //! process's resident memory at the start, every minute and at the end, and what was done.
 //! The process also holds the load and the fake Zoom, so memory is an upper bound.
 
+mod support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -13,6 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use tokio::net::TcpListener;
+
+use support::{fake_zoom, rss_mib};
 use tonic::transport::Channel;
 use zoom_integration::config::Config;
 use zoom_integration::ids::ConnectionId;
@@ -25,31 +29,6 @@ use zoom_integration::proto::autokitteh::vars::v1::vars_service_client::VarsServ
 const KEY: &str = "soak key material, at least 32 characters long";
 const SECRET: &str = "soak-zoom-secret-token";
 const ACCOUNT: &str = "lAAAAAAAAAAAAA";
-
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-async fn fake_zoom() -> String {
-    let app = axum::Router::new().route(
-        "/v2/users/me",
-        axum::routing::get(|| async {
-            (
-                [("content-type", "application/json")],
-                r#"{"id":"KdYKjnimT4KPd8FFgQt9FQ","account_id":"lAAAAAAAAAAAAA","email":"zoe@example.com","display_name":"Zoë Ångström"}"#,
-            )
-        }),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
 
 fn signature(ts: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
