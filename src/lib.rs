@@ -9,6 +9,7 @@ pub mod config;
 pub mod connection;
 pub mod credentials;
 pub mod crypto;
+mod db;
 pub mod error;
 pub mod functions;
 pub mod grpc;

@@ -8,7 +8,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use prost::Message;
@@ -142,7 +141,7 @@ impl EmbeddedHost {
         // FULL: an acknowledged write survives power loss, not only a crash of this process.
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db_err)?;
-        migrate(&mut conn).map_err(db_err)?;
+        crate::db::migrate(&mut conn, MIGRATIONS).map_err(db_err)?;
 
         let stored: Option<String> = conn
             .query_row(
@@ -224,7 +223,7 @@ impl EmbeddedHost {
         }
         let scopes: Vec<ConnectionId> = vars.iter().map(|(scope, _)| scope.clone()).collect();
         self.with_db(move |conn, keys| {
-            let now = now_ms();
+            let now = crate::db::now_ms();
             let tx = conn.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(UPSERT_VAR)?;
@@ -250,7 +249,7 @@ impl EmbeddedHost {
     /// Appends `events` to the event log in one transaction, all or none (an invalid event
     /// fails the whole call with `InvalidArgument`); returns their ids in order.
     pub async fn save_events(&self, mut events: Vec<Event>) -> Result<Vec<String>, HostError> {
-        let now = now_ms();
+        let now = crate::db::now_ms();
         let mut rows = Vec::with_capacity(events.len());
         for event in &mut events {
             if event.destination_id.is_empty() {
@@ -454,7 +453,7 @@ impl HostEngine for EmbeddedHost {
             .cloned()
             .collect();
         self.with_db(move |conn, keys| {
-            let now = now_ms();
+            let now = crate::db::now_ms();
             let tx = conn.transaction()?;
             {
                 let mut delete =
@@ -551,24 +550,6 @@ fn decode_event((seq, bytes): (i64, Vec<u8>)) -> Result<Event, HostError> {
         .map_err(|e| HostError::Internal(format!("stored event cannot be decoded: {e}")))?;
     event.seq = seq as u64;
     Ok(event)
-}
-
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, step) in (0i64..).zip(MIGRATIONS).skip(version as usize) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(step)?;
-        tx.pragma_update(None, "user_version", i + 1)?;
-        tx.commit()?;
-    }
-    Ok(())
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -171,7 +171,7 @@ impl Outbox {
             source,
         };
         let mut writer = open_connection(&path, settings.sync).map_err(err)?;
-        migrate(&mut writer).map_err(err)?;
+        crate::db::migrate(&mut writer, MIGRATIONS).map_err(err)?;
         // Checkpoints run on the reader's connection (see `checkpoint`), so a commit that
         // requests wait for never also copies the WAL into the database.
         writer
@@ -384,24 +384,6 @@ fn open_connection(path: &Path, sync: crate::config::OutboxSync) -> rusqlite::Re
     Ok(conn)
 }
 
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, step) in (0i64..).zip(MIGRATIONS).skip(version as usize) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(step)?;
-        tx.pragma_update(None, "user_version", i + 1)?;
-        tx.commit()?;
-    }
-    Ok(())
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Command>,
@@ -480,7 +462,7 @@ fn apply(
     group: &[Command],
     window: Duration,
 ) -> rusqlite::Result<Vec<Option<Recorded>>> {
-    let now = now_ms();
+    let now = crate::db::now_ms();
     let expires = now + window.as_millis() as i64;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(group.len());
@@ -561,7 +543,7 @@ fn purge(conn: &Connection) -> rusqlite::Result<usize> {
     conn.execute(
         "DELETE FROM dedupe WHERE hash IN
          (SELECT hash FROM dedupe WHERE expires_ms <= ?1 ORDER BY expires_ms LIMIT 10000)",
-        [now_ms()],
+        [crate::db::now_ms()],
     )
 }
 
