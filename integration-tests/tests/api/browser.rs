@@ -1,9 +1,12 @@
 //! The connection page in a real browser: headless Chromium, driven through chromedriver,
-//! sets up one connection of each authentication type against the fake Zoom.
+//! sets up one connection of each authentication type against the fake Zoom, each through a
+//! signed setup link from `SetupLinksService`, as a host engine would send people.
 
 use std::time::Duration;
 
 use zoom_integration::ids::ConnectionId;
+use zoom_integration::proto::zoomintegration::v1::CreateRequest;
+use zoom_integration::proto::zoomintegration::v1::setup_links_service_client::SetupLinksServiceClient;
 
 use crate::connection_setup::{app_with, snapshot, value_of};
 use crate::fake_zoom::*;
@@ -18,9 +21,15 @@ fn artifact(name: &str) -> std::path::PathBuf {
 }
 
 async fn open_page(browser: &Browser, app: &TestApp, cid: &str) {
-    browser
-        .goto(&app.url(&format!("/zoom/?cid={cid}&origin=test")))
-        .await;
+    let link = SetupLinksServiceClient::new(app.channel())
+        .create(CreateRequest {
+            connection_id: cid.into(),
+            origin: "test".into(),
+        })
+        .await
+        .expect("a setup link")
+        .into_inner();
+    browser.goto(&link.url).await;
 }
 
 /// Presses Allow on the fake Zoom's consent page and waits for the way back.
@@ -44,7 +53,9 @@ async fn a_person_sets_up_each_kind_of_connection_in_a_real_browser() {
         return;
     };
     let zoom = FakeZoom::start().await;
-    let app = app_with(&zoom, zoom.env()).await;
+    let mut env = zoom.env();
+    env.push(("SETUP_ACCESS", "signed".into()));
+    let app = app_with(&zoom, env).await;
     let browser = Browser::start(&chromedriver).await;
 
     // The page, as a person first sees it: the default app chosen, no private fields shown.
