@@ -136,14 +136,17 @@ pub fn init_required() -> Status {
     status(StatusCode::InitRequired, "Init required")
 }
 
+/// The value of the variable `name` among `vars`, if it is there and not empty.
+pub fn value_of<'a>(vars: &'a [Var], name: &str) -> Option<&'a str> {
+    vars.iter()
+        .find(|v| v.name == name)
+        .map(|v| v.value.as_str())
+        .filter(|v| !v.is_empty())
+}
+
 /// The status of a connection with these variables.
 pub fn connection_status(vars: &[Var]) -> Status {
-    let get = |name: &str| {
-        vars.iter()
-            .find(|v| v.name == name)
-            .map(|v| v.value.as_str())
-            .filter(|v| !v.is_empty())
-    };
+    let get = |name: &str| value_of(vars, name);
     if let Some(reason) = get(vars::CONNECTION_ERROR) {
         return status(StatusCode::Error, reason);
     }

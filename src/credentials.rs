@@ -16,7 +16,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::config::OAuthApp;
-use crate::connection::{AuthType, vars};
+use crate::connection::{AuthType, value_of, vars};
 use crate::host::{HostEngine, HostError, Var};
 use crate::ids::ConnectionId;
 use crate::metrics::Metrics;
@@ -171,12 +171,7 @@ impl Credentials {
                 .await?
             {
                 let stored = self.host.get_vars(&cid, &names).await?;
-                let get = |name: &str| {
-                    stored
-                        .iter()
-                        .find(|v| v.name == name && !v.value.is_empty())
-                        .map(|v| v.value.as_str())
-                };
+                let get = |name: &str| value_of(&stored, name);
                 if get(vars::CONNECTION_ERROR).is_some() {
                     continue;
                 }
@@ -239,13 +234,7 @@ impl Credentials {
         .map(|n| n.to_string())
         .collect();
         let stored = self.host.get_vars(cid, &names).await?;
-        let get = |name: &str| {
-            stored
-                .iter()
-                .find(|v| v.name == name)
-                .map(|v| v.value.as_str())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |name: &str| value_of(&stored, name);
         if let Some(reason) = get(vars::CONNECTION_ERROR) {
             return Err(CredentialError::Broken(reason.to_string()));
         }
