@@ -112,8 +112,10 @@ async fn webhooks_are_counted_by_result_and_the_outbox_shows_its_depth_and_age()
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = scrape(&app).await;
-        if sample(&text, "zoom_deliveries_total{result=\"delivered\"}") == 2.0 {
-            assert_eq!(sample(&text, "zoom_outbox_depth"), 0.0);
+        // Deliveries are counted before the writer removes their rows, so wait for both.
+        if sample(&text, "zoom_deliveries_total{result=\"delivered\"}") == 2.0
+            && sample(&text, "zoom_outbox_depth") == 0.0
+        {
             assert_eq!(sample(&text, "zoom_outbox_oldest_age_seconds"), 0.0);
             assert!(sample(&text, "zoom_deliveries_total{result=\"retried\"}") >= 1.0);
             break;
