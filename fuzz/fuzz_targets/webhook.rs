@@ -41,10 +41,14 @@ fuzz_target!(|data: &[u8]| {
         let fields = fields.expect("serde_json accepts it, so must normalization");
         assert_eq!(fields.len(), object.len());
     }
-    if parsed.is_err() {
-        assert!(
-            normalize::value(body).is_err(),
-            "accepted what serde_json refuses"
-        );
+    // The one thing normalization accepts beyond serde_json: an integer too long for an f64,
+    // which it keeps as a big integer. The request path refuses such bodies first (400).
+    if let Err(e) = &parsed {
+        if !e.to_string().starts_with("number out of range") {
+            assert!(
+                normalize::value(body).is_err(),
+                "accepted what serde_json refuses: {e}"
+            );
+        }
     }
 });

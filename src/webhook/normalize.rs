@@ -335,6 +335,10 @@ mod tests {
             let v = value(big.as_bytes()).unwrap();
             assert_eq!(v.big_integer.unwrap().v, big);
         }
+        // Beyond f64's range, where serde_json gives up: still exact digits.
+        let huge = format!("-9{}666", "0".repeat(400));
+        assert!(serde_json::from_str::<serde_json::Value>(&huge).is_err());
+        assert_eq!(value(huge.as_bytes()).unwrap().big_integer.unwrap().v, huge);
         assert_eq!(value(b"1.5").unwrap().float.unwrap().v, 1.5);
         assert_eq!(value(b"-2e3").unwrap().float.unwrap().v, -2000.0);
         assert_eq!(value(b"1.0").unwrap().float.unwrap().v, 1.0);
