@@ -8,6 +8,7 @@
 //! once the [`outbox`] has committed them; the [`forwarder`] delivers them afterwards.
 
 pub mod forwarder;
+pub mod journal;
 pub mod normalize;
 pub mod outbox;
 pub mod routing;

@@ -1,16 +1,21 @@
-//! The durable record of accepted webhooks: `DATA_DIR/outbox.db`, a SQLite database of its
-//! own (so it works the same with the embedded and with a remote host engine).
+//! The durable record of accepted webhooks: `DATA_DIR/outbox.journal` makes them durable,
+//! `DATA_DIR/outbox.db` (a SQLite database of its own, so it works the same with the embedded
+//! and with a remote host engine) keeps them until they are delivered.
 //!
-//! One writer thread owns the only writing connection. Requests reach it through a bounded
-//! channel; it takes everything waiting (up to [`OutboxSettings::max_group`]) and commits it
-//! in one transaction (group commit: one fsync for many webhooks), then answers each request.
-//! The same transaction deduplicates: a body whose SHA-256 was recorded within the replay
-//! window is answered "duplicate" and not recorded again.
+//! One writer thread owns the journal and the only writing connection. Requests reach it
+//! through a bounded channel; it takes everything waiting (up to [`OutboxSettings::max_group`]),
+//! sorts out duplicates (a body whose SHA-256 was recorded within the replay window is answered
+//! "duplicate" and not recorded again), appends the rest to the journal in one write and one
+//! fsync (group commit), and answers. Then it applies the same group to the database in one
+//! transaction that does not wait for the disk: the journal already holds it, and on the next
+//! start every journal entry the database had not applied is applied again (see
+//! [`crate::webhook::journal`]). Once the journal passes [`OutboxSettings::journal_limit`], the
+//! database is synced and the journal emptied.
 //!
 //! Rows leave the outbox when the forwarder has delivered them, or move to `dead_letters`
 //! when the host engine refused them for good.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +24,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::webhook::journal::{self, Journal};
 use crate::webhook::normalize::Received;
 
 /// File name of the outbox inside `DATA_DIR`.
@@ -49,13 +55,23 @@ const MIGRATIONS: &[&str] = &[
         failed_ms   INTEGER NOT NULL,
         error       TEXT NOT NULL
     );",
+    // 2: how far the journal is applied, and when the database was last synced.
+    "CREATE TABLE journal_state (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        applied_seq INTEGER NOT NULL,
+        synced_ms   INTEGER NOT NULL
+    );
+    INSERT INTO journal_state VALUES (1, 0, 0);",
 ];
 
 /// Knobs of the outbox; the defaults suit production and tests alike.
 #[derive(Debug, Clone)]
 pub struct OutboxSettings {
-    /// `OUTBOX_SYNC`: fsync every commit (`Full`) or only survive process crashes (`Normal`).
+    /// `OUTBOX_SYNC`: fsync the journal for every group (`Full`) or only survive process
+    /// crashes (`Normal`).
     pub sync: crate::config::OutboxSync,
+    /// Past this size the journal is emptied (after the database is synced).
+    pub journal_limit: u64,
     /// Past this size the write-ahead log is checkpointed and truncated by the writer.
     pub wal_limit: u64,
     /// How long a body's hash is remembered for deduplication (the replay window).
@@ -76,6 +92,7 @@ impl Default for OutboxSettings {
     fn default() -> Self {
         Self {
             sync: crate::config::OutboxSync::Full,
+            journal_limit: 32 << 20,
             wal_limit: 64 << 20,
             dedupe_window: Duration::from_secs(90 * 60),
             record_timeout: Duration::from_secs(2),
@@ -89,10 +106,23 @@ impl Default for OutboxSettings {
 
 /// Why the outbox could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open the event outbox {path}: {source}")]
-pub struct OpenError {
-    path: PathBuf,
-    source: rusqlite::Error,
+pub enum OpenError {
+    /// The database failed.
+    #[error("cannot open the event outbox {path}: {source}")]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+    /// The journal (or the writer thread) failed.
+    #[error("cannot open the event outbox journal {path}: {source}")]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
 }
 
 /// Why a webhook was not recorded. Every case means "not durable": answer 503.
@@ -169,18 +199,28 @@ impl Outbox {
     /// ends when the last handle is dropped.
     pub fn open(data_dir: &Path, settings: OutboxSettings) -> Result<Self, OpenError> {
         let path = data_dir.join(OUTBOX_FILE);
-        let err = |source| OpenError {
+        let journal_path = data_dir.join(journal::JOURNAL_FILE);
+        let err = |source| OpenError::Database {
             path: path.clone(),
             source,
         };
-        let mut writer = open_connection(&path, settings.sync).map_err(err)?;
-        crate::db::migrate(&mut writer, MIGRATIONS).map_err(err)?;
-        // Checkpoints run on the reader's connection (see `checkpoint`), so a commit that
-        // requests wait for never also copies the WAL into the database.
-        writer
-            .pragma_update(None, "wal_autocheckpoint", 0)
+        let journal_err = |source| OpenError::Journal {
+            path: journal_path.clone(),
+            source,
+        };
+        let mut conn = open_connection(&path).map_err(err)?;
+        crate::db::migrate(&mut conn, MIGRATIONS).map_err(err)?;
+        // Checkpoints run on the reader's connection (see `checkpoint`) and, past the WAL
+        // limit, on the writer between groups: never inside a commit requests wait for.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(err)?;
-        let reader = open_connection(&path, settings.sync).map_err(err)?;
+        let sync = settings.sync == crate::config::OutboxSync::Full;
+        let (journal, entries) = Journal::open(data_dir, sync).map_err(journal_err)?;
+        let writer = Writer::recover(conn, journal, entries, &settings).map_err(|e| match e {
+            RecoverError::Database(e) => err(e),
+            RecoverError::Journal(e) => journal_err(e),
+        })?;
+        let reader = open_connection(&path).map_err(err)?;
         let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let committed = Arc::new(Notify::new());
@@ -191,12 +231,9 @@ impl Outbox {
                 let (queued_bytes, committed, settings) =
                     (queued_bytes.clone(), committed.clone(), settings.clone());
                 let wal = wal_path(&path);
-                move || writer_loop(writer, rx, &queued_bytes, &committed, &settings, &wal)
+                move || writer.run(rx, &queued_bytes, &committed, &settings, &wal)
             })
-            .map_err(|e| OpenError {
-                path: path.clone(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-            })?;
+            .map_err(journal_err)?;
         Ok(Self {
             tx,
             queued_bytes,
@@ -371,20 +408,16 @@ impl Outbox {
     }
 }
 
-fn open_connection(path: &Path, sync: crate::config::OutboxSync) -> rusqlite::Result<Connection> {
+fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     use std::os::unix::fs::PermissionsExt;
     let conn = Connection::open(path)?;
     // Bodies name accounts and people: keep them to this user.
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // FULL: a webhook answered 200 survives power loss, not only a crash of this process.
-    // NORMAL (in WAL mode): it survives a crash of this process, not of the machine.
-    let level = match sync {
-        crate::config::OutboxSync::Full => "FULL",
-        crate::config::OutboxSync::Normal => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", level)?;
+    // NORMAL (in WAL mode): commits do not wait for the disk. What was answered 200 is
+    // durable in the journal; the database is synced before the journal is emptied.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(conn)
 }
 
@@ -395,108 +428,299 @@ fn wal_path(path: &Path) -> std::path::PathBuf {
     wal.into()
 }
 
-fn writer_loop(
-    mut conn: Connection,
-    mut rx: mpsc::Receiver<Command>,
-    queued_bytes: &AtomicUsize,
-    committed: &Notify,
-    settings: &OutboxSettings,
-    wal: &Path,
-) {
-    let mut last_purge = Instant::now();
-    let mut group = Vec::with_capacity(settings.max_group);
-    while let Some(first) = rx.blocking_recv() {
-        group.push(first);
-        while group.len() < settings.max_group {
-            match rx.try_recv() {
-                Ok(command) => group.push(command),
-                Err(_) => break,
+/// A change the writer applies to the database.
+enum Change {
+    /// A journaled webhook (its journal sequence number): its deduplication key and rows.
+    Insert(u64, Record),
+    /// Delivered rows to remove.
+    Delivered(Vec<i64>),
+    /// A row the host refused for good.
+    Failed { id: i64, error: String },
+}
+
+enum RecoverError {
+    Database(rusqlite::Error),
+    Journal(std::io::Error),
+}
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    journal: Journal,
+    /// The sequence number of the next journal entry.
+    next_seq: u64,
+    /// Changes whose database transaction failed, retried before anything new is accepted.
+    /// Their webhooks are safe in the journal meanwhile.
+    unapplied: Vec<Change>,
+    /// The frames of one group, reused.
+    frames: Vec<u8>,
+}
+
+impl Writer {
+    /// Applies the journal entries the database has not seen (a crash came between the two),
+    /// then syncs the database and empties the journal.
+    fn recover(
+        mut conn: Connection,
+        mut journal: Journal,
+        entries: Vec<journal::Entry>,
+        settings: &OutboxSettings,
+    ) -> Result<Self, RecoverError> {
+        let applied: i64 = conn
+            .query_row(
+                "SELECT applied_seq FROM journal_state WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(RecoverError::Database)?;
+        let applied = applied as u64;
+        let last = entries.last().map_or(0, |e| e.seq);
+        let mut replay: Vec<Change> = entries
+            .into_iter()
+            .filter(|e| e.seq > applied)
+            .map(|e| {
+                let (seq, record) = e.into_record();
+                Change::Insert(seq, record)
+            })
+            .collect();
+        if !replay.is_empty() {
+            tracing::info!(
+                entries = replay.len(),
+                "applying journaled webhooks the outbox database had not recorded (the service stopped in between)"
+            );
+        }
+        while !replay.is_empty() {
+            let rest = replay.split_off(replay.len().min(512));
+            apply(&mut conn, &replay, settings.dedupe_window).map_err(RecoverError::Database)?;
+            replay = rest;
+        }
+        if !journal.is_empty() {
+            sync_database(&conn).map_err(RecoverError::Database)?;
+            journal.reset().map_err(RecoverError::Journal)?;
+        }
+        Ok(Self {
+            conn,
+            journal,
+            next_seq: applied.max(last) + 1,
+            unapplied: Vec::new(),
+            frames: Vec::new(),
+        })
+    }
+
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        queued_bytes: &AtomicUsize,
+        committed: &Notify,
+        settings: &OutboxSettings,
+        wal: &Path,
+    ) {
+        let mut last_purge = Instant::now();
+        let mut group = Vec::with_capacity(settings.max_group);
+        while let Some(first) = rx.blocking_recv() {
+            group.push(first);
+            while group.len() < settings.max_group {
+                match rx.try_recv() {
+                    Ok(command) => group.push(command),
+                    Err(_) => break,
+                }
+            }
+            let close = self.group(group.drain(..), queued_bytes, committed, settings);
+            if let Some(reply) = close {
+                self.close();
+                let _ = reply.send(());
+                return;
+            }
+            self.maintain(settings, wal);
+            if last_purge.elapsed() >= settings.purge_interval {
+                last_purge = Instant::now();
+                if let Err(e) = purge(&self.conn) {
+                    tracing::warn!(error = %e, "purging expired deduplication keys failed");
+                }
             }
         }
-        let outcome = apply(&mut conn, &group, settings.dedupe_window);
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, requests = group.len(), "event outbox commit failed");
-        }
-        let mut inserted = false;
-        let mut retry_after_failure = Vec::new();
-        let mut close = None;
-        for (i, command) in group.drain(..).enumerate() {
-            match command {
-                Command::Record { bytes, reply, .. } => {
-                    queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                    let answer = match &outcome {
-                        Ok(results) => {
-                            let r = results[i].expect("every record has a result");
-                            inserted |= r == Recorded::New;
-                            Ok(r)
-                        }
-                        Err(e) => Err(RecordError::Storage(e.to_string())),
-                    };
-                    let _ = reply.send(answer);
-                }
-                Command::Flush(reply) => {
-                    let _ = reply.send(());
-                }
-                Command::Close(reply) => close = Some(reply),
-                other @ (Command::Delivered(_) | Command::Failed { .. }) => {
-                    if outcome.is_err() {
-                        retry_after_failure.push(other);
+    }
+
+    /// Handles one group of commands: journal and answer the new webhooks, then bring the
+    /// database up to date. Returns the reply of a `Close` in the group.
+    fn group(
+        &mut self,
+        group: impl Iterator<Item = Command>,
+        queued_bytes: &AtomicUsize,
+        committed: &Notify,
+        settings: &OutboxSettings,
+    ) -> Option<oneshot::Sender<()>> {
+        // What an earlier group could not apply goes first; until it does, no new webhook is
+        // accepted (they are answered 503, and Zoom retries), so memory stays bounded.
+        if !self.unapplied.is_empty() {
+            match apply(&mut self.conn, &self.unapplied, settings.dedupe_window) {
+                Ok(inserted) => {
+                    self.unapplied.clear();
+                    if inserted {
+                        committed.notify_one();
                     }
                 }
+                Err(e) => tracing::error!(error = %e, "event outbox database still failing"),
             }
         }
-        if inserted {
-            committed.notify_one();
+        let accepting = self.unapplied.is_empty();
+        let now = crate::db::now_ms();
+        let mut seen = HashSet::new();
+        let mut fresh = Vec::new();
+        let mut answers = Vec::new();
+        let mut changes = Vec::new();
+        let mut flushes = Vec::new();
+        let mut close = None;
+        self.frames.clear();
+        for command in group {
+            match command {
+                Command::Record {
+                    record,
+                    bytes,
+                    reply,
+                } => {
+                    queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                    if !accepting {
+                        let e = RecordError::Storage("the outbox database is failing".into());
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                    let duplicate = if seen.contains(&record.body_hash) {
+                        Ok(true)
+                    } else {
+                        is_duplicate(&self.conn, &record.body_hash, now)
+                    };
+                    match duplicate {
+                        Ok(true) => answers.push((reply, Ok(Recorded::Duplicate))),
+                        Ok(false) => {
+                            seen.insert(record.body_hash);
+                            let seq = self.next_seq + fresh.len() as u64;
+                            journal::encode(seq, &record, &mut self.frames);
+                            fresh.push((seq, record, reply));
+                        }
+                        Err(e) => answers.push((reply, Err(RecordError::Storage(e.to_string())))),
+                    }
+                }
+                Command::Delivered(ids) => changes.push(Change::Delivered(ids)),
+                Command::Failed { id, error } => changes.push(Change::Failed { id, error }),
+                Command::Flush(reply) => flushes.push(reply),
+                Command::Close(reply) => close = Some(reply),
+            }
         }
-        // Deliveries must not be forgotten because a request in the same group failed.
-        if !retry_after_failure.is_empty()
-            && let Err(e) = apply(&mut conn, &retry_after_failure, settings.dedupe_window)
-        {
-            tracing::error!(error = %e, "event outbox could not mark deliveries; they will be delivered again after a restart");
+        let journaled = if fresh.is_empty() {
+            Ok(())
+        } else {
+            self.journal.append(&self.frames)
+        };
+        let mut inserts = Vec::with_capacity(fresh.len());
+        match journaled {
+            Ok(()) => {
+                self.next_seq += fresh.len() as u64;
+                for (seq, record, reply) in fresh {
+                    answers.push((reply, Ok(Recorded::New)));
+                    inserts.push(Change::Insert(seq, record));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, journal = %self.journal.path().display(), requests = fresh.len(), "cannot write the event outbox journal");
+                for (_, _, reply) in fresh {
+                    answers.push((reply, Err(RecordError::Storage(e.to_string()))));
+                }
+            }
         }
-        if let Some(reply) = close {
-            drop(conn);
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
+        }
+        inserts.append(&mut changes);
+        if !inserts.is_empty() {
+            match apply(&mut self.conn, &inserts, settings.dedupe_window) {
+                Ok(inserted) => {
+                    if inserted {
+                        committed.notify_one();
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, changes = inserts.len(), "event outbox database commit failed; retrying before new webhooks");
+                    self.unapplied.append(&mut inserts);
+                }
+            }
+        }
+        for reply in flushes {
             let _ = reply.send(());
-            return;
+        }
+        close
+    }
+
+    /// Between groups: empty the journal once it is large, and keep the WAL bounded.
+    fn maintain(&mut self, settings: &OutboxSettings, wal: &Path) {
+        if self.journal.len() > settings.journal_limit && self.unapplied.is_empty() {
+            let emptied = sync_database(&self.conn)
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.journal.reset().map_err(|e| e.to_string()));
+            if let Err(e) = emptied {
+                tracing::warn!(error = %e, "cannot empty the event outbox journal; trying again later");
+            }
         }
         // The reader's passive checkpoints copy most of the log, but under continuous writes it
         // is never found fully copied and unused at once, so SQLite never restarts it: without
         // this it grows without bound (a soak run showed 1 GiB a minute). Between groups, on
         // the writer: requests wait in the channel meanwhile.
         if std::fs::metadata(wal).is_ok_and(|m| m.len() > settings.wal_limit) {
-            let truncated = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            });
+            let truncated = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                });
             match truncated {
                 Ok(0) => {}
                 Ok(_) => tracing::debug!("event outbox log still in use; truncating later"),
                 Err(e) => tracing::warn!(error = %e, "event outbox checkpoint failed"),
             }
         }
-        if last_purge.elapsed() >= settings.purge_interval {
-            last_purge = Instant::now();
-            if let Err(e) = purge(&conn) {
-                tracing::warn!(error = %e, "purging expired deduplication keys failed");
+    }
+
+    /// A clean stop: the database synced and the journal empty, so the next start has
+    /// nothing to apply.
+    fn close(mut self) {
+        if self.unapplied.is_empty() && !self.journal.is_empty() {
+            let emptied = sync_database(&self.conn)
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.journal.reset().map_err(|e| e.to_string()));
+            if let Err(e) = emptied {
+                tracing::warn!(error = %e, "event outbox journal left for the next start");
             }
         }
     }
 }
 
-/// One transaction for a whole group; for each `Record`, whether it was new or a duplicate.
-fn apply(
-    conn: &mut Connection,
-    group: &[Command],
-    window: Duration,
-) -> rusqlite::Result<Vec<Option<Recorded>>> {
+/// Whether a body with this hash was recorded within the window.
+fn is_duplicate(conn: &Connection, hash: &[u8; 32], now: i64) -> rusqlite::Result<bool> {
+    let mut stmt =
+        conn.prepare_cached("SELECT 1 FROM dedupe WHERE hash = ?1 AND expires_ms > ?2")?;
+    stmt.exists(params![&hash[..], now])
+}
+
+/// Makes every committed transaction durable: a commit at `synchronous = FULL` syncs the
+/// write-ahead log, and with it every commit before.
+fn sync_database(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let synced = conn.execute(
+        "UPDATE journal_state SET synced_ms = ?1 WHERE id = 1",
+        [crate::db::now_ms()],
+    );
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    synced.map(drop)
+}
+
+/// One transaction for a group of changes; whether any outbox row was inserted.
+fn apply(conn: &mut Connection, changes: &[Change], window: Duration) -> rusqlite::Result<bool> {
     let now = crate::db::now_ms();
     let expires = now + window.as_millis() as i64;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut results = Vec::with_capacity(group.len());
+    let mut inserted = false;
     {
         let mut dedupe = tx.prepare_cached(
             "INSERT INTO dedupe (hash, expires_ms) VALUES (?1, ?2)
-             ON CONFLICT (hash) DO UPDATE SET expires_ms = excluded.expires_ms
-             WHERE dedupe.expires_ms <= ?3",
+             ON CONFLICT (hash) DO UPDATE SET expires_ms = excluded.expires_ms",
         )?;
         let mut insert = tx.prepare_cached(
             "INSERT INTO outbox (destination, received_ms, event_type, memo, body)
@@ -510,30 +734,26 @@ fn apply(
              SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3
              FROM outbox WHERE id = ?1",
         )?;
-        for command in group {
-            match command {
-                Command::Record { record, .. } => {
-                    let fresh = dedupe.execute(params![&record.body_hash[..], expires, now])? > 0;
-                    if fresh {
-                        let r = &record.received;
-                        let memo = memo_json(&r.memo);
-                        for destination in &record.destinations {
-                            insert.execute(params![
-                                destination,
-                                r.received_ms,
-                                r.event_type,
-                                memo,
-                                r.body
-                            ])?;
-                        }
+        let mut applied_seq = None;
+        for change in changes {
+            match change {
+                Change::Insert(seq, record) => {
+                    dedupe.execute(params![&record.body_hash[..], expires])?;
+                    let r = &record.received;
+                    let memo = memo_json(&r.memo);
+                    for destination in &record.destinations {
+                        insert.execute(params![
+                            destination,
+                            r.received_ms,
+                            r.event_type,
+                            memo,
+                            r.body
+                        ])?;
+                        inserted = true;
                     }
-                    results.push(Some(if fresh {
-                        Recorded::New
-                    } else {
-                        Recorded::Duplicate
-                    }));
+                    applied_seq = Some(*seq);
                 }
-                Command::Delivered(ids) => {
+                Change::Delivered(ids) => {
                     // A batch is mostly consecutive ids: one range delete each run of them.
                     let mut ids = ids.clone();
                     ids.sort_unstable();
@@ -546,19 +766,22 @@ fn apply(
                         delete_range.execute([ids[i], ids[j]])?;
                         i = j + 1;
                     }
-                    results.push(None);
                 }
-                Command::Failed { id, error } => {
+                Change::Failed { id, error } => {
                     dead.execute(params![id, now, error])?;
                     delete.execute([id])?;
-                    results.push(None);
                 }
-                Command::Flush(_) | Command::Close(_) => results.push(None),
             }
+        }
+        if let Some(seq) = applied_seq {
+            tx.execute(
+                "UPDATE journal_state SET applied_seq = ?1 WHERE id = 1",
+                [seq as i64],
+            )?;
         }
     }
     tx.commit()?;
-    Ok(results)
+    Ok(inserted)
 }
 
 fn memo_json(memo: &HashMap<String, String>) -> String {
@@ -712,7 +935,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_locked_database_times_out_instead_of_claiming_success() {
+    async fn a_locked_database_delays_the_next_group_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(
             dir.path(),
@@ -724,18 +947,128 @@ mod tests {
         .unwrap();
         let blocker = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
         blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        // The journal makes the first webhook durable without the database...
+        assert_eq!(
+            outbox.record(record("{\"a\":1}", &["c"])).await,
+            Ok(Recorded::New)
+        );
+        // ...whose writer then waits for the lock, so the next one is not claimed in time.
         let started = Instant::now();
         assert_eq!(
-            outbox.record(record("{}", &["c"])).await,
+            outbox.record(record("{\"a\":2}", &["c"])).await,
             Err(RecordError::TimedOut)
         );
         assert!(started.elapsed() < Duration::from_secs(2));
         blocker.execute_batch("COMMIT").unwrap();
         outbox.flush().await;
-        // The late commit went through; Zoom's retry is then a duplicate.
+        assert_eq!(outbox.counts().await.unwrap(), (2, 0));
+        // The late one went through; Zoom's retry is then a duplicate.
         assert_eq!(
-            outbox.record(record("{}", &["c"])).await,
+            outbox.record(record("{\"a\":2}", &["c"])).await,
             Ok(Recorded::Duplicate)
         );
+    }
+
+    /// Writes journal entries as a writer that died before its database commit left them.
+    fn journal_entries(dir: &Path, entries: &[(u64, &str)]) {
+        let (mut journal, _) = Journal::open(dir, true).unwrap();
+        let mut frames = Vec::new();
+        for (seq, body) in entries {
+            journal::encode(*seq, &record(body, &["c1", "c2"]), &mut frames);
+        }
+        journal.append(&frames).unwrap();
+    }
+
+    fn bodies(pending: &[Pending]) -> Vec<(&str, &str)> {
+        pending
+            .iter()
+            .map(|p| {
+                (
+                    p.destination.as_str(),
+                    std::str::from_utf8(&p.received.body).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn journaled_webhooks_the_database_missed_are_applied_once_on_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        journal_entries(dir.path(), &[(1, "{\"a\":1}"), (2, "{\"a\":2}")]);
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        let pending = outbox.pending(0, 100, usize::MAX).await.unwrap();
+        assert_eq!(
+            bodies(&pending),
+            [
+                ("c1", "{\"a\":1}"),
+                ("c2", "{\"a\":1}"),
+                ("c1", "{\"a\":2}"),
+                ("c2", "{\"a\":2}")
+            ]
+        );
+        assert_eq!(pending[0].received.memo["account_id"], "acc");
+        let journal = dir.path().join(journal::JOURNAL_FILE);
+        assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "emptied");
+        assert_eq!(
+            outbox.record(record("{\"a\":2}", &["c1"])).await,
+            Ok(Recorded::Duplicate),
+            "replayed webhooks deduplicate"
+        );
+        assert_eq!(
+            outbox.record(record("{\"a\":3}", &["c1"])).await,
+            Ok(Recorded::New)
+        );
+        outbox.close().await;
+        assert_eq!(
+            std::fs::metadata(&journal).unwrap().len(),
+            0,
+            "a clean stop leaves nothing to apply"
+        );
+
+        // A journal whose entries the database already holds (the journal was not emptied
+        // before a crash) adds only what is new.
+        journal_entries(
+            dir.path(),
+            &[(2, "{\"a\":2}"), (3, "{\"a\":3}"), (4, "{\"a\":4}")],
+        );
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        let pending = outbox.pending(0, 100, usize::MAX).await.unwrap();
+        assert_eq!(pending.len(), 7);
+        assert_eq!(
+            bodies(&pending[5..]),
+            [("c1", "{\"a\":4}"), ("c2", "{\"a\":4}")]
+        );
+        // Sequence numbers continue past everything seen.
+        assert_eq!(
+            outbox.record(record("{\"a\":5}", &["c1"])).await,
+            Ok(Recorded::New)
+        );
+        drop(outbox);
+        let (_, entries) = Journal::open(dir.path(), true).unwrap();
+        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [5]);
+    }
+
+    #[tokio::test]
+    async fn the_journal_is_emptied_once_past_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = OutboxSettings {
+            journal_limit: 64 << 10,
+            ..OutboxSettings::default()
+        };
+        let outbox = Outbox::open(dir.path(), settings).unwrap();
+        let padding = "x".repeat(1000);
+        let journal = dir.path().join(journal::JOURNAL_FILE);
+        let mut largest = 0;
+        for n in 0..500 {
+            let body = format!("{{\"n\":{n},\"pad\":\"{padding}\"}}");
+            outbox.record(record(&body, &["c"])).await.unwrap();
+            largest = largest.max(std::fs::metadata(&journal).unwrap().len());
+        }
+        assert!(largest > 32 << 10, "it was used: {largest} bytes");
+        assert!(
+            largest < 80 << 10,
+            "500 kB written, the journal reached {largest} bytes"
+        );
+        assert_eq!(outbox.counts().await.unwrap(), (500, 0));
     }
 }
