@@ -219,7 +219,7 @@ fn decode_all(bytes: &[u8]) -> (Vec<Entry>, usize) {
     while let Some(header) = bytes.get(pos..pos + HEADER) {
         let size = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
         let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        if size > MAX_PAYLOAD {
+        if size == 0 || size > MAX_PAYLOAD {
             break;
         }
         let Some(payload) = bytes.get(pos + HEADER..pos + HEADER + size as usize) else {
@@ -341,6 +341,12 @@ mod tests {
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         huge.extend_from_slice(&[0; 4]);
         assert_eq!(decode_all(&huge).1, first, "an impossible length");
+
+        // A crash can leave the end of a file zero-filled: an empty frame with a matching CRC.
+        let mut zeros = frames[..first].to_vec();
+        zeros.extend_from_slice(&[0; 64]);
+        assert_eq!(decode_all(&zeros).1, first, "zeros");
+        assert_eq!(decode_all(&[0; 64]), (Vec::new(), 0));
     }
 
     #[test]
