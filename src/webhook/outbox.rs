@@ -2,15 +2,15 @@
 //! `DATA_DIR/outbox.db` (a SQLite database of its own, so it works the same with the embedded
 //! and with a remote host engine) keeps them until they are delivered.
 //!
-//! One writer thread owns the journal and the only writing connection. Requests reach it
-//! through a bounded channel; it takes everything waiting (up to [`OutboxSettings::max_group`]),
-//! sorts out duplicates (a body whose SHA-256 was recorded within the replay window is answered
-//! "duplicate" and not recorded again), appends the rest to the journal in one write and one
-//! fsync (group commit), and answers. Then it applies the same group to the database in one
-//! transaction that does not wait for the disk: the journal already holds it, and on the next
-//! start every journal entry the database had not applied is applied again (see
-//! [`crate::webhook::journal`]). Once the journal passes [`OutboxSettings::journal_limit`], the
-//! database is synced and the journal emptied.
+//! A writer thread owns the journal. Requests reach it through a bounded channel; it takes
+//! everything waiting (up to [`OutboxSettings::max_group`]), sorts out duplicates (a body whose
+//! SHA-256 was recorded within the replay window is answered "duplicate" and not recorded
+//! again), appends the rest to the journal in one write and one fsync (group commit), and
+//! answers. It then hands the group to an indexer thread, the only writer of the database,
+//! which applies it in a transaction that does not wait for the disk: the journal already holds
+//! it, and on the next start every journal entry the database had not applied is applied again
+//! (see [`crate::webhook::journal`]). Once the journal passes [`OutboxSettings::journal_limit`],
+//! the database is synced and the journal emptied.
 //!
 //! Rows leave the outbox when the forwarder has delivered them, or move to `dead_letters`
 //! when the host engine refused them for good.
@@ -115,7 +115,7 @@ pub enum OpenError {
         /// What SQLite said.
         source: rusqlite::Error,
     },
-    /// The journal (or the writer thread) failed.
+    /// The journal (or starting the outbox's threads) failed.
     #[error("cannot open the event outbox journal {path}: {source}")]
     Journal {
         /// The journal file.
@@ -195,8 +195,9 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Opens (creating if needed) `outbox.db` in `data_dir` and starts its writer thread, which
-    /// ends when the last handle is dropped.
+    /// Opens (creating if needed) `outbox.db` and `outbox.journal` in `data_dir`, applies what
+    /// the journal holds beyond the database, and starts the writer and indexer threads, which
+    /// end when the last handle is dropped.
     pub fn open(data_dir: &Path, settings: OutboxSettings) -> Result<Self, OpenError> {
         let path = data_dir.join(OUTBOX_FILE);
         let journal_path = data_dir.join(journal::JOURNAL_FILE);
@@ -211,7 +212,7 @@ impl Outbox {
         let mut conn = open_connection(&path).map_err(err)?;
         crate::db::migrate(&mut conn, MIGRATIONS).map_err(err)?;
         // Checkpoints run on the reader's connection (see `checkpoint`) and, past the WAL
-        // limit, on the writer between groups: never inside a commit requests wait for.
+        // limit, on the indexer between transactions: never on the path requests wait for.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(err)?;
         let sync = settings.sync == crate::config::OutboxSync::Full;
@@ -251,14 +252,11 @@ impl Outbox {
             applied,
             queued_bytes: queued_bytes.clone(),
             indexer: to_indexer,
-            window: settings.dedupe_window,
+            settings: settings.clone(),
         };
         std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn({
-                let settings = settings.clone();
-                move || writer.run(rx, &settings)
-            })
+            .spawn(move || writer.run(rx))
             .map_err(journal_err)?;
         Ok(Self {
             tx,
@@ -494,16 +492,9 @@ fn recover(
     entries: Vec<journal::Entry>,
     settings: &OutboxSettings,
 ) -> Result<u64, RecoverError> {
-    let applied: i64 = conn
-        .query_row(
-            "SELECT applied_seq FROM journal_state WHERE id = 1",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(RecoverError::Database)?;
-    let applied = applied as u64;
+    let applied = applied_seq(conn).map_err(RecoverError::Database)?;
     let last = entries.last().map_or(0, |e| e.seq);
-    let mut replay: Vec<Change> = entries
+    let replay: Vec<Change> = entries
         .into_iter()
         .filter(|e| e.seq > applied)
         .map(|e| {
@@ -517,10 +508,8 @@ fn recover(
             "applying journaled webhooks the outbox database had not recorded (the service stopped in between)"
         );
     }
-    while !replay.is_empty() {
-        let rest = replay.split_off(replay.len().min(512));
-        apply(conn, &replay, settings.dedupe_window).map_err(RecoverError::Database)?;
-        replay = rest;
+    for chunk in replay.chunks(512) {
+        apply(conn, chunk, settings.dedupe_window).map_err(RecoverError::Database)?;
     }
     if !journal.is_empty() {
         sync_database(conn).map_err(RecoverError::Database)?;
@@ -549,12 +538,12 @@ struct Writer {
     /// Bytes of bodies accepted and not yet in the database (the indexer releases inserts).
     queued_bytes: Arc<AtomicUsize>,
     indexer: std::sync::mpsc::SyncSender<IndexCommand>,
-    /// How long a body's hash deduplicates.
-    window: Duration,
+    settings: Arc<OutboxSettings>,
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Command>, settings: &OutboxSettings) {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let settings = self.settings.clone();
         let mut group = Vec::with_capacity(settings.max_group);
         while let Some(first) = rx.blocking_recv() {
             group.push(first);
@@ -592,7 +581,7 @@ impl Writer {
             self.recent_set.remove(&hash);
         }
         let now = crate::db::now_ms();
-        let expires = now + self.window.as_millis() as i64;
+        let expires = now + self.settings.dedupe_window.as_millis() as i64;
         let mut seen = HashSet::new();
         let mut fresh = Vec::new();
         let mut changes = Vec::new();
@@ -809,6 +798,16 @@ impl Indexer {
     }
 }
 
+/// The last journal sequence number the database has applied.
+fn applied_seq(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT applied_seq FROM journal_state WHERE id = 1",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|seq| seq as u64)
+}
+
 /// Whether a body with this hash was recorded within the window.
 fn is_duplicate(conn: &Connection, hash: &[u8; 32], now: i64) -> rusqlite::Result<bool> {
     let mut stmt =
@@ -851,12 +850,7 @@ fn apply(conn: &mut Connection, changes: &[Change], window: Duration) -> rusqlit
              SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3
              FROM outbox WHERE id = ?1",
         )?;
-        let already: i64 = tx.query_row(
-            "SELECT applied_seq FROM journal_state WHERE id = 1",
-            [],
-            |r| r.get(0),
-        )?;
-        let already = already as u64;
+        let already = applied_seq(&tx)?;
         let mut applied_seq = None;
         for change in changes {
             match change {
