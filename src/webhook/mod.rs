@@ -315,9 +315,12 @@ impl IntoResponse for WebhookError {
     }
 }
 
-/// `POST /zoom/event`.
-pub fn router() -> Router<AppState> {
-    Router::new().route(PATH, post(receive))
+/// `POST /zoom/event`. Its state is only the webhook machinery: the handler clones one `Arc`
+/// per request, not the whole [`AppState`].
+pub fn router(webhooks: Arc<Webhooks>) -> Router<AppState> {
+    Router::new()
+        .route(PATH, post(receive))
+        .with_state(webhooks)
 }
 
 /// The few fields the request path reads; everything else is only checked to be JSON.
@@ -337,11 +340,11 @@ struct PayloadHead {
 }
 
 async fn receive(
-    State(state): State<AppState>,
+    State(webhooks): State<Arc<Webhooks>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, WebhookError> {
-    let webhooks = &state.webhooks;
+    let webhooks = &*webhooks;
     let result = handle(webhooks, &headers, body).await;
     if let Err(e) = &result {
         let counters = &webhooks.counters;
