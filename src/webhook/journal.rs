@@ -1,23 +1,16 @@
-//! The outbox's journal: `DATA_DIR/outbox.journal`, an append-only file that makes a webhook
-//! durable before it is answered 200.
-//!
-//! Each group of accepted webhooks is one `write` and (with `OUTBOX_SYNC=full`) one
-//! `fdatasync`: about 0.25 ms on an ordinary disk, against about 1 ms for a SQLite commit
-//! of the same group, whose B-tree pages (the random deduplication keys above all) make it
-//! write ten times the bytes. The outbox database is then brought up to date from the same
-//! group without waiting for the disk; after a crash, [`Journal::open`] hands back what the
-//! database may have missed, and the outbox applies every entry past its `applied_seq`.
+//! The journal of earlier versions, `DATA_DIR/outbox.journal`: an append-only file that made
+//! a webhook durable before the outbox database had it. The outbox now commits to its database
+//! directly; at start it applies what such a file holds beyond the database, then removes it
+//! (see [`crate::webhook::outbox`]), so an upgrade loses nothing that was answered 200.
 //!
 //! Layout: frames, each `[payload length: u32 LE][CRC-32 of payload: u32 LE][payload]`; the
-//! payload is a protobuf message ([`encode`]) whose first field is a sequence number that grows
+//! payload is a protobuf message ([`Entry`]) whose first field is a sequence number that grows
 //! by one per entry. Reading stops at the first frame that is short, fails its CRC, or breaks
-//! the sequence: that is the torn end of a write the crash interrupted, never answered 200.
+//! the sequence: that is the torn end of a write a crash interrupted, never answered 200.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 
 use prost::Message;
 
@@ -82,9 +75,57 @@ impl Entry {
     }
 }
 
+/// Every valid entry of the journal in `data_dir` (none if there is no journal), in order;
+/// a torn end is left out.
+pub fn read(data_dir: &Path) -> io::Result<Vec<Entry>> {
+    let bytes = match std::fs::read(data_dir.join(JOURNAL_FILE)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let (entries, valid) = decode_all(&bytes);
+    if valid < bytes.len() {
+        tracing::warn!(
+            kept = entries.len(),
+            cut_bytes = bytes.len() - valid,
+            "the outbox journal ends with an incomplete write (a crash while recording, never answered 200): left out"
+        );
+    }
+    Ok(entries)
+}
+
+/// The valid entries at the start of `bytes`, and how many bytes they take.
+fn decode_all(bytes: &[u8]) -> (Vec<Entry>, usize) {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut pos = 0;
+    while let Some(header) = bytes.get(pos..pos + HEADER) {
+        let size = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        if size == 0 || size > MAX_PAYLOAD {
+            break;
+        }
+        let Some(payload) = bytes.get(pos + HEADER..pos + HEADER + size as usize) else {
+            break;
+        };
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        let Ok(entry) = Entry::decode(payload) else {
+            break;
+        };
+        if entries.last().is_some_and(|last| entry.seq != last.seq + 1) {
+            break;
+        }
+        entries.push(entry);
+        pos += HEADER + size as usize;
+    }
+    (entries, pos)
+}
+
+#[cfg(test)]
 /// Appends the frame of `record` as entry `seq` to `out`, in the layout [`Entry`] reads.
 /// Encoded from borrowed fields: the body is copied once, into `out`.
-pub fn encode(seq: u64, record: &Record, out: &mut Vec<u8>) {
+pub(crate) fn encode(seq: u64, record: &Record, out: &mut Vec<u8>) {
     use prost::encoding::{bytes, hash_map, int64, string, uint64};
     let r = &record.received;
     let hash = record.body_hash.to_vec();
@@ -120,126 +161,6 @@ pub fn encode(seq: u64, record: &Record, out: &mut Vec<u8>) {
     out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// The journal file, open for appending at the end of its valid frames.
-pub struct Journal {
-    file: File,
-    path: PathBuf,
-    len: u64,
-    sync: bool,
-}
-
-impl Journal {
-    /// Opens (creating if needed) the journal in `data_dir`; `sync` makes every append wait
-    /// for the disk. Returns it with every valid entry in it, in order; a torn end is cut off.
-    pub fn open(data_dir: &Path, sync: bool) -> io::Result<(Self, Vec<Entry>)> {
-        let path = data_dir.join(JOURNAL_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            // Bodies name accounts and people: keep them to this user.
-            .mode(0o600)
-            .open(&path)?;
-        let mut bytes = Vec::new();
-        (&file).read_to_end(&mut bytes)?;
-        let (entries, valid) = decode_all(&bytes);
-        if valid < bytes.len() {
-            tracing::warn!(
-                kept = entries.len(),
-                cut_bytes = bytes.len() - valid,
-                "the outbox journal ends with an incomplete write (a crash while recording, never answered 200): cut off"
-            );
-            file.set_len(valid as u64)?;
-            file.sync_all()?;
-        }
-        Ok((
-            Self {
-                file,
-                path,
-                len: valid as u64,
-                sync,
-            },
-            entries,
-        ))
-    }
-
-    /// Appends whole frames (from [`encode`]) in one write, then waits for the disk if this
-    /// journal syncs. On failure nothing counts as written: the next append overwrites it.
-    pub fn append(&mut self, frames: &[u8]) -> io::Result<()> {
-        let written = self.file.write_all_at(frames, self.len).and_then(|()| {
-            if self.sync {
-                self.file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
-        match written {
-            Ok(()) => {
-                self.len += frames.len() as u64;
-                Ok(())
-            }
-            Err(e) => {
-                // Best effort: a torn frame left behind is cut off when the journal is next
-                // opened, or overwritten by the next append.
-                let _ = self.file.set_len(self.len);
-                Err(e)
-            }
-        }
-    }
-
-    /// Empties the journal, once everything in it is durably elsewhere.
-    pub fn reset(&mut self) -> io::Result<()> {
-        self.file.set_len(0)?;
-        self.file.sync_all()?;
-        self.len = 0;
-        Ok(())
-    }
-
-    /// Bytes of valid frames in the journal.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the journal holds no entries.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The journal's path, for messages.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-/// The valid entries at the start of `bytes`, and how many bytes they take.
-fn decode_all(bytes: &[u8]) -> (Vec<Entry>, usize) {
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut pos = 0;
-    while let Some(header) = bytes.get(pos..pos + HEADER) {
-        let size = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        if size == 0 || size > MAX_PAYLOAD {
-            break;
-        }
-        let Some(payload) = bytes.get(pos + HEADER..pos + HEADER + size as usize) else {
-            break;
-        };
-        if crc32fast::hash(payload) != crc {
-            break;
-        }
-        let Ok(entry) = Entry::decode(payload) else {
-            break;
-        };
-        if entries.last().is_some_and(|last| entry.seq != last.seq + 1) {
-            break;
-        }
-        entries.push(entry);
-        pos += HEADER + size as usize;
-    }
-    (entries, pos)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,21 +180,24 @@ mod tests {
     }
 
     #[test]
-    fn entries_read_back_exactly_as_appended() {
+    fn entries_read_back_exactly_as_written() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut journal, entries) = Journal::open(dir.path(), true).unwrap();
-        assert!(entries.is_empty() && journal.is_empty());
+        assert!(
+            read(dir.path()).unwrap().is_empty(),
+            "no journal, no entries"
+        );
         let bodies = ["{\"topic\":\"Zdeněk Ødegård\"}", "{}", "{\"n\":3}"];
         let mut frames = Vec::new();
         for (seq, body) in (7..).zip(bodies) {
             encode(seq, &record(body), &mut frames);
         }
-        journal.append(&frames[..]).unwrap();
-        drop(journal);
+        std::fs::write(dir.path().join(JOURNAL_FILE), &frames).unwrap();
 
-        let (journal, entries) = Journal::open(dir.path(), true).unwrap();
-        assert_eq!(journal.len(), frames.len() as u64);
-        let read: Vec<(u64, Record)> = entries.into_iter().map(Entry::into_record).collect();
+        let read: Vec<(u64, Record)> = read(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(Entry::into_record)
+            .collect();
         assert_eq!(read.len(), 3);
         for ((seq, r), (want_seq, body)) in read.iter().zip((7..).zip(bodies)) {
             let want = record(body);
@@ -288,32 +212,18 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_end_is_cut_off_and_overwritten() {
+    fn a_torn_end_is_left_out() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _) = Journal::open(dir.path(), true).unwrap();
         let mut frames = Vec::new();
         encode(1, &record("{\"a\":1}"), &mut frames);
         encode(2, &record("{\"a\":2}"), &mut frames);
-        journal.append(&frames).unwrap();
-        let whole = journal.len();
-        drop(journal);
         // A crash in the middle of the next write: half a frame at the end.
         let mut torn = Vec::new();
         encode(3, &record("{\"a\":3}"), &mut torn);
-        let file = OpenOptions::new()
-            .append(true)
-            .open(dir.path().join(JOURNAL_FILE))
-            .unwrap();
-        file.write_all_at(&torn[..torn.len() / 2], whole).unwrap();
-        drop(file);
-
-        let (mut journal, entries) = Journal::open(dir.path(), true).unwrap();
+        frames.extend_from_slice(&torn[..torn.len() / 2]);
+        std::fs::write(dir.path().join(JOURNAL_FILE), &frames).unwrap();
+        let entries = read(dir.path()).unwrap();
         assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(journal.len(), whole, "the torn half is gone");
-        journal.append(&torn).unwrap();
-        drop(journal);
-        let (_, entries) = Journal::open(dir.path(), true).unwrap();
-        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
     }
 
     #[test]
@@ -347,19 +257,5 @@ mod tests {
         zeros.extend_from_slice(&[0; 64]);
         assert_eq!(decode_all(&zeros).1, first, "zeros");
         assert_eq!(decode_all(&[0; 64]), (Vec::new(), 0));
-    }
-
-    #[test]
-    fn reset_empties_the_journal() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _) = Journal::open(dir.path(), false).unwrap();
-        let mut frames = Vec::new();
-        encode(1, &record("{}"), &mut frames);
-        journal.append(&frames).unwrap();
-        journal.reset().unwrap();
-        assert!(journal.is_empty());
-        drop(journal);
-        let (_, entries) = Journal::open(dir.path(), false).unwrap();
-        assert!(entries.is_empty());
     }
 }

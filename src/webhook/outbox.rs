@@ -1,30 +1,35 @@
-//! The durable record of accepted webhooks: `DATA_DIR/outbox.journal` makes them durable,
-//! `DATA_DIR/outbox.db` (a SQLite database of its own, so it works the same with the embedded
-//! and with a remote host engine) keeps them until they are delivered.
+//! The durable record of accepted webhooks: `DATA_DIR/outbox.db`, a SQLite database of its
+//! own (so it works the same with the embedded and with a remote host engine), keeps each
+//! (event, connection) pair until the forwarder has delivered it.
 //!
-//! A writer thread owns the journal. Requests reach it through a bounded channel; it takes
-//! everything waiting (up to [`OutboxSettings::max_group`]), sorts out duplicates (a body whose
-//! SHA-256 was recorded within the replay window is answered "duplicate" and not recorded
-//! again), appends the rest to the journal in one write and one fsync (group commit), and
-//! answers. It then hands the group to an indexer thread, the only writer of the database,
-//! which applies it in a transaction that does not wait for the disk: the journal already holds
-//! it, and on the next start every journal entry the database had not applied is applied again
-//! (see [`crate::webhook::journal`]). Once the journal passes [`OutboxSettings::journal_limit`],
-//! the database is synced and the journal emptied.
+//! Group commit, led by the requests themselves: a request checks its body's key against the
+//! deduplication keys in memory, adds its webhook to the open group and waits for that group's
+//! commit. The first request to find no commit running starts a committer on the blocking
+//! pool, which takes the open group, writes it in one transaction (one fsync of the write-ahead
+//! log with `OUTBOX_SYNC=full`), answers every request of the group at once, and goes on with
+//! the group that filled meanwhile until none is left. Nothing crosses a thread per webhook:
+//! under load the committer never sleeps, and a request costs one lock and one wake-up.
+//!
+//! Deduplication: a body whose SHA-256 was committed within the replay window is answered
+//! "duplicate" and not recorded again; one arriving while the same body waits for its commit
+//! shares that commit's outcome. The keys (the first 8 bytes of the hash) live in memory, in
+//! generations of 1/16 of the window, and are saved with each group, one row of keys per
+//! group, so they survive restarts. A group that fails to commit forgets its keys: Zoom's retry
+//! is then recorded.
 //!
 //! Rows leave the outbox when the forwarder has delivered them, or move to `dead_letters`
-//! when the host engine refused them for good.
+//! when the host engine refused them for good; those changes ride along with the next group.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior, params};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::Notify;
 
-use crate::webhook::journal::{self, Journal};
+use crate::webhook::journal;
 use crate::webhook::normalize::Received;
 
 /// File name of the outbox inside `DATA_DIR`.
@@ -55,36 +60,45 @@ const MIGRATIONS: &[&str] = &[
         failed_ms   INTEGER NOT NULL,
         error       TEXT NOT NULL
     );",
-    // 2: how far the journal is applied, and when the database was last synced.
+    // 2: how far the journal of earlier versions is applied, and when the database was last
+    // synced.
     "CREATE TABLE journal_state (
         id          INTEGER PRIMARY KEY CHECK (id = 1),
         applied_seq INTEGER NOT NULL,
         synced_ms   INTEGER NOT NULL
     );
     INSERT INTO journal_state VALUES (1, 0, 0);",
+    // 3: deduplication keys a group at a time (8 bytes each, in `keys`), instead of a row per
+    // key at a random place in a B-tree. Ids grow with time, and so does `expires_ms`.
+    "CREATE TABLE dedupe_keys (
+        id         INTEGER PRIMARY KEY,
+        expires_ms INTEGER NOT NULL,
+        keys       BLOB NOT NULL
+    );
+    INSERT INTO dedupe_keys (expires_ms, keys)
+        SELECT expires_ms, substr(hash, 1, 8) FROM dedupe ORDER BY expires_ms;
+    DROP TABLE dedupe;",
 ];
 
 /// Knobs of the outbox; the defaults suit production and tests alike.
 #[derive(Debug, Clone)]
 pub struct OutboxSettings {
-    /// `OUTBOX_SYNC`: fsync the journal for every group (`Full`) or only survive process
-    /// crashes (`Normal`).
+    /// `OUTBOX_SYNC`: fsync every commit (`Full`) or only survive process crashes (`Normal`).
     pub sync: crate::config::OutboxSync,
-    /// Past this size the journal is emptied (after the database is synced).
-    pub journal_limit: u64,
-    /// Past this size the write-ahead log is checkpointed and truncated by the writer.
+    /// Past this size the write-ahead log is checkpointed and truncated by the committer.
     pub wal_limit: u64,
-    /// How long a body's hash is remembered for deduplication (the replay window).
+    /// How long a body's key is remembered for deduplication (the replay window).
     pub dedupe_window: Duration,
+    /// Deduplication keys held at most (about 16 bytes of memory each); past it webhooks are
+    /// refused (503) until keys expire. The default holds 90 minutes of 1,500 webhooks/s.
+    pub dedupe_capacity: usize,
     /// How long a request waits for its commit before it is answered 503.
     pub record_timeout: Duration,
-    /// Requests waiting for the writer at most; more are refused at once (503).
+    /// Webhooks waiting for a commit at most; more are refused at once (503).
     pub queue_capacity: usize,
-    /// Bytes of bodies waiting for the writer at most; more are refused at once (503).
+    /// Bytes of bodies waiting for a commit at most; more are refused at once (503).
     pub queue_bytes: usize,
-    /// The most requests committed in one transaction.
-    pub max_group: usize,
-    /// How often expired deduplication keys are purged.
+    /// How often expired deduplication keys are purged from the database.
     pub purge_interval: Duration,
 }
 
@@ -92,13 +106,12 @@ impl Default for OutboxSettings {
     fn default() -> Self {
         Self {
             sync: crate::config::OutboxSync::Full,
-            journal_limit: 32 << 20,
             wal_limit: 64 << 20,
             dedupe_window: Duration::from_secs(90 * 60),
+            dedupe_capacity: 8 << 20,
             record_timeout: Duration::from_secs(2),
             queue_capacity: 8192,
             queue_bytes: 64 << 20,
-            max_group: 1024,
             purge_interval: Duration::from_secs(60),
         }
     }
@@ -115,8 +128,14 @@ pub enum OpenError {
         /// What SQLite said.
         source: rusqlite::Error,
     },
-    /// The journal (or starting the outbox's threads) failed.
-    #[error("cannot open the event outbox journal {path}: {source}")]
+    /// The committer thread could not be started.
+    #[error("cannot start the event outbox committer: {source}")]
+    Thread {
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The journal left by an earlier version could not be read or removed.
+    #[error("cannot read the event outbox journal {path}: {source}")]
     Journal {
         /// The journal file.
         path: PathBuf,
@@ -128,7 +147,7 @@ pub enum OpenError {
 /// Why a webhook was not recorded. Every case means "not durable": answer 503.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
-    /// Too much is already waiting for the writer.
+    /// Too much is already waiting for a commit, or too many keys are remembered.
     #[error("the event outbox is busy")]
     Busy,
     /// The commit did not complete within the record timeout (it may still complete later).
@@ -169,129 +188,307 @@ pub struct Pending {
     pub received: Received,
 }
 
-enum Command {
-    Record {
-        record: Record,
-        bytes: usize,
-        reply: oneshot::Sender<Result<Recorded, RecordError>>,
-    },
-    Delivered(Vec<i64>),
-    Failed {
-        id: i64,
-        error: String,
-    },
-    Flush(oneshot::Sender<()>),
-    Close(oneshot::Sender<()>),
-}
-
 /// Handle of the outbox: cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Command>,
-    queued_bytes: Arc<AtomicUsize>,
-    committed: Arc<Notify>,
-    reader: Arc<Mutex<Option<Connection>>>,
-    settings: Arc<OutboxSettings>,
+    shared: Arc<Shared>,
+    _committer: Arc<Committer>,
+}
+
+/// The committer thread; dropped with the last handle, which lets it end.
+struct Committer(std::thread::Thread);
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.0.unpark();
+    }
+}
+
+/// What requests, the committer and the forwarder share.
+struct Shared {
+    state: Mutex<State>,
+    /// The only writing connection; the committer's while it runs. `None` once closed.
+    writer: Mutex<Option<Writer>>,
+    /// The forwarder's reading connection. `None` once closed.
+    reader: Mutex<Option<Connection>>,
+    /// Notified after a commit that inserted rows.
+    committed: Notify,
+    settings: OutboxSettings,
+    /// Woken when a group opens and no commit runs.
+    committer: OnceLock<std::thread::Thread>,
+}
+
+/// Everything a request touches, under one short lock.
+struct State {
+    /// The group filling now.
+    open: Group,
+    /// Whether the committer is committing (or has been woken to).
+    committing: bool,
+    /// The outcome of the group being committed, while one is.
+    committing_outcome: Option<Arc<Outcome>>,
+    /// Keys of the bodies in the open and the committing group, with their group's outcome.
+    in_flight: HashMap<u64, Arc<Outcome>, KeyHasher>,
+    /// Keys committed within the window.
+    keys: Keys,
+    /// Webhooks and bytes of bodies waiting for a commit (the open and committing groups).
+    queued: usize,
+    queued_bytes: usize,
+    /// Set by `close`: recording fails from then on.
+    closed: bool,
+}
+
+/// The webhooks and forwarder changes of one transaction, and its outcome.
+#[derive(Default)]
+struct Group {
+    records: Vec<Record>,
+    changes: Vec<Change>,
+    bytes: usize,
+    outcome: Arc<Outcome>,
+}
+
+impl Group {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.changes.is_empty()
+    }
+}
+
+/// A change from the forwarder, applied with the next group.
+enum Change {
+    /// Delivered rows to remove.
+    Delivered(Vec<i64>),
+    /// A row the host refused for good.
+    Failed { id: i64, error: String },
+}
+
+/// The outcome of one group's commit, which all its requests wait for.
+#[derive(Default)]
+struct Outcome {
+    result: OnceLock<Result<(), String>>,
+    done: Notify,
+}
+
+impl Outcome {
+    fn finish(&self, result: Result<(), String>) {
+        let _ = self.result.set(result);
+        self.done.notify_waiters();
+    }
+
+    async fn wait(&self) -> Result<(), String> {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            // Registered before looking, so a finish in between is not missed.
+            done.as_mut().enable();
+            if let Some(result) = self.result.get() {
+                return result.clone();
+            }
+            done.await;
+        }
+    }
+}
+
+/// The deduplication key of a body: the first 8 bytes of its SHA-256. Bodies are signed by
+/// Zoom, so nobody can aim for a collision, and by chance one is about one in 10^12 even with
+/// millions of keys held.
+fn dedupe_key(hash: &[u8; 32]) -> u64 {
+    u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))
+}
+
+/// Keys are already uniformly random: hashing them again is wasted work.
+#[derive(Default)]
+struct KeyHash(u64);
+
+impl Hasher for KeyHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type KeyHasher = BuildHasherDefault<KeyHash>;
+
+/// The keys committed within the window, in generations of 1/16 of it: a key is kept at
+/// least the window and at most 1/16 longer, and expiring is dropping a whole generation.
+struct Keys {
+    window_ms: i64,
+    span_ms: i64,
+    /// Oldest first: when each generation started, and its keys.
+    generations: VecDeque<(i64, HashSet<u64, KeyHasher>)>,
+    len: usize,
+}
+
+impl Keys {
+    fn new(window: Duration) -> Self {
+        let window_ms = window.as_millis() as i64;
+        Self {
+            window_ms,
+            span_ms: window_ms / 16,
+            generations: VecDeque::new(),
+            len: 0,
+        }
+    }
+
+    fn expire(&mut self, now: i64) {
+        while let Some((started, keys)) = self.generations.front() {
+            if started + self.span_ms + self.window_ms > now {
+                break;
+            }
+            self.len -= keys.len();
+            self.generations.pop_front();
+        }
+    }
+
+    fn contains(&mut self, key: u64, now: i64) -> bool {
+        self.expire(now);
+        self.generations.iter().any(|(_, keys)| keys.contains(&key))
+    }
+
+    /// Adds keys committed at `at` (Unix ms, not before the last call's).
+    fn extend(&mut self, keys: impl IntoIterator<Item = u64>, at: i64) {
+        self.expire(at);
+        let current = match self.generations.back() {
+            Some((started, _)) => at >= started + self.span_ms,
+            None => true,
+        };
+        if current {
+            self.generations.push_back((at, HashSet::default()));
+        }
+        let (_, generation) = self.generations.back_mut().expect("just ensured");
+        for key in keys {
+            if generation.insert(key) {
+                self.len += 1;
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Outbox {
-    /// Opens (creating if needed) `outbox.db` and `outbox.journal` in `data_dir`, applies what
-    /// the journal holds beyond the database, and starts the writer and indexer threads, which
-    /// end when the last handle is dropped.
+    /// Opens (creating if needed) `outbox.db` in `data_dir`, applies what a journal left by
+    /// an earlier version holds beyond it, and loads the deduplication keys of the window.
     pub fn open(data_dir: &Path, settings: OutboxSettings) -> Result<Self, OpenError> {
         let path = data_dir.join(OUTBOX_FILE);
-        let journal_path = data_dir.join(journal::JOURNAL_FILE);
         let err = |source| OpenError::Database {
             path: path.clone(),
             source,
         };
-        let journal_err = |source| OpenError::Journal {
-            path: journal_path.clone(),
-            source,
+        let sync = match settings.sync {
+            crate::config::OutboxSync::Full => "FULL",
+            crate::config::OutboxSync::Normal => "NORMAL",
         };
         let mut conn = open_connection(&path).map_err(err)?;
         crate::db::migrate(&mut conn, MIGRATIONS).map_err(err)?;
+        conn.pragma_update(None, "synchronous", sync).map_err(err)?;
         // Checkpoints run on the reader's connection (see `checkpoint`) and, past the WAL
-        // limit, on the indexer between transactions: never on the path requests wait for.
+        // limit, on the committer between groups: never inside a commit requests wait for.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(err)?;
-        let sync = settings.sync == crate::config::OutboxSync::Full;
-        let (mut journal, entries) = Journal::open(data_dir, sync).map_err(journal_err)?;
-        let next_seq =
-            recover(&mut conn, &mut journal, entries, &settings).map_err(|e| match e {
-                RecoverError::Database(e) => err(e),
-                RecoverError::Journal(e) => journal_err(e),
-            })?;
+        recover_journal(data_dir, &mut conn, &settings)?;
+        let mut keys = Keys::new(settings.dedupe_window);
+        load_keys(&conn, &mut keys, settings.dedupe_window).map_err(err)?;
         let reader = open_connection(&path).map_err(err)?;
-        let lookups = open_connection(&path).map_err(err)?;
-        let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
-        let (to_indexer, indexer_rx) = std::sync::mpsc::sync_channel(INDEX_BACKLOG);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let committed = Arc::new(Notify::new());
-        let applied = Arc::new(AtomicU64::new(next_seq - 1));
-        let settings = Arc::new(settings);
-        let indexer = Indexer {
-            conn,
-            applied: applied.clone(),
-            queued_bytes: queued_bytes.clone(),
-            committed: committed.clone(),
-            settings: settings.clone(),
-            wal: wal_path(&path),
-        };
-        std::thread::Builder::new()
-            .name("outbox-indexer".into())
-            .spawn(move || indexer.run(indexer_rx))
-            .map_err(journal_err)?;
         let writer = Writer {
-            lookups,
-            journal,
-            next_seq,
-            frames: Vec::new(),
-            recent: VecDeque::new(),
-            recent_set: HashMap::new(),
-            applied,
-            queued_bytes: queued_bytes.clone(),
-            indexer: to_indexer,
-            settings: settings.clone(),
+            conn,
+            wal: wal_path(&path),
+            last_purge: Instant::now(),
+            unchecked: 0,
         };
-        std::thread::Builder::new()
-            .name("outbox-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(journal_err)?;
-        Ok(Self {
-            tx,
-            queued_bytes,
-            committed,
-            reader: Arc::new(Mutex::new(Some(reader))),
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                open: Group::default(),
+                committing: false,
+                committing_outcome: None,
+                in_flight: HashMap::default(),
+                keys,
+                queued: 0,
+                queued_bytes: 0,
+                closed: false,
+            }),
+            writer: Mutex::new(Some(writer)),
+            reader: Mutex::new(Some(reader)),
+            committed: Notify::new(),
             settings,
+            committer: OnceLock::new(),
+        });
+        // A thread of its own rather than the caller's runtime: it is not slowed down with
+        // whatever runtime calls `delivered` (the forwarder runs at a lower priority).
+        let weak = Arc::downgrade(&shared);
+        let thread = std::thread::Builder::new()
+            .name("outbox-committer".into())
+            .spawn(move || {
+                loop {
+                    std::thread::park();
+                    let Some(shared) = weak.upgrade() else { return };
+                    commit_until_idle(&shared);
+                }
+            })
+            .map_err(|source| OpenError::Thread { source })?;
+        let _ = shared.committer.set(thread.thread().clone());
+        Ok(Self {
+            shared,
+            _committer: Arc::new(Committer(thread.thread().clone())),
         })
     }
 
     /// Records a webhook durably, or says why not within the record timeout.
     pub async fn record(&self, record: Record) -> Result<Recorded, RecordError> {
+        let settings = &self.shared.settings;
+        let key = dedupe_key(&record.body_hash);
         let bytes = record.received.body.len() * record.destinations.len();
-        let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
-        if before + bytes > self.settings.queue_bytes {
-            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            return Err(RecordError::Busy);
-        }
-        let (reply, answer) = oneshot::channel();
-        if self
-            .tx
-            .try_send(Command::Record {
-                record,
-                bytes,
-                reply,
-            })
-            .is_err()
-        {
-            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            return Err(RecordError::Busy);
-        }
-        match tokio::time::timeout(self.settings.record_timeout, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(RecordError::Storage("the writer stopped".into())),
+        let (outcome, duplicate) = {
+            let mut state = lock(&self.shared.state);
+            if state.closed {
+                return Err(RecordError::Storage("the event outbox is closed".into()));
+            }
+            if let Some(outcome) = state.in_flight.get(&key) {
+                (outcome.clone(), true)
+            } else if state.keys.contains(key, crate::db::now_ms()) {
+                return Ok(Recorded::Duplicate);
+            } else {
+                if state.queued >= settings.queue_capacity
+                    || state.queued_bytes + bytes > settings.queue_bytes
+                    || state.keys.len + state.in_flight.len() >= settings.dedupe_capacity
+                {
+                    return Err(RecordError::Busy);
+                }
+                let outcome = state.open.outcome.clone();
+                state.in_flight.insert(key, outcome.clone());
+                state.queued += 1;
+                state.queued_bytes += bytes;
+                state.open.bytes += bytes;
+                state.open.records.push(record);
+                self.start_committer(&mut state);
+                (outcome, false)
+            }
+        };
+        match tokio::time::timeout(settings.record_timeout, outcome.wait()).await {
+            Ok(Ok(())) if duplicate => Ok(Recorded::Duplicate),
+            Ok(Ok(())) => Ok(Recorded::New),
+            Ok(Err(e)) => Err(RecordError::Storage(e)),
             Err(_) => Err(RecordError::TimedOut),
+        }
+    }
+
+    /// Wakes the committer unless it is committing: it takes the open group when it can.
+    fn start_committer(&self, state: &mut State) {
+        if state.committing {
+            return;
+        }
+        state.committing = true;
+        if let Some(committer) = self.shared.committer.get() {
+            committer.unpark();
         }
     }
 
@@ -303,10 +500,7 @@ impl Outbox {
         max_rows: usize,
         max_bytes: usize,
     ) -> Result<Vec<Pending>, RecordError> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
-            let conn = guard.as_ref().ok_or(rusqlite::Error::InvalidQuery)?;
+        self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, destination, received_ms, event_type, memo, body FROM outbox
                  WHERE id > ?1 ORDER BY id LIMIT ?2",
@@ -331,77 +525,96 @@ impl Outbox {
                     break;
                 }
             }
-            Ok::<_, rusqlite::Error>(out)
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Runs `f` on the reading connection, on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, RecordError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let reader = lock(&shared.reader);
+            f(reader.as_ref().ok_or(rusqlite::Error::InvalidQuery)?)
         })
         .await
         .map_err(|e| RecordError::Storage(e.to_string()))?
         .map_err(|e| RecordError::Storage(e.to_string()))
     }
 
-    /// Copies committed WAL pages into the database without blocking the writer (a PASSIVE
+    /// Copies committed WAL pages into the database without blocking commits (a PASSIVE
     /// checkpoint), so the WAL stops growing. The forwarder calls it between batches.
     pub async fn checkpoint(&self) {
-        let reader = self.reader.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
-            match guard.as_ref() {
-                Some(conn) => conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())),
-                None => Ok(()),
-            }
-        })
-        .await;
-        if let Ok(Err(e)) = result {
+        let result = self
+            .read(|conn| conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())))
+            .await;
+        if let Err(e) = result
+            && !lock(&self.shared.state).closed
+        {
             tracing::warn!(error = %e, "event outbox checkpoint failed");
         }
     }
 
-    /// Removes delivered rows (in the writer's next group; a crash before that means the
-    /// rows are delivered again: at least once).
+    /// Removes delivered rows (with the next group; a crash before that means the rows are
+    /// delivered again: at least once).
     pub async fn delivered(&self, ids: Vec<i64>) {
         if !ids.is_empty() {
-            let _ = self.tx.send(Command::Delivered(ids)).await;
+            self.change(Change::Delivered(ids));
         }
     }
 
     /// Moves a row the host engine refused for good to `dead_letters`, with the reason.
     pub async fn failed(&self, id: i64, error: String) {
-        let _ = self.tx.send(Command::Failed { id, error }).await;
+        self.change(Change::Failed { id, error });
     }
 
-    /// Waits until everything sent to the writer before this call is committed.
+    fn change(&self, change: Change) {
+        let mut state = lock(&self.shared.state);
+        state.open.changes.push(change);
+        self.start_committer(&mut state);
+    }
+
+    /// Waits until everything handed to the outbox before this call is committed (or failed).
     pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
+        let outcome = {
+            let state = lock(&self.shared.state);
+            if state.open.is_empty() {
+                state.committing_outcome.clone()
+            } else {
+                Some(state.open.outcome.clone())
+            }
+        };
+        if let Some(outcome) = outcome {
+            let _ = outcome.wait().await;
         }
     }
 
-    /// Commits what was sent before, then closes the database, so its files are complete and
-    /// settled when this returns. Recording fails (503) from then on.
+    /// Commits what was handed over before, then closes the database, so its files are
+    /// complete and settled when this returns. Recording fails (503) from then on.
     pub async fn close(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::Close(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
-        let reader = self.reader.clone();
+        lock(&self.shared.state).closed = true;
+        self.flush().await;
+        let shared = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+            // Waits for a commit in progress (a change handed over meanwhile) to end.
+            lock(&shared.writer).take();
+            lock(&shared.reader).take();
         })
         .await;
     }
 
-    /// Completes after the writer commits new rows (or at once if it did since the last wait).
+    /// Completes after a commit inserted new rows (or at once if one did since the last wait).
     pub async fn committed(&self) {
-        self.committed.notified().await;
+        self.shared.committed.notified().await;
     }
 
     /// How many pairs wait for delivery, and when the oldest was received (Unix ms).
     /// Ids grow with time, so the oldest is the lowest id: no scan.
     pub async fn depth(&self) -> Result<(u64, Option<i64>), RecordError> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
-            let conn = guard.as_ref().ok_or(rusqlite::Error::InvalidQuery)?;
+        self.read(|conn| {
             conn.query_row(
                 "SELECT (SELECT count(*) FROM outbox),
                         (SELECT received_ms FROM outbox ORDER BY id LIMIT 1)",
@@ -410,16 +623,11 @@ impl Outbox {
             )
         })
         .await
-        .map_err(|e| RecordError::Storage(e.to_string()))?
-        .map_err(|e| RecordError::Storage(e.to_string()))
     }
 
     /// Counts of undelivered rows and dead letters.
     pub async fn counts(&self) -> Result<(u64, u64), RecordError> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let guard = reader.lock().unwrap_or_else(|e| e.into_inner());
-            let conn = guard.as_ref().ok_or(rusqlite::Error::InvalidQuery)?;
+        self.read(|conn| {
             conn.query_row(
                 "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM dead_letters)",
                 [],
@@ -427,8 +635,53 @@ impl Outbox {
             )
         })
         .await
-        .map_err(|e| RecordError::Storage(e.to_string()))?
-        .map_err(|e| RecordError::Storage(e.to_string()))
+    }
+}
+
+/// The committer: commits groups until none is open.
+fn commit_until_idle(shared: &Shared) {
+    loop {
+        let group = {
+            let mut state = lock(&shared.state);
+            if state.open.is_empty() {
+                state.committing = false;
+                state.committing_outcome = None;
+                return;
+            }
+            let group = std::mem::take(&mut state.open);
+            state.committing_outcome = Some(group.outcome.clone());
+            group
+        };
+        let mut writer = lock(&shared.writer);
+        let result = match writer.as_mut() {
+            Some(writer) => writer
+                .commit(&group, shared.settings.dedupe_window)
+                .map_err(|e| {
+                    tracing::error!(error = %e, webhooks = group.records.len(), "event outbox database commit failed; the webhooks are answered 503");
+                    e.to_string()
+                }),
+            None => Err("the event outbox is closed".into()),
+        };
+        {
+            let mut state = lock(&shared.state);
+            let keys = group.records.iter().map(|r| dedupe_key(&r.body_hash));
+            for key in keys.clone() {
+                state.in_flight.remove(&key);
+            }
+            if result.is_ok() {
+                state.keys.extend(keys, crate::db::now_ms());
+            }
+            state.queued -= group.records.len();
+            state.queued_bytes -= group.bytes;
+        }
+        let inserted = result.is_ok() && !group.records.is_empty();
+        group.outcome.finish(result);
+        if inserted {
+            shared.committed.notify_one();
+        }
+        if let Some(writer) = writer.as_mut() {
+            writer.maintain(&shared.settings);
+        }
     }
 }
 
@@ -439,363 +692,77 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // NORMAL (in WAL mode): commits do not wait for the disk. What was answered 200 is
-    // durable in the journal; the database is synced before the journal is emptied.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(conn)
 }
 
 /// The write-ahead log of the database at `path`.
-fn wal_path(path: &Path) -> std::path::PathBuf {
+fn wal_path(path: &Path) -> PathBuf {
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");
     wal.into()
 }
 
-/// Groups handed from the writer to the indexer at most; then the writer waits (and
-/// requests time out with 503) until the database catches up.
-const INDEX_BACKLOG: usize = 64;
-
-/// A change the indexer applies to the database.
-enum Change {
-    /// A journaled webhook (its journal sequence number and queued bytes): its deduplication
-    /// key and rows.
-    Insert(u64, usize, Record),
-    /// Delivered rows to remove.
-    Delivered(Vec<i64>),
-    /// A row the host refused for good.
-    Failed { id: i64, error: String },
-}
-
-/// What the writer hands the indexer, in order.
-enum IndexCommand {
-    /// Apply these changes in one transaction.
-    Apply(Vec<Change>),
-    /// Answer once everything before is applied.
-    Flush(oneshot::Sender<()>),
-    /// Apply everything before, then make the database durable; answer whether it is.
-    Sync(std::sync::mpsc::SyncSender<bool>),
-    /// Apply everything before, close the database, then answer.
-    Close(std::sync::mpsc::SyncSender<()>),
-}
-
-enum RecoverError {
-    Database(rusqlite::Error),
-    Journal(std::io::Error),
-}
-
-/// Applies the journal entries the database has not seen (a crash came between the two),
-/// then syncs the database and empties the journal. Returns the next sequence number.
-fn recover(
+/// Applies what the journal of an earlier version holds beyond the database (a crash came
+/// between the two), then removes the journal.
+fn recover_journal(
+    data_dir: &Path,
     conn: &mut Connection,
-    journal: &mut Journal,
-    entries: Vec<journal::Entry>,
     settings: &OutboxSettings,
-) -> Result<u64, RecoverError> {
-    let applied = applied_seq(conn).map_err(RecoverError::Database)?;
-    let last = entries.last().map_or(0, |e| e.seq);
-    let replay: Vec<Change> = entries
+) -> Result<(), OpenError> {
+    let journal_path = data_dir.join(journal::JOURNAL_FILE);
+    if !journal_path.exists() {
+        return Ok(());
+    }
+    let journal_err = |source| OpenError::Journal {
+        path: journal_path.clone(),
+        source,
+    };
+    let db_err = |source| OpenError::Database {
+        path: data_dir.join(OUTBOX_FILE),
+        source,
+    };
+    let entries = journal::read(data_dir).map_err(journal_err)?;
+    let applied = applied_seq(conn).map_err(db_err)?;
+    let replay: Vec<(u64, Record)> = entries
         .into_iter()
         .filter(|e| e.seq > applied)
-        .map(|e| {
-            let (seq, record) = e.into_record();
-            Change::Insert(seq, 0, record)
-        })
+        .map(journal::Entry::into_record)
         .collect();
     if !replay.is_empty() {
         tracing::info!(
             entries = replay.len(),
-            "applying journaled webhooks the outbox database had not recorded (the service stopped in between)"
+            "applying journaled webhooks the outbox database had not recorded (an earlier version stopped in between)"
         );
     }
     for chunk in replay.chunks(512) {
-        apply(conn, chunk, settings.dedupe_window).map_err(RecoverError::Database)?;
+        let last = chunk.last().map_or(applied, |(seq, _)| *seq);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        let records = chunk.iter().map(|(_, r)| r);
+        insert_records(&tx, records, settings.dedupe_window).map_err(db_err)?;
+        tx.execute(
+            "UPDATE journal_state SET applied_seq = ?1 WHERE id = 1",
+            [last as i64],
+        )
+        .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
     }
-    if !journal.is_empty() {
-        sync_database(conn).map_err(RecoverError::Database)?;
-        journal.reset().map_err(RecoverError::Journal)?;
-    }
-    Ok(applied.max(last) + 1)
-}
-
-/// The writer thread: decides duplicates, journals and answers. Nothing on its path waits
-/// for the database's writes; those are the indexer's.
-struct Writer {
-    /// A read-only connection for deduplication lookups.
-    lookups: Connection,
-    journal: Journal,
-    /// The sequence number of the next journal entry.
-    next_seq: u64,
-    /// The frames of one group, reused.
-    frames: Vec<u8>,
-    /// Journaled webhooks the indexer has not yet committed, oldest first: until it has,
-    /// their hashes deduplicate here.
-    recent: VecDeque<(u64, [u8; 32])>,
-    /// The same hashes, with when they stop deduplicating (Unix ms).
-    recent_set: HashMap<[u8; 32], i64>,
-    /// The last sequence number the indexer committed.
-    applied: Arc<AtomicU64>,
-    /// Bytes of bodies accepted and not yet in the database (the indexer releases inserts).
-    queued_bytes: Arc<AtomicUsize>,
-    indexer: std::sync::mpsc::SyncSender<IndexCommand>,
-    settings: Arc<OutboxSettings>,
-}
-
-impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        let settings = self.settings.clone();
-        let mut group = Vec::with_capacity(settings.max_group);
-        while let Some(first) = rx.blocking_recv() {
-            group.push(first);
-            while group.len() < settings.max_group {
-                match rx.try_recv() {
-                    Ok(command) => group.push(command),
-                    Err(_) => break,
-                }
-            }
-            if let Some(reply) = self.group(group.drain(..)) {
-                self.empty_journal();
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                if self.indexer.send(IndexCommand::Close(tx)).is_ok() {
-                    let _ = rx.recv();
-                }
-                drop(self);
-                let _ = reply.send(());
-                return;
-            }
-            if self.journal.len() > settings.journal_limit {
-                self.empty_journal();
-            }
-        }
-    }
-
-    /// Handles one group of commands: journal and answer the new webhooks, and hand them to
-    /// the indexer. Returns the reply of a `Close` in the group.
-    fn group(&mut self, group: impl Iterator<Item = Command>) -> Option<oneshot::Sender<()>> {
-        let applied = self.applied.load(Ordering::Acquire);
-        while let Some(&(seq, hash)) = self.recent.front() {
-            if seq > applied {
-                break;
-            }
-            self.recent.pop_front();
-            self.recent_set.remove(&hash);
-        }
-        let now = crate::db::now_ms();
-        let expires = now + self.settings.dedupe_window.as_millis() as i64;
-        let mut seen = HashSet::new();
-        let mut fresh = Vec::new();
-        let mut changes = Vec::new();
-        let mut flushes = Vec::new();
-        let mut close = None;
-        self.frames.clear();
-        for command in group {
-            match command {
-                Command::Record {
-                    record,
-                    bytes,
-                    reply,
-                } => {
-                    let hash = record.body_hash;
-                    let recent = self.recent_set.get(&hash).is_some_and(|e| *e > now);
-                    let duplicate = if seen.contains(&hash) || recent {
-                        Ok(true)
-                    } else {
-                        is_duplicate(&self.lookups, &hash, now)
-                    };
-                    let answer = match duplicate {
-                        Ok(true) => Ok(Recorded::Duplicate),
-                        Ok(false) => {
-                            seen.insert(hash);
-                            let seq = self.next_seq + fresh.len() as u64;
-                            journal::encode(seq, &record, &mut self.frames);
-                            fresh.push((seq, bytes, record, reply));
-                            continue;
-                        }
-                        Err(e) => Err(RecordError::Storage(e.to_string())),
-                    };
-                    self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                    let _ = reply.send(answer);
-                }
-                Command::Delivered(ids) => changes.push(Change::Delivered(ids)),
-                Command::Failed { id, error } => changes.push(Change::Failed { id, error }),
-                Command::Flush(reply) => flushes.push(reply),
-                Command::Close(reply) => close = Some(reply),
-            }
-        }
-        let journaled = if fresh.is_empty() {
-            Ok(())
-        } else {
-            self.journal.append(&self.frames)
-        };
-        let mut inserts = Vec::with_capacity(fresh.len() + changes.len());
-        match journaled {
-            Ok(()) => {
-                self.next_seq += fresh.len() as u64;
-                for (seq, bytes, record, reply) in fresh {
-                    let _ = reply.send(Ok(Recorded::New));
-                    self.recent.push_back((seq, record.body_hash));
-                    self.recent_set.insert(record.body_hash, expires);
-                    inserts.push(Change::Insert(seq, bytes, record));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, journal = %self.journal.path().display(), requests = fresh.len(), "cannot write the event outbox journal");
-                for (_, bytes, _, reply) in fresh {
-                    self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                    let _ = reply.send(Err(RecordError::Storage(e.to_string())));
-                }
-            }
-        }
-        inserts.append(&mut changes);
-        // Blocks while the indexer's backlog is full: requests then wait, and time out.
-        if !inserts.is_empty() {
-            let _ = self.indexer.send(IndexCommand::Apply(inserts));
-        }
-        for reply in flushes {
-            let _ = self.indexer.send(IndexCommand::Flush(reply));
-        }
-        close
-    }
-
-    /// Waits until the indexer has applied and synced everything journaled, then empties
-    /// the journal. If the database cannot be synced, the journal stays for the next try
-    /// (or the next start).
-    fn empty_journal(&mut self) {
-        if self.journal.is_empty() {
-            return;
-        }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let synced = self.indexer.send(IndexCommand::Sync(tx)).is_ok() && rx.recv() == Ok(true);
-        if !synced {
-            tracing::warn!("the event outbox database could not be synced; its journal is kept");
-            return;
-        }
-        if let Err(e) = self.journal.reset() {
-            tracing::warn!(error = %e, "cannot empty the event outbox journal; trying again later");
-        }
-    }
-}
-
-/// The indexer thread: owns the only writing database connection and applies what the
-/// writer journaled (and the forwarder's deliveries), a group per transaction, without
-/// waiting for the disk.
-struct Indexer {
-    conn: Connection,
-    applied: Arc<AtomicU64>,
-    queued_bytes: Arc<AtomicUsize>,
-    committed: Arc<Notify>,
-    settings: Arc<OutboxSettings>,
-    wal: PathBuf,
-}
-
-impl Indexer {
-    fn run(mut self, rx: std::sync::mpsc::Receiver<IndexCommand>) {
-        let mut last_purge = Instant::now();
-        while let Ok(first) = rx.recv() {
-            let mut changes = Vec::new();
-            let mut after = Vec::new();
-            let mut next = Some(first);
-            // Everything waiting, in one transaction.
-            while let Some(command) = next {
-                match command {
-                    IndexCommand::Apply(mut more) => changes.append(&mut more),
-                    other => after.push(other),
-                }
-                next = if changes.len() < 4096 {
-                    rx.try_recv().ok()
-                } else {
-                    None
-                };
-            }
-            self.apply_until_done(&changes);
-            for command in after {
-                match command {
-                    IndexCommand::Flush(reply) => {
-                        let _ = reply.send(());
-                    }
-                    IndexCommand::Sync(reply) => {
-                        let synced = sync_database(&self.conn);
-                        if let Err(e) = &synced {
-                            tracing::warn!(error = %e, "cannot sync the event outbox database");
-                        }
-                        let _ = reply.send(synced.is_ok());
-                    }
-                    IndexCommand::Close(reply) => {
-                        drop(self);
-                        let _ = reply.send(());
-                        return;
-                    }
-                    IndexCommand::Apply(_) => unreachable!("applied above"),
-                }
-            }
-            self.maintain(&mut last_purge);
-        }
-    }
-
-    /// Applies `changes`, retrying with back-off while the database fails: they are
-    /// journaled and answered, so they must not be dropped. Meanwhile the backlog fills and
-    /// new webhooks are answered 503.
-    fn apply_until_done(&mut self, changes: &[Change]) {
-        if changes.is_empty() {
-            return;
-        }
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match apply(&mut self.conn, changes, self.settings.dedupe_window) {
-                Ok(inserted) => {
-                    let mut bytes = 0;
-                    let mut last_seq = None;
-                    for change in changes {
-                        match change {
-                            Change::Insert(seq, b, _) => {
-                                bytes += b;
-                                last_seq = Some(*seq);
-                            }
-                            Change::Delivered(_) | Change::Failed { .. } => {}
-                        }
-                    }
-                    if let Some(seq) = last_seq {
-                        self.applied.store(seq, Ordering::Release);
-                    }
-                    self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                    if inserted {
-                        self.committed.notify_one();
-                    }
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, changes = changes.len(), retry_in = ?backoff, "event outbox database commit failed; webhooks wait in the journal");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    }
-
-    /// Between transactions: keep the WAL bounded and purge expired deduplication keys.
-    fn maintain(&mut self, last_purge: &mut Instant) {
-        // The reader's passive checkpoints copy most of the log, but under continuous writes it
-        // is never found fully copied and unused at once, so SQLite never restarts it: without
-        // this it grows without bound (a soak run showed 1 GiB a minute).
-        if std::fs::metadata(&self.wal).is_ok_and(|m| m.len() > self.settings.wal_limit) {
-            let truncated = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    r.get::<_, i64>(0)
-                });
-            match truncated {
-                Ok(0) => {}
-                Ok(_) => tracing::debug!("event outbox log still in use; truncating later"),
-                Err(e) => tracing::warn!(error = %e, "event outbox checkpoint failed"),
-            }
-        }
-        if last_purge.elapsed() >= self.settings.purge_interval {
-            *last_purge = Instant::now();
-            if let Err(e) = purge(&self.conn) {
-                tracing::warn!(error = %e, "purging expired deduplication keys failed");
-            }
-        }
-    }
+    // Durable before the journal goes, whatever `OUTBOX_SYNC` says.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(db_err)?;
+    conn.execute(
+        "UPDATE journal_state SET synced_ms = ?1 WHERE id = 1",
+        [crate::db::now_ms()],
+    )
+    .map_err(db_err)?;
+    std::fs::remove_file(&journal_path).map_err(journal_err)?;
+    let sync = match settings.sync {
+        crate::config::OutboxSync::Full => "FULL",
+        crate::config::OutboxSync::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)
+        .map_err(db_err)
 }
 
 /// The last journal sequence number the database has applied.
@@ -808,117 +775,185 @@ fn applied_seq(conn: &Connection) -> rusqlite::Result<u64> {
     .map(|seq| seq as u64)
 }
 
-/// Whether a body with this hash was recorded within the window.
-fn is_duplicate(conn: &Connection, hash: &[u8; 32], now: i64) -> rusqlite::Result<bool> {
-    let mut stmt =
-        conn.prepare_cached("SELECT 1 FROM dedupe WHERE hash = ?1 AND expires_ms > ?2")?;
-    stmt.exists(params![&hash[..], now])
-}
-
-/// Makes every committed transaction durable: a commit at `synchronous = FULL` syncs the
-/// write-ahead log, and with it every commit before.
-fn sync_database(conn: &Connection) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    let synced = conn.execute(
-        "UPDATE journal_state SET synced_ms = ?1 WHERE id = 1",
-        [crate::db::now_ms()],
-    );
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    synced.map(drop)
-}
-
-/// One transaction for a group of changes; whether any outbox row was inserted.
-fn apply(conn: &mut Connection, changes: &[Change], window: Duration) -> rusqlite::Result<bool> {
+/// Loads the keys whose window has not passed.
+fn load_keys(conn: &Connection, keys: &mut Keys, window: Duration) -> rusqlite::Result<()> {
     let now = crate::db::now_ms();
-    let expires = now + window.as_millis() as i64;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut inserted = false;
-    {
-        let mut dedupe = tx.prepare_cached(
-            "INSERT INTO dedupe (hash, expires_ms) VALUES (?1, ?2)
-             ON CONFLICT (hash) DO UPDATE SET expires_ms = excluded.expires_ms",
-        )?;
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO outbox (destination, received_ms, event_type, memo, body)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-        let mut delete_range =
-            tx.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
-        let mut dead = tx.prepare_cached(
-            "INSERT OR REPLACE INTO dead_letters
-             SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3
-             FROM outbox WHERE id = ?1",
-        )?;
-        let already = applied_seq(&tx)?;
-        let mut applied_seq = None;
-        for change in changes {
-            match change {
-                // Already applied (a replay racing a writer that was still finishing):
-                // applying twice would deliver twice.
-                Change::Insert(seq, _, _) if *seq <= already => {}
-                Change::Insert(seq, _, record) => {
-                    dedupe.execute(params![&record.body_hash[..], expires])?;
-                    let r = &record.received;
-                    let memo = memo_json(&r.memo);
-                    for destination in &record.destinations {
-                        insert.execute(params![
-                            destination,
-                            r.received_ms,
-                            r.event_type,
-                            memo,
-                            r.body
-                        ])?;
-                        inserted = true;
-                    }
-                    applied_seq = Some(*seq);
-                }
-                Change::Delivered(ids) => {
-                    // A batch is mostly consecutive ids: one range delete each run of them.
-                    let mut ids = ids.clone();
-                    ids.sort_unstable();
-                    let mut i = 0;
-                    while i < ids.len() {
-                        let mut j = i;
-                        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
-                            j += 1;
+    let mut stmt =
+        conn.prepare("SELECT expires_ms, keys FROM dedupe_keys WHERE expires_ms > ?1 ORDER BY id")?;
+    let mut rows = stmt.query([now])?;
+    while let Some(row) = rows.next()? {
+        let expires: i64 = row.get(0)?;
+        let blob = row.get_ref(1)?.as_blob()?;
+        let group = blob
+            .chunks_exact(8)
+            .map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes")));
+        keys.extend(group, expires - window.as_millis() as i64);
+    }
+    Ok(())
+}
+
+/// Inserts a row per (webhook, destination) and one row of the webhooks' keys.
+fn insert_records<'a>(
+    conn: &Connection,
+    records: impl Iterator<Item = &'a Record>,
+    window: Duration,
+) -> rusqlite::Result<bool> {
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO outbox (destination, received_ms, event_type, memo, body)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut keys = Vec::new();
+    for record in records {
+        keys.extend_from_slice(&record.body_hash[..8]);
+        let r = &record.received;
+        let memo = memo_json(&r.memo);
+        for destination in &record.destinations {
+            insert.execute(params![
+                destination,
+                r.received_ms,
+                r.event_type,
+                memo,
+                r.body
+            ])?;
+        }
+    }
+    if keys.is_empty() {
+        return Ok(false);
+    }
+    conn.prepare_cached("INSERT INTO dedupe_keys (expires_ms, keys) VALUES (?1, ?2)")?
+        .execute(params![
+            crate::db::now_ms() + window.as_millis() as i64,
+            keys
+        ])?;
+    Ok(true)
+}
+
+/// About this much written to the write-ahead log, the committer copies it into the database
+/// (a checkpoint), so the next commits start the log over instead of growing it.
+const CHECKPOINT_BYTES: u64 = 4 << 20;
+
+/// The writing connection and its upkeep.
+struct Writer {
+    conn: Connection,
+    wal: PathBuf,
+    last_purge: Instant,
+    /// Roughly the bytes written to the log since the last checkpoint.
+    unchecked: u64,
+}
+
+impl Writer {
+    /// One transaction for a group.
+    fn commit(&mut self, group: &Group, window: Duration) -> rusqlite::Result<()> {
+        let now = crate::db::now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        insert_records(&tx, group.records.iter(), window)?;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            let mut delete_range =
+                tx.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
+            let mut dead = tx.prepare_cached(
+                "INSERT OR REPLACE INTO dead_letters
+                 SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3
+                 FROM outbox WHERE id = ?1",
+            )?;
+            for change in &group.changes {
+                match change {
+                    Change::Delivered(ids) => {
+                        // A batch is mostly consecutive ids: one range delete each run.
+                        let mut ids = ids.clone();
+                        ids.sort_unstable();
+                        let mut i = 0;
+                        while i < ids.len() {
+                            let mut j = i;
+                            while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+                                j += 1;
+                            }
+                            delete_range.execute([ids[i], ids[j]])?;
+                            i = j + 1;
                         }
-                        delete_range.execute([ids[i], ids[j]])?;
-                        i = j + 1;
                     }
-                }
-                Change::Failed { id, error } => {
-                    dead.execute(params![id, now, error])?;
-                    delete.execute([id])?;
+                    Change::Failed { id, error } => {
+                        dead.execute(params![id, now, error])?;
+                        delete.execute([id])?;
+                    }
                 }
             }
         }
-        if let Some(seq) = applied_seq {
-            tx.execute(
-                "UPDATE journal_state SET applied_seq = ?1 WHERE id = 1",
-                [seq as i64],
-            )?;
+        tx.commit()?;
+        // Bodies, their rows' other columns and index entries, and the pages deletes touch.
+        self.unchecked +=
+            (group.bytes + 256 * group.records.len() + 4096 * group.changes.len()) as u64;
+        Ok(())
+    }
+
+    /// Between groups: keep the WAL bounded and purge expired deduplication keys.
+    fn maintain(&mut self, settings: &OutboxSettings) {
+        // A log that grows makes every commit's fsync write the file's size too: two disk
+        // flushes instead of one. Copied into the database, it is written over from the start.
+        if self.unchecked >= CHECKPOINT_BYTES {
+            self.unchecked = 0;
+            if let Err(e) = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            {
+                tracing::warn!(error = %e, "event outbox checkpoint failed");
+            }
+        }
+        // The reader's passive checkpoints copy most of the log, but under continuous writes it
+        // is never found fully copied and unused at once, so SQLite never restarts it: without
+        // this it grows without bound (a soak run showed 1 GiB a minute).
+        if std::fs::metadata(&self.wal).is_ok_and(|m| m.len() > settings.wal_limit) {
+            let truncated = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                });
+            match truncated {
+                Ok(0) => {}
+                Ok(_) => tracing::debug!("event outbox log still in use; truncating later"),
+                Err(e) => tracing::warn!(error = %e, "event outbox checkpoint failed"),
+            }
+        }
+        if self.last_purge.elapsed() >= settings.purge_interval {
+            self.last_purge = Instant::now();
+            if let Err(e) = purge(&self.conn) {
+                tracing::warn!(error = %e, "purging expired deduplication keys failed");
+            }
         }
     }
-    tx.commit()?;
-    Ok(inserted)
 }
 
 fn memo_json(memo: &HashMap<String, String>) -> String {
     serde_json::to_string(memo).unwrap_or_else(|_| "{}".into())
 }
 
+/// Deletes the rows of keys whose window has passed: the oldest rows, up to the first that
+/// has not expired (ids grow with time), so only what goes is read.
 fn purge(conn: &Connection) -> rusqlite::Result<usize> {
-    conn.execute(
-        "DELETE FROM dedupe WHERE hash IN
-         (SELECT hash FROM dedupe WHERE expires_ms <= ?1 ORDER BY expires_ms LIMIT 10000)",
-        [crate::db::now_ms()],
-    )
+    let now = crate::db::now_ms();
+    let first_live: Option<i64> = conn
+        .query_row(
+            "SELECT id FROM dedupe_keys WHERE expires_ms > ?1 ORDER BY id LIMIT 1",
+            [now],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    match first_live {
+        Some(id) => conn.execute("DELETE FROM dedupe_keys WHERE id < ?1", [id]),
+        None => conn.execute("DELETE FROM dedupe_keys", []),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     fn record(body: &str, destinations: &[&str]) -> Record {
         use sha2::Digest;
@@ -1057,57 +1092,116 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_locked_database_holds_webhooks_in_the_journal_until_its_backlog_is_full() {
+    async fn a_locked_database_answers_within_the_record_timeout_and_commits_late() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(
             dir.path(),
             OutboxSettings {
                 record_timeout: Duration::from_millis(200),
+                queue_capacity: 3,
                 ..Default::default()
             },
         )
         .unwrap();
         let blocker = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
         blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
-        // The journal makes webhooks durable without the database, until the backlog the
-        // database has to catch up on is full; then they are not claimed.
-        // Held at most: what the indexer took into its stuck transaction (what the backlog
-        // held when it looked, plus the group it woke for), the backlog, and the group whose
-        // hand-off blocks the writer.
-        let bound = 2 * INDEX_BACKLOG + 2;
-        let mut recorded = 0;
-        let timed_out = loop {
-            assert!(recorded <= bound, "the backlog is bounded");
-            let body = format!("{{\"n\":{recorded}}}");
-            let started = Instant::now();
-            match outbox.record(record(&body, &["c"])).await {
-                Ok(Recorded::New) => recorded += 1,
-                Err(RecordError::TimedOut) => {
-                    assert!(started.elapsed() < Duration::from_secs(1));
-                    break body;
-                }
-                other => panic!("{other:?}"),
-            }
-        };
-        assert!(recorded >= INDEX_BACKLOG, "{recorded} recorded");
+        // Nothing is answered "recorded" while the database cannot commit.
+        let started = Instant::now();
+        for n in 0..3 {
+            let body = format!("{{\"n\":{n}}}");
+            assert_eq!(
+                outbox.record(record(&body, &["c"])).await,
+                Err(RecordError::TimedOut)
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Waiting webhooks are bounded: past the queue, refused at once.
+        let started = Instant::now();
+        assert_eq!(
+            outbox.record(record("{\"n\":3}", &["c"])).await,
+            Err(RecordError::Busy)
+        );
+        assert!(started.elapsed() < Duration::from_millis(100));
         blocker.execute_batch("COMMIT").unwrap();
         outbox.flush().await;
-        // The one not claimed went through late; Zoom's retry is then a duplicate.
-        assert_eq!(outbox.counts().await.unwrap(), (recorded as u64 + 1, 0));
+        // The ones that timed out went through late; Zoom's retries are then duplicates.
+        assert_eq!(outbox.counts().await.unwrap(), (3, 0));
         assert_eq!(
-            outbox.record(record(&timed_out, &["c"])).await,
+            outbox.record(record("{\"n\":0}", &["c"])).await,
             Ok(Recorded::Duplicate)
+        );
+        assert_eq!(
+            outbox.record(record("{\"n\":3}", &["c"])).await,
+            Ok(Recorded::New)
         );
     }
 
-    /// Writes journal entries as a writer that died before its database commit left them.
+    #[tokio::test]
+    async fn a_failed_commit_answers_an_error_and_forgets_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        let other = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE INSERT ON outbox
+                 BEGIN SELECT RAISE(ABORT, 'the disk says no'); END;",
+            )
+            .unwrap();
+        let (first, duplicate) = tokio::join!(
+            outbox.record(record("{\"a\":1}", &["c"])),
+            outbox.record(record("{\"a\":1}", &["c"]))
+        );
+        assert!(matches!(first, Err(RecordError::Storage(_))), "{first:?}");
+        assert_eq!(
+            duplicate, first,
+            "a duplicate waiting for it shares the outcome"
+        );
+        other.execute_batch("DROP TRIGGER refuse").unwrap();
+        assert_eq!(
+            outbox.record(record("{\"a\":1}", &["c"])).await,
+            Ok(Recorded::New),
+            "the retry is recorded"
+        );
+        assert_eq!(outbox.counts().await.unwrap(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn concurrent_webhooks_share_commits_and_duplicates_among_them_are_recorded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..200 {
+            let outbox = outbox.clone();
+            // Each body twice, at about the same time.
+            tasks.spawn(async move {
+                let body = format!("{{\"n\":{}}}", n / 2);
+                outbox.record(record(&body, &["c1", "c2"])).await
+            });
+        }
+        let (mut new, mut duplicates) = (0, 0);
+        while let Some(answer) = tasks.join_next().await {
+            match answer.unwrap() {
+                Ok(Recorded::New) => new += 1,
+                Ok(Recorded::Duplicate) => duplicates += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((new, duplicates), (100, 100));
+        assert_eq!(outbox.counts().await.unwrap(), (200, 0));
+        let groups: i64 = outbox
+            .read(|c| c.query_row("SELECT count(*) FROM dedupe_keys", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert!(groups < 100, "{groups} commits for 100 webhooks");
+    }
+
+    /// Writes the journal an earlier version left when it died before its database commit.
     fn journal_entries(dir: &Path, entries: &[(u64, &str)]) {
-        let (mut journal, _) = Journal::open(dir, true).unwrap();
         let mut frames = Vec::new();
         for (seq, body) in entries {
             journal::encode(*seq, &record(body, &["c1", "c2"]), &mut frames);
         }
-        journal.append(&frames).unwrap();
+        std::fs::write(dir.join(journal::JOURNAL_FILE), frames).unwrap();
     }
 
     fn bodies(pending: &[Pending]) -> Vec<(&str, &str)> {
@@ -1123,7 +1217,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn journaled_webhooks_the_database_missed_are_applied_once_on_opening() {
+    async fn a_journal_left_by_an_earlier_version_is_applied_once_and_removed() {
         let dir = tempfile::tempdir().unwrap();
         journal_entries(dir.path(), &[(1, "{\"a\":1}"), (2, "{\"a\":2}")]);
         let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
@@ -1139,68 +1233,42 @@ mod tests {
         );
         assert_eq!(pending[0].received.memo["account_id"], "acc");
         let journal = dir.path().join(journal::JOURNAL_FILE);
-        assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "emptied");
+        assert!(!journal.exists(), "removed");
         assert_eq!(
             outbox.record(record("{\"a\":2}", &["c1"])).await,
             Ok(Recorded::Duplicate),
             "replayed webhooks deduplicate"
         );
-        assert_eq!(
-            outbox.record(record("{\"a\":3}", &["c1"])).await,
-            Ok(Recorded::New)
-        );
         outbox.close().await;
-        assert_eq!(
-            std::fs::metadata(&journal).unwrap().len(),
-            0,
-            "a clean stop leaves nothing to apply"
-        );
 
-        // A journal whose entries the database already holds (the journal was not emptied
-        // before a crash) adds only what is new.
-        journal_entries(
-            dir.path(),
-            &[(2, "{\"a\":2}"), (3, "{\"a\":3}"), (4, "{\"a\":4}")],
-        );
+        // A journal whose entries the database already holds (a crash after applying, before
+        // removing it) adds only what is new.
+        journal_entries(dir.path(), &[(2, "{\"a\":2}"), (3, "{\"a\":3}")]);
         let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
         let pending = outbox.pending(0, 100, usize::MAX).await.unwrap();
-        assert_eq!(pending.len(), 7);
+        assert_eq!(pending.len(), 6);
         assert_eq!(
-            bodies(&pending[5..]),
-            [("c1", "{\"a\":4}"), ("c2", "{\"a\":4}")]
+            bodies(&pending[4..]),
+            [("c1", "{\"a\":3}"), ("c2", "{\"a\":3}")]
         );
-        // Sequence numbers continue past everything seen.
-        assert_eq!(
-            outbox.record(record("{\"a\":5}", &["c1"])).await,
-            Ok(Recorded::New)
-        );
-        drop(outbox);
-        let (_, entries) = Journal::open(dir.path(), true).unwrap();
-        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [5]);
+        assert!(!journal.exists(), "removed");
     }
 
-    #[tokio::test]
-    async fn the_journal_is_emptied_once_past_its_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let settings = OutboxSettings {
-            journal_limit: 64 << 10,
-            ..OutboxSettings::default()
-        };
-        let outbox = Outbox::open(dir.path(), settings).unwrap();
-        let padding = "x".repeat(1000);
-        let journal = dir.path().join(journal::JOURNAL_FILE);
-        let mut largest = 0;
-        for n in 0..500 {
-            let body = format!("{{\"n\":{n},\"pad\":\"{padding}\"}}");
-            outbox.record(record(&body, &["c"])).await.unwrap();
-            largest = largest.max(std::fs::metadata(&journal).unwrap().len());
-        }
-        assert!(largest > 32 << 10, "it was used: {largest} bytes");
-        assert!(
-            largest < 80 << 10,
-            "500 kB written, the journal reached {largest} bytes"
-        );
-        outbox.flush().await;
-        assert_eq!(outbox.counts().await.unwrap(), (500, 0));
+    #[test]
+    fn keys_are_kept_for_the_window_and_expire_a_generation_at_a_time() {
+        let mut keys = Keys::new(Duration::from_secs(160));
+        // Generations of 10 s.
+        keys.extend([1, 2], 1_000_000);
+        keys.extend([3], 1_005_000);
+        keys.extend([4], 1_010_000);
+        assert_eq!((keys.generations.len(), keys.len), (2, 4));
+        assert!(keys.contains(1, 1_000_000 + 160_000 - 1));
+        assert!(keys.contains(3, 1_000_000 + 169_999));
+        assert!(!keys.contains(9, 1_000_000));
+        // The first generation (keys 1 to 3) ends 10 s after it started, plus the window.
+        assert!(!keys.contains(3, 1_000_000 + 170_000));
+        assert!(!keys.contains(1, 1_000_000 + 170_000));
+        assert_eq!(keys.len, 1);
+        assert!(keys.contains(4, 1_000_000 + 170_000));
     }
 }
