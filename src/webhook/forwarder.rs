@@ -84,6 +84,54 @@ enum Outcome {
     Refused(String),
 }
 
+/// Runs [`run`] on a thread of its own, at a lower CPU priority (nice 10) than the threads
+/// that answer requests: when the machine is busy, answering Zoom within its 3-second deadline
+/// comes first, and the forwarder catches up once the burst is over (the outbox holds what it
+/// has not delivered yet, on disk). The returned task completes when the forwarder has ended.
+pub fn spawn(
+    outbox: Outbox,
+    target: Target,
+    counters: Arc<Counters>,
+    settings: ForwarderSettings,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let (ended, on_end) = tokio::sync::oneshot::channel::<()>();
+    let started = std::thread::Builder::new()
+        .name("forwarder".into())
+        .spawn(move || {
+            lower_priority();
+            // Its blocking threads (database reads, the embedded host's writes) are started
+            // from this one, and keep its priority.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(run(outbox, target, counters, settings, stop)),
+                Err(e) => tracing::error!(error = %e, "cannot start the forwarder's runtime; events stay in the outbox"),
+            }
+            drop(ended);
+        });
+    if let Err(e) = started {
+        tracing::error!(error = %e, "cannot start the forwarder thread; events stay in the outbox");
+    }
+    tokio::spawn(async move {
+        let _ = on_end.await;
+    })
+}
+
+/// Lowers the calling thread's CPU priority to nice 10 (on Linux, a thread's own).
+fn lower_priority() {
+    // SAFETY: gettid and setpriority take no pointers; they only read and set this thread's
+    // scheduling priority, and failing leaves it as it was.
+    let failed = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0
+    };
+    if failed {
+        tracing::debug!("cannot lower the forwarder's priority; it runs at the normal one");
+    }
+}
+
 /// Delivers until `stop` is cancelled.
 pub async fn run(
     outbox: Outbox,

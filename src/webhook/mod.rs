@@ -180,13 +180,13 @@ impl Webhooks {
             self.settings.forwarder.backoff_max,
             stop.clone(),
         ));
-        let forwarder = tokio::spawn(forwarder::run(
+        let forwarder = forwarder::spawn(
             self.outbox.clone(),
             forwarder::Target { host, embedded },
             self.counters.clone(),
             self.settings.forwarder.clone(),
             stop,
-        ));
+        );
         vec![refresher, forwarder]
     }
 }

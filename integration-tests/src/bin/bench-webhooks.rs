@@ -6,7 +6,8 @@
 //!
 //! Both get the same distinct, validly signed `meeting.started` bodies from `WORKERS` keep-alive
 //! connections on loopback for `SECONDS` each. Then the full path again at half the floor's
-//! rate, and the forwarder's drain rate from an outbox pre-filled with `DRAIN_EVENTS` events.
+//! rate, how long the forwarder (which yields the CPU to requests) takes to catch up after
+//! them, and its drain rate from an outbox pre-filled with `DRAIN_EVENTS` events.
 //! Environment knobs: `WORKERS` (32), `SECONDS` (5), `DRAIN_EVENTS` (100000), `OUTBOX_SYNC`
 //! (`full`, the default, or `normal`: see the README).
 
@@ -242,6 +243,20 @@ async fn service(dir: &std::path::Path) -> String {
     url
 }
 
+/// `zoom_outbox_depth` from the service's metrics.
+async fn outbox_depth(metrics_url: &str) -> u64 {
+    let text = reqwest::get(metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("zoom_outbox_depth "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("zoom_outbox_depth in the metrics")
+}
+
 async fn drain(events: u64) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
@@ -281,7 +296,7 @@ async fn drain(events: u64) -> (f64, f64) {
     let counters = Arc::new(Counters::new(&zoom_integration::metrics::Metrics::new()));
     let stop = tokio_util::sync::CancellationToken::new();
     let started = Instant::now();
-    let task = tokio::spawn(forwarder::run(
+    let task = forwarder::spawn(
         outbox.clone(),
         forwarder::Target {
             host: Arc::new(host.clone()),
@@ -290,7 +305,7 @@ async fn drain(events: u64) -> (f64, f64) {
         counters.clone(),
         forwarder::ForwarderSettings::default(),
         stop.clone(),
-    ));
+    );
     while counters.delivered.get() < events {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -354,6 +369,23 @@ async fn main() {
     println!(
         "p99 at half the floor's rate: {:.2} ms (target <= 5 ms)",
         paced.percentile(0.99)
+    );
+
+    // The forwarder yields the CPU to requests (it runs at a lower priority): how far behind
+    // the two runs left it, and how long it took to catch up.
+    let metrics_url = service_url.replace("/zoom/event", "/metrics");
+    let behind = outbox_depth(&metrics_url).await;
+    let caught_up = Instant::now();
+    while outbox_depth(&metrics_url).await > 0 {
+        assert!(
+            caught_up.elapsed() < Duration::from_secs(120),
+            "the forwarder stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "forwarder: {behind} events behind when the load ended, all delivered {:.2} s later",
+        caught_up.elapsed().as_secs_f64()
     );
 
     let (fill, drain) = drain(drain_events).await;
