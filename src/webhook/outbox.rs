@@ -2,13 +2,13 @@
 //! own (so it works the same with the embedded and with a remote host engine), keeps each
 //! (event, connection) pair until the forwarder has delivered it.
 //!
-//! Group commit, led by the requests themselves: a request checks its body's key against the
-//! deduplication keys in memory, adds its webhook to the open group and waits for that group's
-//! commit. The first request to find no commit running starts a committer on the blocking
-//! pool, which takes the open group, writes it in one transaction (one fsync of the write-ahead
-//! log with `OUTBOX_SYNC=full`), answers every request of the group at once, and goes on with
-//! the group that filled meanwhile until none is left. Nothing crosses a thread per webhook:
-//! under load the committer never sleeps, and a request costs one lock and one wake-up.
+//! Group commit: a request checks its body's key against the deduplication keys in memory,
+//! adds its webhook to the open group and waits for that group's commit. The committer thread,
+//! woken by the first request to find it idle, takes the open group, writes it in one
+//! transaction (one fsync of the write-ahead log with `OUTBOX_SYNC=full`), answers every request
+//! of the group at once, and goes on with the group that filled meanwhile until none is left.
+//! Nothing crosses a thread per webhook: under load the committer never sleeps, and a request
+//! costs one short lock and one wake-up.
 //!
 //! Deduplication: a body whose SHA-256 was committed within the replay window is answered
 //! "duplicate" and not recorded again; one arriving while the same body waits for its commit
@@ -235,6 +235,8 @@ struct State {
     queued_bytes: usize,
     /// Set by `close`: recording fails from then on.
     closed: bool,
+    /// When it was last logged that the keys are at capacity (Unix ms).
+    warned_full_ms: i64,
 }
 
 /// The webhooks and forwarder changes of one transaction, and its outcome.
@@ -415,6 +417,7 @@ impl Outbox {
                 queued: 0,
                 queued_bytes: 0,
                 closed: false,
+                warned_full_ms: 0,
             }),
             writer: Mutex::new(Some(writer)),
             reader: Mutex::new(Some(reader)),
@@ -459,8 +462,18 @@ impl Outbox {
             } else {
                 if state.queued >= settings.queue_capacity
                     || state.queued_bytes + bytes > settings.queue_bytes
-                    || state.keys.len + state.in_flight.len() >= settings.dedupe_capacity
                 {
+                    return Err(RecordError::Busy);
+                }
+                if state.keys.len + state.in_flight.len() >= settings.dedupe_capacity {
+                    let now = crate::db::now_ms();
+                    if now - state.warned_full_ms >= 60_000 {
+                        state.warned_full_ms = now;
+                        tracing::warn!(
+                            keys = settings.dedupe_capacity,
+                            "the event outbox holds as many deduplication keys as it may; webhooks get 503 until old ones expire"
+                        );
+                    }
                     return Err(RecordError::Busy);
                 }
                 let outcome = state.open.outcome.clone();
@@ -1252,6 +1265,40 @@ mod tests {
             [("c1", "{\"a\":3}"), ("c2", "{\"a\":3}")]
         );
         assert!(!journal.exists(), "removed");
+    }
+
+    #[tokio::test]
+    async fn past_the_key_capacity_webhooks_are_refused_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = OutboxSettings {
+            dedupe_capacity: 2,
+            ..Default::default()
+        };
+        let outbox = Outbox::open(dir.path(), settings.clone()).unwrap();
+        for n in 0..2 {
+            let body = format!("{{\"n\":{n}}}");
+            assert_eq!(
+                outbox.record(record(&body, &["c"])).await,
+                Ok(Recorded::New)
+            );
+        }
+        assert_eq!(
+            outbox.record(record("{\"n\":2}", &["c"])).await,
+            Err(RecordError::Busy)
+        );
+        assert_eq!(
+            outbox.record(record("{\"n\":1}", &["c"])).await,
+            Ok(Recorded::Duplicate),
+            "duplicates are still recognized"
+        );
+        drop(outbox);
+        // The keys come back after a restart, and count.
+        let outbox = Outbox::open(dir.path(), settings).unwrap();
+        assert_eq!(
+            outbox.record(record("{\"n\":2}", &["c"])).await,
+            Err(RecordError::Busy)
+        );
+        assert_eq!(outbox.counts().await.unwrap(), (2, 0));
     }
 
     #[test]
