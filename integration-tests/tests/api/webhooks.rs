@@ -873,9 +873,8 @@ async fn a_stuck_outbox_database_gets_503_within_3_seconds_and_the_retry_is_forw
     let url = app.url("/zoom/event");
     post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(0)).await;
 
-    // Another process holding the outbox's write lock stands in for a stuck disk. The journal
-    // keeps webhooks durable meanwhile, until the backlog the database must catch up on is
-    // full; from then on they are answered 503, each within 3 seconds.
+    // Another process holding the outbox's write lock stands in for a stuck disk: nothing can
+    // be committed, so webhooks are answered 503, each within 3 seconds.
     let blocker = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let mut n = 10;
