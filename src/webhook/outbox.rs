@@ -89,7 +89,7 @@ pub struct OutboxSettings {
     pub wal_limit: u64,
     /// How long a body's key is remembered for deduplication (the replay window).
     pub dedupe_window: Duration,
-    /// Deduplication keys held at most (about 16 bytes of memory each); past it webhooks are
+    /// Deduplication keys held at most (16 to 32 bytes of memory each); past it webhooks are
     /// refused (503) until keys expire. The default holds 90 minutes of 1,500 webhooks/s.
     pub dedupe_capacity: usize,
     /// How long a request waits for its commit before it is answered 503.
