@@ -192,10 +192,11 @@ pub struct Pending {
 #[derive(Clone)]
 pub struct Outbox {
     shared: Arc<Shared>,
-    _committer: Arc<Committer>,
+    committer: Arc<Committer>,
 }
 
-/// The committer thread; dropped with the last handle, which lets it end.
+/// The committer thread, woken when a group opens and no commit runs; dropped with the last
+/// handle, which lets it end.
 struct Committer(std::thread::Thread);
 
 impl Drop for Committer {
@@ -214,8 +215,6 @@ struct Shared {
     /// Notified after a commit that inserted rows.
     committed: Notify,
     settings: OutboxSettings,
-    /// Woken when a group opens and no commit runs.
-    committer: OnceLock<std::thread::Thread>,
 }
 
 /// Everything a request touches, under one short lock.
@@ -386,13 +385,10 @@ impl Outbox {
             path: path.clone(),
             source,
         };
-        let sync = match settings.sync {
-            crate::config::OutboxSync::Full => "FULL",
-            crate::config::OutboxSync::Normal => "NORMAL",
-        };
         let mut conn = open_connection(&path).map_err(err)?;
         crate::db::migrate(&mut conn, MIGRATIONS).map_err(err)?;
-        conn.pragma_update(None, "synchronous", sync).map_err(err)?;
+        conn.pragma_update(None, "synchronous", synchronous(&settings))
+            .map_err(err)?;
         // Checkpoints run on the reader's connection (see `checkpoint`) and, past the WAL
         // limit, on the committer between groups: never inside a commit requests wait for.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
@@ -423,7 +419,6 @@ impl Outbox {
             reader: Mutex::new(Some(reader)),
             committed: Notify::new(),
             settings,
-            committer: OnceLock::new(),
         });
         // A thread of its own rather than the caller's runtime: it is not slowed down with
         // whatever runtime calls `delivered` (the forwarder runs at a lower priority).
@@ -438,10 +433,9 @@ impl Outbox {
                 }
             })
             .map_err(|source| OpenError::Thread { source })?;
-        let _ = shared.committer.set(thread.thread().clone());
         Ok(Self {
             shared,
-            _committer: Arc::new(Committer(thread.thread().clone())),
+            committer: Arc::new(Committer(thread.thread().clone())),
         })
     }
 
@@ -500,9 +494,7 @@ impl Outbox {
             return;
         }
         state.committing = true;
-        if let Some(committer) = self.shared.committer.get() {
-            committer.unpark();
-        }
+        self.committer.0.unpark();
     }
 
     /// Up to `max_rows` undelivered rows after `after_id`, in id order, stopping early once
@@ -675,19 +667,19 @@ fn commit_until_idle(shared: &Shared) {
                 }),
             None => Err("the event outbox is closed".into()),
         };
+        let inserted = result.is_ok() && !group.records.is_empty();
         {
             let mut state = lock(&shared.state);
             let keys = group.records.iter().map(|r| dedupe_key(&r.body_hash));
             for key in keys.clone() {
                 state.in_flight.remove(&key);
             }
-            if result.is_ok() {
+            if inserted {
                 state.keys.extend(keys, crate::db::now_ms());
             }
             state.queued -= group.records.len();
             state.queued_bytes -= group.bytes;
         }
-        let inserted = result.is_ok() && !group.records.is_empty();
         group.outcome.finish(result);
         if inserted {
             shared.committed.notify_one();
@@ -706,6 +698,14 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     Ok(conn)
+}
+
+/// SQLite's `synchronous` for `OUTBOX_SYNC`: `FULL` fsyncs the log at every commit.
+fn synchronous(settings: &OutboxSettings) -> &'static str {
+    match settings.sync {
+        crate::config::OutboxSync::Full => "FULL",
+        crate::config::OutboxSync::Normal => "NORMAL",
+    }
 }
 
 /// The write-ahead log of the database at `path`.
@@ -770,11 +770,7 @@ fn recover_journal(
     )
     .map_err(db_err)?;
     std::fs::remove_file(&journal_path).map_err(journal_err)?;
-    let sync = match settings.sync {
-        crate::config::OutboxSync::Full => "FULL",
-        crate::config::OutboxSync::Normal => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", sync)
+    conn.pragma_update(None, "synchronous", synchronous(settings))
         .map_err(db_err)
 }
 
