@@ -225,12 +225,12 @@ struct State {
     committing: bool,
     /// The outcome of the group being committed, while one is.
     committing_outcome: Option<Arc<Outcome>>,
-    /// Keys of the bodies in the open and the committing group, with their group's outcome.
+    /// Keys of the bodies in the open and the committing group, with their group's outcome:
+    /// one per webhook waiting for a commit (a second with the same key is a duplicate).
     in_flight: HashMap<u64, Arc<Outcome>, KeyHasher>,
     /// Keys committed within the window.
     keys: Keys,
-    /// Webhooks and bytes of bodies waiting for a commit (the open and committing groups).
-    queued: usize,
+    /// Bytes of bodies waiting for a commit (the open and committing groups).
     queued_bytes: usize,
     /// Set by `close`: recording fails from then on.
     closed: bool,
@@ -389,8 +389,8 @@ impl Outbox {
         crate::db::migrate(&mut conn, MIGRATIONS).map_err(err)?;
         conn.pragma_update(None, "synchronous", synchronous(&settings))
             .map_err(err)?;
-        // Checkpoints run on the reader's connection (see `checkpoint`) and, past the WAL
-        // limit, on the committer between groups: never inside a commit requests wait for.
+        // Checkpoints run on the reader's connection (see `checkpoint`) and on the committer
+        // between groups (see `Writer::maintain`): never inside a commit requests wait for.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(err)?;
         recover_journal(data_dir, &mut conn, &settings)?;
@@ -410,7 +410,6 @@ impl Outbox {
                 committing_outcome: None,
                 in_flight: HashMap::default(),
                 keys,
-                queued: 0,
                 queued_bytes: 0,
                 closed: false,
                 warned_full_ms: 0,
@@ -449,18 +448,18 @@ impl Outbox {
             if state.closed {
                 return Err(RecordError::Storage("the event outbox is closed".into()));
             }
+            let now = crate::db::now_ms();
             if let Some(outcome) = state.in_flight.get(&key) {
                 (outcome.clone(), true)
-            } else if state.keys.contains(key, crate::db::now_ms()) {
+            } else if state.keys.contains(key, now) {
                 return Ok(Recorded::Duplicate);
             } else {
-                if state.queued >= settings.queue_capacity
+                if state.in_flight.len() >= settings.queue_capacity
                     || state.queued_bytes + bytes > settings.queue_bytes
                 {
                     return Err(RecordError::Busy);
                 }
                 if state.keys.len + state.in_flight.len() >= settings.dedupe_capacity {
-                    let now = crate::db::now_ms();
                     if now - state.warned_full_ms >= 60_000 {
                         state.warned_full_ms = now;
                         tracing::warn!(
@@ -472,7 +471,6 @@ impl Outbox {
                 }
                 let outcome = state.open.outcome.clone();
                 state.in_flight.insert(key, outcome.clone());
-                state.queued += 1;
                 state.queued_bytes += bytes;
                 state.open.bytes += bytes;
                 state.open.records.push(record);
@@ -677,7 +675,6 @@ fn commit_until_idle(shared: &Shared) {
             if inserted {
                 state.keys.extend(keys, crate::db::now_ms());
             }
-            state.queued -= group.records.len();
             state.queued_bytes -= group.bytes;
         }
         group.outcome.finish(result);
