@@ -269,9 +269,14 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// Sets the result and wakes one waiter, which wakes the others (see `wait`).
     fn finish(&self, result: Result<(), String>) {
         let _ = self.result.set(result);
-        self.done.notify_waiters();
+        // The committer is not a runtime thread: every task it wakes goes through the
+        // runtime's shared queue and may cost a system call to wake a worker, while the
+        // woken worker can take the CPU from the committer in the middle of the list. One
+        // such wake per group; the rest are woken from inside the runtime, cheaply.
+        self.done.notify_one();
     }
 
     async fn wait(&self) -> Result<(), String> {
@@ -281,6 +286,9 @@ impl Outcome {
             // Registered before looking, so a finish in between is not missed.
             done.as_mut().enable();
             if let Some(result) = self.result.get() {
+                // Whoever sees the result first wakes the others waiting (none: a no-op).
+                // A waiter given the one wake but gone (timed out) hands it on to the next.
+                self.done.notify_waiters();
                 return result.clone();
             }
             done.await;
@@ -1199,6 +1207,33 @@ mod tests {
             .await
             .unwrap();
         assert!(groups < 100, "{groups} commits for 100 webhooks");
+    }
+
+    #[tokio::test]
+    async fn every_waiter_hears_the_outcome_even_when_the_first_has_gone() {
+        let outcome = Arc::new(Outcome::default());
+        // The first waiter is the one the committer's single wake reaches; it gives up (as a
+        // request that timed out does) after it has been registered.
+        let first = {
+            let outcome = outcome.clone();
+            tokio::spawn(async move { outcome.wait().await })
+        };
+        tokio::task::yield_now().await;
+        let mut others = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let outcome = outcome.clone();
+            others.spawn(async move { outcome.wait().await });
+        }
+        tokio::task::yield_now().await;
+        first.abort();
+        let _ = first.await;
+        outcome.finish(Err("the disk says no".into()));
+        let all = tokio::time::timeout(Duration::from_secs(5), others.join_all())
+            .await
+            .expect("every waiter is woken");
+        assert_eq!(all, vec![Err("the disk says no".to_string()); 20]);
+        // A waiter that comes after the outcome does not wait.
+        assert_eq!(outcome.wait().await, Err("the disk says no".into()));
     }
 
     /// Writes the journal an earlier version left when it died before its database commit.

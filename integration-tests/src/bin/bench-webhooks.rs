@@ -55,6 +55,8 @@ fn sign(timestamp: &str, body: &[u8]) -> String {
 }
 
 struct RunResult {
+    /// CPU time of the whole process (load, service, background threads) during the run.
+    cpu: Duration,
     requests: u64,
     failures: u64,
     seconds: f64,
@@ -76,10 +78,11 @@ impl RunResult {
 
     fn line(&self, name: &str) -> String {
         format!(
-            "{name:<34} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   ({} requests, {} not 200)",
+            "{name:<34} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   {:>5.1} us CPU/req   ({} requests, {} not 200)",
             self.rps(),
             self.percentile(0.50),
             self.percentile(0.99),
+            self.cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64,
             self.requests,
             self.failures
         )
@@ -101,6 +104,7 @@ async fn load(
         .build()
         .unwrap();
     let start = Instant::now();
+    let cpu_before = process_cpu();
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
         let (client, url, first) = (client.clone(), url.to_string(), first.clone());
@@ -157,13 +161,27 @@ async fn load(
         failures += f;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let cpu = process_cpu().saturating_sub(cpu_before);
     all.sort_unstable();
     RunResult {
+        cpu,
         requests: all.len() as u64,
         failures,
         seconds,
         latencies_us: all,
     }
+}
+
+/// User and system CPU time this process has used so far.
+fn process_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointer it gets, which points to one.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 async fn floor_server() -> String {
