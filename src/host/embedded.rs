@@ -294,7 +294,7 @@ impl EmbeddedHost {
                         event.destination_id,
                         event.event_type,
                         created_ms,
-                        event.encode_to_vec()
+                        crate::values::encode_event(event)
                     ])?;
                 }
             }
