@@ -93,7 +93,7 @@ pub fn dict(items: Vec<(String, pb::Value)>) -> pb::Value {
 /// prost writes each nested message's length before its bytes by measuring it, so a value
 /// nested `d` messages deep is measured `d` times; a JSON object becomes three messages per
 /// level (`Value`, `Dict`, `Dict.Item`), so a Zoom payload's fields were measured a dozen times
-/// over. Here lists and dicts are measured once (lengths kept in pre-order), then written.
+/// over. Here every value and field is measured once (lengths kept in pre-order), then written.
 pub fn encode_event(event: &Event) -> Vec<u8> {
     // Everything but `data` is flat: prost writes it. Fields may come in any order, and a
     // map's entries anywhere, so `data` follows.
@@ -174,8 +174,8 @@ fn entry_len(key: &str, value: &pb::Value, lens: &mut Vec<usize>) -> usize {
     len
 }
 
-/// Measures a value, pushing its length and then those of the lists and dicts inside it, in
-/// the order `put_value` writes them.
+/// Measures a value, pushing its length and then those of the fields inside it, in the order
+/// `put_value` writes them.
 fn value_len(value: &pb::Value, lens: &mut Vec<usize>) -> usize {
     let slot = lens.len();
     lens.push(0);
@@ -184,7 +184,11 @@ fn value_len(value: &pb::Value, lens: &mut Vec<usize>) -> usize {
         len += field_len(
             field,
             match part {
-                Part::Flat(m) => m.flat_len(),
+                Part::Flat(m) => {
+                    let flat = m.flat_len();
+                    lens.push(flat);
+                    flat
+                }
                 Part::Values(vs) => {
                     let slot = lens.len();
                     lens.push(0);
@@ -225,7 +229,7 @@ fn put_value(value: &pb::Value, lens: &mut impl Iterator<Item = usize>, buf: &mu
         put_key(field, buf);
         match part {
             Part::Flat(m) => {
-                put_varint(m.flat_len() as u64, buf);
+                put_varint(lens.next().expect("measured") as u64, buf);
                 m.flat_encode(buf);
             }
             Part::Values(vs) => {
