@@ -104,6 +104,9 @@ pub fn spawn(
             // from this one, and keep its priority.
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                // Named apart from the request runtime's threads, so `top -H` (and the
+                // benchmark) can tell the forwarder's work from the requests'.
+                .thread_name("forwarder-io")
                 .build();
             match runtime {
                 Ok(runtime) => runtime.block_on(run(outbox, target, counters, settings, stop)),

@@ -7,7 +7,9 @@
 //! Both get the same distinct, validly signed `meeting.started` bodies from `WORKERS` keep-alive
 //! connections on loopback for `SECONDS` each. Then the full path again at half the floor's
 //! rate, how long the forwarder (which yields the CPU to requests) takes to catch up after
-//! them, and its drain rate from an outbox pre-filled with `DRAIN_EVENTS` events.
+//! them, and its drain rate from an outbox pre-filled with `DRAIN_EVENTS` events. Each run
+//! reports the process's CPU time per request, in all and by kind of thread (the load generator
+//! and request handling share the runtime's threads; the committer; the forwarder).
 //! Environment knobs: `WORKERS` (32), `SECONDS` (5), `DRAIN_EVENTS` (100000), `OUTBOX_SYNC`
 //! (`full`, the default, or `normal`: see the README).
 
@@ -57,6 +59,8 @@ fn sign(timestamp: &str, body: &[u8]) -> String {
 struct RunResult {
     /// CPU time of the whole process (load, service, background threads) during the run.
     cpu: Duration,
+    /// The same, by kind of thread: (name, CPU time), largest first.
+    by_thread: Vec<(&'static str, Duration)>,
     requests: u64,
     failures: u64,
     seconds: f64,
@@ -87,6 +91,77 @@ impl RunResult {
             self.failures
         )
     }
+
+    /// CPU time per request spent by one kind of thread.
+    fn per_request(&self, kind: &str) -> f64 {
+        self.by_thread
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map_or(0.0, |(_, cpu)| {
+                cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
+            })
+    }
+
+    fn threads_line(&self) -> String {
+        let parts: Vec<String> = self
+            .by_thread
+            .iter()
+            .map(|(kind, _)| format!("{kind} {:.1}", self.per_request(kind)))
+            .collect();
+        format!("{:<34} {} us/req", "  by thread", parts.join(", "))
+    }
+}
+
+/// The kind of a thread, from its name: the benchmark's runtime runs the load generator and the
+/// service's HTTP and gRPC; the rest are the service's own.
+fn thread_kind(name: &str) -> &'static str {
+    match name {
+        "outbox-committe" => "committer",
+        "forwarder" | "forwarder-io" => "forwarder",
+        _ if name.starts_with("tokio") || name == "bench-webhooks" => "load+requests",
+        _ => "other",
+    }
+}
+
+/// CPU time each thread of this process has run so far, by thread id, with its kind.
+fn thread_cpu() -> std::collections::HashMap<u32, (&'static str, Duration)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        // The first field of schedstat: nanoseconds on a CPU.
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        out.insert(tid, (thread_kind(name.trim()), Duration::from_nanos(ns)));
+    }
+    out
+}
+
+/// CPU time by kind of thread between two [`thread_cpu`] readings, largest first. A thread
+/// that ended meanwhile loses its time (the blocking threads outlive a run).
+fn cpu_by_kind(
+    before: &std::collections::HashMap<u32, (&'static str, Duration)>,
+    after: &std::collections::HashMap<u32, (&'static str, Duration)>,
+) -> Vec<(&'static str, Duration)> {
+    let mut sums: Vec<(&'static str, Duration)> = Vec::new();
+    for (tid, (kind, cpu)) in after {
+        let start = before.get(tid).map_or(Duration::ZERO, |(_, c)| *c);
+        let spent = cpu.saturating_sub(start);
+        match sums.iter_mut().find(|(k, _)| k == kind) {
+            Some((_, sum)) => *sum += spent,
+            None => sums.push((kind, spent)),
+        }
+    }
+    sums.sort_by_key(|(_, cpu)| std::cmp::Reverse(*cpu));
+    sums
 }
 
 /// Loads `url` from `workers` connections for `duration`; with `rate`, paces the total to that
@@ -105,6 +180,7 @@ async fn load(
         .unwrap();
     let start = Instant::now();
     let cpu_before = process_cpu();
+    let threads_before = thread_cpu();
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
         let (client, url, first) = (client.clone(), url.to_string(), first.clone());
@@ -162,9 +238,11 @@ async fn load(
     }
     let seconds = start.elapsed().as_secs_f64();
     let cpu = process_cpu().saturating_sub(cpu_before);
+    let by_thread = cpu_by_kind(&threads_before, &thread_cpu());
     all.sort_unstable();
     RunResult {
         cpu,
+        by_thread,
         requests: all.len() as u64,
         failures,
         seconds,
@@ -375,8 +453,10 @@ async fn main() {
 
     let floor = load(&floor_url, workers, seconds, None, counter.clone()).await;
     println!("{}", floor.line("floor (axum, read body, 200)"));
+    println!("{}", floor.threads_line());
     let full = load(&service_url, workers, seconds, None, counter.clone()).await;
     println!("{}", full.line("full path (verify, dedupe, record)"));
+    println!("{}", full.threads_line());
     println!(
         "ratio full/floor: {:.1}% (target >= 75%)",
         100.0 * full.rps() / floor.rps()
@@ -384,6 +464,7 @@ async fn main() {
     let half = floor.rps() / 2.0;
     let paced = load(&service_url, workers, seconds, Some(half), counter.clone()).await;
     println!("{}", paced.line(&format!("full path at {half:.0} req/s")));
+    println!("{}", paced.threads_line());
     println!(
         "p99 at half the floor's rate: {:.2} ms (target <= 5 ms)",
         paced.percentile(0.99)
