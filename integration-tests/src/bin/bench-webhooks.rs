@@ -86,27 +86,22 @@ impl RunResult {
             self.rps(),
             self.percentile(0.50),
             self.percentile(0.99),
-            self.cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64,
+            self.us_per_request(self.cpu),
             self.requests,
             self.failures
         )
     }
 
-    /// CPU time per request spent by one kind of thread.
-    fn per_request(&self, kind: &str) -> f64 {
-        self.by_thread
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map_or(0.0, |(_, cpu)| {
-                cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
-            })
+    /// `cpu` spread over the run's requests, in microseconds each.
+    fn us_per_request(&self, cpu: Duration) -> f64 {
+        cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
     }
 
     fn threads_line(&self) -> String {
         let parts: Vec<String> = self
             .by_thread
             .iter()
-            .map(|(kind, _)| format!("{kind} {:.1}", self.per_request(kind)))
+            .map(|(kind, cpu)| format!("{kind} {:.1}", self.us_per_request(*cpu)))
             .collect();
         format!("{:<34} {} us/req", "  by thread", parts.join(", "))
     }
