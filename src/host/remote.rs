@@ -93,6 +93,12 @@ fn map_status(status: Status) -> HostError {
         | Code::Cancelled
         | Code::ResourceExhausted
         | Code::Aborted => HostError::Unavailable(format!("{:?}: {message}", status.code())),
+        // The host refuses us, not the request: nothing works until HOST_ENGINE_TOKEN is
+        // fixed, so callers should retry later and events must wait, not become dead letters.
+        Code::Unauthenticated | Code::PermissionDenied => HostError::Unavailable(format!(
+            "{:?}: {message} (check HOST_ENGINE_TOKEN)",
+            status.code()
+        )),
         code => HostError::Remote(format!("{code:?}: {message}")),
     }
 }
@@ -230,5 +236,28 @@ impl HostEngine for RemoteHost {
             Err(status) if matches!(status.code(), Code::Unimplemented | Code::NotFound) => Ok(()),
             Err(status) => Err(map_status(status)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_refusing_our_credentials_is_unavailable_not_an_error_in_the_request() {
+        for code in [Code::Unauthenticated, Code::PermissionDenied] {
+            match map_status(Status::new(code, "no")) {
+                HostError::Unavailable(m) => assert!(m.contains("HOST_ENGINE_TOKEN"), "{m}"),
+                other => panic!("{code:?} became {other:?}"),
+            }
+        }
+        assert!(matches!(
+            map_status(Status::invalid_argument("bad")),
+            HostError::InvalidArgument(_)
+        ));
+        assert!(matches!(
+            map_status(Status::internal("oops")),
+            HostError::Remote(_)
+        ));
     }
 }

@@ -3,13 +3,22 @@
 //! One background task reads undelivered (event, connection) pairs in id order, a bounded
 //! batch at a time, and hands them to the host engine: the embedded host takes a whole batch in
 //! one transaction; a remote host gets concurrent `DispatcherService.Dispatch` calls, a bounded
-//! number at a time. Delivered rows are then removed from the outbox. While the host is
-//! unavailable the same batch is retried with exponential back-off; rows the host refuses for
-//! good (or that keep failing) move to the outbox's dead letters so they cannot block the rest.
+//! number at a time. Delivered rows are then removed from the outbox.
+//!
+//! Three kinds of failure, three answers:
+//! - the host is unavailable (down, overloaded, or refusing our credentials): nothing can be
+//!   delivered, so the same rows are retried with exponential back-off, and nothing new is read;
+//! - the host says the event itself is invalid: retried a few times (`max_attempts`), then
+//!   moved to the outbox's dead letters;
+//! - the host failed on it (`INTERNAL`, `UNKNOWN`: what AutoKitteh answers for a database or
+//!   workflow-engine hiccup): the row is retried on its own back-off while the rows after it go
+//!   on, and becomes a dead letter only once it has failed `max_attempts` times over at least
+//!   `give_up_after`, so a host that fails for a while loses nothing.
+//!
 //! Undelivered rows survive restarts: the next start reads them again.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -41,9 +50,18 @@ pub struct ForwarderSettings {
     pub backoff_start: Duration,
     /// Longest wait between retries.
     pub backoff_max: Duration,
-    /// Attempts at a row that fails with an error other than "unavailable" before it becomes
+    /// Attempts at a row that fails with an error other than "unavailable" before it can become
     /// a dead letter.
     pub max_attempts: u32,
+    /// How long a row the host fails on (rather than calls invalid) keeps being retried before
+    /// it can become a dead letter.
+    pub give_up_after: Duration,
+    /// Longest wait between two attempts at a row the host failed on or called invalid.
+    pub row_backoff_max: Duration,
+    /// Rows held for a later attempt at most; while that many wait, no new rows are read.
+    pub max_waiting: usize,
+    /// Bytes of bodies held for a later attempt at most; past it no new rows are read.
+    pub max_waiting_bytes: usize,
     /// How long to let new rows accumulate after a wake-up before reading them: fewer, larger
     /// deliveries (one host transaction each) instead of one per commit of the outbox.
     pub linger: Duration,
@@ -58,6 +76,10 @@ impl Default for ForwarderSettings {
             backoff_start: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             max_attempts: 10,
+            give_up_after: Duration::from_secs(60 * 60),
+            row_backoff_max: Duration::from_secs(30),
+            max_waiting: 1024,
+            max_waiting_bytes: 64 << 20,
             linger: Duration::from_millis(20),
         }
     }
@@ -72,16 +94,36 @@ pub struct Target {
     pub embedded: Option<EmbeddedHost>,
 }
 
-/// One row being delivered and how often it failed.
+/// One row being delivered, how often it failed, and when it may be tried again.
 struct Attempt {
     row: Pending,
     failures: u32,
+    /// When the host first failed on it (not counting "unavailable").
+    first_failed: Option<Instant>,
+    /// Not before then.
+    due: Instant,
 }
 
+impl Attempt {
+    fn new(row: Pending) -> Self {
+        Self {
+            row,
+            failures: 0,
+            first_failed: None,
+            due: Instant::now(),
+        }
+    }
+}
+
+/// What became of one attempt.
 enum Outcome {
     Delivered,
-    Retry(String),
-    Refused(String),
+    /// The host is unavailable: nothing can be delivered now.
+    Unavailable(String),
+    /// The host says the event is invalid.
+    Invalid(String),
+    /// The host failed on the event.
+    Failed(String),
 }
 
 /// Runs [`run`] on a thread of its own, at a lower CPU priority (nice 10) than the threads
@@ -144,91 +186,134 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut cursor = 0i64;
-    let mut retry: Vec<Attempt> = Vec::new();
+    // Rows the host was unavailable for: the next batch, after the back-off.
+    let mut unavailable: Vec<Attempt> = Vec::new();
+    // Rows the host failed on or called invalid, each waiting until it is due.
+    let mut waiting: Vec<Attempt> = Vec::new();
     let mut backoff = settings.backoff_start;
-    let mut last_checkpoint = std::time::Instant::now();
+    let mut last_checkpoint = Instant::now();
     loop {
         if stop.is_cancelled() {
             return;
         }
-        let batch = if retry.is_empty() {
-            match outbox
-                .pending(cursor, settings.batch_rows, settings.batch_bytes)
-                .await
-            {
-                Ok(rows) => rows
-                    .into_iter()
-                    .map(|row| Attempt { row, failures: 0 })
-                    .collect(),
+        let now = Instant::now();
+        // While the host is unavailable, only the rows it could not take are tried again.
+        let host_down = !unavailable.is_empty();
+        let mut batch = std::mem::take(&mut unavailable);
+        let (due, later): (Vec<Attempt>, Vec<Attempt>) =
+            waiting.into_iter().partition(|a| a.due <= now);
+        waiting = later;
+        batch.extend(due);
+        let waiting_bytes: usize = waiting.iter().map(|a| a.row.received.body.len()).sum();
+        let room = if host_down || waiting_bytes >= settings.max_waiting_bytes {
+            0
+        } else {
+            settings
+                .batch_rows
+                .saturating_sub(batch.len())
+                .min(settings.max_waiting.saturating_sub(waiting.len()))
+        };
+        if room > 0 {
+            match outbox.pending(cursor, room, settings.batch_bytes).await {
+                Ok(rows) => {
+                    if let Some(last) = rows.last() {
+                        cursor = cursor.max(last.id);
+                    }
+                    batch.extend(rows.into_iter().map(Attempt::new));
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "reading the event outbox failed");
-                    if sleep_or_stop(backoff, &stop).await {
-                        return;
+                    if batch.is_empty() {
+                        if sleep_or_stop(backoff, &stop).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(settings.backoff_max);
+                        continue;
                     }
-                    backoff = (backoff * 2).min(settings.backoff_max);
-                    continue;
                 }
             }
-        } else {
-            std::mem::take(&mut retry)
-        };
-        let Some(last) = batch.last() else {
+        }
+        if batch.is_empty() {
+            // A safety net only: commits wake the forwarder.
+            let wake = waiting
+                .iter()
+                .map(|a| a.due)
+                .min()
+                .unwrap_or(now + Duration::from_secs(30));
             tokio::select! {
-                () = outbox.committed() => {}
+                () = outbox.committed() => {
+                    if sleep_or_stop(settings.linger, &stop).await {
+                        return;
+                    }
+                }
                 () = stop.cancelled() => return,
-                // A safety net only: commits wake the forwarder.
-                () = tokio::time::sleep(Duration::from_secs(30)) => {}
-            }
-            if sleep_or_stop(settings.linger, &stop).await {
-                return;
+                () = tokio::time::sleep_until(wake.into()) => {}
             }
             continue;
-        };
-        cursor = cursor.max(last.row.id);
+        }
 
         let results = tokio::select! {
             results = deliver(&target, batch, &settings) => results,
             () = stop.cancelled() => return,
         };
         let mut delivered = Vec::new();
-        let mut unavailable = None;
+        let mut why_unavailable = None;
+        let mut why_failed = None;
+        let now = Instant::now();
         for (mut attempt, outcome) in results {
-            match outcome {
-                Outcome::Delivered => delivered.push(attempt.row.id),
-                Outcome::Retry(why) => {
-                    unavailable.get_or_insert(why);
-                    retry.push(attempt);
+            let why = match outcome {
+                Outcome::Delivered => {
+                    delivered.push(attempt.row.id);
+                    continue;
                 }
-                Outcome::Refused(why) => {
-                    attempt.failures += 1;
-                    if attempt.failures >= settings.max_attempts {
-                        tracing::error!(
-                            row = attempt.row.id,
-                            event_type = %attempt.row.received.event_type,
-                            destination = %attempt.row.destination,
-                            error = %why,
-                            "the host engine refused an event; kept as a dead letter in the outbox"
-                        );
-                        counters.dead_letters.inc();
-                        outbox.failed(attempt.row.id, why).await;
-                    } else {
-                        retry.push(attempt);
-                    }
+                Outcome::Unavailable(why) => {
+                    why_unavailable.get_or_insert(why);
+                    unavailable.push(attempt);
+                    continue;
                 }
+                Outcome::Invalid(why) => why,
+                Outcome::Failed(why) => {
+                    attempt.first_failed.get_or_insert(now);
+                    why
+                }
+            };
+            attempt.failures += 1;
+            let failing_since = attempt.first_failed.map_or(Duration::MAX, |t| now - t);
+            if attempt.failures >= settings.max_attempts && failing_since >= settings.give_up_after
+            {
+                tracing::error!(
+                    row = attempt.row.id,
+                    event_type = %attempt.row.received.event_type,
+                    destination = %attempt.row.destination,
+                    attempts = attempt.failures,
+                    error = %why,
+                    "the host engine did not take an event; kept as a dead letter in the outbox"
+                );
+                counters.dead_letters.inc();
+                outbox.failed(attempt.row.id, why).await;
+            } else {
+                attempt.due = now + row_backoff(&settings, attempt.failures);
+                why_failed.get_or_insert((why, attempt.failures));
+                waiting.push(attempt);
             }
         }
         counters.delivered.inc_by(delivered.len() as u64);
         outbox.delivered(delivered).await;
         if last_checkpoint.elapsed() >= Duration::from_millis(500) {
-            last_checkpoint = std::time::Instant::now();
+            last_checkpoint = Instant::now();
             outbox.checkpoint().await;
         }
-        if retry.is_empty() {
+        if let Some((why, failures)) = why_failed {
+            // Once per row and round at most, and rounds of failing rows are spaced by their
+            // back-off: at worst a line every few seconds while a host keeps failing.
+            tracing::warn!(error = %why, attempts = failures, waiting = waiting.len(), "the host engine failed to take events; each is retried on its own back-off");
+        }
+        if unavailable.is_empty() {
             backoff = settings.backoff_start;
         } else {
             counters.retries.inc();
-            if let Some(why) = unavailable {
-                tracing::warn!(error = %why, pending = retry.len(), retry_in = ?backoff, "host engine unavailable; will retry");
+            if let Some(why) = why_unavailable {
+                tracing::warn!(error = %why, pending = unavailable.len(), retry_in = ?backoff, "host engine unavailable; will retry");
             }
             if sleep_or_stop(backoff, &stop).await {
                 return;
@@ -236,6 +321,14 @@ pub async fn run(
             backoff = (backoff * 2).min(settings.backoff_max);
         }
     }
+}
+
+/// The wait before the next attempt at a row that failed `failures` times.
+fn row_backoff(settings: &ForwarderSettings, failures: u32) -> Duration {
+    settings
+        .backoff_start
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(settings.row_backoff_max)
 }
 
 /// Sleeps for `d`; true if `stop` was cancelled meanwhile.
@@ -248,9 +341,10 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
 
 fn classify(err: HostError) -> Outcome {
     match err {
-        HostError::Unavailable(m) => Outcome::Retry(m),
-        HostError::Database(e) => Outcome::Retry(e.to_string()),
-        other => Outcome::Refused(other.to_string()),
+        HostError::Unavailable(m) => Outcome::Unavailable(m),
+        HostError::Database(e) => Outcome::Unavailable(e.to_string()),
+        HostError::InvalidArgument(m) | HostError::NotFound(m) => Outcome::Invalid(m),
+        other => Outcome::Failed(other.to_string()),
     }
 }
 
@@ -300,7 +394,7 @@ async fn deliver_embedded(
             done.extend(
                 attempts
                     .into_iter()
-                    .map(|a| (a, Outcome::Retry(why.clone()))),
+                    .map(|a| (a, Outcome::Unavailable(why.clone()))),
             );
         }
     }
@@ -346,10 +440,10 @@ async fn deliver_concurrently(
 /// The event for a row, after the side effects its type needs.
 async fn prepare(host: &dyn HostEngine, row: &Pending) -> Result<Event, Outcome> {
     let event = normalize::event(&row.received, &row.destination)
-        .map_err(|e| Outcome::Refused(e.to_string()))?;
+        .map_err(|e| Outcome::Invalid(e.to_string()))?;
     if row.received.event_type == APP_DEAUTHORIZED {
         let cid =
-            ConnectionId::parse(&row.destination).map_err(|e| Outcome::Refused(e.to_string()))?;
+            ConnectionId::parse(&row.destination).map_err(|e| Outcome::Invalid(e.to_string()))?;
         deauthorize(host, &cid).await.map_err(classify)?;
     }
     Ok(event)
@@ -372,4 +466,218 @@ async fn deauthorize(host: &dyn HostEngine, cid: &ConnectionId) -> Result<(), Ho
     .await?;
     tracing::info!(connection_id = %cid, "connection deauthorized in Zoom: tokens removed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use sha2::Digest;
+
+    use super::*;
+    use crate::webhook::normalize::Received;
+    use crate::webhook::outbox::{OutboxSettings, Record};
+
+    /// How the fake host fails: the text that marks the events it fails on, and the error.
+    type Poison = (String, fn(String) -> HostError);
+
+    /// A host engine that takes events, except those whose body contains the poison's text,
+    /// which it answers with the poison's error while one is set.
+    #[derive(Default)]
+    struct FakeHost {
+        poison: Mutex<Option<Poison>>,
+        taken: Mutex<Vec<Event>>,
+        /// Attempts at poisoned events.
+        poisoned: Mutex<u32>,
+    }
+
+    #[async_trait]
+    impl HostEngine for FakeHost {
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+
+        async fn get_vars(&self, _: &ConnectionId, _: &[String]) -> Result<Vec<Var>, HostError> {
+            Ok(Vec::new())
+        }
+
+        async fn set_vars(&self, _: &ConnectionId, _: Vec<Var>) -> Result<(), HostError> {
+            Ok(())
+        }
+
+        async fn delete_vars(&self, _: &ConnectionId, _: &[String]) -> Result<(), HostError> {
+            Ok(())
+        }
+
+        async fn find_connections(&self, _: &str, _: &str) -> Result<Vec<ConnectionId>, HostError> {
+            Ok(Vec::new())
+        }
+
+        async fn dispatch(&self, event: Event) -> Result<String, HostError> {
+            let text = format!("{:?}", event.data);
+            if let Some((poison, error)) = &*self.poison.lock().unwrap()
+                && text.contains(poison.as_str())
+            {
+                *self.poisoned.lock().unwrap() += 1;
+                return Err(error(format!("the fake host fails on {poison}")));
+            }
+            let mut taken = self.taken.lock().unwrap();
+            taken.push(event);
+            Ok(format!("evt_{}", taken.len()))
+        }
+
+        async fn check(&self) -> Result<(), HostError> {
+            Ok(())
+        }
+    }
+
+    impl FakeHost {
+        fn taken_bodies(&self) -> Vec<String> {
+            self.taken
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|e| format!("{:?}", e.data))
+                .collect()
+        }
+    }
+
+    fn record(n: u32) -> Record {
+        let body = format!(r#"{{"event":"meeting.started","payload":{{"n":"row-{n}"}}}}"#);
+        Record {
+            body_hash: sha2::Sha256::digest(body.as_bytes()).into(),
+            destinations: vec![ConnectionId::generate().to_string()],
+            received: Received {
+                event_type: "meeting.started".into(),
+                memo: HashMap::new(),
+                received_ms: 1,
+                body: body.into_bytes(),
+            },
+        }
+    }
+
+    /// A forwarder with short waits over a fresh outbox holding rows 0..5, row 2 poisoned.
+    async fn start(
+        error: fn(String) -> HostError,
+        give_up_after: Duration,
+    ) -> (
+        Arc<FakeHost>,
+        Outbox,
+        Arc<Counters>,
+        CancellationToken,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        for n in 0..5 {
+            outbox.record(record(n)).await.unwrap();
+        }
+        let host = Arc::new(FakeHost::default());
+        *host.poison.lock().unwrap() = Some(("row-2".into(), error));
+        let counters = Arc::new(Counters::new(&crate::metrics::Metrics::new()));
+        let stop = CancellationToken::new();
+        let settings = ForwarderSettings {
+            backoff_start: Duration::from_millis(5),
+            row_backoff_max: Duration::from_millis(20),
+            max_attempts: 3,
+            give_up_after,
+            ..ForwarderSettings::default()
+        };
+        tokio::spawn(run(
+            outbox.clone(),
+            Target {
+                host: host.clone(),
+                embedded: None,
+            },
+            counters.clone(),
+            settings,
+            stop.clone(),
+        ));
+        (host, outbox, counters, stop, dir)
+    }
+
+    async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !check().await {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_the_host_fails_on_waits_for_it_without_holding_back_the_others() {
+        let (host, outbox, counters, stop, _dir) = start(
+            |m| HostError::Remote(format!("Internal: {m}")),
+            Duration::from_secs(3600),
+        )
+        .await;
+        eventually("the other four delivered", async || {
+            host.taken_bodies().len() == 4
+        })
+        .await;
+        assert!(host.taken_bodies().iter().all(|b| !b.contains("row-2")));
+        // Far more attempts than `max_attempts`, and still not a dead letter: the host failed,
+        // the event is fine.
+        eventually("ten attempts at the failing one", async || {
+            *host.poisoned.lock().unwrap() >= 10
+        })
+        .await;
+        assert_eq!(outbox.counts().await.unwrap(), (1, 0));
+        assert_eq!(counters.dead_letters.get(), 0);
+        // The host recovers: the event arrives.
+        *host.poison.lock().unwrap() = None;
+        eventually("the failing one delivered", async || {
+            host.taken_bodies().iter().any(|b| b.contains("row-2"))
+        })
+        .await;
+        outbox.flush().await;
+        eventually("the outbox empty", async || {
+            outbox.flush().await;
+            outbox.counts().await.unwrap() == (0, 0)
+        })
+        .await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_event_the_host_keeps_failing_on_becomes_a_dead_letter_only_after_give_up_after() {
+        let started = Instant::now();
+        let give_up_after = Duration::from_millis(600);
+        let (host, outbox, counters, stop, _dir) = start(
+            |m| HostError::Remote(format!("Unknown: {m}")),
+            give_up_after,
+        )
+        .await;
+        eventually("a dead letter", async || counters.dead_letters.get() == 1).await;
+        assert!(
+            started.elapsed() >= give_up_after,
+            "dead after {:?}",
+            started.elapsed()
+        );
+        assert!(*host.poisoned.lock().unwrap() >= 3);
+        assert_eq!(host.taken_bodies().len(), 4, "the others delivered");
+        eventually("one dead letter, nothing pending", async || {
+            outbox.flush().await;
+            outbox.counts().await.unwrap() == (0, 1)
+        })
+        .await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_event_the_host_calls_invalid_becomes_a_dead_letter_after_max_attempts() {
+        let (host, outbox, counters, stop, _dir) =
+            start(HostError::InvalidArgument, Duration::from_secs(3600)).await;
+        eventually("a dead letter", async || counters.dead_letters.get() == 1).await;
+        assert_eq!(*host.poisoned.lock().unwrap(), 3, "max_attempts");
+        assert_eq!(host.taken_bodies().len(), 4, "the others delivered");
+        eventually("one dead letter, nothing pending", async || {
+            outbox.flush().await;
+            outbox.counts().await.unwrap() == (0, 1)
+        })
+        .await;
+        stop.cancel();
+    }
 }
