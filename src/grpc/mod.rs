@@ -7,6 +7,7 @@ pub mod vars;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
@@ -26,12 +27,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<IntegrationsServiceServer<integrations::IntegrationsApi>>()
-        .await;
-    reporter
-        .set_serving::<SetupLinksServiceServer<setup_links::SetupLinksApi>>()
-        .await;
+    // Every service reported serving, so each is reported not serving on shutdown.
+    let mut served = vec![
+        <IntegrationsServiceServer<integrations::IntegrationsApi> as NamedService>::NAME,
+        <SetupLinksServiceServer<setup_links::SetupLinksApi> as NamedService>::NAME,
+    ];
 
     let integrations = integrations::IntegrationsApi::new(&state);
     let mut router =
@@ -57,12 +57,8 @@ pub async fn serve(
                 setup_links::SetupLinksApi::new(&state),
             ));
     if let Some(embedded) = &state.embedded {
-        reporter
-            .set_serving::<VarsServiceServer<vars::VarsApi>>()
-            .await;
-        reporter
-            .set_serving::<EventsServiceServer<events::EventsApi>>()
-            .await;
+        served.push(<VarsServiceServer<vars::VarsApi> as NamedService>::NAME);
+        served.push(<EventsServiceServer<events::EventsApi> as NamedService>::NAME);
         router = router
             .add_service(VarsServiceServer::new(vars::VarsApi::new(embedded.clone())))
             .add_service(EventsServiceServer::new(events::EventsApi::new(
@@ -70,12 +66,19 @@ pub async fn serve(
             )));
     }
 
+    for service in &served {
+        reporter
+            .set_service_status(*service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     let stopping = shutdown.clone();
     tokio::spawn(async move {
         stopping.cancelled().await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        for service in served.into_iter().chain([""]) {
+            reporter
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
     });
     router
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
@@ -127,9 +130,16 @@ where
                     ),
                 Err(_) => "TransportError".to_string(),
             };
+            // tonic answers UNIMPLEMENTED for paths no service serves (none of ours does):
+            // one label for all of them, so callers cannot add series at will.
+            let method = if code == "Unimplemented" {
+                "unknown"
+            } else {
+                method.as_str()
+            };
             metrics
                 .grpc_requests
-                .with_label_values(&[method.as_str(), code.as_str()])
+                .with_label_values(&[method, code.as_str()])
                 .observe(started.elapsed().as_secs_f64());
             response
         })

@@ -1,6 +1,9 @@
 //! IntegrationsService and health over gRPC, on the embedded host.
 
+use std::time::Duration;
+
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 use zoom_integration::connection::StatusCode;
 use zoom_integration::ids::ConnectionId;
 use zoom_integration::proto::autokitteh::events::v1 as events;
@@ -307,6 +310,40 @@ async fn malformed_requests_get_clear_grpc_errors() {
         Code::InvalidArgument,
         "ASC or DESC",
     );
+}
+
+#[tokio::test]
+async fn on_shutdown_grpc_health_reports_every_service_not_serving() {
+    let app = spawn_app().await;
+    let mut watches = Vec::new();
+    for service in [
+        "",
+        "autokitteh.integrations.v1.IntegrationsService",
+        "autokitteh.vars.v1.VarsService",
+        "autokitteh.events.v1.EventsService",
+    ] {
+        let mut watch = app
+            .health()
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.status(), ServingStatus::Serving, "{service:?}");
+        watches.push((service, watch));
+    }
+    let stopped = tokio::spawn(app.stop());
+    for (service, mut watch) in watches {
+        let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("a status change before the streams close");
+        // A closed stream would mean no one was told: the status must come first.
+        let next = next.unwrap().expect("a status, not the end of the stream");
+        assert_eq!(next.status(), ServingStatus::NotServing, "{service:?}");
+    }
+    stopped.await.unwrap().unwrap();
 }
 
 #[tokio::test]

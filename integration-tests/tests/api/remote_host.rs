@@ -84,6 +84,15 @@ async fn the_embedded_host_services_are_not_served_with_a_remote_host() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
+    // Paths nothing serves share one metrics label: callers cannot add series at will.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(
+            r#"grpc_request_duration_seconds_count{code="Unimplemented",method="unknown"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("autokitteh.vars.v1.VarsService/Get"));
 }
 
 #[tokio::test]
