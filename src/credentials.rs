@@ -8,6 +8,12 @@
 //! saved before the next use, never thrown away. A refresh Zoom answers with `invalid_grant`
 //! marks the connection broken ("re-authorization required"), and no further token requests
 //! are made for it until it is set up again.
+//!
+//! Whatever talks to Zoom or the host engine runs as a task of its own that holds the slot, not
+//! in the caller: a caller that goes away (its deadline passed, it disconnected) cannot stop a
+//! refresh between Zoom rotating the refresh token and the host engine saving the new one.
+//! Setting a connection up again waits for such a task, so a refresh that started before cannot
+//! write the old tokens over the new ones afterwards.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -69,16 +75,22 @@ struct Slot {
     cached: Option<Access>,
     /// Refreshed token variables not yet saved to the host engine.
     unsaved: Option<Vec<Var>>,
-    /// Set once Zoom refused the refresh token; cleared by [`Credentials::forget`].
+    /// Set once Zoom refused the refresh token; cleared by [`Credentials::set_up_again`].
     broken: Option<String>,
 }
 
 /// Access tokens for every connection, refreshed once at a time.
 pub struct Credentials {
+    source: Source,
+    slots: Mutex<HashMap<ConnectionId, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+/// Where tokens come from and go to; cheap to clone into a token task.
+#[derive(Clone)]
+struct Source {
     host: Arc<dyn HostEngine>,
     oauth: ZoomOAuth,
     default_app: Option<OAuthApp>,
-    slots: Mutex<HashMap<ConnectionId, Arc<tokio::sync::Mutex<Slot>>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -91,25 +103,14 @@ impl Credentials {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            host,
-            oauth,
-            default_app,
+            source: Source {
+                host,
+                oauth,
+                default_app,
+                metrics,
+            },
             slots: Mutex::default(),
-            metrics,
         }
-    }
-
-    /// Counts one token request to Zoom.
-    fn count<T>(&self, grant: &str, result: &Result<T, ZoomError>) {
-        let outcome = match result {
-            Ok(_) => "ok",
-            Err(ZoomError::InvalidGrant(_)) => "invalid_grant",
-            Err(_) => "error",
-        };
-        self.metrics
-            .token_requests
-            .with_label_values(&[grant, outcome])
-            .inc();
     }
 
     fn slot(&self, cid: &ConnectionId) -> Arc<tokio::sync::Mutex<Slot>> {
@@ -117,10 +118,28 @@ impl Credentials {
         slots.entry(cid.clone()).or_default().clone()
     }
 
-    /// Forgets what is cached for `cid` (it was set up again).
-    pub fn forget(&self, cid: &ConnectionId) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.remove(cid);
+    /// Stops using the access token cached for `cid` (Zoom answered 401 with it): the next
+    /// caller reads the connection from the host engine again. Waits for a token request in
+    /// flight rather than starting a second one beside it; tokens not yet saved are kept.
+    pub async fn drop_cached(&self, cid: &ConnectionId) {
+        self.slot(cid).lock().await.cached = None;
+    }
+
+    /// Runs `save`, which stores a new setup of `cid`, while no token request for `cid` is in
+    /// flight (it waits for one to end), then forgets everything known of the old setup: its
+    /// cached token, tokens not yet saved, and a broken mark.
+    pub async fn set_up_again<T, E>(
+        &self,
+        cid: &ConnectionId,
+        save: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let slot = self.slot(cid);
+        let mut slot = slot.lock().await;
+        let saved = save.await;
+        if saved.is_ok() {
+            *slot = Slot::default();
+        }
+        saved
     }
 
     /// How many connections have a slot (for the memory benchmark and tests).
@@ -166,11 +185,12 @@ impl Credentials {
         let mut refreshed = 0;
         for auth_type in [AuthType::OAuthDefault, AuthType::OAuthPrivate] {
             for cid in self
+                .source
                 .host
                 .find_connections(vars::AUTH_TYPE, auth_type.as_str())
                 .await?
             {
-                let stored = self.host.get_vars(&cid, &names).await?;
+                let stored = self.source.host.get_vars(&cid, &names).await?;
                 let get = |name: &str| value_of(&stored, name);
                 if get(vars::CONNECTION_ERROR).is_some() {
                     continue;
@@ -201,11 +221,45 @@ impl Credentials {
     }
 
     async fn obtain(&self, cid: &ConnectionId, force: bool) -> Result<Access, CredentialError> {
-        let slot = self.slot(cid);
-        let mut slot = slot.lock().await;
+        let slot = self.slot(cid).lock_owned().await;
         if let Some(reason) = &slot.broken {
             return Err(CredentialError::Broken(reason.clone()));
         }
+        if let Some(access) = slot
+            .cached
+            .as_ref()
+            .filter(|a| !force && slot.unsaved.is_none() && fresh(a.expires_at))
+        {
+            return Ok(access.clone());
+        }
+        let (source, cid) = (self.source.clone(), cid.clone());
+        tokio::spawn(async move { source.obtain(slot, &cid, force).await })
+            .await
+            .map_err(|e| HostError::Internal(format!("the token task failed: {e}")))?
+    }
+}
+
+impl Source {
+    /// Counts one token request to Zoom.
+    fn count<T>(&self, grant: &str, result: &Result<T, ZoomError>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(ZoomError::InvalidGrant(_)) => "invalid_grant",
+            Err(_) => "error",
+        };
+        self.metrics
+            .token_requests
+            .with_label_values(&[grant, outcome])
+            .inc();
+    }
+
+    /// Saves what was not saved, then reads, refreshes or requests a token, holding the slot.
+    async fn obtain(
+        &self,
+        mut slot: tokio::sync::OwnedMutexGuard<Slot>,
+        cid: &ConnectionId,
+        force: bool,
+    ) -> Result<Access, CredentialError> {
         if let Some(unsaved) = slot.unsaved.clone() {
             self.save(cid, unsaved).await?;
             slot.unsaved = None;

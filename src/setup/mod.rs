@@ -419,8 +419,10 @@ async fn save_connection(
         .filter(|name| !vars.iter().any(|v| v.name == **name))
         .map(|name| name.to_string())
         .collect();
-    state.host.replace_vars(cid, vars, &remove).await?;
-    state.credentials.forget(cid);
+    state
+        .credentials
+        .set_up_again(cid, state.host.replace_vars(cid, vars, &remove))
+        .await?;
     state.connection_changed(cid).await;
     Ok(())
 }

@@ -86,6 +86,9 @@ pub struct FakeZoomState {
     pub token_requests: Vec<TokenRequest>,
     /// Every token request waits this long first (to test slow Zoom).
     pub token_delay: Duration,
+    /// A refresh waits this long after Zoom rotated the token, before the answer leaves (an
+    /// answer slow on its way back).
+    pub refresh_answer_delay: Duration,
     next: u64,
 }
 
@@ -359,11 +362,18 @@ async fn token(
         client.clone(),
         &param,
     );
-    state.lock().unwrap().token_requests.push(TokenRequest {
-        grant_type,
-        client_id: client.map(|c| c.0),
-        outcome: response.status(),
-    });
+    let answer_delay = {
+        let mut s = state.lock().unwrap();
+        s.token_requests.push(TokenRequest {
+            grant_type: grant_type.clone(),
+            client_id: client.map(|c| c.0),
+            outcome: response.status(),
+        });
+        s.refresh_answer_delay
+    };
+    if grant_type == "refresh_token" {
+        tokio::time::sleep(answer_delay).await;
+    }
     response
 }
 

@@ -123,6 +123,110 @@ async fn a_restart_between_refresh_and_use_loses_nothing() {
     assert!(zoom.refresh_token_is_live(&value_of(&stored, "oauth_refresh_token").unwrap().0));
 }
 
+/// The stored refresh token of `cid`, once it is one Zoom accepts (within 5 s).
+async fn live_stored_refresh_token(app: &TestApp, zoom: &FakeZoom, cid: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stored = snapshot(app, cid).await;
+        if let Some((token, _)) = value_of(&stored, "oauth_refresh_token")
+            && zoom.refresh_token_is_live(&token)
+        {
+            return token;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no live refresh token stored: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_caller_giving_up_during_a_refresh_does_not_lose_the_rotated_refresh_token() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, old_refresh) = expired_connection(&app, &zoom).await;
+    // Zoom rotates the token at once, and its answer takes 500 ms to come back; the caller
+    // gives up after 100 ms.
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_millis(500);
+    let mut request = tonic::Request::new(TestConnectionRequest {
+        integration_id: zoom_id(),
+        connection_id: cid.clone(),
+    });
+    request.set_timeout(Duration::from_millis(100));
+    let gave_up = app
+        .integrations()
+        .test_connection(request)
+        .await
+        .unwrap_err();
+    assert_eq!(gave_up.code(), tonic::Code::Cancelled, "{gave_up:?}");
+    assert!(!zoom.refresh_token_is_live(&old_refresh), "Zoom rotated it");
+
+    // The refresh finished without its caller: the new token is saved.
+    live_stored_refresh_token(&app, &zoom, &cid).await;
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::ZERO;
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
+}
+
+#[tokio::test]
+async fn setting_a_connection_up_again_during_a_refresh_keeps_the_new_setup() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_millis(700);
+    let refreshing = tokio::spawn({
+        let (integrations, cid) = (app.integrations(), cid.clone());
+        async move {
+            let mut integrations = integrations;
+            integrations
+                .test_connection(TestConnectionRequest {
+                    integration_id: zoom_id(),
+                    connection_id: cid,
+                })
+                .await
+        }
+    });
+    // While Zoom's answer to the refresh is on its way, the owner switches the connection to a
+    // Server-to-Server app (Zoom answers that token request at once).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1, "refreshing");
+    let saved = app
+        .http_client
+        .post(app.url("/zoom/save"))
+        .form(&[
+            ("cid", cid.as_str()),
+            ("origin", "test"),
+            ("auth_type", "serverToServer"),
+            ("account_id", S2S_ACCOUNT_ID),
+            ("client_id", S2S_CLIENT_ID),
+            ("client_secret", S2S_CLIENT_SECRET),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(saved.status(), 200, "{}", saved.text().await.unwrap());
+    refreshing.await.unwrap().unwrap();
+
+    // The refresh that started before did not write the old app's tokens over the new setup.
+    let stored = snapshot(&app, &cid).await;
+    let names: Vec<&str> = stored.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "account_id",
+            "auth_type",
+            "private_account_id",
+            "private_client_id",
+            "private_client_secret"
+        ]
+    );
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert!(message.contains("Server-to-Server"), "{message}");
+}
+
 #[tokio::test]
 async fn invalid_grant_marks_the_connection_broken_and_stops_token_requests_until_set_up_again() {
     let zoom = FakeZoom::start().await;
