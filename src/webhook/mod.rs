@@ -27,7 +27,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Deserialize;
 use serde_json::json;
-use sha2::Digest;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -443,7 +442,7 @@ async fn handle(
         }
     }
     let record = Record {
-        body_hash: sha2::Sha256::digest(&body).into(),
+        body_hash: routes.dedupe_hash(verified, &body),
         destinations: destinations.iter().map(ToString::to_string).collect(),
         received: Received {
             event_type: event,

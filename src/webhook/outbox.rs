@@ -160,7 +160,8 @@ pub enum RecordError {
 
 /// A webhook to record: its body hash for deduplication, and one row per destination.
 pub struct Record {
-    /// SHA-256 of the raw body.
+    /// What deduplicates it: SHA-256 of the raw body (and of the verifying secret's scope tag,
+    /// for a private app's secret; see [`crate::webhook::routing::Snapshot::dedupe_hash`]).
     pub body_hash: [u8; 32],
     /// Connection ids to deliver to (at least one).
     pub destinations: Vec<String>,
@@ -450,7 +451,9 @@ impl Outbox {
     pub async fn record(&self, record: Record) -> Result<Recorded, RecordError> {
         let settings = &self.shared.settings;
         let key = dedupe_key(&record.body_hash);
-        let bytes = record.received.body.len() * record.destinations.len();
+        // The body is held once however many connections it is for: a body within the
+        // webhook limit always fits an empty queue.
+        let bytes = record.received.body.len();
         let (outcome, duplicate) = {
             let mut state = lock(&self.shared.state);
             if state.closed {
@@ -1023,6 +1026,22 @@ mod tests {
             .unwrap()
             .len();
         assert!(wal < 2 << 20, "6 MiB written, the log is {wal} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_body_for_many_connections_counts_once_against_the_queue_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = OutboxSettings {
+            queue_bytes: 1 << 20,
+            ..OutboxSettings::default()
+        };
+        let outbox = Outbox::open(dir.path(), settings).unwrap();
+        let body = format!("{{\"event\":\"x\",\"pad\":\"{}\"}}", "x".repeat(600 << 10));
+        let recorded = outbox
+            .record(record(&body, &["con_a", "con_b", "con_c"]))
+            .await;
+        assert_eq!(recorded, Ok(Recorded::New));
+        assert_eq!(outbox.counts().await.unwrap(), (3, 0));
     }
 
     #[tokio::test]

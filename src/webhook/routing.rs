@@ -30,6 +30,9 @@ struct Route {
 /// One distinct secret token and the connections that use it.
 struct SecretRoutes {
     verifier: Verifier,
+    /// Mixed into the deduplication hash of the webhooks this secret verifies; `None` for the
+    /// default app's secret (its hash is the body's alone, as before private apps had one).
+    scope_tag: Option<[u8; 32]>,
     by_account: HashMap<String, Vec<ConnectionId>>,
 }
 
@@ -60,6 +63,19 @@ impl Snapshot {
     /// The verifier of the secret that verified a request.
     pub fn verifier(&self, by: VerifiedBy) -> &Verifier {
         &self.secrets[by.0].verifier
+    }
+
+    /// The deduplication hash of a webhook `body` verified by `by`: the same body verified by
+    /// two apps' secrets (two apps installed on one account) is two webhooks, each for its
+    /// own connections, not a duplicate.
+    pub fn dedupe_hash(&self, by: VerifiedBy, body: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        if let Some(tag) = &self.secrets[by.0].scope_tag {
+            hash.update(tag);
+        }
+        hash.update(body);
+        hash.finalize().into()
     }
 
     /// The connections of `account_id` whose secret is `by`.
@@ -138,7 +154,18 @@ impl RoutingIndex {
                 .iter()
                 .map(|cid| async move { (cid, host.get_vars(cid, &routing_var_names()).await) });
             for (cid, result) in join_all(reads).await {
-                if let Some(route) = self.route_of(cid, &result?) {
+                let found = match result {
+                    Ok(found) => found,
+                    // The host itself failed: keep the index as it is.
+                    Err(e @ (HostError::Unavailable(_) | HostError::Database(_))) => return Err(e),
+                    // One connection that cannot be read (deleted meanwhile, a variable that
+                    // does not decrypt) must not keep every other one from its webhooks.
+                    Err(e) => {
+                        tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; its webhooks are not routed until it can be read");
+                        continue;
+                    }
+                };
+                if let Some(route) = self.route_of(cid, &found) {
                     routes.insert(cid.clone(), route);
                 }
             }
@@ -231,6 +258,7 @@ impl RoutingIndex {
                 default.clone(),
                 SecretRoutes {
                     verifier: Verifier::new(default),
+                    scope_tag: None,
                     by_account: HashMap::new(),
                 },
             ));
@@ -242,6 +270,7 @@ impl RoutingIndex {
                     secrets.push((
                         route.secret.clone(),
                         SecretRoutes {
+                            scope_tag: Some(Verifier::new(&route.secret).scope_tag()),
                             verifier: Verifier::new(&route.secret),
                             by_account: HashMap::new(),
                         },

@@ -45,6 +45,14 @@ impl Verifier {
         mac.verify_slice(&tag).is_ok()
     }
 
+    /// A tag that stands for this secret without revealing it: the HMAC of a fixed label.
+    /// Webhooks verified by different secrets are deduplicated apart by it.
+    pub fn scope_tag(&self) -> [u8; 32] {
+        let mut mac = self.keyed.clone();
+        mac.update(b"zoom-integration: deduplication scope");
+        mac.finalize().into_bytes().into()
+    }
+
     /// `v0=` + hex HMAC of `timestamp` and `body`: what Zoom would send (for tests and tools).
     pub fn sign(&self, timestamp: &str, body: &[u8]) -> String {
         let mut mac = self.keyed.clone();

@@ -35,6 +35,8 @@ pub struct FakeHostState {
     pub dispatch_delay: std::time::Duration,
     /// While set, Dispatch fails with INTERNAL (a host with a bug).
     pub fail_dispatch: bool,
+    /// Connections whose variables Get answers with INTERNAL (one the host cannot read).
+    pub unreadable: Vec<String>,
     /// Set by `stop`: a connection still draining after the listener closed gets UNAVAILABLE,
     /// as from a host that is going away, instead of quietly taking events.
     pub stopped: bool,
@@ -132,6 +134,11 @@ impl VarsService for Svc {
             ));
         }
         let state = self.0.lock().unwrap();
+        if state.unreadable.contains(&req.scope_id) {
+            return Err(Status::internal(
+                "the fake host cannot read this connection",
+            ));
+        }
         let vars = state
             .vars
             .values()

@@ -648,6 +648,81 @@ async fn a_body_sent_again_within_the_window_is_forwarded_once() {
 }
 
 #[tokio::test]
+async fn the_same_body_from_two_apps_on_one_account_reaches_each_app_s_connections_once() {
+    let app = app_with_secret().await;
+    let default = default_connection(&app, ACCOUNT).await;
+    let private = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&private, "auth_type", "oauthPrivate", false),
+                var(&private, "account_id", ACCOUNT, false),
+                var(&private, "private_secret_token", PRIVATE_SECRET, true),
+            ],
+        })
+        .await
+        .unwrap();
+    let url = app.url("/zoom/event");
+    let body = meeting_started(3);
+    // Zoom sends the same event to both apps; the bodies are byte for byte the same.
+    post_until_recorded(&app.http_client, &url, SECRET, &body).await;
+    post_until_recorded(&app.http_client, &url, PRIVATE_SECRET, &body).await;
+    // Each app's retry is still a duplicate.
+    for secret in [SECRET, PRIVATE_SECRET] {
+        let (status, answer) = post_to(&app.http_client, &url, secret, now(), &body).await;
+        assert_eq!(
+            (status, answer["status"].as_str()),
+            (200, Some("duplicate")),
+            "{secret}"
+        );
+    }
+    wait_for_stored(&app, 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut got: Vec<String> = stored_events(&app)
+        .await
+        .iter()
+        .map(|e| e.destination_id.clone())
+        .collect();
+    got.sort();
+    let mut want = vec![default, private];
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn a_connection_the_host_cannot_read_does_not_keep_the_others_from_their_webhooks() {
+    let host = FakeHost::start().await;
+    let good = ConnectionId::generate().to_string();
+    host.put(var(&good, "auth_type", "oauthDefault", false));
+    host.put(var(&good, "account_id", ACCOUNT, false));
+    let unreadable = ConnectionId::generate().to_string();
+    host.put(var(&unreadable, "auth_type", "oauthDefault", false));
+    host.state.lock().unwrap().unreadable.push(unreadable);
+    let app = spawn_app_with(&[
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ])
+    .await;
+    // Routing loads (503 until then), and the readable connection gets its webhook.
+    post_until_recorded(
+        &app.http_client,
+        &app.url("/zoom/event"),
+        SECRET,
+        &meeting_started(1),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.state.lock().unwrap().dispatched.is_empty() {
+        assert!(Instant::now() < deadline, "never dispatched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        host.state.lock().unwrap().dispatched[0].destination_id,
+        good
+    );
+}
+
+#[tokio::test]
 async fn a_verified_event_no_connection_wants_is_answered_200_and_dropped() {
     let app = spawn_app_with(&[("ZOOM_SECRET_TOKEN", SECRET)]).await;
     let cid = default_connection(&app, ACCOUNT).await;
