@@ -102,6 +102,9 @@ struct Attempt {
     first_failed: Option<Instant>,
     /// Not before then.
     due: Instant,
+    /// Whether `app_deauthorized`'s side effect is done: it runs once, not again with every
+    /// retry of the delivery (the owner may have reconnected meanwhile).
+    deauthorized: bool,
 }
 
 impl Attempt {
@@ -111,6 +114,7 @@ impl Attempt {
             failures: 0,
             first_failed: None,
             due: Instant::now(),
+            deauthorized: false,
         }
     }
 }
@@ -367,8 +371,8 @@ async fn deliver_embedded(
 ) -> Vec<(Attempt, Outcome)> {
     let mut done = Vec::new();
     let mut ready: Vec<(Attempt, Event)> = Vec::with_capacity(batch.len());
-    for attempt in batch {
-        match prepare(host, &attempt.row).await {
+    for mut attempt in batch {
+        match prepare(host, &mut attempt).await {
             Ok(event) => ready.push((attempt, event)),
             Err(outcome) => done.push((attempt, outcome)),
         }
@@ -378,8 +382,8 @@ async fn deliver_embedded(
         Ok(_) => done.extend(attempts.into_iter().map(|a| (a, Outcome::Delivered))),
         Err(HostError::InvalidArgument(_)) => {
             // One bad event must not hold back the rest: save them one at a time.
-            for attempt in attempts {
-                let outcome = match prepare(host, &attempt.row).await {
+            for mut attempt in attempts {
+                let outcome = match prepare(host, &mut attempt).await {
                     Ok(event) => match embedded.save_event(event).await {
                         Ok(_) => Outcome::Delivered,
                         Err(e) => classify(e),
@@ -412,10 +416,12 @@ async fn deliver_concurrently(
     let mut queue = batch.into_iter();
     loop {
         while running.len() < concurrency.max(1) {
-            let Some(attempt) = queue.next() else { break };
+            let Some(mut attempt) = queue.next() else {
+                break;
+            };
             let host = host.clone();
             running.spawn(async move {
-                let outcome = match prepare(&*host, &attempt.row).await {
+                let outcome = match prepare(&*host, &mut attempt).await {
                     Ok(event) => match host.dispatch(event).await {
                         Ok(_) => Outcome::Delivered,
                         Err(e) => classify(e),
@@ -437,20 +443,57 @@ async fn deliver_concurrently(
     }
 }
 
-/// The event for a row, after the side effects its type needs.
-async fn prepare(host: &dyn HostEngine, row: &Pending) -> Result<Event, Outcome> {
+/// The event for a row, after the side effects its type needs (once per attempt's life).
+async fn prepare(host: &dyn HostEngine, attempt: &mut Attempt) -> Result<Event, Outcome> {
+    let row = &attempt.row;
     let event = normalize::event(&row.received, &row.destination)
         .map_err(|e| Outcome::Invalid(e.to_string()))?;
-    if row.received.event_type == APP_DEAUTHORIZED {
+    if row.received.event_type == APP_DEAUTHORIZED && !attempt.deauthorized {
         let cid =
             ConnectionId::parse(&row.destination).map_err(|e| Outcome::Invalid(e.to_string()))?;
-        deauthorize(host, &cid).await.map_err(classify)?;
+        deauthorize(host, &cid, deauthorized_user(&row.received.body).as_deref())
+            .await
+            .map_err(classify)?;
+        attempt.deauthorized = true;
     }
     Ok(event)
 }
 
-/// Forgets a connection's OAuth tokens and marks it broken; both steps can be repeated.
-async fn deauthorize(host: &dyn HostEngine, cid: &ConnectionId) -> Result<(), HostError> {
+/// `payload.user_id` of an `app_deauthorized` body: the Zoom user who removed the app.
+fn deauthorized_user(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        payload: Option<Payload>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Payload {
+        user_id: Option<serde_json::Value>,
+    }
+    let body: Body = serde_json::from_slice(body).ok()?;
+    match body.payload?.user_id? {
+        serde_json::Value::String(user) if !user.is_empty() => Some(user),
+        _ => None,
+    }
+}
+
+/// Forgets a connection's OAuth tokens and marks it broken; both steps can be repeated. A
+/// connection that belongs to another Zoom user than `user` (when both are known) is left as
+/// it is: on an account where several users authorized the app, one user removing it does
+/// not end the others' authorizations.
+async fn deauthorize(
+    host: &dyn HostEngine,
+    cid: &ConnectionId,
+    user: Option<&str>,
+) -> Result<(), HostError> {
+    if let Some(user) = user {
+        let stored = host.get_vars(cid, &[vars::USER_ID.to_string()]).await?;
+        if let Some(own) = crate::connection::value_of(&stored, vars::USER_ID)
+            && own != user
+        {
+            tracing::info!(connection_id = %cid, "app removed in Zoom by another user of the account: connection left as it is");
+            return Ok(());
+        }
+    }
     let tokens = [
         vars::OAUTH_ACCESS_TOKEN,
         vars::OAUTH_REFRESH_TOKEN,

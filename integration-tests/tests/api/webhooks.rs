@@ -840,6 +840,97 @@ async fn app_deauthorized_clears_the_tokens_marks_the_connection_broken_and_is_f
 }
 
 #[tokio::test]
+async fn app_deauthorized_by_one_user_leaves_another_user_s_connection_on_the_account_alone() {
+    let app = app_with_secret().await;
+    // The fixture's user, and another user of the same account.
+    let remover = default_connection(&app, ACCOUNT).await;
+    let other = default_connection(&app, ACCOUNT).await;
+    for (cid, user) in [
+        (&remover, "tUo7WohjTs6ELvl9WR3JAA"),
+        (&other, "anotherZoomUser"),
+    ] {
+        app.vars()
+            .set(vars::SetRequest {
+                vars: vec![var(cid, "user_id", user, false)],
+            })
+            .await
+            .unwrap();
+    }
+    let body = fixture("app_deauthorized");
+    post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
+    // Both get the event (it is the account's); only the remover's connection is broken.
+    wait_for_stored(&app, 2).await;
+    let status = app.connection_status(&remover).await.unwrap();
+    assert_eq!(
+        (status.code(), status.message.as_str()),
+        (StatusCode::Error, "deauthorized in Zoom: reconnect")
+    );
+    assert_eq!(
+        app.connection_status(&other).await.unwrap().code(),
+        StatusCode::Ok
+    );
+    let kept = app.stored_vars(&other, &[]).await;
+    assert!(kept.iter().any(|v| v.name == "oauth_refresh_token"));
+}
+
+#[tokio::test]
+async fn a_retried_app_deauthorized_does_not_undo_a_reconnect_made_meanwhile() {
+    let host = FakeHost::start().await;
+    let cid = ConnectionId::generate().to_string();
+    host.put(var(&cid, "auth_type", "oauthDefault", false));
+    host.put(var(&cid, "account_id", ACCOUNT, false));
+    host.put(var(&cid, "oauth_refresh_token", "refresh-before", true));
+    host.state.lock().unwrap().fail_dispatch = true;
+    let app = spawn_app_with(&[
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ])
+    .await;
+    let body = fixture("app_deauthorized");
+    post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
+    let stored = |name: &str| {
+        host.state
+            .lock()
+            .unwrap()
+            .vars
+            .get(&(cid.clone(), name.to_string()))
+            .map(|v| v.value.clone())
+    };
+    // The side effect is done; the host keeps failing the Dispatch.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored("connection_error").is_none() {
+        assert!(Instant::now() < deadline, "never deauthorized");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored("oauth_refresh_token"), None);
+    // The owner reconnects while the event waits for its retry.
+    {
+        let mut state = host.state.lock().unwrap();
+        state
+            .vars
+            .remove(&(cid.clone(), "connection_error".to_string()));
+    }
+    host.put(var(
+        &cid,
+        "oauth_refresh_token",
+        "refresh-after-reconnect",
+        true,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.state.lock().unwrap().fail_dispatch = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while host.state.lock().unwrap().dispatched.is_empty() {
+        assert!(Instant::now() < deadline, "never dispatched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        stored("oauth_refresh_token").as_deref(),
+        Some("refresh-after-reconnect")
+    );
+    assert_eq!(stored("connection_error"), None);
+}
+
+#[tokio::test]
 async fn a_thousand_events_sent_while_the_host_is_down_are_all_delivered_when_it_returns() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
