@@ -27,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +68,10 @@ pub struct Settings {
     pub forwarder: forwarder::ForwarderSettings,
     /// How often the routing index re-reads every connection from the host engine.
     pub reload_interval: Duration,
+    /// Bytes of webhook bodies held at once, from the first byte read until the answer; past
+    /// it requests get 503 at once. A signature can only be checked on a whole body, so this
+    /// bounds the memory that requests nobody has authenticated yet can take.
+    pub body_budget: usize,
 }
 
 impl Settings {
@@ -81,6 +86,7 @@ impl Settings {
             },
             forwarder: forwarder::ForwarderSettings::default(),
             reload_interval: Duration::from_secs(60),
+            body_budget: 64 << 20,
         }
     }
 }
@@ -143,6 +149,8 @@ impl Counters {
 pub struct Webhooks {
     /// Which connections an event goes to, and which secrets verify requests.
     pub routing: Arc<RoutingIndex>,
+    /// KiB of bodies being read, checked or recorded at once (see [`Settings::body_budget`]).
+    body_budget: Arc<Semaphore>,
     /// The durable record of accepted events.
     pub outbox: Outbox,
     /// What happened so far.
@@ -159,6 +167,7 @@ impl Webhooks {
             routing: Arc::new(RoutingIndex::new(config.zoom_secret_token.clone())),
             outbox: Outbox::open(&config.data_dir, settings.outbox.clone())?,
             counters: Arc::new(Counters::new(metrics)),
+            body_budget: Arc::new(Semaphore::new(kib(settings.body_budget) as usize)),
             settings,
         })
     }
@@ -279,6 +288,13 @@ pub enum WebhookError {
     /// The body could not be read.
     #[error("body could not be read")]
     BodyRead,
+    /// The body is JSON enough for its head, but could not become an event (text that is not
+    /// UTF-8, an unpaired surrogate escape, nesting deeper than 128).
+    #[error("body cannot become an event: {0}")]
+    NotAnEvent(#[source] normalize::NormalizeError),
+    /// Too many bodies are being read at once.
+    #[error("too many webhooks at once, try again later")]
+    Busy,
     /// The routing index has not loaded yet.
     #[error("starting up, try again later")]
     NotReady,
@@ -298,8 +314,9 @@ impl IntoResponse for WebhookError {
             WebhookError::NotJson
             | WebhookError::NoEvent
             | WebhookError::BadPlainToken
-            | WebhookError::BodyRead => StatusCode::BAD_REQUEST,
-            WebhookError::NotReady | WebhookError::NotRecorded(_) => {
+            | WebhookError::BodyRead
+            | WebhookError::NotAnEvent(_) => StatusCode::BAD_REQUEST,
+            WebhookError::NotReady | WebhookError::NotRecorded(_) | WebhookError::Busy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
@@ -348,14 +365,17 @@ async fn receive(
     if let Err(e) = &result {
         let counters = &webhooks.counters;
         let counter = match e {
-            WebhookError::NotReady | WebhookError::NotRecorded(_) => &counters.unavailable,
+            WebhookError::NotReady | WebhookError::NotRecorded(_) | WebhookError::Busy => {
+                &counters.unavailable
+            }
             WebhookError::TooLarge => &counters.too_large,
             WebhookError::MissingSignature | WebhookError::BadSignature => &counters.bad_signature,
             WebhookError::MissingTimestamp | WebhookError::Timestamp(_) => &counters.stale,
             WebhookError::NotJson
             | WebhookError::NoEvent
             | WebhookError::BadPlainToken
-            | WebhookError::BodyRead => &counters.malformed,
+            | WebhookError::BodyRead
+            | WebhookError::NotAnEvent(_) => &counters.malformed,
         };
         counter.inc();
     }
@@ -387,12 +407,21 @@ async fn handle(
         SystemTime::now(),
         webhooks.settings.replay_window,
     )?;
-    let body = read_body(body, declared).await?;
+    // Held until the answer: the body stays in memory until its commit.
+    let (body, _held) = read_body(body, declared, &webhooks.body_budget).await?;
 
     let routes = webhooks.routing.snapshot().ok_or(WebhookError::NotReady)?;
-    let verified = routes
-        .verify(signature, timestamp, &body)
-        .ok_or(WebhookError::BadSignature)?;
+    let (verified, body) = if body.len() <= VERIFY_INLINE {
+        (routes.verify(signature, timestamp, &body), body)
+    } else {
+        // Hashing megabytes once per secret would hold up every request on this worker.
+        let (routes, signature, timestamp) =
+            (routes.clone(), signature.to_vec(), timestamp.to_vec());
+        tokio::task::spawn_blocking(move || (routes.verify(&signature, &timestamp, &body), body))
+            .await
+            .map_err(|_| WebhookError::BodyRead)?
+    };
+    let verified = verified.ok_or(WebhookError::BadSignature)?;
     webhooks.counters.verified.inc();
 
     let head: Head = serde_json::from_slice(&body).map_err(|_| WebhookError::NotJson)?;
@@ -429,6 +458,9 @@ async fn handle(
         tracing::debug!(event_type = %crate::ids::truncate(&event, 64), "verified webhook for no connection: dropped");
         return Ok(accepted("unrouted"));
     }
+    // The head's parse skips the rest without checking it closely; what the forwarder could not
+    // turn into an event must be refused now, not answered 200 and never delivered.
+    normalize::top_level_fields(&body).map_err(WebhookError::NotAnEvent)?;
 
     let mut memo = HashMap::with_capacity(MEMO_HEADERS.len() + 1);
     memo.insert("account_id".to_string(), account_id.to_string());
@@ -468,9 +500,32 @@ fn accepted(status: &'static str) -> Response {
     axum::Json(json!({ "status": status })).into_response()
 }
 
-/// Reads at most [`MAX_BODY`] bytes; a longer body is refused without reading the rest.
-async fn read_body(body: Body, declared: Option<u64>) -> Result<Vec<u8>, WebhookError> {
-    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(MAX_BODY as u64) as usize);
+/// Bodies up to this size are verified on the request's own thread; larger ones on the
+/// blocking pool.
+const VERIFY_INLINE: usize = 64 << 10;
+
+/// Whole KiB, rounded up: the budget's unit.
+fn kib(bytes: usize) -> u32 {
+    bytes.div_ceil(1024).min(u32::MAX as usize) as u32
+}
+
+/// Reads at most [`MAX_BODY`] bytes; a longer body is refused without reading the rest. The
+/// bytes are taken from `budget` as they come (the declared length at once): when it runs
+/// out the request is refused (503) rather than waiting.
+async fn read_body(
+    body: Body,
+    declared: Option<u64>,
+    budget: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, OwnedSemaphorePermit), WebhookError> {
+    let expected = declared.unwrap_or(0).min(MAX_BODY as u64) as usize;
+    let take = |bytes: usize| {
+        budget
+            .clone()
+            .try_acquire_many_owned(kib(bytes))
+            .map_err(|_| WebhookError::Busy)
+    };
+    let mut held = take(expected)?;
+    let mut out = Vec::with_capacity(expected);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|_| WebhookError::BodyRead)?;
@@ -478,8 +533,12 @@ async fn read_body(body: Body, declared: Option<u64>) -> Result<Vec<u8>, Webhook
             return Err(WebhookError::TooLarge);
         }
         out.extend_from_slice(&chunk);
+        let needed = kib(out.len()).saturating_sub(held.num_permits() as u32);
+        if needed > 0 {
+            held.merge(take(needed as usize * 1024)?);
+        }
     }
-    Ok(out)
+    Ok((out, held))
 }
 
 fn now_ms() -> i64 {
@@ -487,4 +546,31 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bodies_take_from_the_budget_until_answered_and_past_it_are_refused() {
+        let budget = Arc::new(Semaphore::new(4));
+        // Without a declared length the bytes are taken as they come.
+        let (body, held) = read_body(Body::from(vec![b'x'; 2048]), None, &budget)
+            .await
+            .unwrap();
+        assert_eq!((body.len(), held.num_permits()), (2048, 2));
+        assert_eq!(budget.available_permits(), 2);
+        let refused = read_body(Body::from(vec![b'x'; 3000]), None, &budget).await;
+        assert!(matches!(refused, Err(WebhookError::Busy)));
+        // A declared length is taken at once.
+        let refused = read_body(Body::from(vec![b'x'; 10]), Some(3 * 1024), &budget).await;
+        assert!(matches!(refused, Err(WebhookError::Busy)));
+        drop(held);
+        assert_eq!(budget.available_permits(), 4, "given back with the answer");
+        let (body, _held) = read_body(Body::from(vec![b'x'; 4096]), Some(4096), &budget)
+            .await
+            .unwrap();
+        assert_eq!(body.len(), 4096);
+    }
 }

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use crate::proto::autokitteh::events::v1::Event;
 use crate::proto::autokitteh::values::v1 as pb;
 
-/// Nesting deeper than this is refused (serde_json refuses the same depth when the request
-/// is checked, so accepted bodies never reach it).
+/// Nesting deeper than this is refused (the request is checked with this same parser, so a
+/// body answered 200 never reaches it here).
 const MAX_DEPTH: usize = 128;
 
 /// Why a body cannot be normalized.

@@ -690,6 +690,45 @@ async fn the_same_body_from_two_apps_on_one_account_reaches_each_app_s_connectio
 }
 
 #[tokio::test]
+async fn a_signed_body_that_cannot_become_an_event_is_refused_and_a_large_one_is_delivered() {
+    let app = app_with_secret().await;
+    default_connection(&app, ACCOUNT).await;
+    let url = app.url("/zoom/event");
+    post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(1)).await;
+    // JSON enough for its head, but an unpaired surrogate deep inside.
+    let unpaired = format!(
+        r#"{{"event":"meeting.started","payload":{{"account_id":"{ACCOUNT}","object":{{"topic":"\ud83d"}}}}}}"#
+    );
+    let (status, answer) =
+        post_to(&app.http_client, &url, SECRET, now(), unpaired.as_bytes()).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot become an event"),
+        "{answer}"
+    );
+    // A 1 MiB body is verified off the request threads and delivered like any other.
+    let large = json!({
+        "event": "recording.completed",
+        "payload": {"account_id": ACCOUNT, "object": {"notes": "ü".repeat(512 << 10)}}
+    })
+    .to_string()
+    .into_bytes();
+    let (status, answer) = post_to(&app.http_client, &url, SECRET, now(), &large).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("recorded")));
+    let stored = wait_for_stored(&app, 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        stored_events(&app).await.len(),
+        2,
+        "the refused body was not recorded"
+    );
+    assert_event_is(&stored[1], &large, &stored[1].destination_id);
+}
+
+#[tokio::test]
 async fn a_connection_the_host_cannot_read_does_not_keep_the_others_from_their_webhooks() {
     let host = FakeHost::start().await;
     let good = ConnectionId::generate().to_string();
