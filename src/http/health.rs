@@ -25,9 +25,18 @@ async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready: the host engine (embedded database or remote host) answers.
+/// Ready: webhook routing is loaded (webhooks get 503 until then) and the host engine
+/// (embedded database or remote host) answers.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let host = state.host.kind();
+    if state.webhooks.routing.snapshot().is_none() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({ "status": "not ready", "host": host, "error": "webhook routing not loaded yet" }),
+            ),
+        );
+    }
     match tokio::time::timeout(READY_TIMEOUT, state.host.check()).await {
         Ok(Ok(())) => (
             StatusCode::OK,

@@ -12,20 +12,30 @@ use axum::routing::get;
 use crate::AppState;
 use crate::integration::LOGO_PATH;
 
-/// Every HTTP route of the service, each behind the [`guard`]: bounded, timed, measured.
+/// Probes (`/healthz`, `/readyz`, `/metrics`) answered at once, apart from the other requests.
+const PROBE_CONCURRENCY: usize = 16;
+
+/// Every HTTP route of the service, each behind a [`guard`]: bounded, timed, measured. Probes
+/// have a small guard of their own, so a service busy with `MAX_CONCURRENT_REQUESTS` slow
+/// requests still answers its liveness probe (and is not restarted for being busy).
 pub fn router(state: AppState) -> Router {
-    let guard = guard::GuardLayer::new(
-        state.config.max_concurrent_requests,
-        state.config.request_timeout,
-        state.metrics.clone(),
-    );
-    Router::new()
+    let guard = |max_concurrent| {
+        guard::GuardLayer::new(
+            max_concurrent,
+            state.config.request_timeout,
+            state.metrics.clone(),
+        )
+    };
+    let probes = Router::new()
         .merge(health::router())
+        .route("/metrics", get(metrics))
+        .layer(guard(PROBE_CONCURRENCY));
+    Router::new()
         .merge(crate::setup::router())
         .merge(crate::webhook::router(state.webhooks.clone()))
         .route(LOGO_PATH, get(logo))
-        .route("/metrics", get(metrics))
-        .layer(guard)
+        .layer(guard(state.config.max_concurrent_requests))
+        .merge(probes)
         .with_state(state)
 }
 

@@ -35,12 +35,21 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let started = Instant::now();
-    let refused = app.get("/healthz").await;
+    let refused = app
+        .get(&format!(
+            "/zoom/?cid={}&origin=test",
+            ConnectionId::generate()
+        ))
+        .await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "refused at once"
     );
+    // Probes have their own small pool: a busy service is still alive and ready.
+    for probe in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(app.get(probe).await.status(), StatusCode::OK, "{probe}");
+    }
     for task in running {
         assert_eq!(
             task.await.unwrap(),

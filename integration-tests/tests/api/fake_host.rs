@@ -37,6 +37,8 @@ pub struct FakeHostState {
     pub fail_dispatch: bool,
     /// Connections whose variables Get answers with INTERNAL (one the host cannot read).
     pub unreadable: Vec<String>,
+    /// While set, FindActiveConnectionIDs answers UNAVAILABLE.
+    pub fail_find: bool,
     /// Set by `stop`: a connection still draining after the listener closed gets UNAVAILABLE,
     /// as from a host that is going away, instead of quietly taking events.
     pub stopped: bool,
@@ -168,6 +170,11 @@ impl VarsService for Svc {
         self.record(&request);
         let req = request.into_inner();
         let mut state = self.0.lock().unwrap();
+        if state.fail_find {
+            return Err(Status::unavailable(
+                "the fake host cannot list connections now",
+            ));
+        }
         state.find_requests.push(req.clone());
         let mut ids: Vec<String> = state
             .vars

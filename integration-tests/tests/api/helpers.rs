@@ -182,6 +182,23 @@ impl TestApp {
         self.http_client.get(self.url(path)).send().await.unwrap()
     }
 
+    /// `GET /readyz` once it answers 200 (within 10 s: routing loads at start).
+    pub async fn ready(&self) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = self.get("/readyz").await;
+            if answer.status() == 200 {
+                return answer.json().await.unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never ready: {}",
+                answer.text().await.unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Shuts the service down gracefully and returns how `run` ended.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.stop.take().unwrap().send(());

@@ -362,10 +362,7 @@ async fn grpc_and_http_health_report_serving() {
     }
     let healthz = app.get("/healthz").await;
     assert_eq!(healthz.status(), 200);
-    let readyz = app.get("/readyz").await;
-    assert_eq!(readyz.status(), 200);
-    let body: serde_json::Value = readyz.json().await.unwrap();
-    assert_eq!(body["host"], "embedded");
+    assert_eq!(app.ready().await["host"], "embedded");
 }
 
 #[tokio::test]

@@ -96,13 +96,25 @@ async fn the_embedded_host_services_are_not_served_with_a_remote_host() {
 }
 
 #[tokio::test]
+async fn not_ready_until_webhook_routing_is_loaded() {
+    let host = FakeHost::start().await;
+    host.state.lock().unwrap().fail_find = true;
+    let app = spawn_app_with(&[("HOST_ENGINE_URL", &host.url())]).await;
+    // The host answers, but the connections cannot be listed: webhooks would get 503.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = app.get("/readyz").await;
+    assert_eq!(answer.status(), 503);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"], "webhook routing not loaded yet");
+    host.state.lock().unwrap().fail_find = false;
+    app.ready().await;
+}
+
+#[tokio::test]
 async fn readiness_follows_the_remote_host() {
     let host = FakeHost::start().await;
     let app = spawn_app_with(&[("HOST_ENGINE_URL", &host.url())]).await;
-    let ready = app.get("/readyz").await;
-    assert_eq!(ready.status(), 200);
-    let body: serde_json::Value = ready.json().await.unwrap();
-    assert_eq!(body["host"], "remote");
+    assert_eq!(app.ready().await["host"], "remote");
 
     host.stop();
     let deadline = Instant::now() + Duration::from_secs(10);
