@@ -196,6 +196,7 @@ pub async fn run(
     let mut waiting: Vec<Attempt> = Vec::new();
     let mut backoff = settings.backoff_start;
     let mut last_checkpoint = Instant::now();
+    let mut last_failure_warning: Option<Instant> = None;
     loop {
         if stop.is_cancelled() {
             return;
@@ -308,9 +309,11 @@ pub async fn run(
             outbox.checkpoint().await;
         }
         if let Some((why, failures)) = why_failed {
-            // Once per row and round at most, and rounds of failing rows are spaced by their
-            // back-off: at worst a line every few seconds while a host keeps failing.
-            tracing::warn!(error = %why, attempts = failures, waiting = waiting.len(), "the host engine failed to take events; each is retried on its own back-off");
+            // A line every 10 s at most while a host keeps failing, however fast events come.
+            if last_failure_warning.is_none_or(|t| t.elapsed() >= FAILURE_WARNING_INTERVAL) {
+                last_failure_warning = Some(Instant::now());
+                tracing::warn!(error = %why, attempts = failures, waiting = waiting.len(), "the host engine failed to take events; each is retried on its own back-off");
+            }
         }
         if unavailable.is_empty() {
             backoff = settings.backoff_start;
@@ -326,6 +329,9 @@ pub async fn run(
         }
     }
 }
+
+/// How often at most it is logged that the host failed on events.
+const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The wait before the next attempt at a row that failed `failures` times.
 fn row_backoff(settings: &ForwarderSettings, failures: u32) -> Duration {
