@@ -22,6 +22,10 @@ use crate::secret::Secret;
 /// How long Zoom's access tokens live when the answer does not say.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
+/// The longest `expires_in` believed. Zoom's tokens live an hour; a larger claim (a bug, or a
+/// garbled answer) only makes the token be refreshed sooner than it had to be.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// Tokens Zoom issued.
 #[derive(Debug, Clone)]
 pub struct Token {
@@ -267,9 +271,21 @@ fn token_error(err: RequestTokenError<ZoomError, ZoomOAuthError>) -> ZoomError {
     }
 }
 
+/// When a token issued now with `expires_in` stops working: the lifetime is capped at
+/// [`MAX_TOKEN_LIFETIME`], so no answer of Zoom's can overflow the date.
 fn expires_at(expires_in: Option<Duration>) -> DateTime<Utc> {
-    let lifetime = expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME);
-    Utc::now() + chrono::Duration::from_std(lifetime).unwrap_or(chrono::Duration::hours(1))
+    expires_after(Utc::now(), expires_in)
+}
+
+fn expires_after(now: DateTime<Utc>, expires_in: Option<Duration>) -> DateTime<Utc> {
+    let lifetime = expires_in
+        .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+        .min(MAX_TOKEN_LIFETIME);
+    // Only a clock at the end of chrono's range fails here; the token then counts as expired.
+    chrono::Duration::from_std(lifetime)
+        .ok()
+        .and_then(|lifetime| now.checked_add_signed(lifetime))
+        .unwrap_or(now)
 }
 
 /// Runs one request of the `oauth2` crate on our HTTP client.
@@ -284,4 +300,32 @@ async fn execute(
     *response.status_mut() = raw.status;
     *response.headers_mut() = raw.headers;
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_expires_in_gives_an_expiry_within_a_day() {
+        let now = Utc::now();
+        let day = chrono::Duration::days(1);
+        for huge in [10_u64.pow(13), u64::MAX, 86_401] {
+            assert_eq!(
+                expires_after(now, Some(Duration::from_secs(huge))),
+                now + day,
+                "expires_in {huge}"
+            );
+        }
+        assert_eq!(
+            expires_after(now, Some(Duration::from_secs(3599))),
+            now + chrono::Duration::seconds(3599)
+        );
+        assert_eq!(expires_after(now, None), now + chrono::Duration::hours(1));
+        assert_eq!(expires_after(now, Some(Duration::ZERO)), now);
+        assert_eq!(
+            expires_after(DateTime::<Utc>::MAX_UTC, Some(Duration::from_secs(60))),
+            DateTime::<Utc>::MAX_UTC
+        );
+    }
 }
