@@ -261,59 +261,31 @@ async fn redirect(
         origin,
         grant: None,
     });
+    // The flow ends here whatever follows (a denial included): its state must not be usable
+    // later.
+    let finished = state.flows.finish(oauth_state, cookies);
+    // Only the cookie of the flow this browser just finished: any site can send a browser
+    // here with a made-up or foreign state, and other flows in its other tabs must go on.
+    let cookie_name = finished.as_ref().ok().map(|f| f.cookie_name.clone());
 
-    if let Some(error) = query.error.as_deref() {
-        // The flow ends here either way: its state must not be usable later.
-        let _ = state.flows.finish(oauth_state, cookies);
-        let reason = match (error, query.error_description.as_deref()) {
-            ("access_denied", _) => "access was denied in Zoom".to_string(),
-            (error, Some(description)) if !description.trim().is_empty() => {
-                format!("{error}: {description}")
-            }
-            (error, _) => error.to_string(),
-        };
-        let reason = crate::ids::truncate(&reason.replace(|c: char| c.is_control(), " "), 200);
-        return SetupError::Denied(reason).page(back.as_ref());
-    }
-
-    let result = async {
-        let flow = state.flows.finish(oauth_state, cookies)?;
-        let code = query
-            .code
-            .as_deref()
-            .filter(|c| !c.is_empty() && c.len() <= 2048)
-            .ok_or_else(|| FormError("Zoom sent no authorization code".into()))?;
-        let credentials = credentials(&state, &flow.app)?;
-        let token = state
-            .zoom_oauth
-            .exchange_code(&credentials, code, &flow.verifier)
-            .await?;
-        let user = state.zoom_api.me(&token.access_token).await?;
-        let (auth_type, private) = match flow.app {
-            FlowApp::Default => (AuthType::OAuthDefault, None),
-            FlowApp::Private { app, secret_token } => (
-                AuthType::OAuthPrivate,
-                Some(PrivateApp { app, secret_token }),
-            ),
-        };
-        let vars = oauth_vars(auth_type, private.as_ref(), &token, &user);
-        save_connection(&state, &flow.cid, vars).await?;
-        tracing::info!(connection_id = %flow.cid, %auth_type, "connection set up");
-        let target = Target {
-            cid: flow.cid,
-            origin: flow.origin,
-            grant: None,
-        };
-        Ok::<_, SetupError>(finish(
-            &state,
-            &target,
-            &format!("Connected to Zoom as {}.", user.describe()),
-        ))
-    }
-    .await;
-    let mut response = result.unwrap_or_else(|e| e.page(back.as_ref()));
-    // The flow is over, successful or not: drop its cookie.
-    if let Some(name) = cookies.and_then(flow_cookie_name) {
+    let mut response = match (query.error.as_deref(), finished) {
+        (Some(error), _) => {
+            let reason = match (error, query.error_description.as_deref()) {
+                ("access_denied", _) => "access was denied in Zoom".to_string(),
+                (error, Some(description)) if !description.trim().is_empty() => {
+                    format!("{error}: {description}")
+                }
+                (error, _) => error.to_string(),
+            };
+            let reason = crate::ids::truncate(&reason.replace(|c: char| c.is_control(), " "), 200);
+            SetupError::Denied(reason).page(back.as_ref())
+        }
+        (None, Err(e)) => SetupError::from(e).page(back.as_ref()),
+        (None, Ok(finished)) => complete_flow(&state, finished.flow, query.code.as_deref())
+            .await
+            .unwrap_or_else(|e| e.page(back.as_ref())),
+    };
+    if let Some(name) = cookie_name {
         let expired = format!("{name}=; Path={REDIRECT_PATH}; Max-Age=0; HttpOnly; SameSite=Lax");
         if let Ok(expired) = HeaderValue::from_str(&expired) {
             response.headers_mut().append(header::SET_COOKIE, expired);
@@ -322,17 +294,42 @@ async fn redirect(
     response
 }
 
-/// The name of a flow cookie in a `Cookie` header, if any.
-fn flow_cookie_name(cookies: &str) -> Option<String> {
-    cookies
-        .split(';')
-        .filter_map(|pair| pair.trim().split_once('='))
-        .map(|(name, _)| name)
-        .find(|name| {
-            name.strip_prefix(state::COOKIE_PREFIX)
-                .is_some_and(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        })
-        .map(str::to_string)
+/// The rest of a flow Zoom authorized: exchanges `code`, learns who authorized, and saves
+/// the connection.
+async fn complete_flow(
+    state: &AppState,
+    flow: Flow,
+    code: Option<&str>,
+) -> Result<Response, SetupError> {
+    let code = code
+        .filter(|c| !c.is_empty() && c.len() <= 2048)
+        .ok_or_else(|| FormError("Zoom sent no authorization code".into()))?;
+    let credentials = credentials(state, &flow.app)?;
+    let token = state
+        .zoom_oauth
+        .exchange_code(&credentials, code, &flow.verifier)
+        .await?;
+    let user = state.zoom_api.me(&token.access_token).await?;
+    let (auth_type, private) = match flow.app {
+        FlowApp::Default => (AuthType::OAuthDefault, None),
+        FlowApp::Private { app, secret_token } => (
+            AuthType::OAuthPrivate,
+            Some(PrivateApp { app, secret_token }),
+        ),
+    };
+    let vars = oauth_vars(auth_type, private.as_ref(), &token, &user);
+    save_connection(state, &flow.cid, vars).await?;
+    tracing::info!(connection_id = %flow.cid, %auth_type, "connection set up");
+    let target = Target {
+        cid: flow.cid,
+        origin: flow.origin,
+        grant: None,
+    };
+    Ok(finish(
+        state,
+        &target,
+        &format!("Connected to Zoom as {}.", user.describe()),
+    ))
 }
 
 /// Checks a Server-to-Server app with Zoom (an `account_credentials` token) and saves it

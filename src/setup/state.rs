@@ -68,6 +68,15 @@ pub struct Started {
     pub cookie_value: String,
 }
 
+/// A flow taken back by the browser that started it.
+#[derive(Debug)]
+pub struct Finished {
+    /// The flow.
+    pub flow: Flow,
+    /// The name of the flow's cookie, to be expired now that the flow is over.
+    pub cookie_name: String,
+}
+
 /// Why a `state` was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
@@ -147,7 +156,7 @@ impl Flows {
 
     /// Checks `state` and the browser's cookies (the raw `Cookie` header), and takes the flow:
     /// a second call with the same `state` fails with [`StateError::Used`].
-    pub fn finish(&self, state: &str, cookies: Option<&str>) -> Result<Flow, StateError> {
+    pub fn finish(&self, state: &str, cookies: Option<&str>) -> Result<Finished, StateError> {
         let (id, expires) = self.verify(state)?;
         let now = unix_now();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -167,7 +176,11 @@ impl Flows {
             return Err(StateError::OtherBrowser);
         }
         // Keep a tombstone until expiry, so a replay is told apart from a forgery.
-        entry.flow.take().ok_or(StateError::Used)
+        let flow = entry.flow.take().ok_or(StateError::Used)?;
+        Ok(Finished {
+            flow,
+            cookie_name: cookie_name(&id),
+        })
     }
 
     /// The connection and origin a `state` names, if it is genuine (expired or not); for
@@ -288,7 +301,8 @@ mod tests {
         let done = flows
             .finish(&started.state, Some(&cookie(&started)))
             .unwrap();
-        assert_eq!(done.origin, "web");
+        assert_eq!(done.flow.origin, "web");
+        assert_eq!(done.cookie_name, started.cookie_name);
         assert_eq!(
             flows
                 .finish(&started.state, Some(&cookie(&started)))

@@ -470,6 +470,85 @@ async fn a_redirect_in_another_browser_is_refused_and_saves_nothing() {
     assert!(zoom.token_requests().is_empty());
 }
 
+/// Starts the default app's flow for `cid` in `agent`; returns Zoom's consent page.
+async fn start_default_flow(app: &TestApp, agent: &UserAgent, cid: &str) -> Visit {
+    submit(
+        app,
+        agent,
+        &[
+            ("cid", cid),
+            ("origin", "test"),
+            ("auth_type", "oauthDefault"),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn two_flows_in_one_browser_both_complete_whichever_ends_first() {
+    let (app, _zoom, agent) = app_and_zoom().await;
+    let first = ConnectionId::generate().to_string();
+    let second = ConnectionId::generate().to_string();
+    let first_consent = start_default_flow(&app, &agent, &first).await;
+    let second_consent = start_default_flow(&app, &agent, &second).await;
+    assert_eq!(agent.cookie_names().len(), 2, "one cookie per flow");
+
+    let done = consent(&agent, &second_consent, true).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert_eq!(
+        agent.cookie_names().len(),
+        1,
+        "only the finished flow's cookie is dropped"
+    );
+    let done = consent(&agent, &first_consent, true).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert!(agent.cookie_names().is_empty());
+    for cid in [&first, &second] {
+        assert_eq!(
+            value_of(&snapshot(&app, cid).await, "auth_type"),
+            Some(("oauthDefault".into(), false)),
+            "{cid}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stray_redirect_does_not_end_a_flow_in_progress() {
+    let (app, _zoom, agent) = app_and_zoom().await;
+    let cid = ConnectionId::generate().to_string();
+    let consent_page = start_default_flow(&app, &agent, &cid).await;
+    // A genuine state, but of a flow another browser started.
+    let elsewhere = UserAgent::new(&app.url(""));
+    let foreign = redirect_back_url(&app, &elsewhere, &ConnectionId::generate().to_string()).await;
+    // What any site can make this browser request.
+    for stray in [
+        app.url("/oauth/redirect/zoom?state=junk"),
+        app.url("/oauth/redirect/zoom?code=x&state=junk"),
+        app.url("/oauth/redirect/zoom?error=access_denied&state=junk"),
+        app.url("/oauth/redirect/zoom"),
+        foreign.to_string(),
+    ] {
+        let visit = agent.get(&stray).await;
+        assert_eq!(
+            visit.status,
+            StatusCode::BAD_REQUEST,
+            "{stray}: {}",
+            visit.body
+        );
+        assert_eq!(
+            agent.cookie_names().len(),
+            1,
+            "{stray} dropped the cookie of the flow in progress"
+        );
+    }
+    let done = consent(&agent, &consent_page, true).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert_eq!(
+        value_of(&snapshot(&app, &cid).await, "auth_type"),
+        Some(("oauthDefault".into(), false))
+    );
+}
+
 #[tokio::test]
 async fn wrong_private_credentials_show_zoom_reason_and_save_nothing() {
     let (app, zoom, agent) = app_and_zoom().await;

@@ -1,7 +1,6 @@
 //! A browser-like HTTP client for the OAuth tests: it follows redirects across the service
 //! and the fake Zoom, and keeps the service's cookies, as a browser would.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use reqwest::StatusCode;
@@ -57,9 +56,10 @@ impl Visit {
 
 pub struct UserAgent {
     client: reqwest::Client,
-    /// Cookies set by the service (name → value). Paths are honored coarsely: the service
-    /// sets flow cookies only for `/oauth/redirect/zoom`.
-    cookies: Mutex<HashMap<String, (String, String)>>,
+    /// Cookies set by the service: (name, value, path), oldest first, the order in which a
+    /// browser sends cookies of the same path. Paths are honored coarsely: the service sets
+    /// flow cookies only for `/oauth/redirect/zoom`.
+    cookies: Mutex<Vec<(String, String, String)>>,
     service: String,
 }
 
@@ -108,7 +108,12 @@ impl UserAgent {
 
     /// The names of the service's cookies this browser holds.
     pub fn cookie_names(&self) -> Vec<String> {
-        self.cookies.lock().unwrap().keys().cloned().collect()
+        self.cookies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, _, _)| name.clone())
+            .collect()
     }
 
     fn with_cookies(&self, request: reqwest::RequestBuilder, url: &Url) -> reqwest::RequestBuilder {
@@ -120,8 +125,8 @@ impl UserAgent {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, (_, path))| url.path().starts_with(path.as_str()))
-            .map(|(name, (value, _))| format!("{name}={value}"))
+            .filter(|(_, _, path)| url.path().starts_with(path.as_str()))
+            .map(|(name, value, _)| format!("{name}={value}"))
             .collect();
         if cookies.is_empty() {
             request
@@ -150,9 +155,11 @@ impl UserAgent {
             }
             let mut cookies = self.cookies.lock().unwrap();
             if expired {
-                cookies.remove(name);
+                cookies.retain(|(n, _, _)| n != name);
+            } else if let Some(cookie) = cookies.iter_mut().find(|(n, _, _)| n == name) {
+                (cookie.1, cookie.2) = (value.to_string(), path);
             } else {
-                cookies.insert(name.to_string(), (value.to_string(), path));
+                cookies.push((name.to_string(), value.to_string(), path));
             }
         }
     }
