@@ -196,8 +196,7 @@ fn begin_flow(state: &AppState, target: &Target, app: FlowApp) -> Result<Respons
     let credentials = credentials(state, &app)?;
     let pkce = Pkce::new();
     let started = state.flows.start(Flow {
-        cid: target.cid.clone(),
-        origin: target.origin.clone(),
+        target: target.clone(),
         app,
         verifier: pkce.verifier,
     })?;
@@ -256,14 +255,19 @@ async fn redirect(
     let query = query.map(|q| q.0).unwrap_or_default();
     let oauth_state = query.state.as_deref().unwrap_or_default();
     let cookies = headers.get(header::COOKIE).and_then(|c| c.to_str().ok());
-    let back = state.flows.peek(oauth_state).map(|(cid, origin)| Target {
-        cid,
-        origin,
-        grant: None,
-    });
     // The flow ends here whatever follows (a denial included): its state must not be usable
     // later.
     let finished = state.flows.finish(oauth_state, cookies);
+    // The way back to the connection page. The setup link's grant goes only to the browser
+    // that started the flow: a state seen elsewhere must not open the page.
+    let back = match &finished {
+        Ok(finished) => Some(finished.flow.target.clone()),
+        Err(_) => state.flows.peek(oauth_state).map(|(cid, origin)| Target {
+            cid,
+            origin,
+            grant: None,
+        }),
+    };
     // Only the cookie of the flow this browser just finished: any site can send a browser
     // here with a made-up or foreign state, and other flows in its other tabs must go on.
     let cookie_name = finished.as_ref().ok().map(|f| f.cookie_name.clone());
@@ -318,16 +322,11 @@ async fn complete_flow(
         ),
     };
     let vars = oauth_vars(auth_type, private.as_ref(), &token, &user);
-    save_connection(state, &flow.cid, vars).await?;
-    tracing::info!(connection_id = %flow.cid, %auth_type, "connection set up");
-    let target = Target {
-        cid: flow.cid,
-        origin: flow.origin,
-        grant: None,
-    };
+    save_connection(state, &flow.target.cid, vars).await?;
+    tracing::info!(connection_id = %flow.target.cid, %auth_type, "connection set up");
     Ok(finish(
         state,
-        &target,
+        &flow.target,
         &format!("Connected to Zoom as {}.", user.describe()),
     ))
 }

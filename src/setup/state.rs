@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
+use super::form::Target;
 use crate::config::OAuthApp;
 use crate::ids::ConnectionId;
 use crate::secret::Secret;
@@ -47,10 +48,10 @@ pub enum FlowApp {
 /// An OAuth flow between `/oauth/start/zoom` (or `/zoom/save`) and `/oauth/redirect/zoom`.
 #[derive(Debug, Clone)]
 pub struct Flow {
-    /// The connection being set up.
-    pub cid: ConnectionId,
-    /// Where the host wants the browser to go at the end.
-    pub origin: String,
+    /// The connection being set up, where the host wants the browser to go at the end, and
+    /// the setup link's grant the flow was started with (checked then), for the links of the
+    /// pages shown when the browser comes back.
+    pub target: Target,
     /// The app being authorized.
     pub app: FlowApp,
     /// The PKCE verifier.
@@ -131,7 +132,7 @@ impl Flows {
         let cookie: [u8; 16] = random();
         let now = unix_now();
         let expires = now + self.ttl.as_secs();
-        let state = self.sign(&id, expires, &flow.cid, &flow.origin);
+        let state = self.sign(&id, expires, &flow.target.cid, &flow.target.origin);
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if pending.len() >= MAX_PENDING_FLOWS {
             pending.retain(|_, p| p.expires >= now);
@@ -273,8 +274,11 @@ mod tests {
 
     fn flow() -> Flow {
         Flow {
-            cid: ConnectionId::generate(),
-            origin: "web".into(),
+            target: Target {
+                cid: ConnectionId::generate(),
+                origin: "web".into(),
+                grant: None,
+            },
             app: FlowApp::Default,
             verifier: Secret::new("v".repeat(43)),
         }
@@ -301,7 +305,7 @@ mod tests {
         let done = flows
             .finish(&started.state, Some(&cookie(&started)))
             .unwrap();
-        assert_eq!(done.flow.origin, "web");
+        assert_eq!(done.flow.target.origin, "web");
         assert_eq!(done.cookie_name, started.cookie_name);
         assert_eq!(
             flows

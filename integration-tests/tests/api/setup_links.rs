@@ -145,6 +145,67 @@ async fn a_link_from_the_grpc_method_sets_up_its_connection_and_only_for_its_ori
 }
 
 #[tokio::test]
+async fn the_pages_after_zoom_link_back_with_the_grant_the_flow_started_with() {
+    let zoom = FakeZoom::start().await;
+    let app = signed_app(&zoom).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = ConnectionId::generate().to_string();
+    let grant = grant_of(&link(&app, &cid, "test").await);
+    let start = |extra: &'static [(&'static str, &'static str)]| {
+        let mut form = vec![
+            ("cid", cid.as_str()),
+            ("origin", "test"),
+            ("grant", grant.as_str()),
+        ];
+        form.extend_from_slice(extra);
+        let agent = &agent;
+        let save = app.url("/zoom/save");
+        async move {
+            let consent = agent.post_form(&save, &form).await;
+            assert_eq!(consent.url.path(), "/oauth/authorize", "{}", consent.body);
+            consent
+        }
+    };
+    let default_app: &[(&str, &str)] = &[("auth_type", "oauthDefault")];
+    let wrong_private_app: &[(&str, &str)] = &[
+        ("auth_type", "oauthPrivate"),
+        ("client_id", PRIVATE_CLIENT_ID),
+        ("client_secret", "not-the-secret"),
+    ];
+
+    let cases = [
+        (
+            "denied consent",
+            default_app,
+            "deny",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "refused code",
+            wrong_private_app,
+            "allow",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("success", default_app, "allow", StatusCode::OK),
+    ];
+    for (case, app_fields, button, status) in cases {
+        let consent = start(app_fields).await;
+        let ended = agent.get(consent.link(button).as_str()).await;
+        assert_eq!(ended.status, status, "{case}: {}", ended.body);
+        let back = ended.link("back");
+        assert_eq!(
+            back.query_pairs()
+                .find(|(k, _)| k == "grant")
+                .map(|(_, v)| v),
+            Some(grant.as_str().into()),
+            "{case}"
+        );
+        let page = agent.get(back.as_str()).await;
+        assert_eq!(page.status, StatusCode::OK, "{case}: {}", page.body);
+    }
+}
+
+#[tokio::test]
 async fn the_cli_prints_a_link_the_service_accepts() {
     let zoom = FakeZoom::start().await;
     let app = signed_app(&zoom).await;
