@@ -99,12 +99,12 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "MAX_CONCURRENT_REQUESTS",
         default: Some("1024"),
-        meaning: "requests served at once per server (HTTP, and per gRPC connection); more are answered 503 at once",
+        meaning: "requests served at once per server (HTTP, and per gRPC connection); more are answered 503 (gRPC: RESOURCE_EXHAUSTED) at once",
     },
     Variable {
         name: "REQUEST_TIMEOUT",
         default: Some("30"),
-        meaning: "seconds one HTTP or gRPC request may take before it is answered 503 or DEADLINE_EXCEEDED",
+        meaning: "seconds one HTTP or gRPC request may take before it is answered 503 (gRPC: CANCELLED)",
     },
     Variable {
         name: "HTTP_ADDR",

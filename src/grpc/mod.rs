@@ -38,6 +38,9 @@ pub async fn serve(
         Server::builder()
             .timeout(state.config.request_timeout)
             .concurrency_limit_per_connection(state.config.max_concurrent_requests)
+            // Past the limit a call is answered RESOURCE_EXHAUSTED at once instead of queueing
+            // behind the slow ones (tonic's default buffers it).
+            .load_shed(true)
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             // Callers' mistakes (INVALID_ARGUMENT, NOT_FOUND) are not our failures: log every
             // outcome at debug; internal errors are logged where they are mapped (error.rs).

@@ -1,14 +1,18 @@
-//! Resource bounds: past `MAX_CONCURRENT_REQUESTS` requests are answered 503 at once, a
-//! request taking longer than `REQUEST_TIMEOUT` is answered 503 (neither changes stored data),
-//! and oversized headers get 431.
+//! Resource bounds: past `MAX_CONCURRENT_REQUESTS` requests are answered 503 (gRPC:
+//! RESOURCE_EXHAUSTED) at once, a request taking longer than `REQUEST_TIMEOUT` is answered 503
+//! (neither changes stored data), and oversized headers get 431.
 
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use zoom_integration::ids::ConnectionId;
 
+use zoom_integration::proto::autokitteh::integrations::v1::TestConnectionRequest;
+
 use crate::connection_setup::{app_with, redirect_back_url, snapshot};
 use crate::fake_zoom::FakeZoom;
+use crate::fresh_tokens::expired_connection;
+use crate::helpers::zoom_id;
 use crate::user_agent::UserAgent;
 
 #[tokio::test]
@@ -58,6 +62,51 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
         );
     }
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn past_the_concurrency_limit_grpc_calls_are_refused_at_once_not_queued() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("MAX_CONCURRENT_REQUESTS", "1".into()));
+    let app = app_with(&zoom, env).await;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    // One call held inside the service: a refresh whose answer takes a second to come back.
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_secs(1);
+    let integrations = app.integrations();
+    let request = || TestConnectionRequest {
+        integration_id: zoom_id(),
+        connection_id: cid.clone(),
+    };
+    let held = tokio::spawn({
+        let (mut integrations, request) = (integrations.clone(), request());
+        async move { integrations.test_connection(request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let refused = integrations
+        .clone()
+        .test_connection(request())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused at once, not queued: {:?}",
+        started.elapsed()
+    );
+    let held = held.await.unwrap().unwrap().into_inner();
+    assert_eq!(
+        held.status.unwrap().code(),
+        zoom_integration::connection::StatusCode::Ok,
+        "the held call finishes"
+    );
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use crate::helpers::{TestApp, spawn_app_in, var, zoom_id};
 
 /// A default-app connection whose access token expired an hour ago; returns its id and its
 /// (live) refresh token.
-async fn expired_connection(app: &TestApp, zoom: &FakeZoom) -> (String, String) {
+pub(crate) async fn expired_connection(app: &TestApp, zoom: &FakeZoom) -> (String, String) {
     let cid = ConnectionId::generate().to_string();
     let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
     app.vars()
