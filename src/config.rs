@@ -375,16 +375,17 @@ impl Config {
     /// Loads the configuration from the given environment pairs, reading `CONFIG_FILE` if it
     /// is among them. Variables the service does not know are ignored.
     pub fn load(env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        // An empty value means "unset", as container platforms often pass them: it neither
+        // counts nor hides the same key in CONFIG_FILE.
         let mut merged: BTreeMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| VARIABLES.iter().any(|v| v.name == k))
+            .filter(|(k, v)| VARIABLES.iter().any(|var| var.name == k) && !v.trim().is_empty())
             .collect();
-        if let Some(path) = merged.remove("CONFIG_FILE").filter(|p| !p.is_empty()) {
+        if let Some(path) = merged.remove("CONFIG_FILE") {
             for (key, value) in read_yaml(&path)? {
                 merged.entry(key).or_insert(value);
             }
         }
-        // An empty value means "unset", as container platforms often pass them.
         merged.retain(|_, v| !v.trim().is_empty());
         let raw: Raw = envy::from_iter(merged)
             .map_err(|e| ConfigError::new("CONFIG_FILE", format!("cannot be read: {e}")))?;
@@ -951,6 +952,19 @@ mod tests {
             "environment wins"
         );
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn an_empty_environment_variable_does_not_hide_the_yaml_value() {
+        let file = yaml_file("webhook_address: from-yaml.example.com\nhttp_addr: 127.0.0.1:7000\n");
+        let c = Config::load(env(&[
+            ("CONFIG_FILE", file.path().to_str().unwrap()),
+            ("WEBHOOK_ADDRESS", ""),
+            ("HTTP_ADDR", " "),
+        ]))
+        .unwrap();
+        assert_eq!(c.webhook_address.as_deref(), Some("from-yaml.example.com"));
+        assert_eq!(c.http_addr, "127.0.0.1:7000".parse().unwrap());
     }
 
     #[test]
