@@ -50,6 +50,7 @@ pub fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let stop_signal = shutdown_signal();
         let http = match TcpListener::bind(config.http_addr).await {
             Ok(l) => l,
             Err(e) => {
@@ -68,7 +69,7 @@ pub fn main() -> ExitCode {
                 ));
             }
         };
-        match crate::run(config, http, grpc, shutdown_signal()).await {
+        match crate::run(config, http, grpc, stop_signal).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => match err.downcast_ref::<ConfigError>() {
                 Some(config_err) => config_error(config_err),
@@ -136,19 +137,23 @@ fn config_error(err: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled, so a SIGTERM during start-up (opening the databases) is not
+/// lost to the default action and still stops the service gracefully.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM and SIGINT; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
