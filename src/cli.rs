@@ -112,10 +112,21 @@ fn setup_link(args: &[String]) -> ExitCode {
             "is required to make a link people can open",
         ));
     }
-    let keys = match crate::config::create_private_dir(&config.data_dir).and_then(|()| {
-        crate::crypto::Keys::load_or_generate(config.secret_key.as_ref(), &config.data_dir)
-    }) {
-        Ok(keys) => keys,
+    // A link signed with a key the service does not have would be refused: the key is never
+    // made here, only read.
+    let keys = match crate::crypto::Keys::load(config.secret_key.as_ref(), &config.data_dir) {
+        Ok(Some(keys)) => keys,
+        Ok(None) => {
+            return config_error(&ConfigError::new(
+                "SECRET_KEY",
+                format!(
+                    "is not set and DATA_DIR ({}) holds no {}: start the service once with this \
+                     configuration, or set SECRET_KEY as the service has it",
+                    config.data_dir.display(),
+                    crate::crypto::KEY_FILE
+                ),
+            ));
+        }
         Err(err) => return config_error(&err),
     };
     let links = crate::setup::links::SetupLinks::new(

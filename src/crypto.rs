@@ -50,50 +50,67 @@ impl Keys {
         secret_key: Option<&Secret>,
         data_dir: &Path,
     ) -> Result<Self, ConfigError> {
-        if let Some(key) = secret_key {
-            return Ok(Self::from_material(key.expose().as_bytes()));
+        if let Some(keys) = Self::load(secret_key, data_dir)? {
+            return Ok(keys);
         }
         let path = data_dir.join(KEY_FILE);
-        let problem = |what: String| ConfigError::new("SECRET_KEY", what);
-        match std::fs::metadata(&path) {
-            Ok(meta) => {
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    return Err(problem(format!(
-                        "key file {} is readable by others (mode {mode:o}); run chmod 600 on it",
-                        path.display()
-                    )));
-                }
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| problem(format!("cannot read {}: {e}", path.display())))?;
-                let material = text.trim();
-                if material.len() < 32 {
-                    return Err(problem(format!(
-                        "key file {} holds fewer than 32 characters",
-                        path.display()
-                    )));
-                }
-                Ok(Self::from_material(material.as_bytes()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut bytes = [0u8; 32];
-                getrandom::fill(&mut bytes)
-                    .map_err(|e| problem(format!("no randomness to generate a key: {e}")))?;
-                let material = hex::encode(bytes);
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| problem(format!("cannot create {}: {e}", path.display())))?;
-                file.write_all(format!("{material}\n").as_bytes())
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| problem(format!("cannot write {}: {e}", path.display())))?;
+        let mut bytes = [0u8; 40];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| key_problem(format!("no randomness to generate a key: {e}")))?;
+        let (key, nonce) = bytes.split_at(32);
+        let material = hex::encode(key);
+        // Written whole to a private temporary file, then linked into place: a crash leaves
+        // either no key file or a complete one, and of two processes starting at once on one
+        // DATA_DIR, the second finds the first one's key instead of replacing it.
+        let temporary = data_dir.join(format!(".{KEY_FILE}.{}.tmp", hex::encode(nonce)));
+        let written = write_private(&temporary, format!("{material}\n").as_bytes())
+            .and_then(|()| std::fs::hard_link(&temporary, &path));
+        let _ = std::fs::remove_file(&temporary);
+        match written {
+            Ok(()) => {
+                sync_dir(data_dir)
+                    .map_err(|e| key_problem(format!("cannot write {}: {e}", path.display())))?;
                 tracing::info!(path = %path.display(), "generated a new secret key");
                 Ok(Self::from_material(material.as_bytes()))
             }
-            Err(e) => Err(problem(format!("cannot read {}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load(None, data_dir)?
+                .ok_or_else(|| key_problem(format!("{} vanished while starting", path.display()))),
+            Err(e) => Err(key_problem(format!(
+                "cannot create {}: {e}",
+                path.display()
+            ))),
         }
+    }
+
+    /// Uses `secret_key` when given; otherwise reads `data_dir/secret.key`, or answers `None`
+    /// when there is none (yet). Problems name `SECRET_KEY`.
+    pub fn load(secret_key: Option<&Secret>, data_dir: &Path) -> Result<Option<Self>, ConfigError> {
+        if let Some(key) = secret_key {
+            return Ok(Some(Self::from_material(key.expose().as_bytes())));
+        }
+        let path = data_dir.join(KEY_FILE);
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(key_problem(format!("cannot read {}: {e}", path.display()))),
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(key_problem(format!(
+                "key file {} is readable by others (mode {mode:o}); run chmod 600 on it",
+                path.display()
+            )));
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| key_problem(format!("cannot read {}: {e}", path.display())))?;
+        let material = text.trim();
+        if material.len() < 32 {
+            return Err(key_problem(format!(
+                "key file {} holds fewer than 32 characters",
+                path.display()
+            )));
+        }
+        Ok(Some(Self::from_material(material.as_bytes())))
     }
 
     /// Derives every key from `material`.
@@ -174,6 +191,27 @@ impl Keys {
     }
 }
 
+fn key_problem(what: String) -> ConfigError {
+    ConfigError::new("SECRET_KEY", what)
+}
+
+/// Creates (or truncates) `path` with mode 0600 and writes `bytes` to disk.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Makes a new name in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +253,33 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let second = Keys::load_or_generate(None, dir.path()).unwrap();
         assert_eq!(first.fingerprint(), second.fingerprint());
+    }
+
+    #[test]
+    fn starts_racing_on_one_data_dir_all_end_up_with_the_one_key_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let barrier = std::sync::Barrier::new(8);
+        let fingerprints: Vec<String> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        Keys::load_or_generate(None, dir.path())
+                            .unwrap()
+                            .fingerprint()
+                            .to_string()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let on_disk = Keys::load(None, dir.path()).unwrap().unwrap();
+        assert!(fingerprints.iter().all(|f| f == on_disk.fingerprint()));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [KEY_FILE], "no temporary files are left");
     }
 
     #[test]

@@ -245,4 +245,24 @@ async fn the_cli_prints_a_link_the_service_accepts() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("WEBHOOK_ADDRESS"));
+
+    // Without SECRET_KEY and with no key file in DATA_DIR, a link would be signed with a key
+    // the service does not have: the CLI refuses and makes no key.
+    let empty = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_service-under-test"))
+        .args(["setup-link", &cid])
+        .env_clear()
+        .env("DATA_DIR", empty.path())
+        .env("WEBHOOK_ADDRESS", app.http.to_string())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SECRET_KEY") && stderr.contains("DATA_DIR"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
 }
