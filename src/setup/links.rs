@@ -5,7 +5,9 @@
 //! form and the start of OAuth accept only a grant for their connection and origin that has not
 //! expired, so only people the operator (the CLI's `setup-link`) or the host engine (the gRPC
 //! `SetupLinksService.Create`) sent there can change a connection's credentials. With
-//! `SETUP_ACCESS=loopback` the operator chooses instead to let any client on this machine in.
+//! `SETUP_ACCESS=loopback` the operator chooses instead to let any client on this machine in,
+//! except a browser's request that another site's page sent to change a connection: any web
+//! page open on this machine could otherwise set connections up (cross-site request forgery).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,6 +34,11 @@ pub enum LinkError {
         "this setup link has expired: ask your operator or your workflow platform for a new one"
     )]
     Expired,
+    /// Let in only by `SETUP_ACCESS=loopback`, but sent by another site's page.
+    #[error(
+        "this request came from another site's page: open the connection page on this machine, or use a setup link"
+    )]
+    CrossSite,
 }
 
 /// A signed link and when it stops working.
@@ -73,17 +80,33 @@ impl SetupLinks {
         }
     }
 
-    /// Whether a request from `peer` with `grant` may set up `cid` for `origin`.
+    /// Whether a request from `peer` with `grant` may set up `cid` for `origin`;
+    /// `from_other_site` is whether a browser says another site's page sent it.
     pub fn check(
         &self,
         cid: &ConnectionId,
         origin: &str,
         grant: Option<&str>,
         peer: Option<SocketAddr>,
+        from_other_site: bool,
     ) -> Result<(), LinkError> {
-        if self.access == SetupAccess::Loopback && peer.is_some_and(|p| p.ip().is_loopback()) {
+        let local =
+            self.access == SetupAccess::Loopback && peer.is_some_and(|p| p.ip().is_loopback());
+        if local && !from_other_site {
             return Ok(());
         }
+        match self.check_grant(cid, origin, grant) {
+            Err(_) if local => Err(LinkError::CrossSite),
+            result => result,
+        }
+    }
+
+    fn check_grant(
+        &self,
+        cid: &ConnectionId,
+        origin: &str,
+        grant: Option<&str>,
+    ) -> Result<(), LinkError> {
         let grant = grant.filter(|g| g.len() <= 128).ok_or(LinkError::Missing)?;
         let mut parts = grant.split('.');
         let (Some("v1"), Some(expires), Some(mac), None) =
@@ -144,18 +167,21 @@ mod tests {
         assert!(url.starts_with(&format!(
             "https://zoom.example.com/zoom/?cid={cid}&origin=web&grant=v1."
         )));
-        assert_eq!(links.check(&cid, "web", Some(&link.grant), None), Ok(()));
+        assert_eq!(
+            links.check(&cid, "web", Some(&link.grant), None, false),
+            Ok(())
+        );
         let other = ConnectionId::generate();
         assert_eq!(
-            links.check(&other, "web", Some(&link.grant), None),
+            links.check(&other, "web", Some(&link.grant), None, false),
             Err(LinkError::Missing)
         );
         assert_eq!(
-            links.check(&cid, "dash", Some(&link.grant), None),
+            links.check(&cid, "dash", Some(&link.grant), None, false),
             Err(LinkError::Missing)
         );
         assert_eq!(
-            links.check(&cid, "web", None, None),
+            links.check(&cid, "web", None, None, false),
             Err(LinkError::Missing)
         );
         let later = link.grant.replacen(
@@ -164,12 +190,12 @@ mod tests {
             1,
         );
         assert_eq!(
-            links.check(&cid, "web", Some(&later), None),
+            links.check(&cid, "web", Some(&later), None, false),
             Err(LinkError::Missing)
         );
         let elsewhere = SetupLinks::new([4; 32], Duration::from_secs(600), SetupAccess::Signed);
         assert_eq!(
-            elsewhere.check(&cid, "web", Some(&link.grant), None),
+            elsewhere.check(&cid, "web", Some(&link.grant), None, false),
             Err(LinkError::Missing)
         );
     }
@@ -181,7 +207,7 @@ mod tests {
         let link = links.issue(&config(), &cid, "");
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(
-            links.check(&cid, "", Some(&link.grant), None),
+            links.check(&cid, "", Some(&link.grant), None, false),
             Err(LinkError::Expired)
         );
     }
@@ -193,21 +219,30 @@ mod tests {
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let local6: SocketAddr = "[::1]:5000".parse().unwrap();
         let remote: SocketAddr = "203.0.113.7:5000".parse().unwrap();
-        assert_eq!(links.check(&cid, "web", None, Some(local)), Ok(()));
-        assert_eq!(links.check(&cid, "web", None, Some(local6)), Ok(()));
+        assert_eq!(links.check(&cid, "web", None, Some(local), false), Ok(()));
+        assert_eq!(links.check(&cid, "web", None, Some(local6), false), Ok(()));
         assert_eq!(
-            links.check(&cid, "web", None, Some(remote)),
+            links.check(&cid, "web", None, Some(remote), false),
             Err(LinkError::Missing)
         );
         // A signed link still works from anywhere.
         let link = links.issue(&config(), &cid, "web");
         assert_eq!(
-            links.check(&cid, "web", Some(&link.grant), Some(remote)),
+            links.check(&cid, "web", Some(&link.grant), Some(remote), false),
+            Ok(())
+        );
+        // Another site's page gets in only with a grant.
+        assert_eq!(
+            links.check(&cid, "web", None, Some(local), true),
+            Err(LinkError::CrossSite)
+        );
+        assert_eq!(
+            links.check(&cid, "web", Some(&link.grant), Some(local), true),
             Ok(())
         );
         let signed = SetupLinks::new([3; 32], Duration::from_secs(600), SetupAccess::Signed);
         assert_eq!(
-            signed.check(&cid, "web", None, Some(local)),
+            signed.check(&cid, "web", None, Some(local), false),
             Err(LinkError::Missing)
         );
     }

@@ -64,7 +64,8 @@ async fn connection_page(
         .map_err(|_| FormError("the query cannot be read".into()))?
         .0
         .check()?;
-    authorize(&state, &target, peer)?;
+    // Showing the page changes nothing: a link from another site (the host's UI) may open it.
+    authorize(&state, &target, peer, false)?;
     let stored = match state.host.get_vars(&target.cid, &[]).await {
         Ok(vars) => Some(vars),
         Err(e) => {
@@ -128,6 +129,7 @@ async fn connection_page(
 async fn save(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     form: Result<Form<RawForm>, FormRejection>,
 ) -> Response {
     let form = match form {
@@ -142,7 +144,8 @@ async fn save(
         Err(e) => return SetupError::from(e).into_response(),
     };
     let target = form.target;
-    if let Err(e) = authorize(&state, &target, peer) {
+    let from_other_site = sent_by_another_site(&headers, &state.config);
+    if let Err(e) = authorize(&state, &target, peer, from_other_site) {
         return e.into_response();
     }
     let result = match form.choice {
@@ -169,6 +172,7 @@ async fn save(
 async fn start(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     query: Result<Query<RawTarget>, QueryRejection>,
 ) -> Response {
     let target = match query
@@ -178,7 +182,8 @@ async fn start(
         Ok(target) => target,
         Err(e) => return SetupError::from(e).into_response(),
     };
-    if let Err(e) = authorize(&state, &target, peer) {
+    let from_other_site = sent_by_another_site(&headers, &state.config);
+    if let Err(e) = authorize(&state, &target, peer, from_other_site) {
         return e.into_response();
     }
     if state.config.default_app.is_none() {
@@ -453,7 +458,12 @@ fn start_path(target: &Target) -> String {
 }
 
 /// Refuses requests the operator did not send here (see [`links`]).
-fn authorize(state: &AppState, target: &Target, peer: SocketAddr) -> Result<(), SetupError> {
+fn authorize(
+    state: &AppState,
+    target: &Target,
+    peer: SocketAddr,
+    from_other_site: bool,
+) -> Result<(), SetupError> {
     state
         .links
         .check(
@@ -461,6 +471,108 @@ fn authorize(state: &AppState, target: &Target, peer: SocketAddr) -> Result<(), 
             &target.origin,
             target.grant.as_deref(),
             Some(peer),
+            from_other_site,
         )
         .map_err(SetupError::Forbidden)
+}
+
+/// Whether a browser says another site's page sent this request: `Sec-Fetch-Site` is
+/// `cross-site` (or a value we do not know), or, from a browser without it, `Origin` names
+/// another origin. Pages on this machine (`localhost`, loopback addresses) and `HOST_UI_URL`
+/// count as ours; a request with neither header (curl, scripts) is not a browser's.
+fn sent_by_another_site(headers: &HeaderMap, config: &crate::config::Config) -> bool {
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    // A navigation carries no `Origin`; its `Referer` names the page (at least its origin,
+    // unless the page asked for no referrer, and then it is not trusted).
+    let claimed = text(header::ORIGIN).or_else(|| text(header::REFERER));
+    let trusted = |url: &url::Url| {
+        let local = match url.host() {
+            Some(url::Host::Domain(name)) => {
+                name.eq_ignore_ascii_case("localhost")
+                    || name.to_ascii_lowercase().ends_with(".localhost")
+            }
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        };
+        local
+            || config.host_ui_url.as_ref().is_some_and(|ui| {
+                url::Url::parse(ui.as_str()).is_ok_and(|ui| ui.origin() == url.origin())
+            })
+    };
+    // `Origin: null` (a sandboxed frame, a file) names no page we trust.
+    let trusted_sender = claimed
+        .and_then(|c| url::Url::parse(c).ok())
+        .is_some_and(|url| trusted(&url));
+    match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        Some("same-origin" | "same-site" | "none") => false,
+        Some(_) => !trusted_sender,
+        None => claimed.is_some() && !trusted_sender,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent_by_another_site_with(pairs: &[(&'static str, &str)]) -> bool {
+        let config = crate::config::Config::load([(
+            "HOST_UI_URL".to_string(),
+            "https://ui.example.com".to_string(),
+        )])
+        .unwrap();
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        sent_by_another_site(&headers, &config)
+    }
+
+    #[test]
+    fn only_other_sites_pages_count_as_sent_by_another_site() {
+        // Not a browser (curl, scripts): nothing to go by.
+        assert!(!sent_by_another_site_with(&[]));
+        for ours in ["same-origin", "same-site", "none"] {
+            assert!(!sent_by_another_site_with(&[("sec-fetch-site", ours)]));
+        }
+        assert!(sent_by_another_site_with(&[(
+            "sec-fetch-site",
+            "cross-site"
+        )]));
+        assert!(sent_by_another_site_with(&[
+            ("sec-fetch-site", "cross-site"),
+            ("origin", "https://evil.example")
+        ]));
+        // Pages on this machine and the host's UI are ours, whatever the browser calls them.
+        for ours in [
+            "http://localhost:3000",
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080",
+            "https://ui.example.com",
+        ] {
+            assert!(
+                !sent_by_another_site_with(&[("sec-fetch-site", "cross-site"), ("origin", ours)]),
+                "{ours}"
+            );
+        }
+        // A navigation names its page in Referer only.
+        assert!(!sent_by_another_site_with(&[
+            ("sec-fetch-site", "cross-site"),
+            ("referer", "https://ui.example.com/connections/x")
+        ]));
+        assert!(sent_by_another_site_with(&[
+            ("sec-fetch-site", "cross-site"),
+            ("referer", "https://ui.example.com.evil.example/")
+        ]));
+        // Browsers without Sec-Fetch-Site: Origin decides; `null` is nobody we trust.
+        assert!(sent_by_another_site_with(&[(
+            "origin",
+            "https://evil.example"
+        )]));
+        assert!(sent_by_another_site_with(&[("origin", "null")]));
+        assert!(!sent_by_another_site_with(&[(
+            "origin",
+            "http://localhost:9980"
+        )]));
+    }
 }

@@ -1,6 +1,8 @@
 //! The connection page in a real browser: headless Chromium, driven through chromedriver,
 //! sets up one connection of each authentication type against the fake Zoom, each through a
-//! signed setup link from `SetupLinksService`, as a host engine would send people.
+//! signed setup link from `SetupLinksService`, as a host engine would send people; and with
+//! `SETUP_ACCESS=loopback`, the page works without a link while another site's page cannot
+//! use the browser to set a connection up.
 
 use std::time::Duration;
 
@@ -168,6 +170,69 @@ async fn a_person_sets_up_each_kind_of_connection_in_a_real_browser() {
     assert_eq!(
         browser.find("#status").await.text().await,
         format!("Connected as {USER_DISPLAY_NAME} <{USER_EMAIL}> with the default OAuth app.")
+    );
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn in_loopback_mode_the_page_works_without_a_link_and_another_sites_form_is_refused() {
+    let Some(chromedriver) = find_chromedriver() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (see .ci/run)"
+        );
+        eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+        return;
+    };
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await; // the tests' default: SETUP_ACCESS=loopback
+    let browser = Browser::start(&chromedriver).await;
+
+    // A page of another site (other-site.test, which the browser resolves to loopback) that
+    // submits a form to this service as soon as it opens.
+    let victim = ConnectionId::generate().to_string();
+    let attack = format!(
+        r#"<!doctype html><form method="post" action="{}">
+        <input name="cid" value="{victim}"><input name="origin" value="test">
+        <input name="auth_type" value="serverToServer"><input name="account_id" value="{S2S_ACCOUNT_ID}">
+        <input name="client_id" value="{S2S_CLIENT_ID}"><input name="client_secret" value="{S2S_CLIENT_SECRET}">
+        </form><script>document.forms[0].submit()</script>"#,
+        app.url("/zoom/save")
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let site = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || async move { axum::response::Html(attack) }),
+    );
+    tokio::spawn(async move { axum::serve(listener, site).await });
+    browser
+        .goto(&format!("http://other-site.test:{port}/"))
+        .await;
+    browser.wait_for_url(&app.url("/zoom/save")).await;
+    let message = browser.find("#message").await.text().await;
+    assert!(message.contains("another site"), "{message}");
+    assert!(snapshot(&app, &victim).await.is_empty(), "nothing saved");
+    assert_eq!(
+        zoom.token_requests_of("account_credentials"),
+        0,
+        "Zoom never asked"
+    );
+
+    // The page itself, opened on this machine without a link, sets the connection up.
+    let cid = ConnectionId::generate().to_string();
+    browser
+        .goto(&app.url(&format!("/zoom/?cid={cid}&origin=test")))
+        .await;
+    browser.find("#auth-oauthDefault").await.click().await;
+    browser.find("#start").await.click().await;
+    let message = allow_in_zoom(&browser, &zoom, &app).await;
+    assert!(message.starts_with("Connected to Zoom as"), "{message}");
+    assert_eq!(
+        value_of(&snapshot(&app, &cid).await, "auth_type")
+            .unwrap()
+            .0,
+        "oauthDefault"
     );
     browser.close().await;
 }

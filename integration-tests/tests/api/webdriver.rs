@@ -84,7 +84,10 @@ impl Browser {
                         "binary": binary,
                         "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                                  "--disable-dev-shm-usage", "--window-size=900,1000",
-                                 "--no-first-run", "--disable-extensions"],
+                                 "--no-first-run", "--disable-extensions",
+                                 // Another site for cross-site tests, served on loopback.
+                                 "--host-resolver-rules=MAP other-site.test 127.0.0.1",
+                                 "--disable-features=HttpsUpgrades"],
                     },
                 }}}),
             )
