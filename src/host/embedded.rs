@@ -49,6 +49,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_by_destination ON events (destination_id, seq);
     CREATE INDEX events_by_type ON events (event_type, seq);",
+    // 2: the outbox's key of each delivery, so a delivery repeated after a crash (the event was
+    // saved, the outbox had not yet heard) is not logged twice.
+    "ALTER TABLE events ADD COLUMN delivery TEXT;
+    CREATE UNIQUE INDEX events_by_delivery ON events (delivery) WHERE delivery IS NOT NULL;",
 ];
 
 /// Inserts or replaces one variable.
@@ -248,10 +252,29 @@ impl EmbeddedHost {
 
     /// Appends `events` to the event log in one transaction, all or none (an invalid event
     /// fails the whole call with `InvalidArgument`); returns their ids in order.
-    pub async fn save_events(&self, mut events: Vec<Event>) -> Result<Vec<String>, HostError> {
+    pub async fn save_events(&self, events: Vec<Event>) -> Result<Vec<String>, HostError> {
+        self.save_keyed(events.into_iter().map(|e| (None, e)).collect())
+            .await
+    }
+
+    /// Like [`Self::save_events`], for deliveries each under a key unique to it: an event whose
+    /// key the log already holds (a delivery repeated after a crash) is not added again, and
+    /// its id is the one logged first.
+    pub async fn save_deliveries(
+        &self,
+        deliveries: Vec<(String, Event)>,
+    ) -> Result<Vec<String>, HostError> {
+        self.save_keyed(deliveries.into_iter().map(|(k, e)| (Some(k), e)).collect())
+            .await
+    }
+
+    async fn save_keyed(
+        &self,
+        mut events: Vec<(Option<String>, Event)>,
+    ) -> Result<Vec<String>, HostError> {
         let now = crate::db::now_ms();
         let mut rows = Vec::with_capacity(events.len());
-        for event in &mut events {
+        for (_, event) in &mut events {
             if event.destination_id.is_empty() {
                 return Err(HostError::InvalidArgument(
                     "event.destination_id is required".into(),
@@ -283,23 +306,33 @@ impl EmbeddedHost {
         }
         self.with_db(move |conn, _| {
             let tx = conn.transaction()?;
+            let mut ids = Vec::with_capacity(events.len());
             {
                 let mut stmt = tx.prepare_cached(
-                    "INSERT INTO events (event_id, destination_id, event_type, created_ms, event)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO events
+                       (event_id, destination_id, event_type, created_ms, event, delivery)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (delivery) WHERE delivery IS NOT NULL DO NOTHING",
                 )?;
-                for (event, created_ms) in events.iter().zip(rows) {
-                    stmt.execute(params![
+                let mut earlier =
+                    tx.prepare_cached("SELECT event_id FROM events WHERE delivery = ?1")?;
+                for ((delivery, event), created_ms) in events.into_iter().zip(rows) {
+                    let added = stmt.execute(params![
                         event.event_id,
                         event.destination_id,
                         event.event_type,
                         created_ms,
-                        crate::values::encode_event(event)
+                        crate::values::encode_event(&event),
+                        delivery
                     ])?;
+                    ids.push(match (added, &delivery) {
+                        (0, Some(key)) => earlier.query_row([key], |r| r.get(0))?,
+                        _ => event.event_id,
+                    });
                 }
             }
             tx.commit()?;
-            Ok(events.into_iter().map(|e| e.event_id).collect())
+            Ok(ids)
         })
         .await
     }

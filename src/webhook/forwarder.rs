@@ -383,14 +383,23 @@ async fn deliver_embedded(
             Err(outcome) => done.push((attempt, outcome)),
         }
     }
-    let (attempts, events): (Vec<Attempt>, Vec<Event>) = ready.into_iter().unzip();
-    match embedded.save_events(events).await {
+    let (attempts, events): (Vec<Attempt>, Vec<(String, Event)>) = ready
+        .into_iter()
+        .map(|(attempt, event)| {
+            let key = delivery_key(&attempt.row);
+            (attempt, (key, event))
+        })
+        .unzip();
+    match embedded.save_deliveries(events).await {
         Ok(_) => done.extend(attempts.into_iter().map(|a| (a, Outcome::Delivered))),
         Err(HostError::InvalidArgument(_)) => {
             // One bad event must not hold back the rest: save them one at a time.
             for mut attempt in attempts {
                 let outcome = match prepare(host, &mut attempt).await {
-                    Ok(event) => match embedded.save_event(event).await {
+                    Ok(event) => match embedded
+                        .save_deliveries(vec![(delivery_key(&attempt.row), event)])
+                        .await
+                    {
                         Ok(_) => Outcome::Delivered,
                         Err(e) => classify(e),
                     },
@@ -409,6 +418,13 @@ async fn deliver_embedded(
         }
     }
     done
+}
+
+/// The key of one delivery in the embedded host's log, so a delivery repeated after a crash is
+/// logged once. Row ids are never reused within one outbox; the time of receipt tells a new
+/// outbox's rows from an old one's.
+fn delivery_key(row: &Pending) -> String {
+    format!("outbox/{}/{}", row.received.received_ms, row.id)
 }
 
 /// A remote host: one Dispatch per row, `concurrency` at a time.
@@ -728,5 +744,72 @@ mod tests {
         })
         .await;
         stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_delivery_repeated_after_a_crash_is_logged_once_by_the_embedded_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        for n in 0..3 {
+            outbox.record(record(n)).await.unwrap();
+        }
+        let keys = Arc::new(crate::crypto::Keys::from_material(&[7; 32]));
+        let embedded = EmbeddedHost::open(dir.path(), keys).unwrap();
+        let rows = outbox.pending(0, 100, 1 << 20).await.unwrap();
+        assert_eq!(rows.len(), 3);
+        let batch = |rows: &[Pending]| -> Vec<Attempt> {
+            rows.iter()
+                .map(|r| {
+                    Attempt::new(Pending {
+                        id: r.id,
+                        destination: r.destination.clone(),
+                        received: r.received.clone(),
+                    })
+                })
+                .collect()
+        };
+        // Saved, then the process dies before the outbox hears: the rows are delivered again,
+        // once in a batch and once one at a time.
+        for _ in 0..2 {
+            let outcomes = deliver_embedded(&embedded, &embedded, batch(&rows)).await;
+            assert!(
+                outcomes
+                    .iter()
+                    .all(|(_, o)| matches!(o, Outcome::Delivered))
+            );
+        }
+        let one = batch(&rows[..1]).pop().unwrap();
+        let event = prepare(&embedded, &mut Attempt::new(one.row))
+            .await
+            .ok()
+            .unwrap();
+        let again = embedded
+            .save_deliveries(vec![(delivery_key(&rows[0]), event)])
+            .await
+            .unwrap();
+        let logged = embedded
+            .list_events(crate::host::embedded::EventFilter {
+                limit: 100,
+                ascending: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(logged.len(), 3, "each delivery logged once");
+        assert_eq!(again, [logged[0].event_id.clone()], "the first id is kept");
+        // The same rows of another outbox (ids start again) are other deliveries.
+        let mut reborn = batch(&rows);
+        for attempt in &mut reborn {
+            attempt.row.received.received_ms += 60_000;
+        }
+        deliver_embedded(&embedded, &embedded, reborn).await;
+        let logged = embedded
+            .list_events(crate::host::embedded::EventFilter {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(logged.len(), 6);
     }
 }
