@@ -72,6 +72,57 @@ pub const FUNCTIONS: &[FunctionSpec] = &[
     },
 ];
 
+/// The functions as AutoKitteh describes a module (the integration descriptor's `module`).
+pub fn module() -> crate::proto::autokitteh::module::v1::Module {
+    use crate::proto::autokitteh::module::v1 as module;
+    module::Module {
+        functions: FUNCTIONS
+            .iter()
+            .map(|f| {
+                let input = f
+                    .params
+                    .iter()
+                    .map(|p| module::FunctionField {
+                        name: p.trim_end_matches('*').into(),
+                        optional: !p.ends_with('*'),
+                        ..Default::default()
+                    })
+                    .collect();
+                let function = module::Function {
+                    description: f.doc.into(),
+                    input,
+                    ..Default::default()
+                };
+                (f.name.to_string(), function)
+            })
+            .collect(),
+        variables: HashMap::new(),
+    }
+}
+
+/// What `IntegrationsService.Configure` gives a host engine for connection `cid`: one function
+/// value per function, as AutoKitteh's SDK makes them (the integration as executor, the
+/// connection id as `data`), for the host to hand to workflows and pass back to `Call`.
+pub fn configured(executor_id: &str, cid: &ConnectionId) -> HashMap<String, pb::Value> {
+    let descriptions = module().functions;
+    FUNCTIONS
+        .iter()
+        .map(|f| {
+            let value = pb::Value {
+                function: Some(pb::Function {
+                    executor_id: executor_id.into(),
+                    name: f.name.into(),
+                    desc: descriptions.get(f.name).cloned(),
+                    data: cid.to_string().into_bytes(),
+                    flags: Vec::new(),
+                }),
+                ..Default::default()
+            };
+            (f.name.to_string(), value)
+        })
+        .collect()
+}
+
 /// A failed call, as the caller's program sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallFailure {

@@ -7,7 +7,6 @@ use crate::connection::init_required;
 use crate::ids::{INTEGRATION_ID, INTEGRATION_NAME};
 use crate::proto::autokitteh::connections::v1::Capabilities;
 use crate::proto::autokitteh::integrations::v1::Integration;
-use crate::proto::autokitteh::module::v1::Module;
 
 /// Path of the connection page.
 pub const CONNECTION_PATH: &str = "/zoom/";
@@ -37,7 +36,7 @@ pub fn descriptor(config: &Config) -> Integration {
             ),
         ]),
         connection_url: CONNECTION_PATH.into(),
-        module: Some(Module::default()),
+        module: Some(crate::functions::module()),
         connection_capabilities: Some(Capabilities {
             supports_connection_test: true,
             supports_connection_init: true,

@@ -16,7 +16,6 @@ use crate::ids::ConnectionId;
 use crate::integration::is_this_integration;
 use crate::proto::autokitteh::integrations::v1::integrations_service_server::IntegrationsService;
 use crate::proto::autokitteh::integrations::v1::*;
-use crate::values;
 use crate::zoom::api::ZoomApi;
 
 /// The IntegrationsService of the `zoom` integration.
@@ -143,14 +142,10 @@ impl IntegrationsService for IntegrationsApi {
         let vars = self
             .connection_vars(&req.integration_id, &req.connection_id)
             .await?;
-        let config = public_config(&vars);
-        let values = config
-            .iter()
-            .map(|(k, v)| (k.clone(), values::string(v.clone())))
-            .collect();
+        let cid = ConnectionId::parse(&req.connection_id).map_err(ApiError::from)?;
         Ok(Response::new(ConfigureResponse {
-            config: config.into_iter().collect(),
-            values,
+            config: public_config(&vars).into_iter().collect(),
+            values: crate::functions::configured(&crate::ids::INTEGRATION_ID, &cid),
         }))
     }
 

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use zoom_integration::ids::ConnectionId;
-use zoom_integration::proto::autokitteh::integrations::v1::{CallRequest, CallResponse};
+use zoom_integration::proto::autokitteh::integrations::v1::{
+    CallRequest, CallResponse, ConfigureRequest, GetRequest,
+};
 use zoom_integration::proto::autokitteh::values::v1 as pb;
 use zoom_integration::proto::autokitteh::vars::v1 as vars;
 use zoom_integration::values::{self, to_json};
@@ -174,6 +176,70 @@ async fn named_functions_manage_meetings_and_return_zoom_values_losslessly() {
         1,
         "one refresh for every call"
     );
+}
+
+#[tokio::test]
+async fn configure_hands_out_the_functions_as_values_that_call_through_their_connection() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    let configured = app
+        .integrations()
+        .configure(ConfigureRequest {
+            integration_id: zoom_id(),
+            connection_id: cid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The module the descriptor describes, one function value each, as AutoKitteh's SDK
+    // makes them: the integration executes them, the connection id is their data.
+    let module = app
+        .integrations()
+        .get(GetRequest {
+            integration_id: zoom_id(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .integration
+        .unwrap()
+        .module
+        .unwrap();
+    let mut names: Vec<_> = configured.values.keys().cloned().collect();
+    names.sort();
+    let mut described: Vec<_> = module.functions.keys().cloned().collect();
+    described.sort();
+    assert_eq!(names, described);
+    assert!(names.contains(&"get_meeting".to_string()), "{names:?}");
+    let meeting = module.functions["get_meeting"].input.first().unwrap();
+    assert_eq!(
+        (meeting.name.as_str(), meeting.optional),
+        ("meeting_id", false)
+    );
+    for (name, value) in &configured.values {
+        let f = value.function.as_ref().expect("a function value");
+        assert_eq!(
+            (f.name.as_str(), f.executor_id.as_str(), f.data.as_slice()),
+            (name.as_str(), zoom_id().as_str(), cid.as_bytes())
+        );
+        assert!(f.desc.is_some());
+    }
+
+    // A host passes the value back to Call as it got it.
+    let user = ok(app
+        .integrations()
+        .call(CallRequest {
+            integration_id: zoom_id(),
+            function: Some(configured.values["get_user"].clone()),
+            args: vec![],
+            kwargs: HashMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(user["display_name"], USER_DISPLAY_NAME);
 }
 
 #[tokio::test]
