@@ -379,8 +379,9 @@ impl Config {
         // counts nor hides the same key in CONFIG_FILE.
         let mut merged: BTreeMap<String, String> = env
             .into_iter()
-            .filter(|(k, v)| VARIABLES.iter().any(|var| var.name == k) && !v.trim().is_empty())
+            .filter(|(k, _)| VARIABLES.iter().any(|var| var.name == k))
             .collect();
+        merged.retain(|_, v| !v.trim().is_empty());
         if let Some(path) = merged.remove("CONFIG_FILE") {
             for (key, value) in read_yaml(&path)? {
                 merged.entry(key).or_insert(value);
