@@ -666,6 +666,7 @@ fn commit_until_idle(shared: &Shared) {
             state.committing_outcome = Some(group.outcome.clone());
             group
         };
+        let mut group = group;
         let mut writer = lock(&shared.writer);
         let result = match writer.as_mut() {
             Some(writer) => writer
@@ -677,8 +678,17 @@ fn commit_until_idle(shared: &Shared) {
             None => Err("the event outbox is closed".into()),
         };
         let inserted = result.is_ok() && !group.records.is_empty();
+        // The forwarder's changes are not lost with a failed commit: they go again with the
+        // next group (deleting or dead-lettering a row twice is harmless), after a pause so a
+        // lasting failure does not spin.
+        let retry_changes = result.is_err() && writer.is_some() && !group.changes.is_empty();
         {
             let mut state = lock(&shared.state);
+            if retry_changes {
+                let mut changes = std::mem::take(&mut group.changes);
+                changes.append(&mut state.open.changes);
+                state.open.changes = changes;
+            }
             let keys = group.records.iter().map(|r| dedupe_key(&r.body_hash));
             for key in keys.clone() {
                 state.in_flight.remove(&key);
@@ -695,8 +705,15 @@ fn commit_until_idle(shared: &Shared) {
         if let Some(writer) = writer.as_mut() {
             writer.maintain(&shared.settings);
         }
+        drop(writer);
+        if retry_changes {
+            std::thread::sleep(CHANGE_RETRY_PAUSE);
+        }
     }
 }
+
+/// How long the committer waits before it tries a failed group's forwarder changes again.
+const CHANGE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     use std::os::unix::fs::PermissionsExt;
@@ -1196,6 +1213,33 @@ mod tests {
             "the retry is recorded"
         );
         assert_eq!(outbox.counts().await.unwrap(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn the_forwarders_changes_survive_a_failed_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        outbox.record(record("{\"a\":1}", &["c"])).await.unwrap();
+        let id = outbox.pending(0, 10, 1 << 20).await.unwrap()[0].id;
+        let other = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE DELETE ON outbox
+                 BEGIN SELECT RAISE(ABORT, 'the disk says no'); END;",
+            )
+            .unwrap();
+        outbox.delivered(vec![id]).await;
+        outbox.flush().await;
+        assert_eq!(outbox.counts().await.unwrap(), (1, 0), "the commit failed");
+        other.execute_batch("DROP TRIGGER refuse").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while outbox.counts().await.unwrap() != (0, 0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the delivered row was never removed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
