@@ -160,8 +160,20 @@ impl RoutingIndex {
                     Err(e @ (HostError::Unavailable(_) | HostError::Database(_))) => return Err(e),
                     // One connection that cannot be read (deleted meanwhile, a variable that
                     // does not decrypt) must not keep every other one from its webhooks.
+                    // A connection routed before keeps its route through a failure of its own
+                    // (a remote host's INTERNAL for one read): dropping it would answer its
+                    // webhooks 200 "unrouted" until the next reload, and Zoom never resends those.
+                    Err(HostError::NotFound(_)) => continue,
                     Err(e) => {
-                        tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; its webhooks are not routed until it can be read");
+                        match self.lock().routes.get(cid).cloned() {
+                            Some(previous) => {
+                                tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; it keeps its routing until it can be read");
+                                routes.insert(cid.clone(), previous);
+                            }
+                            None => {
+                                tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; its webhooks are not routed until it can be read");
+                            }
+                        }
                         continue;
                     }
                 };
@@ -337,6 +349,94 @@ mod tests {
 
     fn signed(secret: &str, body: &[u8]) -> String {
         Verifier::new(&Secret::new(secret)).sign("1", body)
+    }
+
+    /// The embedded host, except that reading `failing`'s variables fails as a remote host's
+    /// INTERNAL does.
+    struct FailingReads {
+        inner: EmbeddedHost,
+        failing: std::sync::Mutex<Option<ConnectionId>>,
+    }
+
+    #[async_trait::async_trait]
+    impl HostEngine for FailingReads {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        async fn get_vars(
+            &self,
+            scope: &ConnectionId,
+            names: &[String],
+        ) -> Result<Vec<Var>, HostError> {
+            if self.failing.lock().unwrap().as_ref() == Some(scope) {
+                return Err(HostError::Remote("Internal: database hiccup".into()));
+            }
+            self.inner.get_vars(scope, names).await
+        }
+        async fn set_vars(&self, scope: &ConnectionId, vars: Vec<Var>) -> Result<(), HostError> {
+            self.inner.set_vars(scope, vars).await
+        }
+        async fn delete_vars(
+            &self,
+            scope: &ConnectionId,
+            names: &[String],
+        ) -> Result<(), HostError> {
+            self.inner.delete_vars(scope, names).await
+        }
+        async fn find_connections(
+            &self,
+            name: &str,
+            value: &str,
+        ) -> Result<Vec<ConnectionId>, HostError> {
+            self.inner.find_connections(name, value).await
+        }
+        async fn dispatch(
+            &self,
+            event: crate::proto::autokitteh::events::v1::Event,
+        ) -> Result<String, HostError> {
+            self.inner.dispatch(event).await
+        }
+        async fn check(&self) -> Result<(), HostError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_routed_connection_keeps_its_route_through_a_failed_read_of_its_own() {
+        let (_dir, inner) = host().await;
+        let (kept, deleted) = (ConnectionId::generate(), ConnectionId::generate());
+        for cid in [&kept, &deleted] {
+            inner
+                .set_vars(
+                    cid,
+                    vec![
+                        Var::plain("auth_type", "oauthDefault"),
+                        Var::plain("account_id", "acc-A"),
+                    ],
+                )
+                .await
+                .unwrap();
+        }
+        let host = FailingReads {
+            inner,
+            failing: std::sync::Mutex::new(None),
+        };
+        let index = RoutingIndex::new(Some(Secret::new("default-secret")));
+        index.reload_all(&host).await.unwrap();
+        assert_eq!(index.snapshot().unwrap().connection_count(), 2);
+
+        // The next reload cannot read `kept` (the host hiccups), and `deleted` is gone.
+        *host.failing.lock().unwrap() = Some(kept.clone());
+        host.inner.delete_vars(&deleted, &[]).await.unwrap();
+        index.reload_all(&host).await.unwrap();
+        let snap = index.snapshot().unwrap();
+        let by_default = snap
+            .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
+            .unwrap();
+        assert_eq!(
+            snap.destinations(by_default, "acc-A"),
+            std::slice::from_ref(&kept)
+        );
     }
 
     #[tokio::test]
