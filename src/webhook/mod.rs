@@ -292,6 +292,9 @@ pub enum WebhookError {
     /// UTF-8, an unpaired surrogate escape, nesting deeper than 128).
     #[error("body cannot become an event: {0}")]
     NotAnEvent(#[source] normalize::NormalizeError),
+    /// The body did not arrive in time.
+    #[error("the body did not arrive within {} seconds", BODY_READ_TIMEOUT.as_secs())]
+    SlowBody,
     /// Too many bodies are being read at once.
     #[error("too many webhooks at once, try again later")]
     Busy,
@@ -316,6 +319,7 @@ impl IntoResponse for WebhookError {
             | WebhookError::BadPlainToken
             | WebhookError::BodyRead
             | WebhookError::NotAnEvent(_) => StatusCode::BAD_REQUEST,
+            WebhookError::SlowBody => StatusCode::REQUEST_TIMEOUT,
             WebhookError::NotReady | WebhookError::NotRecorded(_) | WebhookError::Busy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -375,6 +379,7 @@ async fn receive(
             | WebhookError::NoEvent
             | WebhookError::BadPlainToken
             | WebhookError::BodyRead
+            | WebhookError::SlowBody
             | WebhookError::NotAnEvent(_) => &counters.malformed,
         };
         counter.inc();
@@ -408,7 +413,12 @@ async fn handle(
         webhooks.settings.replay_window,
     )?;
     // Held until the answer: the body stays in memory until its commit.
-    let (body, _held) = read_body(body, declared, &webhooks.body_budget).await?;
+    let (body, _held) = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        read_body(body, declared, &webhooks.body_budget),
+    )
+    .await
+    .map_err(|_| WebhookError::SlowBody)??;
 
     let routes = webhooks.routing.snapshot().ok_or(WebhookError::NotReady)?;
     let (verified, body) = if body.len() <= VERIFY_INLINE {
@@ -509,9 +519,14 @@ fn kib(bytes: usize) -> u32 {
     bytes.div_ceil(1024).min(u32::MAX as usize) as u32
 }
 
+/// How long a webhook's body may take to arrive (Zoom sends it at once, and wants its answer
+/// within 3 seconds): a client that declares a body and sends it slowly, or never, is cut off.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Reads at most [`MAX_BODY`] bytes; a longer body is refused without reading the rest. The
-/// bytes are taken from `budget` as they come (the declared length at once): when it runs
-/// out the request is refused (503) rather than waiting.
+/// bytes are taken from `budget` as they arrive, not as declared (a client declaring 8 MiB and
+/// sending nothing holds nothing): when it runs out the request is refused (503) rather than
+/// waiting.
 async fn read_body(
     body: Body,
     declared: Option<u64>,
@@ -524,8 +539,8 @@ async fn read_body(
             .try_acquire_many_owned(kib(bytes))
             .map_err(|_| WebhookError::Busy)
     };
-    let mut held = take(expected)?;
-    let mut out = Vec::with_capacity(expected);
+    let mut held = take(0)?;
+    let mut out = Vec::with_capacity(expected.min(VERIFY_INLINE));
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|_| WebhookError::BodyRead)?;
@@ -563,9 +578,17 @@ mod tests {
         assert_eq!(budget.available_permits(), 2);
         let refused = read_body(Body::from(vec![b'x'; 3000]), None, &budget).await;
         assert!(matches!(refused, Err(WebhookError::Busy)));
-        // A declared length is taken at once.
-        let refused = read_body(Body::from(vec![b'x'; 10]), Some(3 * 1024), &budget).await;
-        assert!(matches!(refused, Err(WebhookError::Busy)));
+        // A declared length is not taken before its bytes arrive.
+        let pending = Body::from_stream(tokio_stream::pending::<
+            Result<axum::body::Bytes, std::io::Error>,
+        >());
+        let idle = tokio::time::timeout(
+            Duration::from_millis(50),
+            read_body(pending, Some(MAX_BODY as u64), &budget),
+        )
+        .await;
+        assert!(idle.is_err(), "still waiting for its bytes");
+        assert_eq!(budget.available_permits(), 2);
         drop(held);
         assert_eq!(budget.available_permits(), 4, "given back with the answer");
         let (body, _held) = read_body(Body::from(vec![b'x'; 4096]), Some(4096), &budget)

@@ -1125,3 +1125,43 @@ async fn a_stuck_outbox_database_gets_503_within_3_seconds_and_the_retry_is_forw
         "{stored:?}"
     );
 }
+
+#[tokio::test]
+async fn clients_declaring_large_bodies_and_sending_none_hold_nothing_and_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = app_with_secret().await;
+    default_connection(&app, ACCOUNT).await;
+    let url = app.url("/zoom/event");
+    post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(1)).await;
+    // Sixteen clients each declare the largest body (twice the bytes the service holds at
+    // once) and send none of it.
+    let mut idle = Vec::new();
+    for _ in 0..16 {
+        let mut stream = tokio::net::TcpStream::connect(app.http).await.unwrap();
+        let head = format!(
+            "POST /zoom/event HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nx-zm-request-timestamp: {}\r\nx-zm-signature: v0={}\r\n\r\n",
+            app.http,
+            8 << 20,
+            now(),
+            "0".repeat(64)
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        idle.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Zoom's webhooks still get through.
+    let (status, answer) =
+        post_to(&app.http_client, &url, SECRET, now(), &meeting_started(2)).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("recorded")));
+    // And the idle clients are answered 408 once the body's time is up.
+    let started = Instant::now();
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), idle[0].read(&mut answer))
+        .await
+        .expect("answered within 10 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+}
