@@ -712,6 +712,11 @@ fn commit_until_idle(shared: &Shared) {
     }
 }
 
+/// How long a statement waits for the database's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the committer's log truncation waits for readers.
+const TRUNCATE_WAIT: Duration = Duration::from_millis(50);
+
 /// How long the committer waits before it tries a failed group's forwarder changes again.
 const CHANGE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -720,7 +725,7 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     // Bodies name accounts and people: keep them to this user.
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     Ok(conn)
 }
@@ -939,11 +944,16 @@ impl Writer {
         // is never found fully copied and unused at once, so SQLite never restarts it: without
         // this it grows without bound (a soak run showed 1 GiB a minute).
         if std::fs::metadata(&self.wal).is_ok_and(|m| m.len() > settings.wal_limit) {
+            // TRUNCATE waits for readers of an older snapshot (a metrics scrape, the
+            // forwarder): the next group's webhooks wait behind it, so it waits briefly and
+            // tries again after a later group rather than for the full busy timeout.
+            let _ = self.conn.busy_timeout(TRUNCATE_WAIT);
             let truncated = self
                 .conn
                 .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                     r.get::<_, i64>(0)
                 });
+            let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
             match truncated {
                 Ok(0) => {}
                 Ok(_) => tracing::debug!("event outbox log still in use; truncating later"),
@@ -1001,6 +1011,35 @@ mod tests {
                 body: body.as_bytes().to_vec(),
             },
         }
+    }
+
+    #[tokio::test]
+    async fn a_reader_holding_an_old_snapshot_does_not_hold_up_webhooks_past_the_log_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = OutboxSettings {
+            wal_limit: 1,
+            ..OutboxSettings::default()
+        };
+        let outbox = Outbox::open(dir.path(), settings).unwrap();
+        outbox.record(record("{\"a\":0}", &["c"])).await.unwrap();
+        let reader = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT count(*) FROM outbox;")
+            .unwrap();
+        for n in 1..4 {
+            let started = std::time::Instant::now();
+            let body = format!("{{\"a\":{n}}}");
+            assert_eq!(
+                outbox.record(record(&body, &["c"])).await,
+                Ok(Recorded::New)
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+        reader.execute_batch("COMMIT").unwrap();
     }
 
     #[tokio::test]
