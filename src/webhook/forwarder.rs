@@ -103,18 +103,19 @@ struct Attempt {
     /// Not before then.
     due: Instant,
     /// Whether `app_deauthorized`'s side effect is done: it runs once, not again with every
-    /// retry of the delivery (the owner may have reconnected meanwhile).
+    /// retry of the delivery (the owner may have reconnected meanwhile). Saved with the row,
+    /// so a retry after a restart does not run it again either.
     deauthorized: bool,
 }
 
 impl Attempt {
     fn new(row: Pending) -> Self {
         Self {
+            deauthorized: row.side_effect_done,
             row,
             failures: 0,
             first_failed: None,
             due: Instant::now(),
-            deauthorized: false,
         }
     }
 }
@@ -266,6 +267,13 @@ pub async fn run(
         let mut why_failed = None;
         let now = Instant::now();
         for (mut attempt, outcome) in results {
+            if attempt.deauthorized
+                && !attempt.row.side_effect_done
+                && !matches!(outcome, Outcome::Delivered)
+            {
+                attempt.row.side_effect_done = true;
+                outbox.side_effect_done(attempt.row.id).await;
+            }
             let why = match outcome {
                 Outcome::Delivered => {
                     delivered.push(attempt.row.id);
@@ -758,15 +766,7 @@ mod tests {
         let rows = outbox.pending(0, 100, 1 << 20).await.unwrap();
         assert_eq!(rows.len(), 3);
         let batch = |rows: &[Pending]| -> Vec<Attempt> {
-            rows.iter()
-                .map(|r| {
-                    Attempt::new(Pending {
-                        id: r.id,
-                        destination: r.destination.clone(),
-                        received: r.received.clone(),
-                    })
-                })
-                .collect()
+            rows.iter().map(|r| Attempt::new(r.clone())).collect()
         };
         // Saved, then the process dies before the outbox hears: the rows are delivered again,
         // once in a batch and once one at a time.

@@ -78,6 +78,9 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO dedupe_keys (expires_ms, keys)
         SELECT expires_ms, substr(hash, 1, 8) FROM dedupe ORDER BY expires_ms;
     DROP TABLE dedupe;",
+    // 4: whether a row's side effect in the host (app_deauthorized's) is done, so a delivery
+    // retried after a restart does not do it again.
+    "ALTER TABLE outbox ADD COLUMN side_effect_done INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Knobs of the outbox; the defaults suit production and tests alike.
@@ -187,6 +190,8 @@ pub struct Pending {
     pub destination: String,
     /// The webhook.
     pub received: Received,
+    /// Whether the event's side effect in the host is done (see [`Outbox::side_effect_done`]).
+    pub side_effect_done: bool,
 }
 
 /// Handle of the outbox: cheap to clone.
@@ -260,6 +265,8 @@ enum Change {
     Delivered(Vec<i64>),
     /// A row the host refused for good.
     Failed { id: i64, error: String },
+    /// A row whose side effect in the host is done.
+    SideEffectDone(i64),
 }
 
 /// The outcome of one group's commit, which all its requests wait for.
@@ -516,8 +523,8 @@ impl Outbox {
     ) -> Result<Vec<Pending>, RecordError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT id, destination, received_ms, event_type, memo, body FROM outbox
-                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+                "SELECT id, destination, received_ms, event_type, memo, body, side_effect_done
+                 FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
             )?;
             let mut rows = stmt.query(params![after_id, max_rows as i64])?;
             let (mut out, mut bytes) = (Vec::new(), 0usize);
@@ -534,6 +541,7 @@ impl Outbox {
                         memo: serde_json::from_str(&memo).unwrap_or_default(),
                         body,
                     },
+                    side_effect_done: row.get(6)?,
                 });
                 if bytes >= max_bytes {
                     break;
@@ -583,6 +591,12 @@ impl Outbox {
     /// Moves a row the host engine refused for good to `dead_letters`, with the reason.
     pub async fn failed(&self, id: i64, error: String) {
         self.change(Change::Failed { id, error });
+    }
+
+    /// Notes that a row's side effect in the host is done (with the next group), so a
+    /// delivery retried after a restart does not do it again.
+    pub async fn side_effect_done(&self, id: i64) {
+        self.change(Change::SideEffectDone(id));
     }
 
     fn change(&self, change: Change) {
@@ -897,6 +911,8 @@ impl Writer {
                  SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3
                  FROM outbox WHERE id = ?1",
             )?;
+            let mut mark =
+                tx.prepare_cached("UPDATE outbox SET side_effect_done = 1 WHERE id = ?1")?;
             for change in &group.changes {
                 match change {
                     Change::Delivered(ids) => {
@@ -916,6 +932,9 @@ impl Writer {
                     Change::Failed { id, error } => {
                         dead.execute(params![id, now, error])?;
                         delete.execute([id])?;
+                    }
+                    Change::SideEffectDone(id) => {
+                        mark.execute([id])?;
                     }
                 }
             }

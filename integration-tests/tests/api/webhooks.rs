@@ -914,17 +914,30 @@ async fn app_deauthorized_by_one_user_leaves_another_user_s_connection_on_the_ac
 
 #[tokio::test]
 async fn a_retried_app_deauthorized_does_not_undo_a_reconnect_made_meanwhile() {
+    retried_app_deauthorized_after_a_reconnect(false).await;
+}
+
+#[tokio::test]
+async fn an_app_deauthorized_retried_after_a_restart_does_not_undo_a_reconnect_made_meanwhile() {
+    retried_app_deauthorized_after_a_reconnect(true).await;
+}
+
+/// `app_deauthorized` whose Dispatch fails until the owner has reconnected; with `restart`, the
+/// service is restarted (same data directory) before the retry that succeeds.
+async fn retried_app_deauthorized_after_a_reconnect(restart: bool) {
+    let dir = tempfile::tempdir().unwrap();
     let host = FakeHost::start().await;
     let cid = ConnectionId::generate().to_string();
     host.put(var(&cid, "auth_type", "oauthDefault", false));
     host.put(var(&cid, "account_id", ACCOUNT, false));
     host.put(var(&cid, "oauth_refresh_token", "refresh-before", true));
     host.state.lock().unwrap().fail_dispatch = true;
-    let app = spawn_app_with(&[
-        ("HOST_ENGINE_URL", &host.url()),
-        ("ZOOM_SECRET_TOKEN", SECRET),
-    ])
-    .await;
+    let env = [
+        ("HOST_ENGINE_URL", host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET.into()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut app = crate::helpers::spawn_app_in(dir.path(), &env).await;
     let body = fixture("app_deauthorized");
     post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
     let stored = |name: &str| {
@@ -956,6 +969,10 @@ async fn a_retried_app_deauthorized_does_not_undo_a_reconnect_made_meanwhile() {
         true,
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
+    if restart {
+        app.stop().await.unwrap();
+        app = crate::helpers::spawn_app_in(dir.path(), &env).await;
+    }
     host.state.lock().unwrap().fail_dispatch = false;
     let deadline = Instant::now() + Duration::from_secs(20);
     while host.state.lock().unwrap().dispatched.is_empty() {
