@@ -16,6 +16,9 @@ pub struct Metrics {
     pub webhooks: IntCounterVec,
     /// `zoom_webhooks_verified_total`: requests whose signature checked out.
     pub webhooks_verified: IntCounter,
+    /// `zoom_webhook_checks_offloaded_total`: signature checks too costly for a request's own
+    /// thread (a large body, or a body no likely secret signed), run on the blocking pool.
+    pub webhook_checks_offloaded: IntCounter,
     /// `zoom_deliveries_total{result}`: delivered, retried, dead_letter.
     pub deliveries: IntCounterVec,
     /// `zoom_outbox_depth`: undelivered (event, connection) pairs.
@@ -95,6 +98,11 @@ impl Metrics {
             "Webhooks whose signature checked out.",
         )
         .expect("valid metric");
+        let webhook_checks_offloaded = IntCounter::new(
+            "zoom_webhook_checks_offloaded_total",
+            "Webhook signature checks run on the blocking pool: large bodies, or bodies no likely secret signed.",
+        )
+        .expect("valid metric");
         let outbox_depth = IntGauge::new(
             "zoom_outbox_depth",
             "Undelivered (event, connection) pairs in the outbox.",
@@ -107,6 +115,7 @@ impl Metrics {
         .expect("valid metric");
         for metric in [
             Box::new(webhooks_verified.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(webhook_checks_offloaded.clone()),
             Box::new(outbox_depth.clone()),
             Box::new(outbox_oldest_age.clone()),
         ] {
@@ -116,6 +125,7 @@ impl Metrics {
             registry,
             webhooks,
             webhooks_verified,
+            webhook_checks_offloaded,
             deliveries,
             outbox_depth,
             outbox_oldest_age,

@@ -39,7 +39,7 @@ use crate::host::embedded::EmbeddedHost;
 use crate::metrics::Metrics;
 use crate::webhook::normalize::Received;
 use crate::webhook::outbox::{Outbox, OutboxSettings, Record, RecordError, Recorded};
-use crate::webhook::routing::RoutingIndex;
+use crate::webhook::routing::{RoutingIndex, Snapshot, VerifiedBy};
 
 /// The path Zoom posts webhooks to.
 pub const PATH: &str = "/zoom/event";
@@ -96,6 +96,8 @@ impl Settings {
 pub struct Counters {
     /// Requests whose signature checked out.
     pub verified: IntCounter,
+    /// Signature checks run on the blocking pool.
+    pub checks_offloaded: IntCounter,
     /// Refused: a bad or missing signature.
     pub bad_signature: IntCounter,
     /// Refused: a timestamp outside the replay window (or none).
@@ -129,6 +131,7 @@ impl Counters {
         let deliveries = |result: &str| metrics.deliveries.with_label_values(&[result]);
         Self {
             verified: metrics.webhooks_verified.clone(),
+            checks_offloaded: metrics.webhook_checks_offloaded.clone(),
             bad_signature: webhooks("bad_signature"),
             stale: webhooks("stale"),
             too_large: webhooks("too_large"),
@@ -151,6 +154,9 @@ pub struct Webhooks {
     pub routing: Arc<RoutingIndex>,
     /// KiB of bodies being read, checked or recorded at once (see [`Settings::body_budget`]).
     body_budget: Arc<Semaphore>,
+    /// Signature checks too costly for a request's own thread running on the blocking pool at
+    /// once: half the cores, at least one.
+    heavy_checks: Arc<Semaphore>,
     /// The durable record of accepted events.
     pub outbox: Outbox,
     /// What happened so far.
@@ -168,6 +174,9 @@ impl Webhooks {
             outbox: Outbox::open(&config.data_dir, settings.outbox.clone())?,
             counters: Arc::new(Counters::new(metrics)),
             body_budget: Arc::new(Semaphore::new(kib(settings.body_budget) as usize)),
+            heavy_checks: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            )),
             settings,
         })
     }
@@ -421,20 +430,12 @@ async fn handle(
     .map_err(|_| WebhookError::SlowBody)??;
 
     let routes = webhooks.routing.snapshot().ok_or(WebhookError::NotReady)?;
-    let (verified, body) = if body.len() <= VERIFY_INLINE {
-        (routes.verify(signature, timestamp, &body), body)
-    } else {
-        // Hashing megabytes once per secret would hold up every request on this worker.
-        let (routes, signature, timestamp) =
-            (routes.clone(), signature.to_vec(), timestamp.to_vec());
-        tokio::task::spawn_blocking(move || (routes.verify(&signature, &timestamp, &body), body))
-            .await
-            .map_err(|_| WebhookError::BodyRead)?
-    };
+    let (verified, head, body) =
+        check_signature(webhooks, &routes, signature, timestamp, body).await?;
     let verified = verified.ok_or(WebhookError::BadSignature)?;
     webhooks.counters.verified.inc();
 
-    let head: Head = serde_json::from_slice(&body).map_err(|_| WebhookError::NotJson)?;
+    let head = head.ok_or(WebhookError::NotJson)?;
     let event = match head.event {
         Some(serde_json::Value::String(e)) if !e.is_empty() => e,
         _ => return Err(WebhookError::NoEvent),
@@ -510,9 +511,81 @@ fn accepted(status: &'static str) -> Response {
     axum::Json(json!({ "status": status })).into_response()
 }
 
-/// Bodies up to this size are verified on the request's own thread; larger ones on the
+/// Bodies up to this size are parsed on the request's own thread; larger ones on the
 /// blocking pool.
 const VERIFY_INLINE: usize = 64 << 10;
+
+/// Bytes hashed at most on the request's own thread while looking for the secret that signed
+/// a webhook (about 150 µs); the secrets beyond it are tried on the blocking pool.
+const INLINE_HASHING: usize = 64 << 10;
+
+/// How long a check that needs the blocking pool waits for its turn before the webhook is
+/// answered 503 (Zoom retries it), well inside Zoom's 3 seconds.
+const HEAVY_CHECK_WAIT: Duration = Duration::from_secs(1);
+
+/// The head of a body (`None` if it is not JSON shaped like a webhook) and the secret that
+/// signed it, if any. A webhook is tried first against the secrets likeliest to have signed
+/// it (see [`Snapshot::candidates`]); what costs more than [`INLINE_HASHING`] (a large body,
+/// a body no likely secret signed while many private apps are connected) runs on the blocking
+/// pool, a few at a time ([`Webhooks::heavy_checks`]), so forged requests cannot hold up the
+/// threads that answer Zoom.
+async fn check_signature(
+    webhooks: &Webhooks,
+    routes: &Arc<Snapshot>,
+    signature: &[u8],
+    timestamp: &[u8],
+    body: Vec<u8>,
+) -> Result<(Option<VerifiedBy>, Option<Head>, Vec<u8>), WebhookError> {
+    // Secrets tried here, and the head if it was parsed here.
+    let (tried, head) = if body.len() <= VERIFY_INLINE {
+        let head = parse_head(&body);
+        let inline = INLINE_HASHING / (body.len() + timestamp.len() + 4);
+        let found = routes.verify_among(
+            routes.candidates(account_hint(head.as_ref())).take(inline),
+            signature,
+            timestamp,
+            &body,
+        );
+        if found.is_some() || inline >= routes.secret_count() {
+            return Ok((found, head, body));
+        }
+        (inline, Some(head))
+    } else {
+        (0, None)
+    };
+    let permit = tokio::time::timeout(
+        HEAVY_CHECK_WAIT,
+        webhooks.heavy_checks.clone().acquire_owned(),
+    )
+    .await
+    .map_err(|_| WebhookError::Busy)?
+    .map_err(|_| WebhookError::Busy)?;
+    webhooks.counters.checks_offloaded.inc();
+    let (routes, signature, timestamp) = (routes.clone(), signature.to_vec(), timestamp.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let head = head.unwrap_or_else(|| parse_head(&body));
+        let candidates = routes.candidates(account_hint(head.as_ref())).skip(tried);
+        let found = routes.verify_among(candidates, &signature, &timestamp, &body);
+        (found, head, body)
+    })
+    .await
+    .map_err(|_| WebhookError::BodyRead)
+}
+
+/// The head of a webhook body, or `None` if it is not JSON shaped like one.
+fn parse_head(body: &[u8]) -> Option<Head> {
+    serde_json::from_slice(body).ok()
+}
+
+/// The `payload.account_id` a body names, before anything is known of who signed it: it only
+/// orders the secrets tried.
+fn account_hint(head: Option<&Head>) -> Option<&str> {
+    match head?.payload.as_ref()?.account_id.as_ref()? {
+        serde_json::Value::String(a) => Some(a),
+        _ => None,
+    }
+}
 
 /// Whole KiB, rounded up: the budget's unit.
 fn kib(bytes: usize) -> u32 {

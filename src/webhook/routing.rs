@@ -39,6 +39,10 @@ struct SecretRoutes {
 /// What requests read: every distinct secret with its connections by account.
 pub struct Snapshot {
     secrets: Vec<SecretRoutes>,
+    /// For each account id, the secrets (indexes into `secrets`) with a connection on it.
+    secrets_by_account: HashMap<String, Vec<usize>>,
+    /// Whether `secrets[0]` is the default app's, which may sign a webhook of any account.
+    has_default: bool,
     connections: usize,
 }
 
@@ -47,17 +51,40 @@ pub struct Snapshot {
 pub struct VerifiedBy(usize);
 
 impl Snapshot {
-    /// Which secret signed `body` with `signature` and `timestamp`, if any.
+    /// Which secret signed `body` with `signature` and `timestamp`, if any (every secret tried).
     pub fn verify(&self, signature: &[u8], timestamp: &[u8], body: &[u8]) -> Option<VerifiedBy> {
-        // Every secret is tried, even after a match, so the time taken does not tell which
-        // secret (or whether any) matched.
-        let mut found = None;
-        for (i, s) in self.secrets.iter().enumerate() {
-            if s.verifier.verifies(signature, timestamp, body) && found.is_none() {
-                found = Some(VerifiedBy(i));
-            }
-        }
-        found
+        self.verify_among(self.candidates(None), signature, timestamp, body)
+    }
+
+    /// Every secret once, the likeliest to have signed a webhook that names `account_id` first:
+    /// the default app's and those with a connection on that account. A forged body then costs
+    /// one HMAC per secret only when it also misses those.
+    pub fn candidates(&self, account_id: Option<&str>) -> impl Iterator<Item = VerifiedBy> + '_ {
+        let default = self.has_default.then_some(0);
+        let likely: &[usize] = account_id
+            .and_then(|a| self.secrets_by_account.get(a))
+            .map_or(&[], Vec::as_slice);
+        let is_likely = move |i: &usize| default == Some(*i) || likely.contains(i);
+        default
+            .into_iter()
+            .chain(likely.iter().copied().filter(move |&i| default != Some(i)))
+            .chain((0..self.secrets.len()).filter(move |i| !is_likely(i)))
+            .map(VerifiedBy)
+    }
+
+    /// The first of `candidates` whose secret signed `body` with `signature` and `timestamp`.
+    pub fn verify_among(
+        &self,
+        candidates: impl IntoIterator<Item = VerifiedBy>,
+        signature: &[u8],
+        timestamp: &[u8],
+        body: &[u8],
+    ) -> Option<VerifiedBy> {
+        candidates.into_iter().find(|by| {
+            self.secrets[by.0]
+                .verifier
+                .verifies(signature, timestamp, body)
+        })
     }
 
     /// The verifier of the secret that verified a request.
@@ -263,43 +290,52 @@ impl RoutingIndex {
     }
 
     fn publish(&self, table: &Table) {
-        let mut secrets: Vec<(Secret, SecretRoutes)> = Vec::new();
+        let mut secrets: Vec<SecretRoutes> = Vec::new();
+        // Each distinct secret's index in `secrets`.
+        let mut index: HashMap<&str, usize> = HashMap::new();
         // The default secret verifies requests (URL validation) even with no connection.
         if let Some(default) = &self.default_secret {
-            secrets.push((
-                default.clone(),
-                SecretRoutes {
-                    verifier: Verifier::new(default),
-                    scope_tag: None,
-                    by_account: HashMap::new(),
-                },
-            ));
+            secrets.push(SecretRoutes {
+                verifier: Verifier::new(default),
+                scope_tag: None,
+                by_account: HashMap::new(),
+            });
+            index.insert(default.expose(), 0);
         }
+        let mut secrets_by_account: HashMap<String, Vec<usize>> = HashMap::new();
         for (cid, route) in &table.routes {
-            let i = match secrets.iter().position(|(s, _)| *s == route.secret) {
-                Some(i) => i,
-                None => {
-                    secrets.push((
-                        route.secret.clone(),
-                        SecretRoutes {
-                            scope_tag: Some(Verifier::new(&route.secret).scope_tag()),
-                            verifier: Verifier::new(&route.secret),
-                            by_account: HashMap::new(),
-                        },
-                    ));
-                    secrets.len() - 1
-                }
-            };
-            let list = secrets[i]
-                .1
+            let i = *index.entry(route.secret.expose()).or_insert_with(|| {
+                let verifier = Verifier::new(&route.secret);
+                secrets.push(SecretRoutes {
+                    scope_tag: Some(verifier.scope_tag()),
+                    verifier,
+                    by_account: HashMap::new(),
+                });
+                secrets.len() - 1
+            });
+            secrets[i]
                 .by_account
                 .entry(route.account_id.clone())
-                .or_default();
-            list.push(cid.clone());
-            list.sort();
+                .or_default()
+                .push(cid.clone());
+            secrets_by_account
+                .entry(route.account_id.clone())
+                .or_default()
+                .push(i);
+        }
+        for routes in &mut secrets {
+            for list in routes.by_account.values_mut() {
+                list.sort();
+            }
+        }
+        for list in secrets_by_account.values_mut() {
+            list.sort_unstable();
+            list.dedup();
         }
         let snapshot = Snapshot {
-            secrets: secrets.into_iter().map(|(_, r)| r).collect(),
+            secrets,
+            secrets_by_account,
+            has_default: self.default_secret.is_some(),
             connections: table.routes.len(),
         };
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
@@ -541,6 +577,69 @@ mod tests {
             .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
             .unwrap();
         assert!(snap.destinations(by_default, "acc-B").is_empty());
+    }
+
+    #[tokio::test]
+    async fn candidates_are_every_secret_once_the_default_and_the_account_s_first() {
+        let (_dir, host) = host().await;
+        for (account, secret) in [
+            ("acc-A", "s1"),
+            ("acc-B", "s2"),
+            ("acc-A", "s3"),
+            ("acc-C", "s2"),
+        ] {
+            host.set_vars(
+                &ConnectionId::generate(),
+                vec![
+                    Var::plain("auth_type", "oauthPrivate"),
+                    Var::plain("account_id", account),
+                    Var::secret("private_secret_token", secret),
+                ],
+            )
+            .await
+            .unwrap();
+        }
+        for default in [Some("default-secret"), None] {
+            let index = RoutingIndex::new(default.map(Secret::new));
+            index.reload_all(&host).await.unwrap();
+            let snap = index.snapshot().unwrap();
+            // Which secret each candidate is, by what it signs.
+            let names = |account: Option<&str>| -> Vec<&str> {
+                snap.candidates(account)
+                    .map(|by| {
+                        ["default-secret", "s1", "s2", "s3"]
+                            .into_iter()
+                            .find(|s| {
+                                snap.verify_among([by], signed(s, b"x").as_bytes(), b"1", b"x")
+                                    .is_some()
+                            })
+                            .unwrap()
+                    })
+                    .collect()
+            };
+            let with_default = |rest: &[&'static str]| -> Vec<&'static str> {
+                default.into_iter().chain(rest.iter().copied()).collect()
+            };
+            let mut all = names(None);
+            assert_eq!(all.len(), snap.secret_count());
+            all.sort();
+            let mut expected = with_default(&["s1", "s2", "s3"]);
+            expected.sort();
+            assert_eq!(all, expected, "each secret once");
+
+            let first = |account| names(Some(account))[..].to_vec();
+            let a = first("acc-A");
+            assert_eq!(a.len(), snap.secret_count());
+            let likely = with_default(&[]).len() + 2;
+            let mut head = a[..likely].to_vec();
+            head.sort();
+            let mut expected = with_default(&["s1", "s3"]);
+            expected.sort();
+            assert_eq!(head, expected);
+            assert_eq!(&a[likely..], ["s2"]);
+            assert_eq!(first("acc-C")[..likely - 1], with_default(&["s2"])[..]);
+            assert_eq!(first("nobody").len(), snap.secret_count());
+        }
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use crate::helpers::{TestApp, spawn_app_with, var, zoom_id};
 use crate::webhooks::{ACCOUNT, SECRET, now, post_to, post_until_recorded};
 
 /// The value of the sample `name{labels}` (labels as written, sorted by name), or 0.
-fn sample(text: &str, name_and_labels: &str) -> f64 {
+pub(crate) fn sample(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
         .find_map(|line| {
             line.strip_prefix(name_and_labels)
@@ -24,7 +24,7 @@ fn sample(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn scrape(app: &TestApp) -> String {
+pub(crate) async fn scrape(app: &TestApp) -> String {
     let response = app.get("/metrics").await;
     assert_eq!(response.status(), 200);
     assert!(

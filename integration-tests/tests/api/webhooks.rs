@@ -621,6 +621,80 @@ async fn url_validation_is_answered_with_the_secret_that_signed_it() {
 }
 
 #[tokio::test]
+async fn with_many_private_apps_a_webhook_is_checked_first_against_its_account_s_secrets() {
+    // 300 private apps, each with its own secret and account: far more secrets than a request's
+    // own thread tries on a 1 KiB body.
+    let host = FakeHost::start().await;
+    let apps: Vec<(String, String, String)> = (0..300)
+        .map(|n| {
+            let cid = ConnectionId::generate().to_string();
+            let (account, secret) = (format!("acc-{n}"), format!("private-secret-{n}"));
+            host.put(var(&cid, "auth_type", "oauthPrivate", false));
+            host.put(var(&cid, "account_id", &account, false));
+            host.put(var(&cid, "private_secret_token", &secret, true));
+            (cid, account, secret)
+        })
+        .collect();
+    let app = spawn_app_with(&[
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ])
+    .await;
+    let url = app.url("/zoom/event");
+    let offloaded = async || {
+        let text = crate::metrics::scrape(&app).await;
+        crate::metrics::sample(&text, "zoom_webhook_checks_offloaded_total")
+    };
+    // About 1 KiB each, as Zoom's are.
+    let event = |account: &str, n: u64| {
+        json!({"event": "meeting.started", "event_ts": n,
+               "payload": {"account_id": account,
+                           "object": {"id": n.to_string(), "topic": "Ø".repeat(500)}}})
+        .to_string()
+        .into_bytes()
+    };
+    // Each app's webhooks for its own account are found among the likely secrets.
+    for (i, (_, account, secret)) in apps.iter().enumerate().step_by(60) {
+        post_until_recorded(&app.http_client, &url, secret, &event(account, i as u64)).await;
+    }
+    assert_eq!(offloaded().await, 0.0);
+
+    // A forged body costs every secret: tried off the request's thread, and refused.
+    let (status, _) = post_to(&app.http_client, &url, "forged", now(), &event("acc-7", 1)).await;
+    assert_eq!(status, 401);
+    assert_eq!(offloaded().await, 1.0);
+    // An app's secret on a body for an account it has no connection on still verifies (off the
+    // request's thread): nothing wants it, and it is answered 200, not 401.
+    let (status, answer) = post_to(
+        &app.http_client,
+        &url,
+        &apps[250].2,
+        now(),
+        &event("acc-3", 2),
+    )
+    .await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("unrouted")));
+    assert_eq!(offloaded().await, 2.0);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.state.lock().unwrap().dispatched.len() < 5 {
+        assert!(Instant::now() < deadline, "not all dispatched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dispatched = host.state.lock().unwrap().dispatched.clone();
+    let destinations: BTreeSet<String> = dispatched
+        .iter()
+        .map(|e| e.destination_id.clone())
+        .collect();
+    let expected: BTreeSet<String> = apps
+        .iter()
+        .step_by(60)
+        .map(|(cid, _, _)| cid.clone())
+        .collect();
+    assert_eq!(destinations, expected);
+}
+
+#[tokio::test]
 async fn a_body_sent_again_within_the_window_is_forwarded_once() {
     let app = app_with_secret().await;
     default_connection(&app, ACCOUNT).await;
@@ -937,7 +1011,7 @@ async fn retried_app_deauthorized_after_a_reconnect(restart: bool) {
         ("ZOOM_SECRET_TOKEN", SECRET.into()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut app = crate::helpers::spawn_app_in(dir.path(), &env).await;
+    let app = crate::helpers::spawn_app_in(dir.path(), &env).await;
     let body = fixture("app_deauthorized");
     post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
     let stored = |name: &str| {
@@ -969,10 +1043,13 @@ async fn retried_app_deauthorized_after_a_reconnect(restart: bool) {
         true,
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    if restart {
+    // Kept running until the end.
+    let _app = if restart {
         app.stop().await.unwrap();
-        app = crate::helpers::spawn_app_in(dir.path(), &env).await;
-    }
+        crate::helpers::spawn_app_in(dir.path(), &env).await
+    } else {
+        app
+    };
     host.state.lock().unwrap().fail_dispatch = false;
     let deadline = Instant::now() + Duration::from_secs(20);
     while host.state.lock().unwrap().dispatched.is_empty() {
