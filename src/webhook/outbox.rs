@@ -23,10 +23,11 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::Notify;
 
 use crate::webhook::journal;
@@ -220,6 +221,8 @@ struct Shared {
     reader: Mutex<Option<Connection>>,
     /// Notified after a commit that inserted rows.
     committed: Notify,
+    /// Rows in `outbox` (undelivered pairs) as of the last commit.
+    rows: AtomicU64,
     settings: OutboxSettings,
 }
 
@@ -413,6 +416,11 @@ impl Outbox {
         let mut keys = Keys::new(settings.dedupe_window);
         load_keys(&conn, &mut keys, settings.dedupe_window).map_err(err)?;
         let reader = open_connection(&path).map_err(err)?;
+        // Counted once here; the committer keeps the count from then on, so a metrics scrape
+        // does not walk a large backlog.
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+            .map_err(err)?;
         let writer = Writer {
             conn,
             wal: wal_path(&path),
@@ -432,6 +440,7 @@ impl Outbox {
             }),
             writer: Mutex::new(Some(writer)),
             reader: Mutex::new(Some(reader)),
+            rows: AtomicU64::new(rows as u64),
             committed: Notify::new(),
             settings,
         });
@@ -639,18 +648,21 @@ impl Outbox {
         self.shared.committed.notified().await;
     }
 
-    /// How many pairs wait for delivery, and when the oldest was received (Unix ms).
-    /// Ids grow with time, so the oldest is the lowest id: no scan.
+    /// How many pairs wait for delivery (as of the last commit, counted in memory), and when
+    /// the oldest was received (Unix ms). Ids grow with time, so the oldest is the lowest id:
+    /// no scan.
     pub async fn depth(&self) -> Result<(u64, Option<i64>), RecordError> {
-        self.read(|conn| {
-            conn.query_row(
-                "SELECT (SELECT count(*) FROM outbox),
-                        (SELECT received_ms FROM outbox ORDER BY id LIMIT 1)",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?)),
-            )
-        })
-        .await
+        let oldest = self
+            .read(|conn| {
+                conn.query_row(
+                    "SELECT received_ms FROM outbox ORDER BY id LIMIT 1",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+            })
+            .await?;
+        Ok((self.shared.rows.load(Ordering::Relaxed), oldest))
     }
 
     /// Counts of undelivered rows and dead letters.
@@ -691,6 +703,14 @@ fn commit_until_idle(shared: &Shared) {
                 }),
             None => Err("the event outbox is closed".into()),
         };
+        if let Ok(added) = result {
+            // Only the committer changes it: a plain read and store.
+            let rows = shared.rows.load(Ordering::Relaxed) as i64;
+            shared
+                .rows
+                .store((rows + added).max(0) as u64, Ordering::Relaxed);
+        }
+        let result = result.map(|_| ());
         let inserted = result.is_ok() && !group.records.is_empty();
         // The forwarder's changes are not lost with a failed commit: they go again with the
         // next group (deleting or dead-lettering a row twice is harmless), after a pause so a
@@ -895,13 +915,19 @@ struct Writer {
 }
 
 impl Writer {
-    /// One transaction for a group.
-    fn commit(&mut self, group: &Group, window: Duration) -> rusqlite::Result<()> {
+    /// One transaction for a group; how many rows it added to `outbox` (fewer than none when
+    /// more were delivered).
+    fn commit(&mut self, group: &Group, window: Duration) -> rusqlite::Result<i64> {
         let now = crate::db::now_ms();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         insert_records(&tx, group.records.iter(), window)?;
+        let mut added: i64 = group
+            .records
+            .iter()
+            .map(|r| r.destinations.len() as i64)
+            .sum();
         {
             let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
             let mut delete_range =
@@ -925,13 +951,13 @@ impl Writer {
                             while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
                                 j += 1;
                             }
-                            delete_range.execute([ids[i], ids[j]])?;
+                            added -= delete_range.execute([ids[i], ids[j]])? as i64;
                             i = j + 1;
                         }
                     }
                     Change::Failed { id, error } => {
                         dead.execute(params![id, now, error])?;
-                        delete.execute([id])?;
+                        added -= delete.execute([id])? as i64;
                     }
                     Change::SideEffectDone(id) => {
                         mark.execute([id])?;
@@ -943,7 +969,7 @@ impl Writer {
         // Bodies, their rows' other columns and index entries, and the pages deletes touch.
         self.unchecked +=
             (group.bytes + 256 * group.records.len() + 4096 * group.changes.len()) as u64;
-        Ok(())
+        Ok(added)
     }
 
     /// Between groups: keep the WAL bounded and purge expired deduplication keys.
@@ -1162,6 +1188,41 @@ mod tests {
         outbox.failed(pending[2].id, "refused".into()).await;
         outbox.flush().await;
         assert_eq!(outbox.counts().await.unwrap(), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn the_depth_counted_in_memory_follows_records_deliveries_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let depth = async |outbox: &Outbox| {
+            let (rows, _) = outbox.counts().await.unwrap();
+            let (depth, oldest) = outbox.depth().await.unwrap();
+            assert_eq!(depth, rows, "the count in memory is the table's");
+            (depth, oldest.is_some())
+        };
+        {
+            let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+            assert_eq!(depth(&outbox).await, (0, false));
+            outbox
+                .record(record("{\"a\":1}", &["c1", "c2", "c3"]))
+                .await
+                .unwrap();
+            outbox.record(record("{\"a\":1}", &["c1"])).await.unwrap();
+            outbox.record(record("{\"a\":2}", &["c1"])).await.unwrap();
+            assert_eq!(depth(&outbox).await, (4, true));
+            let pending = outbox.pending(0, 100, usize::MAX).await.unwrap();
+            // Delivered twice (a retry after a lost answer) and a row that is gone already.
+            let ids = vec![pending[0].id, pending[1].id, pending[0].id, 999];
+            outbox.delivered(ids).await;
+            outbox.failed(pending[2].id, "refused".into()).await;
+            outbox.flush().await;
+            assert_eq!(depth(&outbox).await, (1, true));
+        }
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        assert_eq!(depth(&outbox).await, (1, true));
+        let pending = outbox.pending(0, 100, usize::MAX).await.unwrap();
+        outbox.delivered(vec![pending[0].id]).await;
+        outbox.flush().await;
+        assert_eq!(depth(&outbox).await, (0, false));
     }
 
     #[tokio::test]
