@@ -77,6 +77,9 @@ struct Slot {
     unsaved: Option<Vec<Var>>,
     /// Set once Zoom refused the refresh token; cleared by [`Credentials::set_up_again`].
     broken: Option<String>,
+    /// The last access token Zoom answered 401 to: never handed out again, even while the
+    /// stored expiry says it is fresh.
+    rejected: Option<Secret>,
 }
 
 /// Access tokens for every connection, refreshed once at a time.
@@ -118,11 +121,19 @@ impl Credentials {
         slots.entry(cid.clone()).or_default().clone()
     }
 
-    /// Stops using the access token cached for `cid` (Zoom answered 401 with it): the next
-    /// caller reads the connection from the host engine again. Waits for a token request in
-    /// flight rather than starting a second one beside it; tokens not yet saved are kept.
-    pub async fn drop_cached(&self, cid: &ConnectionId) {
-        self.slot(cid).lock().await.cached = None;
+    /// Stops using `token` for `cid` (Zoom answered 401 with it: revoked, or the app was
+    /// deauthorized): the next caller reads the connection from the host engine again, and an
+    /// OAuth connection whose stored token is still this one is refreshed, however fresh its
+    /// expiry says it is. Waits for a token request in flight rather than starting a second one
+    /// beside it; a token obtained since (another caller's 401 came first) is kept, and so are
+    /// tokens not yet saved.
+    pub async fn reject(&self, cid: &ConnectionId, token: &Secret) {
+        let slot = self.slot(cid);
+        let mut slot = slot.lock().await;
+        if slot.cached.as_ref().is_some_and(|a| a.token == *token) {
+            slot.cached = None;
+        }
+        slot.rejected = Some(token.clone());
     }
 
     /// Runs `save`, which stores a new setup of `cid`, while no token request for `cid` is in
@@ -330,11 +341,17 @@ impl Source {
                     .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
                     .map(|e| e.with_timezone(&Utc));
                 match (get(vars::OAUTH_ACCESS_TOKEN), stored_expiry) {
-                    (Some(token), Some(expires_at)) if !force && fresh(expires_at) => Access {
-                        token: Secret::new(token),
-                        auth_type,
-                        expires_at,
-                    },
+                    (Some(token), Some(expires_at))
+                        if !force
+                            && fresh(expires_at)
+                            && slot.rejected.as_ref().is_none_or(|r| r.expose() != token) =>
+                    {
+                        Access {
+                            token: Secret::new(token),
+                            auth_type,
+                            expires_at,
+                        }
+                    }
                     _ => {
                         let refresh = get(vars::OAUTH_REFRESH_TOKEN).ok_or_else(|| {
                             CredentialError::Broken(

@@ -416,7 +416,7 @@ impl Functions {
         if answer.status == 401 {
             // A token Zoom no longer accepts (revoked, or the app was deauthorized): read the
             // connection again next time instead of reusing it.
-            self.credentials.drop_cached(cid).await;
+            self.credentials.reject(cid, &access.token).await;
         }
         if answer.status >= 400 {
             let json = to_json(&body);

@@ -63,7 +63,7 @@ impl IntegrationsApi {
         };
         if let Err(crate::zoom::ZoomError::Rejected { status: 401, .. }) = &result {
             // Revoked or deauthorized: read the connection again next time.
-            self.credentials.drop_cached(cid).await;
+            self.credentials.reject(cid, &access.token).await;
         }
         Ok(match result {
             Ok(message) => status(StatusCode::Ok, message),

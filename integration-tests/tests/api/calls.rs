@@ -405,6 +405,38 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
 }
 
 #[tokio::test]
+async fn a_token_zoom_rejects_before_its_expiry_is_refreshed_on_the_next_call() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    let refreshes = || {
+        zoom.state
+            .lock()
+            .unwrap()
+            .token_requests
+            .iter()
+            .filter(|r| r.grant_type == "refresh_token")
+            .count()
+    };
+    assert_eq!(refreshes(), 1);
+
+    // Zoom stops taking the access token (revoked) while its stored expiry is an hour away;
+    // the refresh token still works.
+    zoom.revoke_access_tokens();
+    let first = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert_eq!(first["status"], 401, "{first}");
+    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert_eq!(
+        refreshes(),
+        2,
+        "the rejected token was refreshed, not read back and reused"
+    );
+    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert_eq!(refreshes(), 2, "the new token is used until it expires");
+}
+
+#[tokio::test]
 async fn a_token_zoom_revoked_is_not_reused_and_a_deauthorized_connection_says_so() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
