@@ -37,6 +37,9 @@ pub enum SetupError {
     /// The request was not sent here by the operator (no valid setup link).
     #[error("{0}")]
     Forbidden(super::links::LinkError),
+    /// The form is larger than any real one.
+    #[error("the form is larger than {} KiB", super::MAX_FORM_BYTES / 1024)]
+    TooLarge,
     /// The host engine failed.
     #[error("{0}")]
     Host(#[from] HostError),
@@ -49,6 +52,7 @@ impl SetupError {
                 StatusCode::BAD_REQUEST
             }
             SetupError::State(StateError::Busy) => StatusCode::SERVICE_UNAVAILABLE,
+            SetupError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             SetupError::Forbidden(_) => StatusCode::FORBIDDEN,
             SetupError::State(_) => StatusCode::BAD_REQUEST,
             SetupError::NoPublicAddress => StatusCode::SERVICE_UNAVAILABLE,

@@ -90,8 +90,9 @@ impl SetupLinks {
         peer: Option<SocketAddr>,
         from_other_site: bool,
     ) -> Result<(), LinkError> {
-        let local =
-            self.access == SetupAccess::Loopback && peer.is_some_and(|p| p.ip().is_loopback());
+        // `to_canonical`: on a dual-stack listener a local IPv4 client is `::ffff:127.0.0.1`.
+        let local = self.access == SetupAccess::Loopback
+            && peer.is_some_and(|p| p.ip().to_canonical().is_loopback());
         if local && !from_other_site {
             return Ok(());
         }
@@ -218,9 +219,16 @@ mod tests {
         let cid = ConnectionId::generate();
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let local6: SocketAddr = "[::1]:5000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
         let remote: SocketAddr = "203.0.113.7:5000".parse().unwrap();
+        let mapped_remote: SocketAddr = "[::ffff:203.0.113.7]:5000".parse().unwrap();
         assert_eq!(links.check(&cid, "web", None, Some(local), false), Ok(()));
         assert_eq!(links.check(&cid, "web", None, Some(local6), false), Ok(()));
+        assert_eq!(links.check(&cid, "web", None, Some(mapped), false), Ok(()));
+        assert_eq!(
+            links.check(&cid, "web", None, Some(mapped_remote), false),
+            Err(LinkError::Missing)
+        );
         assert_eq!(
             links.check(&cid, "web", None, Some(remote), false),
             Err(LinkError::Missing)

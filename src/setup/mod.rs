@@ -42,7 +42,7 @@ pub const START_PATH: &str = "/oauth/start/zoom";
 pub const REDIRECT_PATH: &str = "/oauth/redirect/zoom";
 
 /// Forms are a few short fields.
-const MAX_FORM_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_FORM_BYTES: usize = 16 * 1024;
 
 /// The routes of connection setup.
 pub fn router() -> Router<AppState> {
@@ -134,6 +134,9 @@ async fn save(
 ) -> Response {
     let form = match form {
         Ok(Form(raw)) => raw.check(),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return SetupError::TooLarge.into_response();
+        }
         Err(_) => Err(FormError(
             "the form cannot be read: send it form-encoded (application/x-www-form-urlencoded)"
                 .into(),
@@ -492,7 +495,7 @@ fn sent_by_another_site(headers: &HeaderMap, config: &crate::config::Config) -> 
                     || name.to_ascii_lowercase().ends_with(".localhost")
             }
             Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.to_canonical().is_loopback(),
             None => false,
         };
         local

@@ -789,7 +789,7 @@ async fn bad_form_input_gets_an_error_page_and_changes_nothing() {
         ],
     )
     .await;
-    assert!(visit.status.is_client_error(), "{}", visit.status);
+    assert_error_page(&visit, StatusCode::PAYLOAD_TOO_LARGE, "larger than 16 KiB");
     // The page itself with a bad cid.
     let page = agent.get(&app.url("/zoom/?cid=nope")).await;
     assert_error_page(&page, StatusCode::BAD_REQUEST, "malformed");
