@@ -139,18 +139,33 @@ impl Credentials {
     /// Runs `save`, which stores a new setup of `cid`, while no token request for `cid` is in
     /// flight (it waits for one to end), then forgets everything known of the old setup: its
     /// cached token, tokens not yet saved, and a broken mark.
+    ///
+    /// Both run as a task of their own, so a caller that goes away (its request timed out)
+    /// cannot stop them between the save landing and the old state being forgotten. The old
+    /// state is forgotten even when `save` fails: a failure may have landed in part (a remote
+    /// host's set before its delete), and the old setup's tokens written back over the new
+    /// one's would lose the new refresh token. The owner is replacing the setup anyway.
     pub async fn set_up_again<T, E>(
         &self,
         cid: &ConnectionId,
-        save: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, E> {
+        save: impl Future<Output = Result<T, E>> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<HostError> + Send + 'static,
+    {
         let slot = self.slot(cid);
-        let mut slot = slot.lock().await;
-        let saved = save.await;
-        if saved.is_ok() {
+        let task = tokio::spawn(async move {
+            let mut slot = slot.lock_owned().await;
+            let saved = save.await;
             *slot = Slot::default();
+            saved
+        });
+        match task.await {
+            Ok(saved) => saved,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(HostError::Internal(format!("the setup task failed: {e}")).into()),
         }
-        saved
     }
 
     /// How many connections have a slot (for the memory benchmark and tests).
@@ -439,5 +454,91 @@ fn access_of(token: Token, auth_type: AuthType) -> Access {
         token: token.access_token,
         auth_type,
         expires_at: token.expires_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::embedded::EmbeddedHost;
+
+    /// Credentials over an embedded host; Zoom is never reached (the tokens stored are fresh).
+    async fn credentials() -> (tempfile::TempDir, Arc<dyn HostEngine>, Credentials) {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(crate::crypto::Keys::from_material(&[9; 32]));
+        let host: Arc<dyn HostEngine> = Arc::new(EmbeddedHost::open(dir.path(), keys).unwrap());
+        let config = crate::config::Config::load([
+            ("SECRET_KEY".to_string(), "k".repeat(32)),
+            (
+                "ZOOM_OAUTH_URL".to_string(),
+                "http://127.0.0.1:9".to_string(),
+            ),
+        ])
+        .unwrap();
+        crate::zoom::init_tls();
+        let oauth = ZoomOAuth::new(reqwest::Client::new(), &config);
+        let credentials = Credentials::new(host.clone(), oauth, None, Arc::new(Metrics::new()));
+        (dir, host, credentials)
+    }
+
+    fn new_setup(token: &str) -> Vec<Var> {
+        let expiry = (Utc::now() + chrono::Duration::hours(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        vec![
+            Var::plain(vars::AUTH_TYPE, "oauthDefault"),
+            Var::secret(vars::OAUTH_ACCESS_TOKEN, token),
+            Var::secret(vars::OAUTH_REFRESH_TOKEN, "refresh"),
+            Var::plain(vars::OAUTH_EXPIRY, &expiry),
+        ]
+    }
+
+    /// Marks `cid` broken in memory, as a refresh answered `invalid_grant` does.
+    async fn broken(credentials: &Credentials, cid: &ConnectionId) {
+        credentials.slot(cid).lock().await.broken = Some(REAUTHORIZATION_REQUIRED.into());
+        assert!(matches!(
+            credentials.access_token(cid).await,
+            Err(CredentialError::Broken(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_setup_whose_caller_gave_up_after_it_saved_still_forgets_the_old_state() {
+        let (_dir, host, credentials) = credentials().await;
+        let cid = ConnectionId::generate();
+        broken(&credentials, &cid).await;
+        let (h, id) = (host.clone(), cid.clone());
+        let save = async move {
+            h.set_vars(&id, new_setup("new-access")).await?;
+            // Saved; the rest of the request (routing, the answer) takes a while.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok::<(), HostError>(())
+        };
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            credentials.set_up_again(&cid, save),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the caller's deadline passed");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let access = credentials.access_token(&cid).await.unwrap();
+        assert_eq!(access.token.expose(), "new-access");
+    }
+
+    #[tokio::test]
+    async fn a_setup_that_failed_after_saving_in_part_does_not_keep_the_old_state() {
+        let (_dir, host, credentials) = credentials().await;
+        let cid = ConnectionId::generate();
+        broken(&credentials, &cid).await;
+        let (h, id) = (host.clone(), cid.clone());
+        let saved = credentials
+            .set_up_again(&cid, async move {
+                h.set_vars(&id, new_setup("new-access")).await?;
+                // A remote host that took the set but failed the delete.
+                Err::<(), HostError>(HostError::Unavailable("delete failed".into()))
+            })
+            .await;
+        assert!(saved.is_err());
+        let access = credentials.access_token(&cid).await.unwrap();
+        assert_eq!(access.token.expose(), "new-access");
     }
 }

@@ -72,9 +72,10 @@ impl SetupError {
         match self {
             SetupError::Host(HostError::InvalidArgument(m)) => m.clone(),
             SetupError::Host(HostError::Unavailable(_)) => {
-                "the host engine is unavailable, so nothing was saved: try again later".into()
+                "the host engine is unavailable, so the setup did not complete: try again later"
+                    .into()
             }
-            SetupError::Host(_) => "internal error: nothing was saved".into(),
+            SetupError::Host(_) => "internal error: the setup did not complete, try again".into(),
             SetupError::Zoom(
                 ZoomError::Rejected { reason, .. } | ZoomError::InvalidGrant(reason),
             ) => {

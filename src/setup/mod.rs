@@ -423,9 +423,13 @@ async fn save_connection(
         .filter(|name| !vars.iter().any(|v| v.name == **name))
         .map(|name| name.to_string())
         .collect();
+    let (host, id) = (state.host.clone(), cid.clone());
     state
         .credentials
-        .set_up_again(cid, state.host.replace_vars(cid, vars, &remove))
+        .set_up_again(
+            cid,
+            async move { host.replace_vars(&id, vars, &remove).await },
+        )
         .await?;
     state.connection_changed(cid).await;
     Ok(())
