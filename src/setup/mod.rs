@@ -412,24 +412,44 @@ pub fn token_vars(token: &Token) -> Vec<Var> {
     vars
 }
 
-/// Replaces every variable connection setup manages with `vars`, in one change.
+/// Replaces every variable connection setup manages with `vars`, in one change. A private
+/// app set up again without its secret token (the field is never shown filled in) keeps the
+/// one saved for the same app (same client id); another app's is removed.
 async fn save_connection(
     state: &AppState,
     cid: &crate::ids::ConnectionId,
     vars: Vec<Var>,
 ) -> Result<(), SetupError> {
-    let remove: Vec<String> = vars::MANAGED
-        .iter()
-        .filter(|name| !vars.iter().any(|v| v.name == **name))
-        .map(|name| name.to_string())
-        .collect();
+    let given = |name: &str| {
+        vars.iter()
+            .find(|v| v.name == name)
+            .map(|v| v.value.clone())
+    };
+    let same_app_keeps_its_token = match given(vars::PRIVATE_CLIENT_ID) {
+        Some(client_id) if given(vars::PRIVATE_SECRET_TOKEN).is_none() => Some(client_id),
+        _ => None,
+    };
     let (host, id) = (state.host.clone(), cid.clone());
     state
         .credentials
-        .set_up_again(
-            cid,
-            async move { host.replace_vars(&id, vars, &remove).await },
-        )
+        .set_up_again(cid, async move {
+            let mut keep = None;
+            if let Some(client_id) = same_app_keeps_its_token {
+                let names = [vars::PRIVATE_CLIENT_ID, vars::PRIVATE_SECRET_TOKEN].map(String::from);
+                let stored = host.get_vars(&id, &names).await?;
+                if crate::connection::value_of(&stored, vars::PRIVATE_CLIENT_ID)
+                    == Some(client_id.as_str())
+                {
+                    keep = Some(vars::PRIVATE_SECRET_TOKEN);
+                }
+            }
+            let remove: Vec<String> = vars::MANAGED
+                .iter()
+                .filter(|name| !vars.iter().any(|v| v.name == **name) && keep != Some(**name))
+                .map(|name| name.to_string())
+                .collect();
+            host.replace_vars(&id, vars, &remove).await
+        })
         .await?;
     state.connection_changed(cid).await;
     Ok(())

@@ -177,7 +177,7 @@ impl ConnectionPage<'_> {
              <small>Required. Stored encrypted; never shown again.</small></div>\
              <div class=\"field for-private for-s2s\"><label for=\"secret_token\">Secret token</label>\
              <input id=\"secret_token\" name=\"secret_token\" type=\"password\" maxlength=\"512\">\
-             <small>Optional: needed to receive the app's events (webhooks).</small></div>\
+             <small>Optional: needed to receive the app's events (webhooks). Left empty, the one saved for this app (same client ID) is kept.</small></div>\
              <button type=\"submit\" id=\"start\">Start OAuth Flow</button>\
              <button type=\"submit\" id=\"save\">Save</button>\
              </form>",

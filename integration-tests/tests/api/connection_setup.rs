@@ -632,6 +632,46 @@ async fn zoom_token_endpoint_too_slow_times_out_and_saves_nothing() {
 }
 
 #[tokio::test]
+async fn setting_a_private_app_up_again_without_its_secret_token_keeps_the_one_saved_for_it() {
+    let (app, _zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![var(
+                &cid,
+                "private_secret_token",
+                "existing-app-token",
+                true,
+            )],
+        })
+        .await
+        .unwrap();
+    let setup = async |secret_token: &str| {
+        let done = submit(
+            &app,
+            &agent,
+            &[
+                ("cid", &cid),
+                ("auth_type", "serverToServer"),
+                ("account_id", S2S_ACCOUNT_ID),
+                ("client_id", S2S_CLIENT_ID),
+                ("client_secret", S2S_CLIENT_SECRET),
+                ("secret_token", secret_token),
+            ],
+        )
+        .await;
+        assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+        value_of(&snapshot(&app, &cid).await, "private_secret_token").map(|(v, _)| v)
+    };
+    // Another app (another client id): its token does not belong to this one.
+    assert_eq!(setup("").await, None);
+    assert_eq!(setup("token-1").await.as_deref(), Some("token-1"));
+    // The same app again, the field left empty (it is never shown filled in).
+    assert_eq!(setup("").await.as_deref(), Some("token-1"));
+    assert_eq!(setup("token-2").await.as_deref(), Some("token-2"));
+}
+
+#[tokio::test]
 async fn server_to_server_with_a_wrong_account_id_shows_zoom_reason_and_saves_nothing() {
     let (app, _zoom, agent) = app_and_zoom().await;
     let cid = existing_connection(&app).await;
