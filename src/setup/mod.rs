@@ -58,6 +58,7 @@ pub fn router() -> Router<AppState> {
 async fn connection_page(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     query: Result<Query<RawTarget>, QueryRejection>,
 ) -> Result<Response, SetupError> {
     let target = query
@@ -65,7 +66,9 @@ async fn connection_page(
         .0
         .check()?;
     // Showing the page changes nothing: a link from another site (the host's UI) may open it.
-    authorize(&state, &target, peer, false)?;
+    // Not under another site's name, though: that site's page could then read it.
+    let foreign = for_another_sites_name(&headers, &state.config);
+    authorize(&state, &target, peer, foreign)?;
     let stored = match state.host.get_vars(&target.cid, &[]).await {
         Ok(vars) => Some(vars),
         Err(e) => {
@@ -507,22 +510,20 @@ fn authorize(
 /// `cross-site` (or a value we do not know), or, from a browser without it, `Origin` names
 /// another origin. Pages on this machine (`localhost`, loopback addresses) and `HOST_UI_URL`
 /// count as ours; a request with neither header (curl, scripts) is not a browser's.
+///
+/// A request whose `Host` is neither a name of this machine nor `WEBHOOK_ADDRESS`'s also
+/// counts as another site's: DNS rebinding (another site's name pointed at 127.0.0.1) makes a
+/// browser call that site's requests same-origin.
 fn sent_by_another_site(headers: &HeaderMap, config: &crate::config::Config) -> bool {
+    if for_another_sites_name(headers, config) {
+        return true;
+    }
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     // A navigation carries no `Origin`; its `Referer` names the page (at least its origin,
     // unless the page asked for no referrer, and then it is not trusted).
     let claimed = text(header::ORIGIN).or_else(|| text(header::REFERER));
     let trusted = |url: &url::Url| {
-        let local = match url.host() {
-            Some(url::Host::Domain(name)) => {
-                name.eq_ignore_ascii_case("localhost")
-                    || name.to_ascii_lowercase().ends_with(".localhost")
-            }
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.to_canonical().is_loopback(),
-            None => false,
-        };
-        local
+        is_local(url)
             || config.host_ui_url.as_ref().is_some_and(|ui| {
                 url::Url::parse(ui.as_str()).is_ok_and(|ui| ui.origin() == url.origin())
             })
@@ -538,15 +539,50 @@ fn sent_by_another_site(headers: &HeaderMap, config: &crate::config::Config) -> 
     }
 }
 
+/// Whether the request's `Host` is neither a name of this machine nor `WEBHOOK_ADDRESS`'s
+/// (a request without one, HTTP/2's, is not).
+fn for_another_sites_name(headers: &HeaderMap, config: &crate::config::Config) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let ours = url::Url::parse(&format!("http://{host}/")).is_ok_and(|url| {
+        is_local(&url)
+            || config.webhook_address.as_deref().is_some_and(|public| {
+                url::Url::parse(&format!("http://{public}/"))
+                    .is_ok_and(|public| public.host() == url.host())
+            })
+    });
+    !ours
+}
+
+/// Whether `url` names this machine: `localhost`, a name under it, or a loopback address.
+fn is_local(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name.to_ascii_lowercase().ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.to_canonical().is_loopback(),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sent_by_another_site_with(pairs: &[(&'static str, &str)]) -> bool {
-        let config = crate::config::Config::load([(
-            "HOST_UI_URL".to_string(),
-            "https://ui.example.com".to_string(),
-        )])
+        let config = crate::config::Config::load([
+            (
+                "HOST_UI_URL".to_string(),
+                "https://ui.example.com".to_string(),
+            ),
+            (
+                "WEBHOOK_ADDRESS".to_string(),
+                "zoom.example.com".to_string(),
+            ),
+        ])
         .unwrap();
         let mut headers = HeaderMap::new();
         for (name, value) in pairs {
@@ -601,5 +637,33 @@ mod tests {
             "origin",
             "http://localhost:9980"
         )]));
+    }
+
+    #[test]
+    fn a_request_for_another_sites_name_counts_as_sent_by_another_site() {
+        for ours in [
+            "localhost:9980",
+            "app.localhost",
+            "127.0.0.1:9980",
+            "[::1]:9980",
+            "zoom.example.com",
+            "ZOOM.example.com:443",
+        ] {
+            assert!(
+                !sent_by_another_site_with(&[("host", ours), ("sec-fetch-site", "same-origin")]),
+                "{ours}"
+            );
+        }
+        // DNS rebinding: the browser calls it same-origin, but the name is another site's.
+        for theirs in [
+            "evil.example:9980",
+            "localhost.evil.example",
+            "zoom.example.com.evil",
+        ] {
+            assert!(
+                sent_by_another_site_with(&[("host", theirs), ("sec-fetch-site", "same-origin")]),
+                "{theirs}"
+            );
+        }
     }
 }

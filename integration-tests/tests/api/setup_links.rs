@@ -266,3 +266,35 @@ async fn the_cli_prints_a_link_the_service_accepts() {
     assert!(out.stdout.is_empty());
     assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn in_loopback_mode_a_page_reached_under_another_site_s_name_needs_a_link() {
+    // DNS rebinding: evil.example resolves to 127.0.0.1, so the browser sends its page's
+    // requests here as same-origin, under evil.example's name.
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = crate::connection_setup::existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let client = crate::helpers::http_client();
+    let get = async |host: &str, path: &str| {
+        client
+            .get(app.url(path))
+            .header("host", host)
+            .header("sec-fetch-site", "same-origin")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    let page = format!("/zoom/?cid={cid}&origin=test");
+    let save = format!(
+        "/zoom/save?cid={cid}&auth_type=serverToServer&account_id={S2S_ACCOUNT_ID}&client_id={S2S_CLIENT_ID}&client_secret={S2S_CLIENT_SECRET}"
+    );
+    assert_eq!(get("evil.example:9980", &page).await, StatusCode::FORBIDDEN);
+    assert_eq!(get("evil.example:9980", &save).await, StatusCode::FORBIDDEN);
+    assert_eq!(snapshot(&app, &cid).await, before);
+    // Under this machine's own name the page still opens without a link.
+    let own = app.http.to_string();
+    assert_eq!(get(&own, &page).await, StatusCode::OK);
+    assert_eq!(get("localhost", &page).await, StatusCode::OK);
+}
