@@ -28,6 +28,11 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 /// At most this many flows wait for their browser at once; more are refused until some end.
 pub const MAX_PENDING_FLOWS: usize = 10_000;
 
+/// At most this many flows of one connection wait at once; starting another forgets the
+/// oldest. A holder of one connection's setup link cannot fill [`MAX_PENDING_FLOWS`] and so
+/// keep everyone else from connecting.
+pub const MAX_FLOWS_PER_CONNECTION: usize = 16;
+
 /// Name prefix of the cookie that binds a flow to its browser (followed by part of the id).
 pub const COOKIE_PREFIX: &str = "zoom_oauth_";
 
@@ -134,6 +139,22 @@ impl Flows {
         let expires = now + self.ttl.as_secs();
         let state = self.sign(&id, expires, &flow.target.cid, &flow.target.origin);
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let of_connection = |p: &Pending| {
+            p.expires >= now
+                && p.flow
+                    .as_ref()
+                    .is_some_and(|f| f.target.cid == flow.target.cid)
+        };
+        if pending.values().filter(|p| of_connection(p)).count() >= MAX_FLOWS_PER_CONNECTION {
+            let oldest = pending
+                .iter()
+                .filter(|(_, p)| of_connection(p))
+                .min_by_key(|(_, p)| p.expires)
+                .map(|(id, _)| *id);
+            if let Some(oldest) = oldest {
+                pending.remove(&oldest);
+            }
+        }
         if pending.len() >= MAX_PENDING_FLOWS {
             pending.retain(|_, p| p.expires >= now);
             if pending.len() >= MAX_PENDING_FLOWS {
@@ -313,6 +334,27 @@ mod tests {
                 .unwrap_err(),
             StateError::Used
         );
+    }
+
+    #[test]
+    fn one_connection_s_flows_cannot_crowd_out_another_s() {
+        let flows = flows(600);
+        let one = flow();
+        let first = flows.start(one.clone()).unwrap();
+        let mut last = None;
+        for _ in 0..MAX_PENDING_FLOWS {
+            last = Some(flows.start(one.clone()).unwrap());
+        }
+        let other = flows
+            .start(flow())
+            .expect("another connection can still start");
+        let finish = |s: &Started| flows.finish(&s.state, Some(&cookie(s))).map(|f| f.flow);
+        assert!(
+            matches!(finish(&first), Err(StateError::Used)),
+            "the oldest was forgotten"
+        );
+        assert!(finish(&last.unwrap()).is_ok());
+        assert!(finish(&other).is_ok());
     }
 
     #[test]
