@@ -426,10 +426,12 @@ async fn save_connection(
     let given = |name: &str| {
         vars.iter()
             .find(|v| v.name == name)
-            .map(|v| v.value.clone())
+            .map(|v| v.value.as_str())
     };
     let same_app_keeps_its_token = match given(vars::PRIVATE_CLIENT_ID) {
-        Some(client_id) if given(vars::PRIVATE_SECRET_TOKEN).is_none() => Some(client_id),
+        Some(client_id) if given(vars::PRIVATE_SECRET_TOKEN).is_none() => {
+            Some(client_id.to_owned())
+        }
         _ => None,
     };
     let (host, id) = (state.host.clone(), cid.clone());

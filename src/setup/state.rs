@@ -139,21 +139,21 @@ impl Flows {
         let expires = now + self.ttl.as_secs();
         let state = self.sign(&id, expires, &flow.target.cid, &flow.target.origin);
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let of_connection = |p: &Pending| {
-            p.expires >= now
-                && p.flow
-                    .as_ref()
-                    .is_some_and(|f| f.target.cid == flow.target.cid)
-        };
-        if pending.values().filter(|p| of_connection(p)).count() >= MAX_FLOWS_PER_CONNECTION {
-            let oldest = pending
-                .iter()
-                .filter(|(_, p)| of_connection(p))
-                .min_by_key(|(_, p)| p.expires)
-                .map(|(id, _)| *id);
-            if let Some(oldest) = oldest {
-                pending.remove(&oldest);
-            }
+        // This connection's waiting flows, in one pass; past the cap the oldest goes.
+        let of_connection: Vec<([u8; 16], u64)> = pending
+            .iter()
+            .filter(|(_, p)| {
+                p.expires >= now
+                    && p.flow
+                        .as_ref()
+                        .is_some_and(|f| f.target.cid == flow.target.cid)
+            })
+            .map(|(id, p)| (*id, p.expires))
+            .collect();
+        if of_connection.len() >= MAX_FLOWS_PER_CONNECTION
+            && let Some((oldest, _)) = of_connection.iter().min_by_key(|(_, expires)| *expires)
+        {
+            pending.remove(oldest);
         }
         if pending.len() >= MAX_PENDING_FLOWS {
             pending.retain(|_, p| p.expires >= now);

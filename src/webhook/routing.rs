@@ -52,6 +52,8 @@ pub struct VerifiedBy(usize);
 
 impl Snapshot {
     /// Which secret signed `body` with `signature` and `timestamp`, if any (every secret tried).
+    /// Requests use [`Self::verify_among`] with [`Self::candidates`], to bound the work inline.
+    #[cfg(test)]
     pub fn verify(&self, signature: &[u8], timestamp: &[u8], body: &[u8]) -> Option<VerifiedBy> {
         self.verify_among(self.candidates(None), signature, timestamp, body)
     }
