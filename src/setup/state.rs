@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{KeyInit, Mac};
@@ -111,6 +112,8 @@ struct Pending {
     flow: Option<Flow>,
     browser: [u8; 32],
     expires: u64,
+    /// Order of starting: expiries are whole seconds, so many flows share one.
+    started: u64,
 }
 
 /// The flows in progress, in memory: they hold secrets, live minutes, and end with the
@@ -119,6 +122,7 @@ pub struct Flows {
     key: [u8; 32],
     ttl: Duration,
     pending: Mutex<HashMap<[u8; 16], Pending>>,
+    started: AtomicU64,
 }
 
 impl Flows {
@@ -128,6 +132,7 @@ impl Flows {
             key,
             ttl,
             pending: Mutex::new(HashMap::new()),
+            started: AtomicU64::new(0),
         }
     }
 
@@ -140,6 +145,7 @@ impl Flows {
         let state = self.sign(&id, expires, &flow.target.cid, &flow.target.origin);
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         // This connection's waiting flows, in one pass; past the cap the oldest goes.
+        let started = self.started.fetch_add(1, Ordering::Relaxed);
         let of_connection: Vec<([u8; 16], u64)> = pending
             .iter()
             .filter(|(_, p)| {
@@ -148,10 +154,10 @@ impl Flows {
                         .as_ref()
                         .is_some_and(|f| f.target.cid == flow.target.cid)
             })
-            .map(|(id, p)| (*id, p.expires))
+            .map(|(id, p)| (*id, p.started))
             .collect();
         if of_connection.len() >= MAX_FLOWS_PER_CONNECTION
-            && let Some((oldest, _)) = of_connection.iter().min_by_key(|(_, expires)| *expires)
+            && let Some((oldest, _)) = of_connection.iter().min_by_key(|(_, started)| *started)
         {
             pending.remove(oldest);
         }
@@ -167,6 +173,7 @@ impl Flows {
                 flow: Some(flow),
                 browser: Sha256::digest(cookie).into(),
                 expires,
+                started,
             },
         );
         Ok(Started {
