@@ -102,16 +102,11 @@ struct Attempt {
     first_failed: Option<Instant>,
     /// Not before then.
     due: Instant,
-    /// Whether `app_deauthorized`'s side effect is done: it runs once, not again with every
-    /// retry of the delivery (the owner may have reconnected meanwhile). Saved with the row,
-    /// so a retry after a restart does not run it again either.
-    deauthorized: bool,
 }
 
 impl Attempt {
     fn new(row: Pending) -> Self {
         Self {
-            deauthorized: row.side_effect_done,
             row,
             failures: 0,
             first_failed: None,
@@ -259,7 +254,7 @@ pub async fn run(
         }
 
         let results = tokio::select! {
-            results = deliver(&target, batch, &settings) => results,
+            results = deliver(&target, &outbox, batch, &settings) => results,
             () = stop.cancelled() => return,
         };
         let mut delivered = Vec::new();
@@ -267,13 +262,6 @@ pub async fn run(
         let mut why_failed = None;
         let now = Instant::now();
         for (mut attempt, outcome) in results {
-            if attempt.deauthorized
-                && !attempt.row.side_effect_done
-                && !matches!(outcome, Outcome::Delivered)
-            {
-                attempt.row.side_effect_done = true;
-                outbox.side_effect_done(attempt.row.id).await;
-            }
             let why = match outcome {
                 Outcome::Delivered => {
                     delivered.push(attempt.row.id);
@@ -368,25 +356,35 @@ fn classify(err: HostError) -> Outcome {
 
 async fn deliver(
     target: &Target,
+    outbox: &Outbox,
     batch: Vec<Attempt>,
     settings: &ForwarderSettings,
 ) -> Vec<(Attempt, Outcome)> {
     match &target.embedded {
-        Some(embedded) => deliver_embedded(&*target.host, embedded, batch).await,
-        None => deliver_concurrently(target.host.clone(), batch, settings.concurrency).await,
+        Some(embedded) => deliver_embedded(&*target.host, outbox, embedded, batch).await,
+        None => {
+            deliver_concurrently(
+                target.host.clone(),
+                outbox.clone(),
+                batch,
+                settings.concurrency,
+            )
+            .await
+        }
     }
 }
 
 /// The embedded host: side effects one by one (rare), then every event in one transaction.
 async fn deliver_embedded(
     host: &dyn HostEngine,
+    outbox: &Outbox,
     embedded: &EmbeddedHost,
     batch: Vec<Attempt>,
 ) -> Vec<(Attempt, Outcome)> {
     let mut done = Vec::new();
     let mut ready: Vec<(Attempt, Event)> = Vec::with_capacity(batch.len());
     for mut attempt in batch {
-        match prepare(host, &mut attempt).await {
+        match prepare(host, outbox, &mut attempt).await {
             Ok(event) => ready.push((attempt, event)),
             Err(outcome) => done.push((attempt, outcome)),
         }
@@ -403,7 +401,7 @@ async fn deliver_embedded(
         Err(HostError::InvalidArgument(_)) => {
             // One bad event must not hold back the rest: save them one at a time.
             for mut attempt in attempts {
-                let outcome = match prepare(host, &mut attempt).await {
+                let outcome = match prepare(host, outbox, &mut attempt).await {
                     Ok(event) => match embedded
                         .save_deliveries(vec![(delivery_key(&attempt.row), event)])
                         .await
@@ -438,6 +436,7 @@ fn delivery_key(row: &Pending) -> String {
 /// A remote host: one Dispatch per row, `concurrency` at a time.
 async fn deliver_concurrently(
     host: Arc<dyn HostEngine>,
+    outbox: Outbox,
     batch: Vec<Attempt>,
     concurrency: usize,
 ) -> Vec<(Attempt, Outcome)> {
@@ -450,8 +449,9 @@ async fn deliver_concurrently(
                 break;
             };
             let host = host.clone();
+            let outbox = outbox.clone();
             running.spawn(async move {
-                let outcome = match prepare(&*host, &mut attempt).await {
+                let outcome = match prepare(&*host, &outbox, &mut attempt).await {
                     Ok(event) => match host.dispatch(event).await {
                         Ok(_) => Outcome::Delivered,
                         Err(e) => classify(e),
@@ -473,18 +473,28 @@ async fn deliver_concurrently(
     }
 }
 
-/// The event for a row, after the side effects its type needs (once per attempt's life).
-async fn prepare(host: &dyn HostEngine, attempt: &mut Attempt) -> Result<Event, Outcome> {
-    let row = &attempt.row;
+/// The event for a row, after the side effects its type needs.
+///
+/// `app_deauthorized`'s side effect runs once, not again with a retry of the delivery, nor
+/// after a restart: the owner may have reconnected meanwhile. It is recorded in the row before
+/// the event goes to the host, so only a crash between the two can repeat it.
+async fn prepare(
+    host: &dyn HostEngine,
+    outbox: &Outbox,
+    attempt: &mut Attempt,
+) -> Result<Event, Outcome> {
+    let row = &mut attempt.row;
     let event = normalize::event(&row.received, &row.destination)
         .map_err(|e| Outcome::Invalid(e.to_string()))?;
-    if row.received.event_type == APP_DEAUTHORIZED && !attempt.deauthorized {
+    if row.received.event_type == APP_DEAUTHORIZED && !row.side_effect_done {
         let cid =
             ConnectionId::parse(&row.destination).map_err(|e| Outcome::Invalid(e.to_string()))?;
         deauthorize(host, &cid, deauthorized_user(&row.received.body).as_deref())
             .await
             .map_err(classify)?;
-        attempt.deauthorized = true;
+        row.side_effect_done = true;
+        outbox.side_effect_done(row.id).await;
+        outbox.flush().await;
     }
     Ok(event)
 }
@@ -771,7 +781,7 @@ mod tests {
         // Saved, then the process dies before the outbox hears: the rows are delivered again,
         // once in a batch and once one at a time.
         for _ in 0..2 {
-            let outcomes = deliver_embedded(&embedded, &embedded, batch(&rows)).await;
+            let outcomes = deliver_embedded(&embedded, &outbox, &embedded, batch(&rows)).await;
             assert!(
                 outcomes
                     .iter()
@@ -779,7 +789,7 @@ mod tests {
             );
         }
         let one = batch(&rows[..1]).pop().unwrap();
-        let event = prepare(&embedded, &mut Attempt::new(one.row))
+        let event = prepare(&embedded, &outbox, &mut Attempt::new(one.row))
             .await
             .ok()
             .unwrap();
@@ -802,7 +812,7 @@ mod tests {
         for attempt in &mut reborn {
             attempt.row.received.received_ms += 60_000;
         }
-        deliver_embedded(&embedded, &embedded, reborn).await;
+        deliver_embedded(&embedded, &outbox, &embedded, reborn).await;
         let logged = embedded
             .list_events(crate::host::embedded::EventFilter {
                 limit: 100,
