@@ -119,7 +119,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "HOST_ENGINE_URL",
         default: None,
-        meaning: "http://host:port of an AutoKitteh-compatible host engine; unset = embedded host",
+        meaning: "http://host:port of an AutoKitteh-compatible host engine (https:// for TLS); unset = embedded host",
     },
     Variable {
         name: "HOST_ENGINE_TOKEN",
@@ -508,7 +508,7 @@ impl Config {
                     if url::Url::parse(url.as_str()).is_ok_and(|u| u.path() != "/") {
                         return Err(ConfigError::new(
                             "HOST_ENGINE_URL",
-                            "must be http://host:port with no path",
+                            "must be http://host:port (or https://) with no path",
                         ));
                     }
                     Ok(url)
@@ -700,7 +700,7 @@ fn parse_socket_addr(variable: &'static str, value: &str) -> Result<SocketAddr, 
     })
 }
 
-fn parse_base_url(variable: &'static str, value: &str) -> Result<BaseUrl, ConfigError> {
+pub(crate) fn parse_base_url(variable: &'static str, value: &str) -> Result<BaseUrl, ConfigError> {
     let bad = |why: &str| ConfigError::new(variable, format!("{value:?} {why}"));
     let url = url::Url::parse(value.trim()).map_err(|e| bad(&format!("is not a URL ({e})")))?;
     if !matches!(url.scheme(), "http" | "https") {

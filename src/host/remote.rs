@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -64,12 +64,25 @@ impl RemoteHost {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
+        // Without this an `https` URL would get plain HTTP/2 on the TLS port: the token would
+        // cross the network in the clear and no call would ever succeed.
+        let endpoint = if url.as_str().starts_with("https://") {
+            endpoint
+                .tls_config(ClientTlsConfig::new().with_native_roots())
+                .map_err(|e| ConfigError::new("HOST_ENGINE_URL", format!("is unusable: {e}")))?
+        } else {
+            endpoint
+        };
         let channel = endpoint.connect_lazy();
         let token = token
             .map(|t| {
-                format!("Bearer {}", t.expose())
-                    .parse()
-                    .map_err(|_| ConfigError::new("HOST_ENGINE_TOKEN", "is not valid header text"))
+                let mut value: MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {}", t.expose()).parse().map_err(|_| {
+                        ConfigError::new("HOST_ENGINE_TOKEN", "is not valid header text")
+                    })?;
+                // Kept out of HTTP/2's header compression table.
+                value.set_sensitive(true);
+                Ok::<_, ConfigError>(value)
             })
             .transpose()?;
         let auth = BearerToken(token);
@@ -242,6 +255,36 @@ impl HostEngine for RemoteHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// The first bytes a host at `scheme://127.0.0.1:port` receives from a call.
+    async fn first_bytes_sent(scheme: &str) -> Vec<u8> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = crate::config::parse_base_url(
+            "HOST_ENGINE_URL",
+            &format!(
+                "{scheme}://127.0.0.1:{}",
+                listener.local_addr().unwrap().port()
+            ),
+        )
+        .unwrap();
+        let host = RemoteHost::new(&url, Some(&Secret::new("host-token"))).unwrap();
+        let call = tokio::spawn(async move { host.check().await });
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut bytes = vec![0; 24];
+        socket.read_exact(&mut bytes).await.unwrap();
+        call.abort();
+        bytes
+    }
+
+    #[tokio::test]
+    async fn an_https_host_is_spoken_to_over_tls_and_an_http_one_in_plain_http2() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert_eq!(first_bytes_sent("http").await, preface);
+        let tls = first_bytes_sent("https").await;
+        assert_eq!(tls[0], 0x16, "a TLS handshake record comes first");
+        assert!(!tls.windows(3).any(|w| w == b"PRI"));
+    }
 
     #[test]
     fn a_host_refusing_our_credentials_is_unavailable_not_an_error_in_the_request() {
