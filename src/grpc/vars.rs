@@ -3,6 +3,7 @@
 
 use tonic::{Request, Response, Status};
 
+use crate::connection::vars::SECRETS;
 use crate::error::ApiError;
 use crate::grpc::integrations::check_integration;
 use crate::host::embedded::EmbeddedHost;
@@ -47,9 +48,10 @@ impl VarsService for VarsApi {
         for v in vars {
             let scope = ConnectionId::parse(&v.scope_id).map_err(ApiError::from)?;
             let var = Var {
+                // The integration's own secrets are sealed whatever the caller says.
+                is_secret: v.is_secret || SECRETS.contains(&v.name.as_str()),
                 name: v.name,
                 value: v.value,
-                is_secret: v.is_secret,
                 description: v.description,
             };
             scoped.push((scope, var));

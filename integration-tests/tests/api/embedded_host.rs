@@ -22,7 +22,8 @@ async fn variables_survive_a_restart_and_secrets_stay_sealed_on_disk() {
                 var(&cid, "auth_type", "oauthPrivate", false),
                 var(&cid, "private_client_id", "client-id-visible", false),
                 var(&cid, "private_client_secret", CLIENT_SECRET, true),
-                var(&cid, "oauth_refresh_token", REFRESH_TOKEN, true),
+                // A caller that forgets the flag on one of the integration's secrets.
+                var(&cid, "oauth_refresh_token", REFRESH_TOKEN, false),
             ],
         })
         .await
@@ -54,6 +55,7 @@ async fn variables_survive_a_restart_and_secrets_stay_sealed_on_disk() {
     assert_eq!(find("private_client_secret").value, CLIENT_SECRET);
     assert!(find("private_client_secret").is_secret);
     assert_eq!(find("oauth_refresh_token").value, REFRESH_TOKEN);
+    assert!(find("oauth_refresh_token").is_secret);
     assert_eq!(find("private_client_id").value, "client-id-visible");
 
     let found = app
