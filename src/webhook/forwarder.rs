@@ -198,7 +198,10 @@ pub async fn run(
             return;
         }
         let now = Instant::now();
-        // While the host is unavailable, only the rows it could not take are tried again.
+        // While the host is unavailable, the rows it could not take are tried again with one
+        // new row: if the host takes that one, the others' trouble is their own (an event too
+        // large for the host, say), and they wait on their own back-off instead of holding
+        // back every event after them.
         let host_down = !unavailable.is_empty();
         let mut batch = std::mem::take(&mut unavailable);
         let (due, later): (Vec<Attempt>, Vec<Attempt>) =
@@ -206,8 +209,10 @@ pub async fn run(
         waiting = later;
         batch.extend(due);
         let waiting_bytes: usize = waiting.iter().map(|a| a.row.received.body.len()).sum();
-        let room = if host_down || waiting_bytes >= settings.max_waiting_bytes {
+        let room = if waiting_bytes >= settings.max_waiting_bytes {
             0
+        } else if host_down {
+            usize::from(batch.len() < settings.batch_rows)
         } else {
             settings
                 .batch_rows
@@ -261,19 +266,24 @@ pub async fn run(
         let mut why_unavailable = None;
         let mut why_failed = None;
         let now = Instant::now();
+        let host_answered = results
+            .iter()
+            .any(|(_, outcome)| !matches!(outcome, Outcome::Unavailable(_)));
         for (mut attempt, outcome) in results {
             let why = match outcome {
                 Outcome::Delivered => {
                     delivered.push(attempt.row.id);
                     continue;
                 }
-                Outcome::Unavailable(why) => {
+                Outcome::Unavailable(why) if !host_answered => {
                     why_unavailable.get_or_insert(why);
                     unavailable.push(attempt);
                     continue;
                 }
                 Outcome::Invalid(why) => why,
-                Outcome::Failed(why) => {
+                // The host took or judged other events of this round: it is up, and this
+                // event is what it cannot take.
+                Outcome::Unavailable(why) | Outcome::Failed(why) => {
                     attempt.first_failed.get_or_insert(now);
                     why
                 }
@@ -652,13 +662,29 @@ mod tests {
         CancellationToken,
         tempfile::TempDir,
     ) {
+        start_with(0..5, "row-2", error, give_up_after).await
+    }
+
+    /// A forwarder with short waits over a fresh outbox holding `rows`, `poison` poisoned.
+    async fn start_with(
+        rows: std::ops::Range<u32>,
+        poison: &str,
+        error: fn(String) -> HostError,
+        give_up_after: Duration,
+    ) -> (
+        Arc<FakeHost>,
+        Outbox,
+        Arc<Counters>,
+        CancellationToken,
+        tempfile::TempDir,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
-        for n in 0..5 {
+        for n in rows {
             outbox.record(record(n)).await.unwrap();
         }
         let host = Arc::new(FakeHost::default());
-        *host.poison.lock().unwrap() = Some(("row-2".into(), error));
+        *host.poison.lock().unwrap() = Some((poison.into(), error));
         let counters = Arc::new(Counters::new(&crate::metrics::Metrics::new()));
         let stop = CancellationToken::new();
         let settings = ForwarderSettings {
@@ -687,6 +713,46 @@ mod tests {
             assert!(Instant::now() < deadline, "never: {what}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn an_event_the_host_is_always_unavailable_for_does_not_hold_back_later_ones() {
+        // Alone at first (so the host looks down), then with others, then both again.
+        let (host, outbox, counters, stop, _dir) = start_with(
+            0..1,
+            "row-0",
+            HostError::Unavailable,
+            Duration::from_secs(3600),
+        )
+        .await;
+        eventually("a few attempts at the stuck one", async || {
+            *host.poisoned.lock().unwrap() >= 3
+        })
+        .await;
+        for n in 1..4 {
+            outbox.record(record(n)).await.unwrap();
+        }
+        eventually("the later three delivered", async || {
+            host.taken_bodies().len() == 3
+        })
+        .await;
+        let tried = *host.poisoned.lock().unwrap();
+        eventually("the stuck one still tried", async || {
+            *host.poisoned.lock().unwrap() > tried
+        })
+        .await;
+        outbox.record(record(4)).await.unwrap();
+        eventually("one more delivered", async || {
+            host.taken_bodies().len() == 4
+        })
+        .await;
+        assert_eq!(counters.dead_letters.get(), 0);
+        *host.poison.lock().unwrap() = None;
+        eventually("the stuck one delivered", async || {
+            host.taken_bodies().iter().any(|b| b.contains("row-0"))
+        })
+        .await;
+        stop.cancel();
     }
 
     #[tokio::test]
