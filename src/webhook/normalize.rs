@@ -13,8 +13,9 @@ use crate::proto::autokitteh::events::v1::Event;
 use crate::proto::autokitteh::values::v1 as pb;
 
 /// Nesting deeper than this is refused (the request is checked with this same parser, so a
-/// body answered 200 never reaches it here).
-const MAX_DEPTH: usize = 128;
+/// body answered 200 never reaches it here). Each level of objects is three nested protobuf
+/// messages, and prost decodes at most 100: deeper events could be stored but never read back.
+const MAX_DEPTH: usize = 32;
 
 /// Why a body cannot be normalized.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -296,6 +297,35 @@ mod tests {
 
     fn int(v: &pb::Value) -> Option<i64> {
         v.integer.as_ref().map(|i| i.v)
+    }
+
+    #[test]
+    fn every_body_accepted_decodes_back_from_the_protobuf_the_host_stores() {
+        use prost::Message;
+        // A JSON object costs three protobuf messages (Value, Dict, Item), a list two; prost
+        // refuses to decode past 100.
+        let mut deepest_accepted = 0;
+        for depth in 1..=60usize {
+            for (open, close) in [("{\"a\":", "}"), ("[", "]")] {
+                let received = Received {
+                    event_type: "x".into(),
+                    memo: HashMap::new(),
+                    received_ms: 1,
+                    body: format!(
+                        "{{\"event\":\"x\",\"payload\":{}1{}}}",
+                        open.repeat(depth),
+                        close.repeat(depth)
+                    )
+                    .into_bytes(),
+                };
+                if let Ok(event) = event(&received, "con_x") {
+                    let bytes = crate::values::encode_event(&event);
+                    assert!(Event::decode(bytes.as_slice()).is_ok(), "{open} x {depth}");
+                    deepest_accepted = deepest_accepted.max(depth);
+                }
+            }
+        }
+        assert!((25..60).contains(&deepest_accepted), "{deepest_accepted}");
     }
 
     #[test]
