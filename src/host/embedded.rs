@@ -125,6 +125,67 @@ pub struct EmbeddedHost {
     changes: tokio::sync::broadcast::Sender<ConnectionId>,
 }
 
+/// An event ready for the log: checked, given its id and creation time, and encoded, so a
+/// batch holds bytes rather than trees of values (each value is hundreds of bytes in memory).
+pub struct LogEntry {
+    event_id: String,
+    destination_id: String,
+    event_type: String,
+    created_ms: i64,
+    encoded: Vec<u8>,
+    delivery: Option<String>,
+}
+
+impl LogEntry {
+    /// `event` checked and encoded; `delivery` is the key of a forwarder's delivery, unique to
+    /// it, or `None` for an event saved through the API.
+    pub fn new(mut event: Event, delivery: Option<String>) -> Result<Self, HostError> {
+        if event.destination_id.is_empty() {
+            return Err(HostError::InvalidArgument(
+                "event.destination_id is required".into(),
+            ));
+        }
+        if event.event_type.is_empty() {
+            return Err(HostError::InvalidArgument(
+                "event.event_type is required".into(),
+            ));
+        }
+        if !event.event_id.is_empty() {
+            return Err(HostError::InvalidArgument(
+                "event.event_id must be empty: the host assigns it".into(),
+            ));
+        }
+        event.event_id = new_typeid("evt");
+        event.seq = 0;
+        let created_ms = match &event.created_at {
+            Some(ts) => ts
+                .seconds
+                .checked_mul(1000)
+                .and_then(|ms| ms.checked_add(i64::from(ts.nanos / 1_000_000)))
+                .filter(|ms| *ms >= 0)
+                .ok_or_else(|| {
+                    HostError::InvalidArgument("event.created_at is out of range".into())
+                })?,
+            None => {
+                let now = crate::db::now_ms();
+                event.created_at = Some(prost_types::Timestamp {
+                    seconds: now / 1000,
+                    nanos: ((now % 1000) * 1_000_000) as i32,
+                });
+                now
+            }
+        };
+        Ok(Self {
+            encoded: crate::values::encode_event(&event),
+            event_id: event.event_id,
+            destination_id: event.destination_id,
+            event_type: event.event_type,
+            created_ms,
+            delivery,
+        })
+    }
+}
+
 impl EmbeddedHost {
     /// Opens (creating if needed) the database in `data_dir`, migrates it, and checks that
     /// `keys` is the key its secrets were sealed with.
@@ -253,60 +314,24 @@ impl EmbeddedHost {
     /// Appends `events` to the event log in one transaction, all or none (an invalid event
     /// fails the whole call with `InvalidArgument`); returns their ids in order.
     pub async fn save_events(&self, events: Vec<Event>) -> Result<Vec<String>, HostError> {
-        self.save_keyed(events.into_iter().map(|e| (None, e)).collect())
-            .await
+        let entries = events
+            .into_iter()
+            .map(|e| LogEntry::new(e, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.save_entries(entries).await
     }
 
-    /// Like [`Self::save_events`], for deliveries each under a key unique to it: an event whose
-    /// key the log already holds (a delivery repeated after a crash) is not added again, and
-    /// its id is the one logged first.
-    pub async fn save_deliveries(
-        &self,
-        deliveries: Vec<(String, Event)>,
-    ) -> Result<Vec<String>, HostError> {
-        self.save_keyed(deliveries.into_iter().map(|(k, e)| (Some(k), e)).collect())
-            .await
+    /// Like [`Self::save_events`], for deliveries each under a key unique to it (see
+    /// [`LogEntry::new`]): an event whose key the log already holds (a delivery repeated after
+    /// a crash) is not added again, and its id is the one logged first.
+    pub async fn save_deliveries(&self, entries: Vec<LogEntry>) -> Result<Vec<String>, HostError> {
+        self.save_entries(entries).await
     }
 
-    async fn save_keyed(
-        &self,
-        mut events: Vec<(Option<String>, Event)>,
-    ) -> Result<Vec<String>, HostError> {
-        let now = crate::db::now_ms();
-        let mut rows = Vec::with_capacity(events.len());
-        for (_, event) in &mut events {
-            if event.destination_id.is_empty() {
-                return Err(HostError::InvalidArgument(
-                    "event.destination_id is required".into(),
-                ));
-            }
-            if event.event_type.is_empty() {
-                return Err(HostError::InvalidArgument(
-                    "event.event_type is required".into(),
-                ));
-            }
-            if !event.event_id.is_empty() {
-                return Err(HostError::InvalidArgument(
-                    "event.event_id must be empty: the host assigns it".into(),
-                ));
-            }
-            event.event_id = new_typeid("evt");
-            event.seq = 0;
-            let created_ms = match &event.created_at {
-                Some(ts) => ts.seconds * 1000 + i64::from(ts.nanos / 1_000_000),
-                None => {
-                    event.created_at = Some(prost_types::Timestamp {
-                        seconds: now / 1000,
-                        nanos: ((now % 1000) * 1_000_000) as i32,
-                    });
-                    now
-                }
-            };
-            rows.push(created_ms);
-        }
+    async fn save_entries(&self, entries: Vec<LogEntry>) -> Result<Vec<String>, HostError> {
         self.with_db(move |conn, _| {
             let tx = conn.transaction()?;
-            let mut ids = Vec::with_capacity(events.len());
+            let mut ids = Vec::with_capacity(entries.len());
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO events
@@ -316,18 +341,18 @@ impl EmbeddedHost {
                 )?;
                 let mut earlier =
                     tx.prepare_cached("SELECT event_id FROM events WHERE delivery = ?1")?;
-                for ((delivery, event), created_ms) in events.into_iter().zip(rows) {
+                for entry in entries {
                     let added = stmt.execute(params![
-                        event.event_id,
-                        event.destination_id,
-                        event.event_type,
-                        created_ms,
-                        crate::values::encode_event(&event),
-                        delivery
+                        entry.event_id,
+                        entry.destination_id,
+                        entry.event_type,
+                        entry.created_ms,
+                        entry.encoded,
+                        entry.delivery
                     ])?;
-                    ids.push(match (added, &delivery) {
+                    ids.push(match (added, &entry.delivery) {
                         (0, Some(key)) => earlier.query_row([key], |r| r.get(0))?,
-                        _ => event.event_id,
+                        _ => entry.event_id,
                     });
                 }
             }

@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::vars;
-use crate::host::embedded::EmbeddedHost;
+use crate::host::embedded::{EmbeddedHost, LogEntry};
 use crate::host::{HostEngine, HostError, Var};
 use crate::ids::ConnectionId;
 use crate::proto::autokitteh::events::v1::Event;
@@ -392,30 +392,24 @@ async fn deliver_embedded(
     batch: Vec<Attempt>,
 ) -> Vec<(Attempt, Outcome)> {
     let mut done = Vec::new();
-    let mut ready: Vec<(Attempt, Event)> = Vec::with_capacity(batch.len());
+    let mut attempts = Vec::with_capacity(batch.len());
+    let mut entries = Vec::with_capacity(batch.len());
     for mut attempt in batch {
-        match prepare(host, outbox, &mut attempt).await {
-            Ok(event) => ready.push((attempt, event)),
+        match log_entry(host, outbox, &mut attempt).await {
+            Ok(entry) => {
+                attempts.push(attempt);
+                entries.push(entry);
+            }
             Err(outcome) => done.push((attempt, outcome)),
         }
     }
-    let (attempts, events): (Vec<Attempt>, Vec<(String, Event)>) = ready
-        .into_iter()
-        .map(|(attempt, event)| {
-            let key = delivery_key(&attempt.row);
-            (attempt, (key, event))
-        })
-        .unzip();
-    match embedded.save_deliveries(events).await {
+    match embedded.save_deliveries(entries).await {
         Ok(_) => done.extend(attempts.into_iter().map(|a| (a, Outcome::Delivered))),
         Err(HostError::InvalidArgument(_)) => {
             // One bad event must not hold back the rest: save them one at a time.
             for mut attempt in attempts {
-                let outcome = match prepare(host, outbox, &mut attempt).await {
-                    Ok(event) => match embedded
-                        .save_deliveries(vec![(delivery_key(&attempt.row), event)])
-                        .await
-                    {
+                let outcome = match log_entry(host, outbox, &mut attempt).await {
+                    Ok(entry) => match embedded.save_deliveries(vec![entry]).await {
                         Ok(_) => Outcome::Delivered,
                         Err(e) => classify(e),
                     },
@@ -434,6 +428,17 @@ async fn deliver_embedded(
         }
     }
     done
+}
+
+/// A row's event for the embedded host's log, encoded at once: a batch holds bytes, not the
+/// events' trees of values.
+async fn log_entry(
+    host: &dyn HostEngine,
+    outbox: &Outbox,
+    attempt: &mut Attempt,
+) -> Result<LogEntry, Outcome> {
+    let event = prepare(host, outbox, attempt).await?;
+    LogEntry::new(event, Some(delivery_key(&attempt.row))).map_err(classify)
 }
 
 /// The key of one delivery in the embedded host's log, so a delivery repeated after a crash is
@@ -860,7 +865,9 @@ mod tests {
             .ok()
             .unwrap();
         let again = embedded
-            .save_deliveries(vec![(delivery_key(&rows[0]), event)])
+            .save_deliveries(vec![
+                LogEntry::new(event, Some(delivery_key(&rows[0]))).unwrap(),
+            ])
             .await
             .unwrap();
         let logged = embedded
