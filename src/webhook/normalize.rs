@@ -17,6 +17,11 @@ use crate::proto::autokitteh::values::v1 as pb;
 /// messages, and prost decodes at most 100: deeper events could be stored but never read back.
 const MAX_DEPTH: usize = 32;
 
+/// More values and keys than this are refused: each becomes a protobuf value of several
+/// hundred bytes in memory, so a few MiB of `[0,0,…]` would otherwise take gigabytes. Zoom's
+/// webhooks and API pages hold a few thousand at most.
+pub const MAX_VALUES: usize = 100_000;
+
 /// Why a body cannot be normalized.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("body is not a JSON object: {0}")]
@@ -53,7 +58,7 @@ pub fn event(received: &Received, destination: &str) -> Result<Event, NormalizeE
 
 /// Every top-level field of a JSON object, as values. A key given twice keeps its last value.
 pub fn top_level_fields(body: &[u8]) -> Result<HashMap<String, pb::Value>, NormalizeError> {
-    let mut parser = Parser { text: body, pos: 0 };
+    let mut parser = Parser::new(body);
     parser.skip_ws();
     if parser.peek() != Some(b'{') {
         return Err(parser.error("expected an object"));
@@ -71,7 +76,7 @@ pub fn top_level_fields(body: &[u8]) -> Result<HashMap<String, pb::Value>, Norma
 
 /// The value of one JSON text, losslessly (Zoom API answers use it too).
 pub fn value(text: &[u8]) -> Result<pb::Value, NormalizeError> {
-    let mut parser = Parser { text, pos: 0 };
+    let mut parser = Parser::new(text);
     let v = parser.value(0)?;
     parser.skip_ws();
     if parser.pos != text.len() {
@@ -83,9 +88,28 @@ pub fn value(text: &[u8]) -> Result<pb::Value, NormalizeError> {
 struct Parser<'a> {
     text: &'a [u8],
     pos: usize,
+    /// Values and keys read so far.
+    values: usize,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
+    fn new(text: &'a [u8]) -> Self {
+        Self {
+            text,
+            pos: 0,
+            values: 0,
+        }
+    }
+
+    /// Counts one value or key against [`MAX_VALUES`].
+    fn count(&mut self) -> Result<(), NormalizeError> {
+        self.values += 1;
+        if self.values > MAX_VALUES {
+            return Err(self.error(&format!("more than {MAX_VALUES} values and keys")));
+        }
+        Ok(())
+    }
+
     fn error(&self, what: &str) -> NormalizeError {
         NormalizeError(format!("{what} at byte {}", self.pos))
     }
@@ -114,6 +138,7 @@ impl Parser<'_> {
         if depth > MAX_DEPTH {
             return Err(self.error("nested too deeply"));
         }
+        self.count()?;
         self.skip_ws();
         let v = match self.peek() {
             Some(b'{') => {
@@ -188,6 +213,7 @@ impl Parser<'_> {
                 return Err(self.error("expected a key"));
             }
             let key = self.string()?;
+            self.count()?;
             self.expect(b':')?;
             let v = self.value(depth + 1)?;
             each(key, v);
@@ -326,6 +352,19 @@ mod tests {
             }
         }
         assert!((25..60).contains(&deepest_accepted), "{deepest_accepted}");
+    }
+
+    #[test]
+    fn more_values_than_the_limit_are_refused() {
+        let list = |n: usize| {
+            let items = vec!["0"; n].join(",");
+            format!(r#"{{"event":"x","payload":[{items}]}}"#)
+        };
+        // `event`, its value, `payload` and its list: four besides the list's items.
+        assert!(top_level_fields(list(MAX_VALUES - 4).as_bytes()).is_ok());
+        let refused = top_level_fields(list(MAX_VALUES - 3).as_bytes()).unwrap_err();
+        assert!(refused.to_string().contains("values and keys"), "{refused}");
+        assert!(value(list(MAX_VALUES).as_bytes()).is_err());
     }
 
     #[test]

@@ -447,6 +447,37 @@ async fn each_bad_input_gets_its_status_and_changes_nothing() {
             ),
         ),
         (
+            "nested deeper than an event can be stored",
+            400,
+            signed(
+                client,
+                &url,
+                SECRET,
+                now(),
+                format!(
+                    r#"{{"event":"meeting.started","payload":{{"account_id":"{ACCOUNT}","x":{}1{}}}}}"#,
+                    r#"{"a":"#.repeat(40),
+                    "}".repeat(40)
+                )
+                .into_bytes(),
+            ),
+        ),
+        (
+            "more values than the limit",
+            400,
+            signed(
+                client,
+                &url,
+                SECRET,
+                now(),
+                format!(
+                    r#"{{"event":"meeting.started","payload":{{"account_id":"{ACCOUNT}","x":[{}]}}}}"#,
+                    vec!["0"; 100_001].join(",")
+                )
+                .into_bytes(),
+            ),
+        ),
+        (
             "URL validation with a bad signature",
             401,
             signed(
