@@ -618,6 +618,26 @@ mod tests {
         Arc::new(Keys::from_material(material))
     }
 
+    #[test]
+    fn an_event_created_out_of_range_is_invalid_not_an_overflow() {
+        let at = |seconds: i64| Event {
+            destination_id: "con_x".into(),
+            event_type: "x".into(),
+            created_at: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+            ..Default::default()
+        };
+        for seconds in [i64::MAX, i64::MIN, -1] {
+            assert!(matches!(
+                LogEntry::new(at(seconds), None),
+                Err(HostError::InvalidArgument(_))
+            ));
+        }
+        assert_eq!(
+            LogEntry::new(at(1_700_000_000), None).unwrap().created_ms,
+            1_700_000_000_000
+        );
+    }
+
     const KEY: &[u8] = b"test key material, at least 32 bytes";
 
     fn sample_vars() -> Vec<Var> {
