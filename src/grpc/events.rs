@@ -112,10 +112,15 @@ impl EventsService for EventsApi {
             })
             .await
             .map_err(ApiError::from)?;
+        // Without their data, as AutoKitteh lists them: a page of large webhooks would
+        // otherwise outgrow a client's message limit. `Get` has the data.
         Ok(Response::new(pb::ListResponse {
             events: events
                 .into_iter()
-                .map(|e| present(e, req.json_values))
+                .map(|mut e| {
+                    e.data.clear();
+                    present(e, req.json_values)
+                })
                 .collect(),
         }))
     }

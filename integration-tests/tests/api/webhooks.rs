@@ -180,7 +180,8 @@ fn assert_event_is(event: &Event, body: &[u8], destination: &str) {
 
 /// The embedded host's events, oldest first.
 async fn stored_events(app: &TestApp) -> Vec<Event> {
-    app.events()
+    let listed = app
+        .events()
         .list(events::ListRequest {
             max_results: 1000,
             order: "ASC".into(),
@@ -189,7 +190,24 @@ async fn stored_events(app: &TestApp) -> Vec<Event> {
         .await
         .expect("EventsService.List succeeds")
         .into_inner()
-        .events
+        .events;
+    // List leaves the data out; Get has it.
+    let mut full = Vec::with_capacity(listed.len());
+    for event in listed {
+        full.push(
+            app.events()
+                .get(events::GetRequest {
+                    event_id: event.event_id,
+                    json_values: false,
+                })
+                .await
+                .expect("EventsService.Get succeeds")
+                .into_inner()
+                .event
+                .expect("the listed event"),
+        );
+    }
+    full
 }
 
 /// Waits until the embedded host holds at least `n` events, and returns them.
