@@ -103,7 +103,10 @@ pub fn module() -> crate::proto::autokitteh::module::v1::Module {
 /// What `IntegrationsService.Configure` gives a host engine for connection `cid`: one function
 /// value per function, as AutoKitteh's SDK makes them (the integration as executor, the
 /// connection id as `data`), for the host to hand to workflows and pass back to `Call`.
-pub fn configured(executor_id: &str, cid: &ConnectionId) -> HashMap<String, pb::Value> {
+///
+/// Without a connection (`None`) the values carry no data, as AutoKitteh's modules configure
+/// them; a call through one then needs a `connection_id` keyword argument.
+pub fn configured(executor_id: &str, cid: Option<&ConnectionId>) -> HashMap<String, pb::Value> {
     let descriptions = module().functions;
     FUNCTIONS
         .iter()
@@ -113,7 +116,7 @@ pub fn configured(executor_id: &str, cid: &ConnectionId) -> HashMap<String, pb::
                     executor_id: executor_id.into(),
                     name: f.name.into(),
                     desc: descriptions.get(f.name).cloned(),
-                    data: cid.to_string().into_bytes(),
+                    data: cid.map(|c| c.to_string().into_bytes()).unwrap_or_default(),
                     flags: Vec::new(),
                 }),
                 ..Default::default()
@@ -401,23 +404,35 @@ impl Functions {
                 CallError::BadPath(e) => CallFailure::new(e.to_string()),
                 CallError::Zoom(e) => CallFailure::new(e.to_string()),
             })?;
+        if answer.status == 401 {
+            // A token Zoom no longer accepts (revoked, or the app was deauthorized): read the
+            // connection again next time instead of reusing it.
+            self.credentials.reject(cid, &access.token).await;
+        }
         let body = if answer.body.iter().all(u8::is_ascii_whitespace) {
             pb::Value {
                 nothing: Some(pb::Nothing {}),
                 ..Default::default()
             }
         } else {
-            crate::webhook::normalize::value(&answer.body).map_err(|_| CallFailure {
-                status: Some(answer.status),
-                code: None,
-                message: "Zoom answered something that is not JSON".into(),
-            })?
+            match crate::webhook::normalize::value(&answer.body) {
+                Ok(value) => value,
+                // Not JSON (a proxy's page, say): a success is still a success, as text.
+                Err(_) => match std::str::from_utf8(&answer.body) {
+                    Ok(text) if answer.status < 400 => crate::values::string(text),
+                    _ => {
+                        return Err(CallFailure {
+                            status: Some(answer.status),
+                            code: None,
+                            message: format!(
+                                "Zoom answered HTTP {} with something that is not JSON",
+                                answer.status
+                            ),
+                        });
+                    }
+                },
+            }
         };
-        if answer.status == 401 {
-            // A token Zoom no longer accepts (revoked, or the app was deauthorized): read the
-            // connection again next time instead of reusing it.
-            self.credentials.reject(cid, &access.token).await;
-        }
         if answer.status >= 400 {
             let json = to_json(&body);
             return Err(CallFailure {

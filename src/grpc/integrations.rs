@@ -139,13 +139,21 @@ impl IntegrationsService for IntegrationsApi {
         request: Request<ConfigureRequest>,
     ) -> Result<Response<ConfigureResponse>, Status> {
         let req = request.into_inner();
+        if req.connection_id.is_empty() {
+            // As AutoKitteh's modules do: the functions, with no connection in them.
+            check_integration(&req.integration_id)?;
+            return Ok(Response::new(ConfigureResponse {
+                config: Default::default(),
+                values: crate::functions::configured(&crate::ids::INTEGRATION_ID, None),
+            }));
+        }
         let vars = self
             .connection_vars(&req.integration_id, &req.connection_id)
             .await?;
         let cid = ConnectionId::parse(&req.connection_id).map_err(ApiError::from)?;
         Ok(Response::new(ConfigureResponse {
             config: public_config(&vars).into_iter().collect(),
-            values: crate::functions::configured(&crate::ids::INTEGRATION_ID, &cid),
+            values: crate::functions::configured(&crate::ids::INTEGRATION_ID, Some(&cid)),
         }))
     }
 
@@ -210,13 +218,22 @@ impl IntegrationsService for IntegrationsApi {
             }
         };
         let mut kwargs = req.kwargs;
-        // AutoKitteh's SDK puts the connection id in the function value's data.
-        let cid = match String::from_utf8(data) {
-            Ok(cid) if !cid.is_empty() => cid,
-            _ => kwargs
-                .remove("connection_id")
-                .and_then(|v| v.string.map(|s| s.v))
-                .unwrap_or_default(),
+        // AutoKitteh's SDK puts the connection id in the function value's data; a
+        // `connection_id` keyword argument is taken too, and never passed on to Zoom.
+        let named = kwargs
+            .remove("connection_id")
+            .map(|v| v.string.map(|s| s.v).unwrap_or_default());
+        let in_data = String::from_utf8(data).ok().filter(|cid| !cid.is_empty());
+        let cid = match (in_data, named) {
+            (Some(in_data), Some(named)) if named != in_data => {
+                return Err(ApiError::InvalidArgument(
+                    "connection_id differs from the connection the function was configured with"
+                        .into(),
+                )
+                .into());
+            }
+            (Some(cid), _) | (None, Some(cid)) => cid,
+            (None, None) => String::new(),
         };
         let cid = ConnectionId::parse(&cid).map_err(ApiError::from)?;
         let response = match self.functions.call(&cid, &name, req.args, kwargs).await {

@@ -240,6 +240,54 @@ async fn configure_hands_out_the_functions_as_values_that_call_through_their_con
         .unwrap()
         .into_inner());
     assert_eq!(user["display_name"], USER_DISPLAY_NAME);
+
+    // A `connection_id` keyword argument names the same connection, or the call is refused;
+    // either way it is not sent to Zoom.
+    let call_with = async |function: pb::Value, named: &str| {
+        let mut kwargs = HashMap::new();
+        kwargs.insert("connection_id".to_string(), text(named));
+        kwargs.insert("topic".to_string(), text("Weekly sync"));
+        app.integrations()
+            .call(CallRequest {
+                integration_id: zoom_id(),
+                function: Some(function),
+                args: vec![],
+                kwargs,
+            })
+            .await
+    };
+    let meeting = ok(call_with(configured.values["create_meeting"].clone(), &cid)
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(meeting["topic"], "Weekly sync");
+    assert!(meeting.get("connection_id").is_none(), "{meeting}");
+    let other = zoom_integration::ids::ConnectionId::generate().to_string();
+    let refused = call_with(configured.values["create_meeting"].clone(), &other)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    // Configured without a connection (as AutoKitteh's modules may be): no data in the
+    // values, and the connection comes with the call.
+    let unbound = app
+        .integrations()
+        .configure(ConfigureRequest {
+            integration_id: zoom_id(),
+            connection_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(unbound.config.is_empty());
+    assert_eq!(unbound.values.len(), configured.values.len());
+    let f = unbound.values["create_meeting"].function.as_ref().unwrap();
+    assert!(f.data.is_empty());
+    let meeting = ok(call_with(unbound.values["create_meeting"].clone(), &cid)
+        .await
+        .unwrap()
+        .into_inner());
+    assert!(meeting.get("connection_id").is_none(), "{meeting}");
 }
 
 #[tokio::test]
@@ -406,7 +454,17 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
 
 #[tokio::test]
 async fn a_token_zoom_rejects_before_its_expiry_is_refreshed_on_the_next_call() {
+    token_rejected_before_its_expiry(false).await;
+}
+
+#[tokio::test]
+async fn a_token_rejected_with_a_page_that_is_not_json_is_refreshed_on_the_next_call_too() {
+    token_rejected_before_its_expiry(true).await;
+}
+
+async fn token_rejected_before_its_expiry(as_html: bool) {
     let zoom = FakeZoom::start().await;
+    zoom.state.lock().unwrap().unauthorized_as_html = as_html;
     let app = app_with(&zoom, zoom.env()).await;
     let cid = connected(&app, &zoom).await;
     ok(call(&app, &cid, "get_user", vec![], vec![]).await);

@@ -84,6 +84,8 @@ pub struct FakeZoomState {
     pub api_requests: Vec<String>,
     meetings: std::collections::BTreeMap<u64, serde_json::Value>,
     pub token_requests: Vec<TokenRequest>,
+    /// Whether an invalid access token gets an HTML page (a proxy's) instead of Zoom's JSON.
+    pub unauthorized_as_html: bool,
     /// Every token request waits this long first (to test slow Zoom).
     pub token_delay: Duration,
     /// A refresh waits this long after Zoom rotated the token, before the answer leaves (an
@@ -571,6 +573,14 @@ async fn api_gate(
             .into_response();
     }
     if !bearer_is_valid(&state, request.headers()) {
+        if state.lock().unwrap().unauthorized_as_html {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [("content-type", "text/html")],
+                "<html><body>401 Authorization Required</body></html>",
+            )
+                .into_response();
+        }
         return invalid_access_token();
     }
     next.run(request).await
