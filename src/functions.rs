@@ -308,9 +308,14 @@ impl Functions {
         })?;
         let mut args = Args::new(spec, args, kwargs)?;
         let user = |args: &mut Args| -> Result<String, CallFailure> {
-            Ok(segment(
-                &args.text("user_id")?.unwrap_or_else(|| "me".into()),
-            ))
+            match args.text("user_id")? {
+                None => Ok("me".into()),
+                // Would make `/users//…`, which Zoom answers with a puzzling 404.
+                Some(user) if user.is_empty() => Err(CallFailure::new(format!(
+                    "{name}: user_id must not be empty (leave it out for \"me\")"
+                ))),
+                Some(user) => Ok(segment(&user)),
+            }
         };
         let (method, path, query, body, wrap) = match name {
             "api" => {

@@ -407,6 +407,12 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
         ("no_such_function", vec![], vec![], "unknown function"),
         ("get_meeting", vec![], vec![], "meeting_id is required"),
         (
+            "list_meetings",
+            vec![],
+            vec![("user_id", text(""))],
+            "user_id must not be empty",
+        ),
+        (
             "get_user",
             vec![],
             vec![("colour", text("red"))],
