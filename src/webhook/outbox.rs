@@ -465,7 +465,21 @@ impl Outbox {
 
     /// Records a webhook durably, or says why not within the record timeout.
     pub async fn record(&self, record: Record) -> Result<Recorded, RecordError> {
+        self.record_until(
+            record,
+            tokio::time::Instant::now() + self.shared.settings.record_timeout,
+        )
+        .await
+    }
+
+    /// Like [`Self::record`], giving up at `deadline` if that comes before the record timeout.
+    pub async fn record_until(
+        &self,
+        record: Record,
+        deadline: tokio::time::Instant,
+    ) -> Result<Recorded, RecordError> {
         let settings = &self.shared.settings;
+        let deadline = deadline.min(tokio::time::Instant::now() + settings.record_timeout);
         let key = dedupe_key(&record.body_hash);
         // The body is held once however many connections it is for: a body within the
         // webhook limit always fits an empty queue.
@@ -505,7 +519,7 @@ impl Outbox {
                 (outcome, false)
             }
         };
-        match tokio::time::timeout(settings.record_timeout, outcome.wait()).await {
+        match tokio::time::timeout_at(deadline, outcome.wait()).await {
             Ok(Ok(())) if duplicate => Ok(Recorded::Duplicate),
             Ok(Ok(())) => Ok(Recorded::New),
             Ok(Err(e)) => Err(RecordError::Storage(e)),
@@ -1303,6 +1317,33 @@ mod tests {
             outbox.record(record("{\"n\":3}", &["c"])).await,
             Ok(Recorded::New)
         );
+    }
+
+    #[tokio::test]
+    async fn a_deadline_sooner_than_the_record_timeout_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(
+            dir.path(),
+            OutboxSettings {
+                record_timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let blocker = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        assert_eq!(
+            outbox.record_until(record("{}", &["c"]), deadline).await,
+            Err(RecordError::TimedOut)
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        blocker.execute_batch("COMMIT").unwrap();
     }
 
     #[tokio::test]
