@@ -129,9 +129,15 @@ impl Snapshot {
 #[derive(Default)]
 struct Table {
     routes: HashMap<ConnectionId, Route>,
-    /// Bumped by every change; a full reload keeps entries changed after it started.
+    /// Bumped when a read of the host starts, so reads can be told apart by age.
     version: u64,
+    /// For each connection reloaded on its own since the last full reload, the version its
+    /// applied read started at: a full reload keeps entries read after it started, and an
+    /// older read of the same connection that ends later is ignored.
     changed_at: HashMap<ConnectionId, u64>,
+    /// The version the last applied full reload started at: a single read started before
+    /// that is older than what the full reload found.
+    reloaded_at: u64,
     loaded: bool,
 }
 
@@ -227,6 +233,7 @@ impl RoutingIndex {
         }
         table.routes = routes;
         table.changed_at.clear();
+        table.reloaded_at = started_at;
         table.loaded = true;
         self.publish(&table);
         Ok(())
@@ -239,12 +246,19 @@ impl RoutingIndex {
         host: &dyn HostEngine,
         cid: &ConnectionId,
     ) -> Result<(), HostError> {
+        let asked = {
+            let mut table = self.lock();
+            table.version += 1;
+            table.version
+        };
         let found = host.get_vars(cid, &routing_var_names()).await?;
         let route = self.route_of(cid, &found);
         let mut table = self.lock();
-        table.version += 1;
-        let version = table.version;
-        table.changed_at.insert(cid.clone(), version);
+        // Two saves in a row: the first one's read may end after the second's.
+        if asked <= table.reloaded_at || table.changed_at.get(cid).is_some_and(|v| *v > asked) {
+            return Ok(());
+        }
+        table.changed_at.insert(cid.clone(), asked);
         let changed = match route {
             Some(route) => table.routes.insert(cid.clone(), route.clone()) != Some(route),
             None => table.routes.remove(cid).is_some(),
@@ -437,6 +451,122 @@ mod tests {
         async fn check(&self) -> Result<(), HostError> {
             Ok(())
         }
+    }
+
+    /// The embedded host, except that the next read is held back after reading, until
+    /// `release` is notified; `read` is notified once it has read.
+    struct HeldRead {
+        inner: EmbeddedHost,
+        hold_next: std::sync::atomic::AtomicBool,
+        read: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl HostEngine for HeldRead {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        async fn get_vars(
+            &self,
+            scope: &ConnectionId,
+            names: &[String],
+        ) -> Result<Vec<Var>, HostError> {
+            let found = self.inner.get_vars(scope, names).await;
+            if self
+                .hold_next
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                self.read.notify_one();
+                self.release.notified().await;
+            }
+            found
+        }
+        async fn set_vars(&self, scope: &ConnectionId, vars: Vec<Var>) -> Result<(), HostError> {
+            self.inner.set_vars(scope, vars).await
+        }
+        async fn delete_vars(
+            &self,
+            scope: &ConnectionId,
+            names: &[String],
+        ) -> Result<(), HostError> {
+            self.inner.delete_vars(scope, names).await
+        }
+        async fn find_connections(
+            &self,
+            name: &str,
+            value: &str,
+        ) -> Result<Vec<ConnectionId>, HostError> {
+            self.inner.find_connections(name, value).await
+        }
+        async fn dispatch(
+            &self,
+            event: crate::proto::autokitteh::events::v1::Event,
+        ) -> Result<String, HostError> {
+            self.inner.dispatch(event).await
+        }
+        async fn check(&self) -> Result<(), HostError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_read_of_an_earlier_save_does_not_undo_a_later_one() {
+        let (_dir, inner) = host().await;
+        let host = Arc::new(HeldRead {
+            inner,
+            hold_next: false.into(),
+            read: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+        });
+        let cid = ConnectionId::generate();
+        let on = |account: &str| {
+            vec![
+                Var::plain("auth_type", "oauthDefault"),
+                Var::plain("account_id", account),
+            ]
+        };
+        let index = Arc::new(RoutingIndex::new(Some(Secret::new("default-secret"))));
+        index.reload_all(&*host).await.unwrap();
+        let routed_to = |account: &str| {
+            let snap = index.snapshot().unwrap();
+            let by = snap
+                .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
+                .unwrap();
+            snap.destinations(by, account).to_vec()
+        };
+
+        // The first save's read is slow; a second save is read and applied meanwhile.
+        host.set_vars(&cid, on("acc-old")).await.unwrap();
+        host.hold_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let slow = tokio::spawn({
+            let (index, host, cid) = (index.clone(), host.clone(), cid.clone());
+            async move { index.reload_connection(&*host, &cid).await }
+        });
+        host.read.notified().await;
+        host.set_vars(&cid, on("acc-new")).await.unwrap();
+        index.reload_connection(&*host, &cid).await.unwrap();
+        assert_eq!(routed_to("acc-new"), [cid.clone()]);
+        host.release.notify_one();
+        slow.await.unwrap().unwrap();
+        assert_eq!(routed_to("acc-new"), [cid.clone()], "the later save wins");
+        assert!(routed_to("acc-old").is_empty());
+
+        // The same with a full reload in between, which clears what single reads left.
+        host.set_vars(&cid, on("acc-old")).await.unwrap();
+        host.hold_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let slow = tokio::spawn({
+            let (index, host, cid) = (index.clone(), host.clone(), cid.clone());
+            async move { index.reload_connection(&*host, &cid).await }
+        });
+        host.read.notified().await;
+        host.set_vars(&cid, on("acc-new")).await.unwrap();
+        index.reload_all(&*host).await.unwrap();
+        host.release.notify_one();
+        slow.await.unwrap().unwrap();
+        assert_eq!(routed_to("acc-new"), [cid.clone()]);
     }
 
     #[tokio::test]
