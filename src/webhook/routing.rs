@@ -547,10 +547,14 @@ mod tests {
         host.read.notified().await;
         host.set_vars(&cid, on("acc-new")).await.unwrap();
         index.reload_connection(&*host, &cid).await.unwrap();
-        assert_eq!(routed_to("acc-new"), [cid.clone()]);
+        assert_eq!(routed_to("acc-new"), std::slice::from_ref(&cid));
         host.release.notify_one();
         slow.await.unwrap().unwrap();
-        assert_eq!(routed_to("acc-new"), [cid.clone()], "the later save wins");
+        assert_eq!(
+            routed_to("acc-new"),
+            std::slice::from_ref(&cid),
+            "the later save wins"
+        );
         assert!(routed_to("acc-old").is_empty());
 
         // The same with a full reload in between, which clears what single reads left.
@@ -566,7 +570,7 @@ mod tests {
         index.reload_all(&*host).await.unwrap();
         host.release.notify_one();
         slow.await.unwrap().unwrap();
-        assert_eq!(routed_to("acc-new"), [cid.clone()]);
+        assert_eq!(routed_to("acc-new"), std::slice::from_ref(&cid));
     }
 
     #[tokio::test]
