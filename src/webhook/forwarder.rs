@@ -102,11 +102,14 @@ struct Attempt {
     first_failed: Option<Instant>,
     /// Not before then.
     due: Instant,
+    /// Whether the row's `side_effect_done` is committed in the outbox (not only set here).
+    side_effect_saved: bool,
 }
 
 impl Attempt {
     fn new(row: Pending) -> Self {
         Self {
+            side_effect_saved: row.side_effect_done,
             row,
             failures: 0,
             first_failed: None,
@@ -501,15 +504,23 @@ async fn prepare(
     let row = &mut attempt.row;
     let event = normalize::event(&row.received, &row.destination)
         .map_err(|e| Outcome::Invalid(e.to_string()))?;
-    if row.received.event_type == APP_DEAUTHORIZED && !row.side_effect_done {
-        let cid =
-            ConnectionId::parse(&row.destination).map_err(|e| Outcome::Invalid(e.to_string()))?;
-        deauthorize(host, &cid, deauthorized_user(&row.received.body).as_deref())
-            .await
-            .map_err(classify)?;
-        row.side_effect_done = true;
-        outbox.side_effect_done(row.id).await;
-        outbox.flush().await;
+    if row.received.event_type == APP_DEAUTHORIZED && !attempt.side_effect_saved {
+        if !row.side_effect_done {
+            let cid = ConnectionId::parse(&row.destination)
+                .map_err(|e| Outcome::Invalid(e.to_string()))?;
+            deauthorize(host, &cid, deauthorized_user(&row.received.body).as_deref())
+                .await
+                .map_err(classify)?;
+            row.side_effect_done = true;
+            outbox.side_effect_done(row.id).await;
+        }
+        // Not delivered before the mark is saved: a failed commit's changes go again with
+        // the next one, and meanwhile `side_effect_done` keeps this process from repeating
+        // the side effect.
+        outbox.flushed().await.map_err(|e| {
+            Outcome::Unavailable(format!("cannot record app_deauthorized as handled: {e}"))
+        })?;
+        attempt.side_effect_saved = true;
     }
     Ok(event)
 }
@@ -718,6 +729,62 @@ mod tests {
             assert!(Instant::now() < deadline, "never: {what}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn app_deauthorized_is_not_delivered_before_its_side_effect_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        let body = r#"{"event":"app_deauthorized","payload":{"account_id":"a"}}"#;
+        outbox
+            .record(Record {
+                body_hash: sha2::Sha256::digest(body.as_bytes()).into(),
+                destinations: vec![ConnectionId::generate().to_string()],
+                received: Received {
+                    event_type: APP_DEAUTHORIZED.into(),
+                    memo: HashMap::new(),
+                    received_ms: 1,
+                    body: body.as_bytes().to_vec(),
+                },
+            })
+            .await
+            .unwrap();
+        let other =
+            rusqlite::Connection::open(dir.path().join(crate::webhook::outbox::OUTBOX_FILE))
+                .unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE UPDATE ON outbox
+                 BEGIN SELECT RAISE(ABORT, 'the disk says no'); END;",
+            )
+            .unwrap();
+        let host = Arc::new(FakeHost::default());
+        let stop = CancellationToken::new();
+        tokio::spawn(run(
+            outbox.clone(),
+            Target {
+                host: host.clone(),
+                embedded: None,
+            },
+            Arc::new(Counters::new(&crate::metrics::Metrics::new())),
+            ForwarderSettings {
+                backoff_start: Duration::from_millis(5),
+                backoff_max: Duration::from_millis(20),
+                ..ForwarderSettings::default()
+            },
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            host.taken_bodies().is_empty(),
+            "delivered before the mark was saved"
+        );
+        other.execute_batch("DROP TRIGGER refuse").unwrap();
+        eventually("delivered once the mark is saved", async || {
+            host.taken_bodies().len() == 1
+        })
+        .await;
+        stop.cancel();
     }
 
     #[tokio::test]

@@ -630,6 +630,12 @@ impl Outbox {
 
     /// Waits until everything handed to the outbox before this call is committed (or failed).
     pub async fn flush(&self) {
+        let _ = self.flushed().await;
+    }
+
+    /// Like [`Self::flush`], saying whether the last commit it waited for failed (what it
+    /// held is then tried again with the next one).
+    pub async fn flushed(&self) -> Result<(), String> {
         let outcome = {
             let state = lock(&self.shared.state);
             if state.open.is_empty() {
@@ -638,8 +644,9 @@ impl Outbox {
                 Some(state.open.outcome.clone())
             }
         };
-        if let Some(outcome) = outcome {
-            let _ = outcome.wait().await;
+        match outcome {
+            Some(outcome) => outcome.wait().await,
+            None => Ok(()),
         }
     }
 
