@@ -42,6 +42,30 @@ fn body(n: u64) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn made_up_methods_share_one_label_instead_of_growing_the_metrics() {
+    let app = spawn_app_with(&[]).await;
+    for n in 0..5 {
+        let method = reqwest::Method::from_bytes(format!("MADEUP{n}").as_bytes()).unwrap();
+        let response = app
+            .http_client
+            .request(method, app.url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405);
+    }
+    let text = scrape(&app).await;
+    assert!(!text.contains("MADEUP"));
+    assert_eq!(
+        sample(
+            &text,
+            "http_request_duration_seconds_count{method=\"other\",route=\"/healthz\",status=\"405\"}"
+        ),
+        5.0
+    );
+}
+
+#[tokio::test]
 async fn webhooks_are_counted_by_result_and_the_outbox_shows_its_depth_and_age() {
     let host = FakeHost::start().await;
     let cid = ConnectionId::generate().to_string();
