@@ -13,11 +13,14 @@ use crate::AppState;
 /// How long readiness waits for the host engine.
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// `/healthz` and `/readyz`.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+/// `/healthz`.
+pub fn liveness() -> Router<AppState> {
+    Router::new().route("/healthz", get(healthz))
+}
+
+/// `/readyz`.
+pub fn readiness() -> Router<AppState> {
+    Router::new().route("/readyz", get(readyz))
 }
 
 /// Alive: the process answers.

@@ -16,8 +16,10 @@ use crate::integration::LOGO_PATH;
 const PROBE_CONCURRENCY: usize = 16;
 
 /// Every HTTP route of the service, each behind a [`guard`]: bounded, timed, measured. Probes
-/// have a small guard of their own, so a service busy with `MAX_CONCURRENT_REQUESTS` slow
-/// requests still answers its liveness probe (and is not restarted for being busy).
+/// have small guards of their own, so a service busy with `MAX_CONCURRENT_REQUESTS` slow
+/// requests still answers its liveness probe (and is not restarted for being busy), and the
+/// liveness probe has its own apart from `/readyz` and `/metrics` (which wait for the host
+/// engine and the outbox), so a slow host does not make the process look dead.
 pub fn router(state: AppState) -> Router {
     let guard = |max_concurrent| {
         guard::GuardLayer::new(
@@ -26,8 +28,9 @@ pub fn router(state: AppState) -> Router {
             state.metrics.clone(),
         )
     };
+    let liveness = health::liveness().layer(guard(PROBE_CONCURRENCY));
     let probes = Router::new()
-        .merge(health::router())
+        .merge(health::readiness())
         .route("/metrics", get(metrics))
         .layer(guard(PROBE_CONCURRENCY));
     Router::new()
@@ -36,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route(LOGO_PATH, get(logo))
         .layer(guard(state.config.max_concurrent_requests))
         .merge(probes)
+        .merge(liveness)
         .with_state(state)
 }
 

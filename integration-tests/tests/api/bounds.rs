@@ -65,6 +65,69 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
 }
 
 #[tokio::test]
+async fn readiness_probes_waiting_on_a_silent_host_do_not_make_the_service_look_dead() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let host = crate::fake_host::FakeHost::start_on(listener).await;
+    let app = crate::helpers::spawn_app_with(&[("HOST_ENGINE_URL", &host.url())]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.get("/readyz").await.status() != StatusCode::OK {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The host goes silent: its address accepts connections and never answers.
+    host.stop();
+    let silent = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => break listener,
+            Err(_) => {
+                assert!(Instant::now() < deadline, "the fake host did not stop");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let _silent = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    // Until the service's channel has reconnected to the silent address (calls on the old
+    // connection fail at once as it closes).
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "never reconnected");
+        app.get("/readyz").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut waiting = Vec::new();
+    for _ in 0..16 {
+        let (client, url) = (app.http_client.clone(), app.url("/readyz"));
+        waiting.push(tokio::spawn(async move {
+            client.get(url).send().await.unwrap().status()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "not behind the readiness probes"
+    );
+    for probe in waiting {
+        assert_eq!(probe.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the readiness probes did wait for the host"
+    );
+}
+
+#[tokio::test]
 async fn past_the_concurrency_limit_grpc_calls_are_refused_at_once_not_queued() {
     let zoom = FakeZoom::start().await;
     let mut env = zoom.env();
