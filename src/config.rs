@@ -701,7 +701,8 @@ fn parse_socket_addr(variable: &'static str, value: &str) -> Result<SocketAddr, 
 }
 
 pub(crate) fn parse_base_url(variable: &'static str, value: &str) -> Result<BaseUrl, ConfigError> {
-    let bad = |why: &str| ConfigError::new(variable, format!("{value:?} {why}"));
+    // The value is not echoed: a URL can carry credentials or a token, even a malformed one.
+    let bad = |why: &str| ConfigError::new(variable, why.to_string());
     let url = url::Url::parse(value.trim()).map_err(|e| bad(&format!("is not a URL ({e})")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(bad("must start with http:// or https://"));
@@ -710,11 +711,7 @@ pub(crate) fn parse_base_url(variable: &'static str, value: &str) -> Result<Base
         return Err(bad("has no host"));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        // Do not echo the value: it holds credentials.
-        return Err(ConfigError::new(
-            variable,
-            "must not contain credentials (user:password@)",
-        ));
+        return Err(bad("must not contain credentials (user:password@)"));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(bad("must not have a query or fragment"));
@@ -727,9 +724,8 @@ fn parse_public_address(variable: &'static str, value: String) -> Result<String,
     let bad = || {
         ConfigError::new(
             variable,
-            format!(
-                "{value:?} must be host[:port] only, with no scheme or path (e.g. zoom.example.com)"
-            ),
+            // Not echoed: `user:password@host` is a likely mistake.
+            "must be host[:port] only, with no scheme, credentials or path (e.g. zoom.example.com)",
         )
     };
     if value.contains(['/', '?', '#', '@', ' ', '\\']) {
@@ -755,6 +751,21 @@ mod tests {
 
     fn error_for(pairs: &[(&str, &str)]) -> ConfigError {
         Config::load(env(pairs)).expect_err("configuration should be refused")
+    }
+
+    #[test]
+    fn a_refused_address_is_not_echoed_it_may_carry_a_secret() {
+        for (variable, value) in [
+            ("HOST_ENGINE_URL", "http://u:hunter2@ak:99999"),
+            ("HOST_ENGINE_URL", "https://ak?token=hunter2"),
+            ("HOST_ENGINE_URL", "http://u:hunter2@ak:9980"),
+            ("ZOOM_API_URL", "https://api.zoom.us/v2#hunter2"),
+            ("WEBHOOK_ADDRESS", "u:hunter2@zoom.example.com"),
+        ] {
+            let error = error_for(&[(variable, value)]).to_string();
+            assert!(error.contains(variable), "{error}");
+            assert!(!error.contains("hunter2"), "{error}");
+        }
     }
 
     #[test]
