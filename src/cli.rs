@@ -38,6 +38,7 @@ pub fn main() -> ExitCode {
         Err(err) => return config_error(&err),
     };
     crate::telemetry::init(config.log_format, &config.log_filter);
+    crate::http::server::raise_open_files_limit();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

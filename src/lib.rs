@@ -181,6 +181,7 @@ pub async fn run(
         .start(state.host.clone(), state.embedded.clone(), stop.clone());
 
     let grace = state.config.shutdown_timeout;
+    let request_timeout = state.config.request_timeout;
     let router = http::router(state.clone());
     // Each server stops the other when it ends, whether on shutdown, on failure or by
     // panicking: the drop guard cancels `stop` in every case.
@@ -188,13 +189,9 @@ pub async fn run(
         let stop = stop.clone();
         async move {
             let _stop_the_other = stop.clone().drop_guard();
-            axum::serve(
-                http_listener,
-                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-            .context("HTTP server failed")
+            http::server::serve(http_listener, router, request_timeout, stop)
+                .await
+                .context("HTTP server failed")
         }
     });
     let grpc_server = tokio::spawn({

@@ -2,6 +2,7 @@
 
 pub mod guard;
 pub mod health;
+pub mod server;
 
 use axum::Router;
 use axum::extract::State;

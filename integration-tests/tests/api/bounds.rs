@@ -64,6 +64,43 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
 }
 
+/// Reads until the server closes the connection; how long that took.
+async fn closed_after(socket: &mut tokio::net::TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(8), socket.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the connection was left open"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_half_a_request_or_sits_idle_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let app = crate::helpers::spawn_app_with(&[("REQUEST_TIMEOUT", "2")]).await;
+    let addr = app.url("").trim_start_matches("http://").to_string();
+    let addr = addr.trim_end_matches('/');
+
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let waited = closed_after(&mut half).await;
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+
+    // One request answered, then nothing: the idle connection goes too.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let waited = closed_after(&mut idle).await;
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+}
+
 #[tokio::test]
 async fn readiness_probes_waiting_on_a_silent_host_do_not_make_the_service_look_dead() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

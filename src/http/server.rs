@@ -1,0 +1,133 @@
+//! The HTTP accept loop: hyper with a timer, so a client cannot hold connections open for free.
+//!
+//! `axum::serve` gives hyper no timer, which switches off hyper's header read timeout: a
+//! connection that sends half a request line, or sits idle between requests, would stay open
+//! forever, and enough of them exhaust the process's file descriptors. Here every connection
+//! must deliver a request's headers within [`header_read_timeout`] (idle keep-alive
+//! connections included), and at most [`MAX_CONNECTIONS`] are open at once (more wait in the
+//! kernel's backlog).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// Connections open at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// How long a connection may take to send a request's headers, or sit idle between
+/// requests: `REQUEST_TIMEOUT`, at most 10 s (Zoom and browsers send headers at once).
+pub fn header_read_timeout(request_timeout: Duration) -> Duration {
+    request_timeout.min(Duration::from_secs(10))
+}
+
+/// Serves `router` on `listener` until `stop`, then stops accepting and waits for the open
+/// connections to finish their requests (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    request_timeout: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout(request_timeout));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let graceful = GracefulShutdown::new();
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = stop.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Per-connection errors (reset before accept) and resource errors
+                    // (EMFILE) alike: the listener itself is fine; pause a little on the latter.
+                    if !is_connection_error(&e) {
+                        tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service =
+            TowerToHyperService::new(tower::service_fn(move |request: axum::http::Request<_>| {
+                let mut request = request.map(axum::body::Body::new);
+                request
+                    .extensions_mut()
+                    .insert(ConnectInfo::<SocketAddr>(peer));
+                router.clone().oneshot(request)
+            }));
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Raises this process's soft limit of open files to its hard limit (containers often start
+/// with 1,024), so [`MAX_CONNECTIONS`] connections and the databases fit; logs what it got.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a struct owned here.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        limit.rlim_cur < limit.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0
+    };
+    let open_files = if raised { limit.rlim_max } else { limit.rlim_cur };
+    if open_files < (MAX_CONNECTIONS as libc::rlim_t) + 256 {
+        tracing::warn!(
+            open_files,
+            "the open files limit is low: past it, new connections wait until others close"
+        );
+    }
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    )
+}
