@@ -34,11 +34,15 @@ pub fn router(state: AppState) -> Router {
         .merge(health::readiness())
         .route("/metrics", get(metrics))
         .layer(guard(PROBE_CONCURRENCY));
+    // Zoom's webhooks have a pool of their own: slow setup requests (a form trickling in)
+    // cannot make them 503.
+    let webhooks = crate::webhook::router(state.webhooks.clone())
+        .layer(guard(state.config.max_concurrent_requests));
     Router::new()
         .merge(crate::setup::router())
-        .merge(crate::webhook::router(state.webhooks.clone()))
         .route(LOGO_PATH, get(logo))
         .layer(guard(state.config.max_concurrent_requests))
+        .merge(webhooks)
         .merge(probes)
         .merge(liveness)
         .with_state(state)

@@ -115,7 +115,11 @@ pub fn raise_open_files_limit() {
         };
         limit.rlim_cur < limit.rlim_max && libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0
     };
-    let open_files = if raised { limit.rlim_max } else { limit.rlim_cur };
+    let open_files = if raised {
+        limit.rlim_max
+    } else {
+        limit.rlim_cur
+    };
     if open_files < (MAX_CONNECTIONS as libc::rlim_t) + 256 {
         tracing::warn!(
             open_files,

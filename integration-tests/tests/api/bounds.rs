@@ -54,6 +54,15 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
     for probe in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(app.get(probe).await.status(), StatusCode::OK, "{probe}");
     }
+    // And so do Zoom's webhooks (this one is unsigned: 401, not 503).
+    let webhook = app
+        .http_client
+        .post(app.url("/zoom/event"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(webhook.status(), StatusCode::UNAUTHORIZED);
     for task in running {
         assert_eq!(
             task.await.unwrap(),
