@@ -86,6 +86,8 @@ struct Slot {
 pub struct Credentials {
     source: Source,
     slots: Mutex<HashMap<ConnectionId, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// The token and setup tasks in flight, so shutdown can let them finish.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Where tokens come from and go to; cheap to clone into a token task.
@@ -113,6 +115,47 @@ impl Credentials {
                 metrics,
             },
             slots: Mutex::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    /// For shutdown: waits up to `within` for the token and setup tasks in flight (one may
+    /// hold a refresh token Zoom has just rotated), then tries once more to save tokens that
+    /// could not be saved; whatever is still unsaved is logged by connection, since that
+    /// connection will need to be authorized again.
+    pub async fn finish(&self, within: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(within, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                tasks = self.tasks.len(),
+                "token refreshes still in flight at shutdown; a refresh token Zoom rotated meanwhile may be lost"
+            );
+        }
+        let slots: Vec<(ConnectionId, Arc<tokio::sync::Mutex<Slot>>)> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(cid, slot)| (cid.clone(), slot.clone()))
+            .collect();
+        for (cid, slot) in slots {
+            let Ok(mut slot) = slot.try_lock() else {
+                continue;
+            };
+            let Some(unsaved) = slot.unsaved.clone() else {
+                continue;
+            };
+            match self.source.save(&cid, unsaved).await {
+                Ok(()) => slot.unsaved = None,
+                Err(e) => tracing::error!(
+                    connection_id = %cid,
+                    error = %e,
+                    "refreshed tokens could not be saved before shutdown: the connection must be authorized again"
+                ),
+            }
         }
     }
 
@@ -155,7 +198,7 @@ impl Credentials {
         E: From<HostError> + Send + 'static,
     {
         let slot = self.slot(cid);
-        let task = tokio::spawn(async move {
+        let task = self.tasks.spawn(async move {
             let mut slot = slot.lock_owned().await;
             let saved = save.await;
             *slot = Slot::default();
@@ -194,8 +237,15 @@ impl Credentials {
         stop: tokio_util::sync::CancellationToken,
     ) {
         loop {
-            if let Err(e) = self.keep_alive_pass(max_idle).await {
-                tracing::warn!(error = %e, "token keep-alive pass failed; trying again later");
+            // Stopping mid-pass is safe: each refresh runs as a task of its own, which
+            // shutdown waits for (`finish`).
+            tokio::select! {
+                result = self.keep_alive_pass(max_idle) => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "token keep-alive pass failed; trying again later");
+                    }
+                }
+                () = stop.cancelled() => return,
             }
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -259,7 +309,8 @@ impl Credentials {
             return Ok(access.clone());
         }
         let (source, cid) = (self.source.clone(), cid.clone());
-        tokio::spawn(async move { source.obtain(slot, &cid, force).await })
+        self.tasks
+            .spawn(async move { source.obtain(slot, &cid, force).await })
             .await
             .map_err(|e| HostError::Internal(format!("the token task failed: {e}")))?
     }

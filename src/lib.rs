@@ -147,6 +147,9 @@ impl AppState {
     }
 }
 
+/// How long shutdown waits for token refreshes in flight, after the servers have stopped.
+const CREDENTIALS_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the service on the given listeners until `shutdown` completes, then stops both
 /// servers gracefully: no new connections, in-flight requests get `SHUTDOWN_TIMEOUT` to finish.
 pub async fn run(
@@ -244,6 +247,8 @@ pub async fn run(
             abort.abort();
         }
     }
+    // A refresh in flight may hold a refresh token Zoom has just rotated: let it be saved.
+    state.credentials.finish(CREDENTIALS_GRACE).await;
     state.webhooks.outbox.close().await;
     tracing::info!("stopped");
     Ok(())

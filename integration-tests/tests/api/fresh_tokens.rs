@@ -171,6 +171,35 @@ async fn a_caller_giving_up_during_a_refresh_does_not_lose_the_rotated_refresh_t
 }
 
 #[tokio::test]
+async fn a_shutdown_during_a_refresh_waits_for_the_rotated_refresh_token_to_be_saved() {
+    let zoom = FakeZoom::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = zoom.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = crate::helpers::spawn_app_in(dir.path(), &env).await;
+    let (cid, old_refresh) = expired_connection(&app, &zoom).await;
+    // A refresh whose caller gave up, still waiting for Zoom's answer when the service stops.
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_millis(800);
+    let mut request = tonic::Request::new(TestConnectionRequest {
+        integration_id: zoom_id(),
+        connection_id: cid.clone(),
+    });
+    request.set_timeout(Duration::from_millis(100));
+    app.integrations()
+        .test_connection(request)
+        .await
+        .unwrap_err();
+    assert!(!zoom.refresh_token_is_live(&old_refresh), "Zoom rotated it");
+    app.stop().await.unwrap();
+
+    // Once stopped, the rotated token is saved: nothing was left running.
+    let again = crate::helpers::spawn_app_in(dir.path(), &env).await;
+    let stored = snapshot(&again, &cid).await;
+    let (token, _) = value_of(&stored, "oauth_refresh_token").expect("a refresh token");
+    assert!(zoom.refresh_token_is_live(&token), "the rotated one");
+}
+
+#[tokio::test]
 async fn setting_a_connection_up_again_during_a_refresh_keeps_the_new_setup() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
