@@ -404,14 +404,30 @@ mod tests {
     }
 
     /// The embedded host, except that reading `failing`'s variables fails as a remote host's
-    /// INTERNAL does.
-    struct FailingReads {
+    /// INTERNAL does, and that with `hold_next` set the next read is held back after reading
+    /// until `release` is notified (`read` is notified once it has read).
+    struct TestHost {
         inner: EmbeddedHost,
         failing: std::sync::Mutex<Option<ConnectionId>>,
+        hold_next: std::sync::atomic::AtomicBool,
+        read: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    impl TestHost {
+        fn over(inner: EmbeddedHost) -> Self {
+            Self {
+                inner,
+                failing: std::sync::Mutex::new(None),
+                hold_next: false.into(),
+                read: tokio::sync::Notify::new(),
+                release: tokio::sync::Notify::new(),
+            }
+        }
     }
 
     #[async_trait::async_trait]
-    impl HostEngine for FailingReads {
+    impl HostEngine for TestHost {
         fn kind(&self) -> &'static str {
             "test"
         }
@@ -423,55 +439,6 @@ mod tests {
             if self.failing.lock().unwrap().as_ref() == Some(scope) {
                 return Err(HostError::Remote("Internal: database hiccup".into()));
             }
-            self.inner.get_vars(scope, names).await
-        }
-        async fn set_vars(&self, scope: &ConnectionId, vars: Vec<Var>) -> Result<(), HostError> {
-            self.inner.set_vars(scope, vars).await
-        }
-        async fn delete_vars(
-            &self,
-            scope: &ConnectionId,
-            names: &[String],
-        ) -> Result<(), HostError> {
-            self.inner.delete_vars(scope, names).await
-        }
-        async fn find_connections(
-            &self,
-            name: &str,
-            value: &str,
-        ) -> Result<Vec<ConnectionId>, HostError> {
-            self.inner.find_connections(name, value).await
-        }
-        async fn dispatch(
-            &self,
-            event: crate::proto::autokitteh::events::v1::Event,
-        ) -> Result<String, HostError> {
-            self.inner.dispatch(event).await
-        }
-        async fn check(&self) -> Result<(), HostError> {
-            Ok(())
-        }
-    }
-
-    /// The embedded host, except that the next read is held back after reading, until
-    /// `release` is notified; `read` is notified once it has read.
-    struct HeldRead {
-        inner: EmbeddedHost,
-        hold_next: std::sync::atomic::AtomicBool,
-        read: tokio::sync::Notify,
-        release: tokio::sync::Notify,
-    }
-
-    #[async_trait::async_trait]
-    impl HostEngine for HeldRead {
-        fn kind(&self) -> &'static str {
-            "test"
-        }
-        async fn get_vars(
-            &self,
-            scope: &ConnectionId,
-            names: &[String],
-        ) -> Result<Vec<Var>, HostError> {
             let found = self.inner.get_vars(scope, names).await;
             if self
                 .hold_next
@@ -513,12 +480,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_read_of_an_earlier_save_does_not_undo_a_later_one() {
         let (_dir, inner) = host().await;
-        let host = Arc::new(HeldRead {
-            inner,
-            hold_next: false.into(),
-            read: tokio::sync::Notify::new(),
-            release: tokio::sync::Notify::new(),
-        });
+        let host = Arc::new(TestHost::over(inner));
         let cid = ConnectionId::generate();
         let on = |account: &str| {
             vec![
@@ -589,10 +551,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let host = FailingReads {
-            inner,
-            failing: std::sync::Mutex::new(None),
-        };
+        let host = TestHost::over(inner);
         let index = RoutingIndex::new(Some(Secret::new("default-secret")));
         index.reload_all(&host).await.unwrap();
         assert_eq!(index.snapshot().unwrap().connection_count(), 2);
