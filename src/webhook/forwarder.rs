@@ -667,17 +667,17 @@ mod tests {
         }
     }
 
-    /// A forwarder with short waits over a fresh outbox holding rows 0..5, row 2 poisoned.
-    async fn start(
-        error: fn(String) -> HostError,
-        give_up_after: Duration,
-    ) -> (
+    /// A running forwarder: its host, outbox, counters, stop, and the outbox's directory.
+    type Running = (
         Arc<FakeHost>,
         Outbox,
         Arc<Counters>,
         CancellationToken,
         tempfile::TempDir,
-    ) {
+    );
+
+    /// A forwarder with short waits over a fresh outbox holding rows 0..5, row 2 poisoned.
+    async fn start(error: fn(String) -> HostError, give_up_after: Duration) -> Running {
         start_with(0..5, "row-2", error, give_up_after).await
     }
 
@@ -687,13 +687,7 @@ mod tests {
         poison: &str,
         error: fn(String) -> HostError,
         give_up_after: Duration,
-    ) -> (
-        Arc<FakeHost>,
-        Outbox,
-        Arc<Counters>,
-        CancellationToken,
-        tempfile::TempDir,
-    ) {
+    ) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
         for n in rows {
