@@ -1,5 +1,5 @@
-//! The command line: `--help`, `--version`, `setup-link`, or (no arguments) serve until
-//! SIGTERM.
+//! The command line: `--help`, `--version`, `setup-link`, `redrive-dead-letters`, or (no
+//! arguments) serve until SIGTERM.
 
 use std::process::ExitCode;
 
@@ -24,6 +24,7 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("setup-link") => return setup_link(&args[1..]),
+        Some("redrive-dead-letters") if args.len() == 1 => return redrive_dead_letters(),
         Some(other) => {
             eprintln!(
                 "zoom-integration: unknown argument {:?}; see --help",
@@ -82,6 +83,27 @@ pub fn main() -> ExitCode {
             },
         }
     })
+}
+
+/// `redrive-dead-letters`: moves the outbox's dead letters back into it (the service must be
+/// stopped: the outbox's lock says so).
+fn redrive_dead_letters() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => return config_error(&err),
+    };
+    match crate::webhook::outbox::redrive_dead_letters(&config.data_dir) {
+        Ok(moved) => {
+            println!(
+                "zoom-integration: {moved} dead letters moved back into the outbox; they are delivered when the service starts"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("zoom-integration: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `setup-link <connection id> [origin]`: prints a signed link to the connection's setup

@@ -578,6 +578,9 @@ impl Config {
              Usage: zoom-integration            serve HTTP and gRPC until SIGTERM\n       \
              zoom-integration setup-link <connection id> [origin]\n                                   \
              print a signed link to the connection's setup page\n       \
+             zoom-integration redrive-dead-letters\n                                   \
+             with the service stopped: move the webhooks the host refused for good back\n                                   \
+             into the outbox, to be delivered on the next start\n       \
              zoom-integration --help     this text\n       \
              zoom-integration --version  the version\n\n\
              Configuration (environment; CONFIG_FILE may give the same keys in lower case, the environment wins):\n",

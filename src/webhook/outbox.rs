@@ -132,6 +132,22 @@ pub enum OpenError {
         /// What SQLite said.
         source: rusqlite::Error,
     },
+    /// Another process (or another outbox in this one) has this data directory's outbox open.
+    #[error(
+        "the event outbox {path} is in use by another process: is the service already running on this DATA_DIR?"
+    )]
+    InUse {
+        /// The lock file.
+        path: PathBuf,
+    },
+    /// The lock file could not be made.
+    #[error("cannot lock the event outbox {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
     /// The committer thread could not be started.
     #[error("cannot start the event outbox committer: {source}")]
     Thread {
@@ -399,6 +415,7 @@ impl Outbox {
     /// Opens (creating if needed) `outbox.db` in `data_dir`, applies what a journal left by
     /// an earlier version holds beyond it, and loads the deduplication keys of the window.
     pub fn open(data_dir: &Path, settings: OutboxSettings) -> Result<Self, OpenError> {
+        let lock = lock_data_dir(data_dir)?;
         let path = data_dir.join(OUTBOX_FILE);
         let err = |source| OpenError::Database {
             path: path.clone(),
@@ -423,6 +440,7 @@ impl Outbox {
             .map_err(err)?;
         let writer = Writer {
             conn,
+            _lock: lock,
             wal: wal_path(&path),
             last_purge: Instant::now(),
             unchecked: 0,
@@ -775,6 +793,80 @@ const TRUNCATE_WAIT: Duration = Duration::from_millis(50);
 /// How long the committer waits before it tries a failed group's forwarder changes again.
 const CHANGE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// The file whose lock says an outbox is open on a data directory.
+pub const LOCK_FILE: &str = "outbox.lock";
+
+/// How long opening waits for another holder of the outbox lock to let go (a process still
+/// exiting, an outbox of this process being dropped).
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Takes the data directory's outbox lock (released when the file is closed, or the process
+/// ends however it ends), waiting up to [`LOCK_WAIT`] for it.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, OpenError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match try_lock_data_dir(data_dir) {
+            Err(OpenError::InUse { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn try_lock_data_dir(data_dir: &Path) -> Result<std::fs::File, OpenError> {
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| OpenError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    // SAFETY: a plain system call on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let source = std::io::Error::last_os_error();
+        return Err(if source.kind() == std::io::ErrorKind::WouldBlock {
+            OpenError::InUse { path }
+        } else {
+            OpenError::Lock { path, source }
+        });
+    }
+    Ok(file)
+}
+
+/// Moves every dead letter back into the outbox, to be delivered again (after the cause was
+/// fixed: a host that refused them, say); returns how many. Refused while the outbox is open
+/// (the service is running on `data_dir`).
+pub fn redrive_dead_letters(data_dir: &Path) -> Result<usize, OpenError> {
+    let _lock = lock_data_dir(data_dir)?;
+    let path = data_dir.join(OUTBOX_FILE);
+    let err = |source| OpenError::Database {
+        path: path.clone(),
+        source,
+    };
+    if !path.is_file() {
+        return Ok(0);
+    }
+    let mut conn = open_connection(&path).map_err(err)?;
+    crate::db::migrate(&mut conn, MIGRATIONS).map_err(err)?;
+    let tx = conn.transaction().map_err(err)?;
+    let moved = tx
+        .execute(
+            "INSERT INTO outbox (destination, received_ms, event_type, memo, body)
+             SELECT destination, received_ms, event_type, memo, body
+             FROM dead_letters ORDER BY id",
+            [],
+        )
+        .map_err(err)?;
+    tx.execute("DELETE FROM dead_letters", []).map_err(err)?;
+    tx.commit().map_err(err)?;
+    Ok(moved)
+}
+
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     use std::os::unix::fs::PermissionsExt;
     let conn = Connection::open(path)?;
@@ -929,6 +1021,9 @@ const CHECKPOINT_BYTES: u64 = 4 << 20;
 /// The writing connection and its upkeep.
 struct Writer {
     conn: Connection,
+    /// Held while the outbox is open: two committers on one database would each trust their
+    /// own count and keys.
+    _lock: std::fs::File,
     wal: PathBuf,
     last_purge: Instant,
     /// Roughly the bytes written to the log since the last checkpoint.
@@ -1354,6 +1449,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_outbox_at_a_time_and_dead_letters_can_be_driven_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        assert!(matches!(
+            Outbox::open(dir.path(), OutboxSettings::default()),
+            Err(OpenError::InUse { .. })
+        ));
+        for n in 0..3 {
+            outbox
+                .record(record(&format!("{{\"n\":{n}}}"), &["c"]))
+                .await
+                .unwrap();
+        }
+        let rows = outbox.pending(0, 10, 1 << 20).await.unwrap();
+        for row in &rows[..2] {
+            outbox.failed(row.id, "the host said no".into()).await;
+        }
+        outbox.flush().await;
+        assert_eq!(outbox.counts().await.unwrap(), (1, 2));
+        // Not while the outbox is open: the service would not see the rows.
+        assert!(matches!(
+            redrive_dead_letters(dir.path()),
+            Err(OpenError::InUse { .. })
+        ));
+        outbox.close().await;
+
+        assert_eq!(redrive_dead_letters(dir.path()).unwrap(), 2);
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        assert_eq!(outbox.counts().await.unwrap(), (3, 0));
+        let bodies: Vec<Vec<u8>> = outbox
+            .pending(0, 10, 1 << 20)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.received.body)
+            .collect();
+        assert_eq!(
+            bodies,
+            [&b"{\"n\":2}"[..], b"{\"n\":0}", b"{\"n\":1}"],
+            "the one never refused first, then the redriven ones in their order"
+        );
+        // Nothing left to move.
+        outbox.close().await;
+        assert_eq!(redrive_dead_letters(dir.path()).unwrap(), 0);
+    }
+
+    #[tokio::test]
     async fn a_failed_commit_answers_an_error_and_forgets_its_keys() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
@@ -1549,7 +1691,7 @@ mod tests {
             Ok(Recorded::Duplicate),
             "duplicates are still recognized"
         );
-        drop(outbox);
+        outbox.close().await;
         // The keys come back after a restart, and count.
         let outbox = Outbox::open(dir.path(), settings).unwrap();
         assert_eq!(

@@ -202,6 +202,33 @@ async fn sigterm_stops_both_servers_gracefully() {
 }
 
 #[tokio::test]
+async fn dead_letters_are_driven_back_only_while_the_service_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let redrive = || {
+        let mut cmd = service();
+        cmd.arg("redrive-dead-letters").env("DATA_DIR", data_dir);
+        cmd.output()
+    };
+    let (mut child, _, _) = start_service(&[("DATA_DIR", data_dir)]).await;
+    let refused = redrive().await.unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("is in use by another process"), "{said}");
+
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status()
+        .unwrap();
+    child.wait().await.unwrap();
+    let done = redrive().await.unwrap();
+    assert!(done.status.success(), "{:?}", done);
+    let said = String::from_utf8_lossy(&done.stdout);
+    assert!(said.contains("0 dead letters moved back"), "{said}");
+}
+
+#[tokio::test]
 async fn every_webhook_answered_200_is_delivered_after_a_sigkill_and_restart() {
     answered_webhooks_survive_a_sigkill("full").await;
 }
