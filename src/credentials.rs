@@ -124,8 +124,9 @@ impl Credentials {
     /// could not be saved; whatever is still unsaved is logged by connection, since that
     /// connection will need to be authorized again.
     pub async fn finish(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
         self.tasks.close();
-        if tokio::time::timeout(within, self.tasks.wait())
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
             .await
             .is_err()
         {
@@ -148,11 +149,11 @@ impl Credentials {
             let Some(unsaved) = slot.unsaved.clone() else {
                 continue;
             };
-            match self.source.save(&cid, unsaved).await {
-                Ok(()) => slot.unsaved = None,
-                Err(e) => tracing::error!(
+            let saved = tokio::time::timeout_at(deadline, self.source.save(&cid, unsaved)).await;
+            match saved {
+                Ok(Ok(())) => slot.unsaved = None,
+                Ok(Err(_)) | Err(_) => tracing::error!(
                     connection_id = %cid,
-                    error = %e,
                     "refreshed tokens could not be saved before shutdown: the connection must be authorized again"
                 ),
             }
