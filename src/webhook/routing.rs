@@ -498,16 +498,25 @@ mod tests {
             snap.destinations(by, account).to_vec()
         };
 
-        // The first save's read is slow; a second save is read and applied meanwhile.
-        host.set_vars(&cid, on("acc-old")).await.unwrap();
-        host.hold_next
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let slow = tokio::spawn({
-            let (index, host, cid) = (index.clone(), host.clone(), cid.clone());
-            async move { index.reload_connection(&*host, &cid).await }
-        });
-        host.read.notified().await;
-        host.set_vars(&cid, on("acc-new")).await.unwrap();
+        // Saves on acc-old, starts reloading it (the read held back once done), saves on
+        // acc-new: the held reload is the slow read of the earlier save.
+        // The reload's handle is awaited later, on purpose: after the later save is applied.
+        #[allow(clippy::async_yields_async)]
+        let saved_twice_first_read_held = async || {
+            host.set_vars(&cid, on("acc-old")).await.unwrap();
+            host.hold_next
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let slow = tokio::spawn({
+                let (index, host, cid) = (index.clone(), host.clone(), cid.clone());
+                async move { index.reload_connection(&*host, &cid).await }
+            });
+            host.read.notified().await;
+            host.set_vars(&cid, on("acc-new")).await.unwrap();
+            slow
+        };
+
+        // The earlier save's read is slow; the later save is read and applied meanwhile.
+        let slow = saved_twice_first_read_held().await;
         index.reload_connection(&*host, &cid).await.unwrap();
         assert_eq!(routed_to("acc-new"), std::slice::from_ref(&cid));
         host.release.notify_one();
@@ -520,15 +529,7 @@ mod tests {
         assert!(routed_to("acc-old").is_empty());
 
         // The same with a full reload in between, which clears what single reads left.
-        host.set_vars(&cid, on("acc-old")).await.unwrap();
-        host.hold_next
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let slow = tokio::spawn({
-            let (index, host, cid) = (index.clone(), host.clone(), cid.clone());
-            async move { index.reload_connection(&*host, &cid).await }
-        });
-        host.read.notified().await;
-        host.set_vars(&cid, on("acc-new")).await.unwrap();
+        let slow = saved_twice_first_read_held().await;
         index.reload_all(&*host).await.unwrap();
         host.release.notify_one();
         slow.await.unwrap().unwrap();

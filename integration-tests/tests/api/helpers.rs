@@ -182,6 +182,15 @@ impl TestApp {
         self.http_client.get(self.url(path)).send().await.unwrap()
     }
 
+    pub async fn post(&self, path: &str, body: &'static str) -> reqwest::Response {
+        self.http_client
+            .post(self.url(path))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `GET /readyz` once it answers 200 (within 10 s: routing loads at start).
     pub async fn ready(&self) -> serde_json::Value {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -94,14 +94,10 @@ async fn without_a_signed_link_no_setup_endpoint_lets_anyone_change_a_connection
         .get(&app.url("/oauth/redirect/zoom?code=x&state=y"))
         .await;
     assert_eq!(redirect.status, StatusCode::BAD_REQUEST);
-    let event = app
-        .http_client
-        .post(app.url("/zoom/event"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(event.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.post("/zoom/event", "{}").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
