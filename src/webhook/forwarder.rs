@@ -664,6 +664,7 @@ mod tests {
                 received_ms: 1,
                 body: body.into_bytes(),
             },
+            signed_at_ms: 0,
         }
     }
 
@@ -740,6 +741,7 @@ mod tests {
                     received_ms: 1,
                     body: body.as_bytes().to_vec(),
                 },
+                signed_at_ms: 0,
             })
             .await
             .unwrap();

@@ -70,6 +70,7 @@ impl Entry {
                     received_ms: self.received_ms,
                     body: self.body,
                 },
+                signed_at_ms: 0,
             },
         )
     }
@@ -176,6 +177,7 @@ mod tests {
                 received_ms: 1_700_000_000_123,
                 body: body.as_bytes().to_vec(),
             },
+            signed_at_ms: 0,
         }
     }
 

@@ -418,7 +418,7 @@ async fn handle(
         .get(TIMESTAMP_HEADER)
         .ok_or(WebhookError::MissingTimestamp)?
         .as_bytes();
-    verify::check_timestamp(
+    let signed_at = verify::check_timestamp(
         timestamp,
         SystemTime::now(),
         webhooks.settings.replay_window,
@@ -495,6 +495,8 @@ async fn handle(
             received_ms: now_ms(),
             body,
         },
+        // At most 12 digits (checked above): no overflow.
+        signed_at_ms: signed_at as i64 * 1000,
     };
     match webhooks.outbox.record_until(record, answer_by).await {
         Ok(Recorded::New) => {

@@ -187,6 +187,10 @@ pub struct Record {
     pub destinations: Vec<String>,
     /// The webhook itself.
     pub received: Received,
+    /// Zoom's timestamp of the request (Unix ms; 0 when unknown). A replay of it is accepted
+    /// until a window after that, so its key is kept until then at least, even when Zoom's
+    /// clock is ahead of ours.
+    pub signed_at_ms: i64,
 }
 
 /// What recording did.
@@ -353,11 +357,13 @@ impl Hasher for KeyHash {
 type KeyHasher = BuildHasherDefault<KeyHash>;
 
 /// The keys committed within the window, in generations of 1/16 of it: a key is kept at
-/// least the window and at most 1/16 longer, and expiring is dropping a whole generation.
+/// least the window after its anchor (its commit, or Zoom's timestamp of the request when that
+/// is later) and at most 1/16 longer, and expiring is dropping a whole generation.
 struct Keys {
     window_ms: i64,
     span_ms: i64,
-    /// Oldest first: when each generation started, and its keys.
+    /// Oldest first: when each generation started, and its keys. A generation holds the keys
+    /// anchored from its start to a span after it.
     generations: VecDeque<(i64, HashSet<u64, KeyHasher>)>,
     len: usize,
 }
@@ -388,22 +394,37 @@ impl Keys {
         self.generations.iter().any(|(_, keys)| keys.contains(&key))
     }
 
-    /// Adds keys committed at `at` (Unix ms, not before the last call's).
+    /// Adds keys anchored at `at` (Unix ms): each is kept until at least a window after it.
+    /// Expiring is left to [`Self::contains`], which knows the time: `at` may be ahead of it.
     fn extend(&mut self, keys: impl IntoIterator<Item = u64>, at: i64) {
-        self.expire(at);
-        let current = match self.generations.back() {
-            Some((started, _)) => at >= started + self.span_ms,
-            None => true,
-        };
-        if current {
-            self.generations.push_back((at, HashSet::default()));
-        }
-        let (_, generation) = self.generations.back_mut().expect("just ensured");
-        for key in keys {
-            if generation.insert(key) {
-                self.len += 1;
+        let generation = self.generation_for(at);
+        let before = generation.len();
+        generation.extend(keys);
+        let added = generation.len() - before;
+        self.len += added;
+    }
+
+    /// The generation for keys anchored at `at`: one that started at most a span before it
+    /// (not after, or the key would expire early), else a new one starting at `at`. Anchors
+    /// come mostly in order, so that is mostly the newest generation.
+    fn generation_for(&mut self, at: i64) -> &mut HashSet<u64, KeyHasher> {
+        let fits = |started: i64| started <= at && at < started + self.span_ms;
+        let i = match self.generations.back() {
+            Some((started, _)) if fits(*started) => self.generations.len() - 1,
+            _ => {
+                // The first generation starting after `at`; the one before it may fit.
+                let after = self
+                    .generations
+                    .partition_point(|(started, _)| *started <= at);
+                if after > 0 && fits(self.generations[after - 1].0) {
+                    after - 1
+                } else {
+                    self.generations.insert(after, (at, HashSet::default()));
+                    after
+                }
             }
-        }
+        };
+        &mut self.generations[i].1
     }
 }
 
@@ -762,12 +783,15 @@ fn commit_until_idle(shared: &Shared) {
                 changes.append(&mut state.open.changes);
                 state.open.changes = changes;
             }
-            let keys = group.records.iter().map(|r| dedupe_key(&r.body_hash));
-            for key in keys.clone() {
-                state.in_flight.remove(&key);
+            for record in &group.records {
+                state.in_flight.remove(&dedupe_key(&record.body_hash));
             }
             if inserted {
-                state.keys.extend(keys, crate::db::now_ms());
+                let now = crate::db::now_ms();
+                for record in &group.records {
+                    let key = dedupe_key(&record.body_hash);
+                    state.keys.extend([key], now.max(record.signed_at_ms));
+                }
             }
             state.queued_bytes -= group.bytes;
         }
@@ -978,18 +1002,22 @@ fn load_keys(conn: &Connection, keys: &mut Keys, window: Duration) -> rusqlite::
     Ok(())
 }
 
-/// Inserts a row per (webhook, destination) and one row of the webhooks' keys.
+/// Inserts a row per (webhook, destination) and one row of the webhooks' keys, kept a window
+/// after the latest of the commit and their requests' timestamps (Zoom's clock may be ahead
+/// of ours: the keys must outlive every replay the window accepts).
 fn insert_records<'a>(
     conn: &Connection,
     records: impl Iterator<Item = &'a Record>,
     window: Duration,
-) -> rusqlite::Result<bool> {
+) -> rusqlite::Result<()> {
     let mut insert = conn.prepare_cached(
         "INSERT INTO outbox (destination, received_ms, event_type, memo, body)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
+    let mut anchor = crate::db::now_ms();
     let mut keys = Vec::new();
     for record in records {
+        anchor = anchor.max(record.signed_at_ms);
         keys.extend_from_slice(&record.body_hash[..8]);
         let r = &record.received;
         let memo = memo_json(&r.memo);
@@ -1003,15 +1031,11 @@ fn insert_records<'a>(
             ])?;
         }
     }
-    if keys.is_empty() {
-        return Ok(false);
+    if !keys.is_empty() {
+        conn.prepare_cached("INSERT INTO dedupe_keys (expires_ms, keys) VALUES (?1, ?2)")?
+            .execute(params![anchor + window.as_millis() as i64, keys])?;
     }
-    conn.prepare_cached("INSERT INTO dedupe_keys (expires_ms, keys) VALUES (?1, ?2)")?
-        .execute(params![
-            crate::db::now_ms() + window.as_millis() as i64,
-            keys
-        ])?;
-    Ok(true)
+    Ok(())
 }
 
 /// About this much written to the write-ahead log, the committer copies it into the database
@@ -1135,7 +1159,9 @@ fn memo_json(memo: &HashMap<String, String>) -> String {
 }
 
 /// Deletes the rows of keys whose window has passed: the oldest rows, up to the first that
-/// has not expired (ids grow with time), so only what goes is read.
+/// has not expired (ids grow with time, and so do expiries, but for a request timestamped
+/// ahead of our clock: that row only holds the purge back until it expires), so only what
+/// goes is read.
 fn purge(conn: &Connection) -> rusqlite::Result<usize> {
     let now = crate::db::now_ms();
     let first_live: Option<i64> = conn
@@ -1171,6 +1197,7 @@ mod tests {
                 received_ms: 1,
                 body: body.as_bytes().to_vec(),
             },
+            signed_at_ms: 0,
         }
     }
 
@@ -1356,6 +1383,43 @@ mod tests {
         assert_eq!(outbox.record(record("{}", &["c"])).await, Ok(Recorded::New));
         outbox.flush().await;
         assert_eq!(outbox.counts().await.unwrap(), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_body_signed_ahead_of_our_clock_is_deduplicated_until_a_window_after_its_timestamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = OutboxSettings {
+            dedupe_window: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let start = tokio::time::Instant::now();
+        let signed_at_ms = crate::db::now_ms() + 1_600;
+        let ahead = |body: &str| Record {
+            signed_at_ms,
+            ..record(body, &["c"])
+        };
+        let outbox = Outbox::open(dir.path(), settings.clone()).unwrap();
+        for body in ["{\"a\":1}", "{\"b\":1}"] {
+            assert_eq!(outbox.record(ahead(body)).await, Ok(Recorded::New));
+        }
+        // Anchored at their commit, the keys would be gone 2.125 s after it; a replay is
+        // accepted until 2 s after the timestamp, 3.6 s from now.
+        tokio::time::sleep_until(start + Duration::from_millis(2_400)).await;
+        assert_eq!(
+            outbox.record(ahead("{\"a\":1}")).await,
+            Ok(Recorded::Duplicate)
+        );
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), settings).unwrap();
+        assert_eq!(
+            outbox.record(ahead("{\"b\":1}")).await,
+            Ok(Recorded::Duplicate),
+            "the key came back from the database"
+        );
+        tokio::time::sleep_until(start + Duration::from_millis(3_900)).await;
+        for body in ["{\"a\":1}", "{\"b\":1}"] {
+            assert_eq!(outbox.record(ahead(body)).await, Ok(Recorded::New));
+        }
     }
 
     #[tokio::test]
@@ -1699,6 +1763,27 @@ mod tests {
             Err(RecordError::Busy)
         );
         assert_eq!(outbox.counts().await.unwrap(), (2, 0));
+    }
+
+    #[test]
+    fn a_key_anchored_ahead_or_out_of_order_is_kept_a_window_after_its_anchor() {
+        let mut keys = Keys::new(Duration::from_secs(160));
+        // Generations of 10 s.
+        keys.extend([1], 1_000_000);
+        keys.extend([2], 1_060_000);
+        keys.extend([3], 1_001_000);
+        keys.extend([4], 1_030_000);
+        let starts: Vec<i64> = keys.generations.iter().map(|(s, _)| *s).collect();
+        assert_eq!(starts, [1_000_000, 1_030_000, 1_060_000]);
+        assert!(keys.contains(3, 1_169_999));
+        assert!(!keys.contains(3, 1_170_000));
+        assert!(!keys.contains(1, 1_170_000));
+        assert!(keys.contains(4, 1_030_000 + 169_999));
+        assert!(keys.contains(2, 1_060_000 + 169_999));
+        assert!(!keys.contains(4, 1_030_000 + 170_000));
+        assert!(keys.contains(2, 1_060_000 + 169_999));
+        assert!(!keys.contains(2, 1_060_000 + 170_000));
+        assert_eq!(keys.len, 0);
     }
 
     #[test]

@@ -90,12 +90,13 @@ pub enum TimestampError {
     OutsideWindow,
 }
 
-/// Checks that `timestamp` (Unix seconds, as Zoom sends it) is within `window` of `now`.
+/// Checks that `timestamp` (Unix seconds, as Zoom sends it) is within `window` of `now`, and
+/// answers it.
 pub fn check_timestamp(
     timestamp: &[u8],
     now: SystemTime,
     window: Duration,
-) -> Result<(), TimestampError> {
+) -> Result<u64, TimestampError> {
     // 12 digits reach the year 33658: anything longer is not a timestamp.
     if timestamp.is_empty() || timestamp.len() > 12 || !timestamp.iter().all(u8::is_ascii_digit) {
         return Err(TimestampError::Malformed);
@@ -111,7 +112,7 @@ pub fn check_timestamp(
     if now.abs_diff(seconds) > window.as_secs() {
         return Err(TimestampError::OutsideWindow);
     }
-    Ok(())
+    Ok(seconds)
 }
 
 /// A `plainToken` worth answering: 1 to [`MAX_PLAIN_TOKEN`] URL-safe characters.
@@ -188,9 +189,18 @@ mod tests {
     fn timestamps_are_accepted_only_inside_the_window() {
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let window = Duration::from_secs(90 * 60);
-        assert_eq!(check_timestamp(b"1700000000", now, window), Ok(()));
-        assert_eq!(check_timestamp(b"1699994600", now, window), Ok(()));
-        assert_eq!(check_timestamp(b"1700005400", now, window), Ok(()));
+        assert_eq!(
+            check_timestamp(b"1700000000", now, window),
+            Ok(1_700_000_000)
+        );
+        assert_eq!(
+            check_timestamp(b"1699994600", now, window),
+            Ok(1_699_994_600)
+        );
+        assert_eq!(
+            check_timestamp(b"1700005400", now, window),
+            Ok(1_700_005_400)
+        );
         assert_eq!(
             check_timestamp(b"1699994599", now, window),
             Err(TimestampError::OutsideWindow)

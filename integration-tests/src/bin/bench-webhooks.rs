@@ -370,6 +370,7 @@ async fn drain(events: u64) -> (f64, f64) {
                             received_ms: 1,
                             body,
                         },
+                        signed_at_ms: 0,
                     })
                     .await
                     .unwrap();

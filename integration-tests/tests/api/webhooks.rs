@@ -15,7 +15,7 @@ use zoom_integration::proto::autokitteh::values::v1 as values;
 use zoom_integration::proto::autokitteh::vars::v1 as vars;
 
 use crate::fake_host::FakeHost;
-use crate::helpers::{TestApp, spawn_app_with, var};
+use crate::helpers::{TestApp, spawn_app_in, spawn_app_with, var};
 
 /// The default app's webhook secret token in these tests.
 pub const SECRET: &str = "zoom-default-webhook-secret-token";
@@ -772,6 +772,30 @@ async fn a_body_sent_again_within_the_window_is_forwarded_once() {
 }
 
 #[tokio::test]
+async fn a_body_timestamped_ahead_of_our_clock_keeps_its_key_a_window_after_that_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_in(dir.path(), &[("ZOOM_SECRET_TOKEN", SECRET)]).await;
+    default_connection(&app, ACCOUNT).await;
+    let url = app.url("/zoom/event");
+    post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(1)).await;
+    // Zoom's clock 30 minutes ahead: inside the 90-minute window, so accepted, and a replay
+    // stays acceptable until 90 minutes after that timestamp, not after our commit.
+    let ahead = now() + 30 * 60;
+    let (status, answer) =
+        post_to(&app.http_client, &url, SECRET, ahead, &meeting_started(2)).await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("recorded")));
+    let outbox = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+    let kept_until: i64 = outbox
+        .query_row("SELECT max(expires_ms) FROM dedupe_keys", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        kept_until >= (ahead as i64 + 90 * 60) * 1000,
+        "kept until {kept_until}, replayable until {}",
+        (ahead + 90 * 60) * 1000
+    );
+}
+
+#[tokio::test]
 async fn the_same_body_from_two_apps_on_one_account_reaches_each_app_s_connections_once() {
     let app = app_with_secret().await;
     let default = default_connection(&app, ACCOUNT).await;
@@ -1077,7 +1101,7 @@ async fn retried_app_deauthorized_after_a_reconnect(first: FirstDispatch, restar
         ("ZOOM_SECRET_TOKEN", SECRET.into()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let app = crate::helpers::spawn_app_in(dir.path(), &env).await;
+    let app = spawn_app_in(dir.path(), &env).await;
     let body = fixture("app_deauthorized");
     post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
     let stored = |name: &str| {
@@ -1112,7 +1136,7 @@ async fn retried_app_deauthorized_after_a_reconnect(first: FirstDispatch, restar
     // Kept running until the end.
     let _app = if restart {
         app.stop().await.unwrap();
-        crate::helpers::spawn_app_in(dir.path(), &env).await
+        spawn_app_in(dir.path(), &env).await
     } else {
         app
     };
@@ -1237,7 +1261,7 @@ async fn a_thousand_events_sent_while_the_host_is_down_are_all_delivered_when_it
 #[tokio::test]
 async fn a_stuck_outbox_database_gets_503_within_3_seconds_and_the_retry_is_forwarded_once() {
     let dir = tempfile::tempdir().unwrap();
-    let app = crate::helpers::spawn_app_in(dir.path(), &[("ZOOM_SECRET_TOKEN", SECRET)]).await;
+    let app = spawn_app_in(dir.path(), &[("ZOOM_SECRET_TOKEN", SECRET)]).await;
     default_connection(&app, ACCOUNT).await;
     let url = app.url("/zoom/event");
     post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(0)).await;
