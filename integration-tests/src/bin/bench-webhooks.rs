@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::response::IntoResponse;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -271,6 +272,44 @@ async fn floor_server() -> String {
     format!("http://{addr}/zoom/event")
 }
 
+/// The floor plus the full path's checks, without its durable record: what the request path
+/// costs before the outbox. Verifies the signature and timestamp, reads the JSON head, checks
+/// the body can become an event, hashes it and remembers the hash in memory, as the service
+/// does, then answers 200. The full path's ratio cannot beat this one's.
+async fn checks_server() -> String {
+    use zoom_integration::webhook::{normalize, verify};
+    let verifier = Arc::new(verify::Verifier::new(&Secret::new(SECRET)));
+    let seen = Arc::new(std::sync::Mutex::new(
+        std::collections::HashSet::<u64>::new(),
+    ));
+    let check = move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+        let (verifier, seen) = (verifier.clone(), seen.clone());
+        async move {
+            let header = |name| headers.get(name).map_or(&[][..], |v| v.as_bytes());
+            let timestamp = header("x-zm-request-timestamp");
+            let window = Duration::from_secs(90 * 60);
+            let fresh = verify::check_timestamp(timestamp, SystemTime::now(), window).is_ok();
+            let signed = verifier.verifies(header("x-zm-signature"), timestamp, &body);
+            let head: Option<serde_json::Map<String, serde_json::Value>> =
+                serde_json::from_slice(&body).ok();
+            let event = head.as_ref().and_then(|h| h.get("event")?.as_str());
+            if !fresh || !signed || event.is_none() || normalize::top_level_fields(&body).is_err() {
+                return axum::http::StatusCode::BAD_REQUEST.into_response();
+            }
+            let hash: [u8; 32] = Sha256::digest(&body).into();
+            let key = u64::from_le_bytes(hash[..8].try_into().unwrap());
+            let new = seen.lock().unwrap().insert(key);
+            axum::Json(serde_json::json!({ "status": if new { "recorded" } else { "duplicate" } }))
+                .into_response()
+        }
+    };
+    let app = axum::Router::new().route("/zoom/event", axum::routing::post(check));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/zoom/event")
+}
+
 async fn service(dir: &std::path::Path) -> String {
     let keys = Arc::new(Keys::load_or_generate(Some(&Secret::new(KEY)), dir).unwrap());
     {
@@ -426,6 +465,7 @@ async fn main() {
     let counter = Arc::new(AtomicU64::new(0));
 
     let floor_url = floor_server().await;
+    let checks_url = checks_server().await;
     let dir = tempfile::tempdir().unwrap();
     let service_url = service(dir.path()).await;
 
@@ -438,18 +478,26 @@ async fn main() {
         counter.clone(),
     )
     .await;
-    load(
-        &service_url,
-        workers,
-        Duration::from_millis(500),
-        None,
-        counter.clone(),
-    )
-    .await;
+    for url in [&checks_url, &service_url] {
+        load(
+            url,
+            workers,
+            Duration::from_millis(500),
+            None,
+            counter.clone(),
+        )
+        .await;
+    }
 
     let floor = load(&floor_url, workers, seconds, None, counter.clone()).await;
     println!("{}", floor.line("floor (axum, read body, 200)"));
     println!("{}", floor.threads_line());
+    let checks = load(&checks_url, workers, seconds, None, counter.clone()).await;
+    println!("{}", checks.line("floor + checks (no durable record)"));
+    println!(
+        "ratio checks/floor: {:.1}% (the full path's ceiling)",
+        100.0 * checks.rps() / floor.rps()
+    );
     let full = load(&service_url, workers, seconds, None, counter.clone()).await;
     println!("{}", full.line("full path (verify, dedupe, record)"));
     println!("{}", full.threads_line());
