@@ -243,8 +243,17 @@ async fn keep_routing_fresh(
                 None => std::future::pending().await,
             }
         };
+        let unread = routing.unread();
         tokio::select! {
             () = stop.cancelled() => return,
+            // Webhooks no route takes are answered 503 while these cannot be read.
+            () = tokio::time::sleep(routing::UNREAD_RETRY), if !unread.is_empty() => {
+                for cid in unread {
+                    if let Err(e) = routing.reload_connection(&*host, &cid).await {
+                        tracing::debug!(error = %e, connection_id = %cid, "a connection still cannot be read");
+                    }
+                }
+            }
             _ = ticker.tick() => {
                 if let Err(e) = routing.reload_all(&*host).await {
                     tracing::warn!(error = %e, "reloading webhook routing failed; keeping the previous routes");
@@ -310,6 +319,10 @@ pub enum WebhookError {
     /// The routing index has not loaded yet.
     #[error("starting up, try again later")]
     NotReady,
+    /// No route takes the webhook (or no known secret verifies it) while a connection the
+    /// host engine could not read yet may be the one it is for.
+    #[error("a connection cannot be read from the host engine yet, try again later")]
+    Unsettled,
     /// The event could not be recorded durably.
     #[error("cannot record the event now, try again later")]
     NotRecorded(#[source] RecordError),
@@ -329,9 +342,10 @@ impl IntoResponse for WebhookError {
             | WebhookError::BodyRead
             | WebhookError::NotAnEvent(_) => StatusCode::BAD_REQUEST,
             WebhookError::SlowBody => StatusCode::REQUEST_TIMEOUT,
-            WebhookError::NotReady | WebhookError::NotRecorded(_) | WebhookError::Busy => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            WebhookError::NotReady
+            | WebhookError::Unsettled
+            | WebhookError::NotRecorded(_)
+            | WebhookError::Busy => StatusCode::SERVICE_UNAVAILABLE,
         };
         match &self {
             WebhookError::NotRecorded(e) => {
@@ -378,9 +392,10 @@ async fn receive(
     if let Err(e) = &result {
         let counters = &webhooks.counters;
         let counter = match e {
-            WebhookError::NotReady | WebhookError::NotRecorded(_) | WebhookError::Busy => {
-                &counters.unavailable
-            }
+            WebhookError::NotReady
+            | WebhookError::Unsettled
+            | WebhookError::NotRecorded(_)
+            | WebhookError::Busy => &counters.unavailable,
             WebhookError::TooLarge => &counters.too_large,
             WebhookError::MissingSignature | WebhookError::BadSignature => &counters.bad_signature,
             WebhookError::MissingTimestamp | WebhookError::Timestamp(_) => &counters.stale,
@@ -434,7 +449,12 @@ async fn handle(
     let routes = webhooks.routing.snapshot().ok_or(WebhookError::NotReady)?;
     let (verified, head, body) =
         check_signature(webhooks, &routes, signature, timestamp, body, answer_by).await?;
-    let verified = verified.ok_or(WebhookError::BadSignature)?;
+    // A private app's secret is only known once its connection is read.
+    let verified = verified.ok_or(if routes.unsettled() {
+        WebhookError::Unsettled
+    } else {
+        WebhookError::BadSignature
+    })?;
     webhooks.counters.verified.inc();
 
     let head = head.ok_or(WebhookError::NotJson)?;
@@ -467,6 +487,9 @@ async fn handle(
     };
     let destinations = routes.destinations(verified, account_id);
     if destinations.is_empty() {
+        if routes.unsettled() {
+            return Err(WebhookError::Unsettled);
+        }
         webhooks.counters.unrouted.inc();
         tracing::debug!(event_type = %crate::ids::truncate(&event, 64), "verified webhook for no connection: dropped");
         return Ok(accepted("unrouted"));

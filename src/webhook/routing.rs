@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::connection::{AuthType, vars};
 use crate::host::{HostEngine, HostError};
@@ -44,7 +45,15 @@ pub struct Snapshot {
     /// Whether `secrets[0]` is the default app's, which may sign a webhook of any account.
     has_default: bool,
     connections: usize,
+    /// Until when a connection that could not be read yet (see [`Table::unread`]) may be the
+    /// one a webhook was for: until then a webhook no route takes is answered 503, not 200.
+    unsettled_until: Option<Instant>,
 }
+
+/// How long a connection that cannot be read makes unrouted webhooks 503 (Zoom retries them
+/// after 5, 20 and 60 minutes). Past it they are answered 200 and dropped again: a connection
+/// that never reads must not make Zoom disable the app's subscription.
+pub const UNSETTLED_FOR: Duration = Duration::from_secs(10 * 60);
 
 /// The secret that verified a request, as an index into the snapshot it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +133,17 @@ impl Snapshot {
     pub fn connection_count(&self) -> usize {
         self.connections
     }
+
+    /// Whether a connection the host engine could not read (for at most [`UNSETTLED_FOR`])
+    /// may be the one a webhook that no route takes, or that no known secret verifies, was
+    /// for: then it is answered 503, so Zoom sends it again.
+    pub fn unsettled(&self) -> bool {
+        self.unsettled_at(Instant::now())
+    }
+
+    fn unsettled_at(&self, now: Instant) -> bool {
+        self.unsettled_until.is_some_and(|until| now < until)
+    }
 }
 
 #[derive(Default)]
@@ -139,7 +159,13 @@ struct Table {
     /// that is older than what the full reload found.
     reloaded_at: u64,
     loaded: bool,
+    /// Connections with no route whose last read failed (the host answered, but not for
+    /// them), with when their reads started failing: retried every [`UNREAD_RETRY`].
+    unread: HashMap<ConnectionId, Instant>,
 }
+
+/// How often connections that could not be read are read again.
+pub const UNREAD_RETRY: Duration = Duration::from_secs(2);
 
 /// The routing index. Cheap to share: clone the `Arc` it lives in.
 pub struct RoutingIndex {
@@ -184,6 +210,7 @@ impl RoutingIndex {
         let started_at = self.lock().version;
         let ids = host.find_connections(vars::AUTH_TYPE, "").await?;
         let mut routes = HashMap::new();
+        let mut unread = HashMap::new();
         for chunk in ids.chunks(16) {
             let reads = chunk
                 .iter()
@@ -200,13 +227,21 @@ impl RoutingIndex {
                     // webhooks 200 "unrouted" until the next reload, and Zoom never resends those.
                     Err(HostError::NotFound(_)) => continue,
                     Err(e) => {
-                        match self.lock().routes.get(cid).cloned() {
+                        let (previous, since) = {
+                            let table = self.lock();
+                            (
+                                table.routes.get(cid).cloned(),
+                                table.unread.get(cid).copied(),
+                            )
+                        };
+                        match previous {
                             Some(previous) => {
                                 tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; it keeps its routing until it can be read");
                                 routes.insert(cid.clone(), previous);
                             }
                             None => {
-                                tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; its webhooks are not routed until it can be read");
+                                tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; webhooks no route takes are answered 503 until it can be read");
+                                unread.insert(cid.clone(), since.unwrap_or_else(Instant::now));
                             }
                         }
                         continue;
@@ -226,12 +261,17 @@ impl RoutingIndex {
             .map(|(cid, _)| (cid.clone(), table.routes.get(cid).cloned()))
             .collect();
         for (cid, route) in newer {
+            match table.unread.get(&cid) {
+                Some(since) => unread.insert(cid.clone(), *since),
+                None => unread.remove(&cid),
+            };
             match route {
                 Some(route) => routes.insert(cid, route),
                 None => routes.remove(&cid),
             };
         }
         table.routes = routes;
+        table.unread = unread;
         table.changed_at.clear();
         table.reloaded_at = started_at;
         table.loaded = true;
@@ -251,7 +291,27 @@ impl RoutingIndex {
             table.version += 1;
             table.version
         };
-        let found = host.get_vars(cid, &routing_var_names()).await?;
+        let found = match host.get_vars(cid, &routing_var_names()).await {
+            Ok(found) => found,
+            Err(e) => {
+                let mut table = self.lock();
+                let unread = match e {
+                    // Deleted meanwhile: nothing to wait for.
+                    HostError::NotFound(_) => table.unread.remove(cid).is_some(),
+                    // A routed connection keeps its route (see `reload_all`).
+                    _ if table.routes.contains_key(cid) => false,
+                    _ => {
+                        let new = !table.unread.contains_key(cid);
+                        table.unread.entry(cid.clone()).or_insert_with(Instant::now);
+                        new
+                    }
+                };
+                if unread && table.loaded {
+                    self.publish(&table);
+                }
+                return Err(e);
+            }
+        };
         let route = self.route_of(cid, &found);
         let mut table = self.lock();
         // Two saves in a row: the first one's read may end after the second's.
@@ -259,14 +319,21 @@ impl RoutingIndex {
             return Ok(());
         }
         table.changed_at.insert(cid.clone(), asked);
+        let read_again = table.unread.remove(cid).is_some();
         let changed = match route {
             Some(route) => table.routes.insert(cid.clone(), route.clone()) != Some(route),
             None => table.routes.remove(cid).is_some(),
         };
-        if changed && table.loaded {
+        if (changed || read_again) && table.loaded {
             self.publish(&table);
         }
         Ok(())
+    }
+
+    /// The connections with no route whose last read failed, to read again every
+    /// [`UNREAD_RETRY`].
+    pub fn unread(&self) -> Vec<ConnectionId> {
+        self.lock().unread.keys().cloned().collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -353,6 +420,11 @@ impl RoutingIndex {
             secrets_by_account,
             has_default: self.default_secret.is_some(),
             connections: table.routes.len(),
+            unsettled_until: table
+                .unread
+                .values()
+                .max()
+                .map(|since| *since + UNSETTLED_FOR),
         };
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
     }
@@ -569,6 +641,55 @@ mod tests {
             snap.destinations(by_default, "acc-A"),
             std::slice::from_ref(&kept)
         );
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_that_cannot_be_read_unsettles_routing_until_read_or_for_ten_minutes()
+    {
+        let (_dir, inner) = host().await;
+        let (routed, new) = (ConnectionId::generate(), ConnectionId::generate());
+        let on_account = vec![
+            Var::plain("auth_type", "oauthDefault"),
+            Var::plain("account_id", "acc-A"),
+        ];
+        inner.set_vars(&routed, on_account.clone()).await.unwrap();
+        let host = TestHost::over(inner);
+        let index = RoutingIndex::new(Some(Secret::new("default-secret")));
+        index.reload_all(&host).await.unwrap();
+        assert!(!index.snapshot().unwrap().unsettled());
+
+        // A routed connection that cannot be read keeps its route: nothing is unsettled.
+        *host.failing.lock().unwrap() = Some(routed.clone());
+        assert!(index.reload_connection(&host, &routed).await.is_err());
+        assert!(!index.snapshot().unwrap().unsettled());
+
+        // A new one, saved and then not readable, is, by its own reload and by a full one.
+        host.inner.set_vars(&new, on_account).await.unwrap();
+        *host.failing.lock().unwrap() = Some(new.clone());
+        assert!(index.reload_connection(&host, &new).await.is_err());
+        let snap = index.snapshot().unwrap();
+        assert!(snap.unsettled());
+        assert!(!snap.unsettled_at(Instant::now() + UNSETTLED_FOR));
+        assert_eq!(index.unread(), std::slice::from_ref(&new));
+        index.reload_all(&host).await.unwrap();
+        assert!(index.snapshot().unwrap().unsettled());
+
+        // Read at last: routed, and settled.
+        *host.failing.lock().unwrap() = None;
+        index.reload_connection(&host, &new).await.unwrap();
+        let snap = index.snapshot().unwrap();
+        assert!(!snap.unsettled());
+        assert!(index.unread().is_empty());
+        assert_eq!(snap.connection_count(), 2);
+
+        // Deleted while unreadable: nothing left to wait for.
+        let gone = ConnectionId::generate();
+        *host.failing.lock().unwrap() = Some(gone.clone());
+        assert!(index.reload_connection(&host, &gone).await.is_err());
+        assert!(index.snapshot().unwrap().unsettled());
+        *host.failing.lock().unwrap() = None;
+        assert!(index.reload_connection(&host, &gone).await.is_ok());
+        assert!(!index.snapshot().unwrap().unsettled());
     }
 
     #[tokio::test]

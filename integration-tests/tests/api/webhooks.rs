@@ -910,6 +910,50 @@ async fn a_connection_the_host_cannot_read_does_not_keep_the_others_from_their_w
 }
 
 #[tokio::test]
+async fn a_webhook_that_may_be_for_a_connection_not_read_yet_gets_503_and_its_retry_is_delivered() {
+    let host = FakeHost::start().await;
+    let good = ConnectionId::generate().to_string();
+    host.put(var(&good, "auth_type", "oauthDefault", false));
+    host.put(var(&good, "account_id", ACCOUNT, false));
+    let late = ConnectionId::generate().to_string();
+    host.put(var(&late, "auth_type", "oauthDefault", false));
+    host.put(var(&late, "account_id", "other-account", false));
+    host.state.lock().unwrap().unreadable.push(late.clone());
+    let app = spawn_app_with(&[
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ])
+    .await;
+    let url = app.url("/zoom/event");
+    post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(1)).await;
+    let body = String::from_utf8(meeting_started(2))
+        .unwrap()
+        .replace(ACCOUNT, "other-account")
+        .into_bytes();
+    let (status, answer) = post(&app, &body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("cannot be read"));
+
+    // The host can read it again: Zoom's retry reaches it.
+    host.state.lock().unwrap().unreadable.clear();
+    post_until_recorded(&app.http_client, &url, SECRET, &body).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.state.lock().unwrap().dispatched.len() < 2 {
+        assert!(Instant::now() < deadline, "never dispatched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let destinations: Vec<String> = host
+        .state
+        .lock()
+        .unwrap()
+        .dispatched
+        .iter()
+        .map(|e| e.destination_id.clone())
+        .collect();
+    assert_eq!(destinations, [good, late]);
+}
+
+#[tokio::test]
 async fn a_verified_event_no_connection_wants_is_answered_200_and_dropped() {
     let app = spawn_app_with(&[("ZOOM_SECRET_TOKEN", SECRET)]).await;
     let cid = default_connection(&app, ACCOUNT).await;
