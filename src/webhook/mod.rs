@@ -236,6 +236,9 @@ async fn keep_routing_fresh(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    // Its own timer, so a stream of changes cannot keep putting the retry off.
+    let mut retry = tokio::time::interval(routing::UNREAD_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let changed = async {
             match changes.as_mut() {
@@ -243,17 +246,11 @@ async fn keep_routing_fresh(
                 None => std::future::pending().await,
             }
         };
-        let unread = routing.unread();
+        let unread = !routing.unread().is_empty();
         tokio::select! {
             () = stop.cancelled() => return,
             // Webhooks no route takes are answered 503 while these cannot be read.
-            () = tokio::time::sleep(routing::UNREAD_RETRY), if !unread.is_empty() => {
-                for cid in unread {
-                    if let Err(e) = routing.reload_connection(&*host, &cid).await {
-                        tracing::debug!(error = %e, connection_id = %cid, "a connection still cannot be read");
-                    }
-                }
-            }
+            _ = retry.tick(), if unread => routing.retry_unread(&*host).await,
             _ = ticker.tick() => {
                 if let Err(e) = routing.reload_all(&*host).await {
                     tracing::warn!(error = %e, "reloading webhook routing failed; keeping the previous routes");
@@ -518,8 +515,9 @@ async fn handle(
             received_ms: now_ms(),
             body,
         },
-        // At most 12 digits (checked above): no overflow.
-        signed_at_ms: signed_at as i64 * 1000,
+        // The end of the timestamp's second: the window is checked in whole seconds, so a
+        // replay is accepted until a window after that. At most 12 digits: no overflow.
+        signed_at_ms: (signed_at as i64 + 1) * 1000,
     };
     match webhooks.outbox.record_until(record, answer_by).await {
         Ok(Recorded::New) => {

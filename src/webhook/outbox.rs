@@ -187,9 +187,9 @@ pub struct Record {
     pub destinations: Vec<String>,
     /// The webhook itself.
     pub received: Received,
-    /// Zoom's timestamp of the request (Unix ms; 0 when unknown). A replay of it is accepted
-    /// until a window after that, so its key is kept until then at least, even when Zoom's
-    /// clock is ahead of ours.
+    /// The end of the second of Zoom's timestamp of the request (Unix ms; 0 when unknown). A
+    /// replay of it is accepted until a window after that, so its key is kept until then at
+    /// least, even when Zoom's clock is ahead of ours.
     pub signed_at_ms: i64,
 }
 

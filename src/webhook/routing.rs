@@ -295,6 +295,14 @@ impl RoutingIndex {
             Ok(found) => found,
             Err(e) => {
                 let mut table = self.lock();
+                // What a read started after this one found wins, as below.
+                if asked <= table.reloaded_at
+                    || table.changed_at.get(cid).is_some_and(|v| *v > asked)
+                {
+                    return Err(e);
+                }
+                // So a full reload that started before this read keeps what it left.
+                table.changed_at.insert(cid.clone(), asked);
                 let unread = match e {
                     // Deleted meanwhile: nothing to wait for.
                     HostError::NotFound(_) => table.unread.remove(cid).is_some(),
@@ -330,10 +338,29 @@ impl RoutingIndex {
         Ok(())
     }
 
-    /// The connections with no route whose last read failed, to read again every
-    /// [`UNREAD_RETRY`].
+    /// The connections with no route whose reads have failed for less than
+    /// [`UNSETTLED_FOR`], to read again every [`UNREAD_RETRY`]. Past it, the full reload
+    /// every minute is enough.
     pub fn unread(&self) -> Vec<ConnectionId> {
-        self.lock().unread.keys().cloned().collect()
+        let now = Instant::now();
+        self.lock()
+            .unread
+            .iter()
+            .filter(|(_, since)| now < **since + UNSETTLED_FOR)
+            .map(|(cid, _)| cid.clone())
+            .collect()
+    }
+
+    /// Reads the [`Self::unread`] connections again, 16 at a time.
+    pub async fn retry_unread(&self, host: &dyn HostEngine) {
+        for chunk in self.unread().chunks(16) {
+            let reads = chunk.iter().map(|cid| async move {
+                if let Err(e) = self.reload_connection(host, cid).await {
+                    tracing::debug!(error = %e, connection_id = %cid, "a connection still cannot be read");
+                }
+            });
+            join_all(reads).await;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -481,6 +508,8 @@ mod tests {
     struct TestHost {
         inner: EmbeddedHost,
         failing: std::sync::Mutex<Option<ConnectionId>>,
+        /// Reading this one's variables answers NOT_FOUND (deleted).
+        missing: std::sync::Mutex<Option<ConnectionId>>,
         hold_next: std::sync::atomic::AtomicBool,
         read: tokio::sync::Notify,
         release: tokio::sync::Notify,
@@ -491,6 +520,7 @@ mod tests {
             Self {
                 inner,
                 failing: std::sync::Mutex::new(None),
+                missing: std::sync::Mutex::new(None),
                 hold_next: false.into(),
                 read: tokio::sync::Notify::new(),
                 release: tokio::sync::Notify::new(),
@@ -508,6 +538,9 @@ mod tests {
             scope: &ConnectionId,
             names: &[String],
         ) -> Result<Vec<Var>, HostError> {
+            if self.missing.lock().unwrap().as_ref() == Some(scope) {
+                return Err(HostError::NotFound("no such connection".into()));
+            }
             if self.failing.lock().unwrap().as_ref() == Some(scope) {
                 return Err(HostError::Remote("Internal: database hiccup".into()));
             }
@@ -688,8 +721,45 @@ mod tests {
         assert!(index.reload_connection(&host, &gone).await.is_err());
         assert!(index.snapshot().unwrap().unsettled());
         *host.failing.lock().unwrap() = None;
-        assert!(index.reload_connection(&host, &gone).await.is_ok());
+        *host.missing.lock().unwrap() = Some(gone.clone());
+        assert!(matches!(
+            index.reload_connection(&host, &gone).await,
+            Err(HostError::NotFound(_))
+        ));
         assert!(!index.snapshot().unwrap().unsettled());
+        assert!(index.unread().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_during_a_full_reload_is_not_forgotten_when_the_reload_ends() {
+        let (_dir, inner) = host().await;
+        let on_account = vec![
+            Var::plain("auth_type", "oauthDefault"),
+            Var::plain("account_id", "acc-A"),
+        ];
+        let routed = ConnectionId::generate();
+        inner.set_vars(&routed, on_account.clone()).await.unwrap();
+        let host = Arc::new(TestHost::over(inner));
+        let index = Arc::new(RoutingIndex::new(Some(Secret::new("default-secret"))));
+        index.reload_all(&*host).await.unwrap();
+
+        // A full reload has listed the connections and is reading them (held back) when a
+        // new one is saved and its own read fails.
+        host.hold_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let full = tokio::spawn({
+            let (index, host) = (index.clone(), host.clone());
+            async move { index.reload_all(&*host).await }
+        });
+        host.read.notified().await;
+        let new = ConnectionId::generate();
+        host.inner.set_vars(&new, on_account).await.unwrap();
+        *host.failing.lock().unwrap() = Some(new.clone());
+        assert!(index.reload_connection(&*host, &new).await.is_err());
+        host.release.notify_one();
+        full.await.unwrap().unwrap();
+        assert_eq!(index.unread(), std::slice::from_ref(&new));
+        assert!(index.snapshot().unwrap().unsettled());
     }
 
     #[tokio::test]
