@@ -436,11 +436,34 @@ impl Source {
                             }
                             _ => private_app()?,
                         };
-                        let refreshed = self.oauth.refresh(&app, &Secret::new(refresh)).await;
-                        self.count("refresh_token", &refreshed);
-                        let token = match refreshed {
+                        let mut refresh = refresh.to_string();
+                        let mut tried_newer = false;
+                        let token = loop {
+                            let refreshed = self.oauth.refresh(&app, &Secret::new(&refresh)).await;
+                            self.count("refresh_token", &refreshed);
+                            match refreshed {
+                                Ok(token) => break Ok(token),
+                                Err(ZoomError::InvalidGrant(reason)) => {
+                                    // Another process on the same host engine (a rolling
+                                    // deploy) may have rotated it and saved the new one
+                                    // meanwhile: that one is live, not the connection dead.
+                                    if !tried_newer
+                                        && let Some(newer) = self.stored_refresh_token(cid).await
+                                        && newer != refresh
+                                    {
+                                        tracing::info!(connection_id = %cid, "the refresh token was rotated elsewhere meanwhile; refreshing with the new one");
+                                        tried_newer = true;
+                                        refresh = newer;
+                                        continue;
+                                    }
+                                    break Err(reason);
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        };
+                        let token = match token {
                             Ok(token) => token,
-                            Err(ZoomError::InvalidGrant(reason)) => {
+                            Err(reason) => {
                                 tracing::warn!(connection_id = %cid, %reason, "Zoom refused the refresh token; the connection needs re-authorization");
                                 slot.broken = Some(REAUTHORIZATION_REQUIRED.into());
                                 self.mark_broken(cid).await;
@@ -448,7 +471,6 @@ impl Source {
                                     REAUTHORIZATION_REQUIRED.into(),
                                 ));
                             }
-                            Err(e) => return Err(e.into()),
                         };
                         // The old refresh token is dead now: the new pair must reach the host
                         // engine before it is used, and must not be lost if that fails.
@@ -484,6 +506,13 @@ impl Source {
                 }
             }
         }
+    }
+
+    /// The refresh token the host engine holds now, if it can be read.
+    async fn stored_refresh_token(&self, cid: &ConnectionId) -> Option<String> {
+        let names = [vars::OAUTH_REFRESH_TOKEN.to_string()];
+        let stored = self.host.get_vars(cid, &names).await.ok()?;
+        value_of(&stored, vars::OAUTH_REFRESH_TOKEN).map(str::to_string)
     }
 
     /// Marks the connection broken in the host engine and drops its dead tokens.

@@ -312,6 +312,70 @@ async fn invalid_grant_marks_the_connection_broken_and_stops_token_requests_unti
 }
 
 #[tokio::test]
+async fn a_refresh_token_rotated_and_saved_by_another_process_meanwhile_does_not_break_the_connection()
+ {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, refresh) = expired_connection(&app, &zoom).await;
+    // Our refresh reaches Zoom and waits there; meanwhile another process on the same host
+    // engine (a rolling deploy) refreshes with the same token and saves the new pair.
+    zoom.state.lock().unwrap().token_delay = Duration::from_millis(1500);
+    let ours = tokio::spawn({
+        let (integrations, cid) = (app.integrations(), cid.clone());
+        async move {
+            integrations
+                .clone()
+                .test_connection(TestConnectionRequest {
+                    integration_id: zoom_id(),
+                    connection_id: cid,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    zoom.state.lock().unwrap().token_delay = Duration::ZERO;
+    let other: serde_json::Value = crate::helpers::http_client()
+        .post(format!("{}/oauth/token", zoom.oauth_url()))
+        .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let newer = other["refresh_token"].as_str().unwrap();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(
+                    &cid,
+                    "oauth_access_token",
+                    other["access_token"].as_str().unwrap(),
+                    true,
+                ),
+                var(&cid, "oauth_refresh_token", newer, true),
+            ],
+        })
+        .await
+        .unwrap();
+
+    let status = ours.await.unwrap();
+    assert_eq!(status.code(), ConnStatus::Ok, "{}", status.message);
+    let stored = snapshot(&app, &cid).await;
+    let saved = value_of(&stored, "oauth_refresh_token").unwrap();
+    assert!(zoom.refresh_token_is_live(&saved.0), "the pair saved is live");
+    assert_eq!(
+        app.connection_status(&cid).await.unwrap().code(),
+        ConnStatus::Ok
+    );
+}
+
+#[tokio::test]
 async fn server_to_server_tokens_are_cached_and_renewed_before_they_expire() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
