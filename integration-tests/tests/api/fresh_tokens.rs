@@ -368,7 +368,10 @@ async fn a_refresh_token_rotated_and_saved_by_another_process_meanwhile_does_not
     assert_eq!(status.code(), ConnStatus::Ok, "{}", status.message);
     let stored = snapshot(&app, &cid).await;
     let saved = value_of(&stored, "oauth_refresh_token").unwrap();
-    assert!(zoom.refresh_token_is_live(&saved.0), "the pair saved is live");
+    assert!(
+        zoom.refresh_token_is_live(&saved.0),
+        "the pair saved is live"
+    );
     assert_eq!(
         app.connection_status(&cid).await.unwrap().code(),
         ConnStatus::Ok
