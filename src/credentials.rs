@@ -442,7 +442,7 @@ impl Source {
                             let refreshed = self.oauth.refresh(&app, &Secret::new(&refresh)).await;
                             self.count("refresh_token", &refreshed);
                             match refreshed {
-                                Ok(token) => break Ok(token),
+                                Ok(token) => break token,
                                 Err(ZoomError::InvalidGrant(reason)) => {
                                     // Another process on the same host engine (a rolling
                                     // deploy) may have rotated it and saved the new one
@@ -456,20 +456,14 @@ impl Source {
                                         refresh = newer;
                                         continue;
                                     }
-                                    break Err(reason);
+                                    tracing::warn!(connection_id = %cid, %reason, "Zoom refused the refresh token; the connection needs re-authorization");
+                                    slot.broken = Some(REAUTHORIZATION_REQUIRED.into());
+                                    self.mark_broken(cid).await;
+                                    return Err(CredentialError::Broken(
+                                        REAUTHORIZATION_REQUIRED.into(),
+                                    ));
                                 }
                                 Err(e) => return Err(e.into()),
-                            }
-                        };
-                        let token = match token {
-                            Ok(token) => token,
-                            Err(reason) => {
-                                tracing::warn!(connection_id = %cid, %reason, "Zoom refused the refresh token; the connection needs re-authorization");
-                                slot.broken = Some(REAUTHORIZATION_REQUIRED.into());
-                                self.mark_broken(cid).await;
-                                return Err(CredentialError::Broken(
-                                    REAUTHORIZATION_REQUIRED.into(),
-                                ));
                             }
                         };
                         // The old refresh token is dead now: the new pair must reach the host

@@ -783,13 +783,11 @@ fn commit_until_idle(shared: &Shared) {
                 changes.append(&mut state.open.changes);
                 state.open.changes = changes;
             }
+            let now = crate::db::now_ms();
             for record in &group.records {
-                state.in_flight.remove(&dedupe_key(&record.body_hash));
-            }
-            if inserted {
-                let now = crate::db::now_ms();
-                for record in &group.records {
-                    let key = dedupe_key(&record.body_hash);
+                let key = dedupe_key(&record.body_hash);
+                state.in_flight.remove(&key);
+                if inserted {
                     state.keys.extend([key], now.max(record.signed_at_ms));
                 }
             }

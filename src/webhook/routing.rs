@@ -164,6 +164,15 @@ struct Table {
     unread: HashMap<ConnectionId, Instant>,
 }
 
+impl Table {
+    /// Whether a read of `cid` that started at version `asked` is older than what a full
+    /// reload or a later read of it already applied (two saves in a row: the first one's
+    /// read may end after the second's), so its outcome must not be applied.
+    fn superseded(&self, cid: &ConnectionId, asked: u64) -> bool {
+        asked <= self.reloaded_at || self.changed_at.get(cid).is_some_and(|v| *v > asked)
+    }
+}
+
 /// How often connections that could not be read are read again.
 pub const UNREAD_RETRY: Duration = Duration::from_secs(2);
 
@@ -295,10 +304,7 @@ impl RoutingIndex {
             Ok(found) => found,
             Err(e) => {
                 let mut table = self.lock();
-                // What a read started after this one found wins, as below.
-                if asked <= table.reloaded_at
-                    || table.changed_at.get(cid).is_some_and(|v| *v > asked)
-                {
+                if table.superseded(cid, asked) {
                     return Err(e);
                 }
                 // So a full reload that started before this read keeps what it left.
@@ -310,7 +316,9 @@ impl RoutingIndex {
                     _ if table.routes.contains_key(cid) => false,
                     _ => {
                         let new = !table.unread.contains_key(cid);
-                        table.unread.entry(cid.clone()).or_insert_with(Instant::now);
+                        if new {
+                            table.unread.insert(cid.clone(), Instant::now());
+                        }
                         new
                     }
                 };
@@ -322,8 +330,7 @@ impl RoutingIndex {
         };
         let route = self.route_of(cid, &found);
         let mut table = self.lock();
-        // Two saves in a row: the first one's read may end after the second's.
-        if asked <= table.reloaded_at || table.changed_at.get(cid).is_some_and(|v| *v > asked) {
+        if table.superseded(cid, asked) {
             return Ok(());
         }
         table.changed_at.insert(cid.clone(), asked);
