@@ -14,6 +14,10 @@
 //! refresh between Zoom rotating the refresh token and the host engine saving the new one.
 //! Setting a connection up again waits for such a task, so a refresh that started before cannot
 //! write the old tokens over the new ones afterwards.
+//!
+//! A cached token is dropped when its connection is deauthorized or its stored variables
+//! change (the embedded host announces every change), so a dead or deleted connection's token
+//! is not handed out until it expires.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -210,6 +214,64 @@ impl Credentials {
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(HostError::Internal(format!("the setup task failed: {e}")).into()),
         }
+    }
+
+    /// The app was removed in Zoom and `cid`'s tokens were deleted: every token known for it is
+    /// dead, including one not yet saved. Forgets them all (waiting for a token request in
+    /// flight), so the next caller reads the connection, and its `connection_error`, again.
+    pub async fn deauthorized(&self, cid: &ConnectionId) {
+        if let Some(slot) = self.existing_slot(cid) {
+            *slot.lock().await = Slot::default();
+        }
+    }
+
+    /// `cid`'s stored variables were changed by someone else (VarsService, the host engine):
+    /// forgets the token cached for it and a broken mark, so the next caller reads them again
+    /// (a deleted connection is then not set up; a re-authorized one is no longer broken).
+    /// Tokens not yet saved are kept: they are the live ones.
+    pub async fn stored_changed(&self, cid: &ConnectionId) {
+        if let Some(slot) = self.existing_slot(cid) {
+            let mut slot = slot.lock().await;
+            slot.cached = None;
+            slot.broken = None;
+        }
+    }
+
+    /// Until `stop`, calls [`Self::stored_changed`] for each connection `changes` reports (the
+    /// embedded host's announcements), and for every connection if it missed some.
+    pub async fn follow_changes(
+        self: Arc<Self>,
+        mut changes: tokio::sync::broadcast::Receiver<ConnectionId>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let change = tokio::select! {
+                change = changes.recv() => change,
+                () = stop.cancelled() => return,
+            };
+            match change {
+                Ok(cid) => self.stored_changed(&cid).await,
+                Err(RecvError::Lagged(_)) => {
+                    let cids: Vec<ConnectionId> = self
+                        .slots
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .keys()
+                        .cloned()
+                        .collect();
+                    for cid in cids {
+                        self.stored_changed(&cid).await;
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn existing_slot(&self, cid: &ConnectionId) -> Option<Arc<tokio::sync::Mutex<Slot>>> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.get(cid).cloned()
     }
 
     /// How many connections have a slot (for the memory benchmark and tests).

@@ -179,9 +179,22 @@ pub async fn run(
         credentials::KEEP_ALIVE_INTERVAL,
         stop.clone(),
     ));
-    let background = state
-        .webhooks
-        .start(state.host.clone(), state.embedded.clone(), stop.clone());
+    let mut background = state.webhooks.start(
+        state.host.clone(),
+        state.embedded.clone(),
+        state.credentials.clone(),
+        stop.clone(),
+    );
+    // Variables written through VarsService (or by hand) must not leave a token cached for
+    // what they replaced or deleted.
+    if let Some(embedded) = &state.embedded {
+        background.push(tokio::spawn(
+            state
+                .credentials
+                .clone()
+                .follow_changes(embedded.subscribe_changes(), stop.clone()),
+        ));
+    }
 
     let grace = state.config.shutdown_timeout;
     let request_timeout = state.config.request_timeout;

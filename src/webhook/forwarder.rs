@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::vars;
+use crate::credentials::Credentials;
 use crate::host::embedded::{EmbeddedHost, LogEntry};
 use crate::host::{HostEngine, HostError, Var};
 use crate::ids::ConnectionId;
@@ -92,6 +93,8 @@ pub struct Target {
     pub host: Arc<dyn HostEngine>,
     /// The embedded host, when it is the host engine: events are saved a batch at a time.
     pub embedded: Option<EmbeddedHost>,
+    /// Told when a connection is deauthorized, so its cached token is not handed out again.
+    pub credentials: Arc<Credentials>,
 }
 
 /// One row being delivered, how often it failed, and when it may be tried again.
@@ -374,22 +377,14 @@ async fn deliver(
     settings: &ForwarderSettings,
 ) -> Vec<(Attempt, Outcome)> {
     match &target.embedded {
-        Some(embedded) => deliver_embedded(&*target.host, outbox, embedded, batch).await,
-        None => {
-            deliver_concurrently(
-                target.host.clone(),
-                outbox.clone(),
-                batch,
-                settings.concurrency,
-            )
-            .await
-        }
+        Some(embedded) => deliver_embedded(target, outbox, embedded, batch).await,
+        None => deliver_concurrently(target, outbox, batch, settings.concurrency).await,
     }
 }
 
 /// The embedded host: side effects one by one (rare), then every event in one transaction.
 async fn deliver_embedded(
-    host: &dyn HostEngine,
+    target: &Target,
     outbox: &Outbox,
     embedded: &EmbeddedHost,
     batch: Vec<Attempt>,
@@ -398,7 +393,7 @@ async fn deliver_embedded(
     let mut attempts = Vec::with_capacity(batch.len());
     let mut entries = Vec::with_capacity(batch.len());
     for mut attempt in batch {
-        match log_entry(host, outbox, &mut attempt).await {
+        match log_entry(target, outbox, &mut attempt).await {
             Ok(entry) => {
                 attempts.push(attempt);
                 entries.push(entry);
@@ -411,7 +406,7 @@ async fn deliver_embedded(
         Err(HostError::InvalidArgument(_)) => {
             // One bad event must not hold back the rest: save them one at a time.
             for mut attempt in attempts {
-                let outcome = match log_entry(host, outbox, &mut attempt).await {
+                let outcome = match log_entry(target, outbox, &mut attempt).await {
                     Ok(entry) => match embedded.save_deliveries(vec![entry]).await {
                         Ok(_) => Outcome::Delivered,
                         Err(e) => classify(e),
@@ -436,11 +431,11 @@ async fn deliver_embedded(
 /// A row's event for the embedded host's log, encoded at once: a batch holds bytes, not the
 /// events' trees of values.
 async fn log_entry(
-    host: &dyn HostEngine,
+    target: &Target,
     outbox: &Outbox,
     attempt: &mut Attempt,
 ) -> Result<LogEntry, Outcome> {
-    let event = prepare(host, outbox, attempt).await?;
+    let event = prepare(target, outbox, attempt).await?;
     LogEntry::new(event, Some(delivery_key(&attempt.row))).map_err(classify)
 }
 
@@ -453,8 +448,8 @@ fn delivery_key(row: &Pending) -> String {
 
 /// A remote host: one Dispatch per row, `concurrency` at a time.
 async fn deliver_concurrently(
-    host: Arc<dyn HostEngine>,
-    outbox: Outbox,
+    target: &Target,
+    outbox: &Outbox,
     batch: Vec<Attempt>,
     concurrency: usize,
 ) -> Vec<(Attempt, Outcome)> {
@@ -466,11 +461,11 @@ async fn deliver_concurrently(
             let Some(mut attempt) = queue.next() else {
                 break;
             };
-            let host = host.clone();
+            let target = target.clone();
             let outbox = outbox.clone();
             running.spawn(async move {
-                let outcome = match prepare(&*host, &outbox, &mut attempt).await {
-                    Ok(event) => match host.dispatch(event).await {
+                let outcome = match prepare(&target, &outbox, &mut attempt).await {
+                    Ok(event) => match target.host.dispatch(event).await {
                         Ok(_) => Outcome::Delivered,
                         Err(e) => classify(e),
                     },
@@ -497,7 +492,7 @@ async fn deliver_concurrently(
 /// after a restart: the owner may have reconnected meanwhile. It is recorded in the row before
 /// the event goes to the host, so only a crash between the two can repeat it.
 async fn prepare(
-    host: &dyn HostEngine,
+    target: &Target,
     outbox: &Outbox,
     attempt: &mut Attempt,
 ) -> Result<Event, Outcome> {
@@ -508,9 +503,13 @@ async fn prepare(
         if !row.side_effect_done {
             let cid = ConnectionId::parse(&row.destination)
                 .map_err(|e| Outcome::Invalid(e.to_string()))?;
-            deauthorize(host, &cid, deauthorized_user(&row.received.body).as_deref())
+            let user = deauthorized_user(&row.received.body);
+            if deauthorize(&*target.host, &cid, user.as_deref())
                 .await
-                .map_err(classify)?;
+                .map_err(classify)?
+            {
+                target.credentials.deauthorized(&cid).await;
+            }
             row.side_effect_done = true;
             outbox.side_effect_done(row.id).await;
         }
@@ -545,19 +544,19 @@ fn deauthorized_user(body: &[u8]) -> Option<String> {
 /// Forgets a connection's OAuth tokens and marks it broken; both steps can be repeated. A
 /// connection that belongs to another Zoom user than `user` (when both are known) is left as
 /// it is: on an account where several users authorized the app, one user removing it does
-/// not end the others' authorizations.
+/// not end the others' authorizations. True if the connection was deauthorized.
 async fn deauthorize(
     host: &dyn HostEngine,
     cid: &ConnectionId,
     user: Option<&str>,
-) -> Result<(), HostError> {
+) -> Result<bool, HostError> {
     if let Some(user) = user {
         let stored = host.get_vars(cid, &[vars::USER_ID.to_string()]).await?;
         if let Some(own) = crate::connection::value_of(&stored, vars::USER_ID)
             && own != user
         {
             tracing::info!(connection_id = %cid, "app removed in Zoom by another user of the account: connection left as it is");
-            return Ok(());
+            return Ok(false);
         }
     }
     let tokens = [
@@ -574,7 +573,7 @@ async fn deauthorize(
     )
     .await?;
     tracing::info!(connection_id = %cid, "connection deauthorized in Zoom: tokens removed");
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -653,6 +652,26 @@ mod tests {
         }
     }
 
+    /// Where a forwarder under test delivers: `host` (`embedded` when it is the embedded one).
+    fn target(host: Arc<dyn HostEngine>, embedded: Option<EmbeddedHost>) -> Target {
+        let config = crate::config::Config::load([
+            ("SECRET_KEY".to_string(), "k".repeat(32)),
+            (
+                "ZOOM_OAUTH_URL".to_string(),
+                "http://127.0.0.1:9".to_string(),
+            ),
+        ])
+        .unwrap();
+        crate::zoom::init_tls();
+        let oauth = crate::zoom::oauth::ZoomOAuth::new(reqwest::Client::new(), &config);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        Target {
+            credentials: Arc::new(Credentials::new(host.clone(), oauth, None, metrics)),
+            host,
+            embedded,
+        }
+    }
+
     fn record(n: u32) -> Record {
         let body = format!(r#"{{"event":"meeting.started","payload":{{"n":"row-{n}"}}}}"#);
         Record {
@@ -707,10 +726,7 @@ mod tests {
         };
         tokio::spawn(run(
             outbox.clone(),
-            Target {
-                host: host.clone(),
-                embedded: None,
-            },
+            target(host.clone(), None),
             counters.clone(),
             settings,
             stop.clone(),
@@ -758,10 +774,7 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(run(
             outbox.clone(),
-            Target {
-                host: host.clone(),
-                embedded: None,
-            },
+            target(host.clone(), None),
             Arc::new(Counters::new(&crate::metrics::Metrics::new())),
             ForwarderSettings {
                 backoff_start: Duration::from_millis(5),
@@ -907,6 +920,7 @@ mod tests {
         }
         let keys = Arc::new(crate::crypto::Keys::from_material(&[7; 32]));
         let embedded = EmbeddedHost::open(dir.path(), keys).unwrap();
+        let target = target(Arc::new(embedded.clone()), Some(embedded.clone()));
         let rows = outbox.pending(0, 100, 1 << 20).await.unwrap();
         assert_eq!(rows.len(), 3);
         let batch = |rows: &[Pending]| -> Vec<Attempt> {
@@ -915,7 +929,7 @@ mod tests {
         // Saved, then the process dies before the outbox hears: the rows are delivered again,
         // once in a batch and once one at a time.
         for _ in 0..2 {
-            let outcomes = deliver_embedded(&embedded, &outbox, &embedded, batch(&rows)).await;
+            let outcomes = deliver_embedded(&target, &outbox, &embedded, batch(&rows)).await;
             assert!(
                 outcomes
                     .iter()
@@ -923,7 +937,7 @@ mod tests {
             );
         }
         let one = batch(&rows[..1]).pop().unwrap();
-        let event = prepare(&embedded, &outbox, &mut Attempt::new(one.row))
+        let event = prepare(&target, &outbox, &mut Attempt::new(one.row))
             .await
             .ok()
             .unwrap();
@@ -948,7 +962,7 @@ mod tests {
         for attempt in &mut reborn {
             attempt.row.received.received_ms += 60_000;
         }
-        deliver_embedded(&embedded, &outbox, &embedded, reborn).await;
+        deliver_embedded(&target, &outbox, &embedded, reborn).await;
         let logged = embedded
             .list_events(crate::host::embedded::EventFilter {
                 limit: 100,

@@ -187,6 +187,7 @@ impl Webhooks {
         &self,
         host: Arc<dyn HostEngine>,
         embedded: Option<EmbeddedHost>,
+        credentials: Arc<crate::credentials::Credentials>,
         stop: CancellationToken,
     ) -> Vec<JoinHandle<()>> {
         let refresher = tokio::spawn(keep_routing_fresh(
@@ -199,7 +200,11 @@ impl Webhooks {
         ));
         let forwarder = forwarder::spawn(
             self.outbox.clone(),
-            forwarder::Target { host, embedded },
+            forwarder::Target {
+                host,
+                embedded,
+                credentials,
+            },
             self.counters.clone(),
             self.settings.forwarder.clone(),
             stop,

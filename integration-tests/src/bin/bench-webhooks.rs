@@ -22,6 +22,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use zoom_integration::config::Config;
+use zoom_integration::credentials::Credentials;
 use zoom_integration::crypto::Keys;
 use zoom_integration::host::embedded::EmbeddedHost;
 use zoom_integration::host::{HostEngine, Var};
@@ -30,6 +31,7 @@ use zoom_integration::secret::Secret;
 use zoom_integration::webhook::normalize::Received;
 use zoom_integration::webhook::outbox::{Outbox, OutboxSettings, Record};
 use zoom_integration::webhook::{Counters, forwarder};
+use zoom_integration::zoom::oauth::ZoomOAuth;
 
 const SECRET: &str = "bench-zoom-secret-token";
 const KEY: &str = "bench key material, at least 32 characters long";
@@ -432,6 +434,12 @@ async fn drain(events: u64) -> (f64, f64) {
         forwarder::Target {
             host: Arc::new(host.clone()),
             embedded: Some(host.clone()),
+            credentials: Arc::new(Credentials::new(
+                Arc::new(host.clone()),
+                ZoomOAuth::new(reqwest::Client::new(), &Config::load([]).unwrap()),
+                None,
+                Arc::new(zoom_integration::metrics::Metrics::new()),
+            )),
         },
         counters.clone(),
         forwarder::ForwarderSettings::default(),

@@ -14,8 +14,10 @@ use zoom_integration::proto::autokitteh::vars::v1 as vars;
 use zoom_integration::values::{self, to_json};
 
 use crate::connection_setup::app_with;
+use crate::fake_host::FakeHost;
 use crate::fake_zoom::*;
 use crate::helpers::{TestApp, var, zoom_id};
+use crate::webhooks::{ACCOUNT, SECRET, fixture, post_until_recorded};
 
 /// A working default-app connection: its access token is one the fake Zoom issued.
 async fn connected(app: &TestApp, zoom: &FakeZoom) -> String {
@@ -501,14 +503,14 @@ async fn token_rejected_before_its_expiry(as_html: bool) {
 }
 
 #[tokio::test]
-async fn a_token_zoom_revoked_is_not_reused_and_a_deauthorized_connection_says_so() {
+async fn a_connection_marked_deauthorized_through_its_variables_stops_using_its_cached_token_at_once()
+ {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
     let cid = connected(&app, &zoom).await;
     ok(call(&app, &cid, "get_user", vec![], vec![]).await);
 
-    // The app is removed in Zoom: Zoom revokes its tokens, and the app_deauthorized webhook
-    // marks the connection (as the forwarder does).
+    // The app is removed in Zoom, and the host engine marks the connection.
     zoom.revoke_access_tokens();
     app.vars()
         .set(vars::SetRequest {
@@ -521,22 +523,84 @@ async fn a_token_zoom_revoked_is_not_reused_and_a_deauthorized_connection_says_s
         })
         .await
         .unwrap();
-    let first = err(call(&app, &cid, "get_user", vec![], vec![]).await);
-    assert_eq!(
-        first["status"], 401,
-        "the cached token went to Zoom once: {first}"
-    );
-    let second = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+    // The embedded host announces the change to the service's other parts on its own time.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = err(call(&app, &cid, "get_user", vec![], vec![]).await);
     assert!(
-        second["message"]
+        refused["message"]
             .as_str()
             .unwrap()
             .contains("deauthorized in Zoom: reconnect"),
-        "{second}"
+        "{refused}"
     );
     assert_eq!(
         zoom.state.lock().unwrap().api_requests.len(),
-        2,
-        "no more requests to Zoom"
+        1,
+        "the cached token never went to Zoom again"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_whose_variables_are_deleted_stops_using_its_cached_token_at_once() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    app.vars()
+        .delete(vars::DeleteRequest {
+            scope_id: cid.clone(),
+            names: vec![],
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert!(
+        refused["message"].as_str().unwrap().contains("not set up"),
+        "{refused}"
+    );
+    assert_eq!(zoom.state.lock().unwrap().api_requests.len(), 1);
+}
+
+#[tokio::test]
+async fn app_deauthorized_stops_the_cached_token_being_used_on_a_remote_host_too() {
+    let zoom = FakeZoom::start().await;
+    let host = FakeHost::start().await;
+    let cid = ConnectionId::generate().to_string();
+    let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    for v in [
+        var(&cid, "auth_type", "oauthDefault", false),
+        var(&cid, "account_id", ACCOUNT, false),
+        var(&cid, "oauth_refresh_token", &refresh, true),
+        var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+    ] {
+        host.put(v);
+    }
+    let mut env = zoom.env();
+    env.push(("HOST_ENGINE_URL", host.url()));
+    env.push(("ZOOM_SECRET_TOKEN", SECRET.into()));
+    let app = app_with(&zoom, env).await;
+    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+
+    zoom.revoke_access_tokens();
+    let body = fixture("app_deauthorized");
+    post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.state.lock().unwrap().dispatched.is_empty() {
+        assert!(Instant::now() < deadline, "never dispatched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("deauthorized in Zoom: reconnect"),
+        "{refused}"
+    );
+    assert_eq!(
+        zoom.state.lock().unwrap().api_requests.len(),
+        1,
+        "the cached token never went to Zoom again"
     );
 }
