@@ -34,6 +34,11 @@ pub enum SetupError {
     /// Zoom refused, failed or timed out.
     #[error("{0}")]
     Zoom(#[from] ZoomError),
+    /// Zoom refused this server's own default app credentials: the operator must fix them.
+    #[error(
+        "Zoom refused this server's default app ({0}): its operator must check ZOOM_CLIENT_ID and ZOOM_CLIENT_SECRET"
+    )]
+    DefaultAppRefused(String),
     /// The request was not sent here by the operator (no valid setup link).
     #[error("{0}")]
     Forbidden(super::links::LinkError),
@@ -56,13 +61,18 @@ impl SetupError {
             SetupError::Forbidden(_) => StatusCode::FORBIDDEN,
             SetupError::State(_) => StatusCode::BAD_REQUEST,
             SetupError::NoPublicAddress => StatusCode::SERVICE_UNAVAILABLE,
+            SetupError::Zoom(ZoomError::Rejected { status: 429, .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             SetupError::Zoom(ZoomError::Rejected { .. } | ZoomError::InvalidGrant(_)) => {
                 StatusCode::BAD_REQUEST
             }
+            SetupError::DefaultAppRefused(_) => StatusCode::BAD_GATEWAY,
             SetupError::Zoom(ZoomError::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             SetupError::Zoom(_) => StatusCode::BAD_GATEWAY,
             SetupError::Host(HostError::InvalidArgument(_)) => StatusCode::BAD_REQUEST,
             SetupError::Host(HostError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            SetupError::Host(HostError::NotFound(_)) => StatusCode::NOT_FOUND,
             SetupError::Host(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -75,7 +85,15 @@ impl SetupError {
                 "the host engine is unavailable, so the setup did not complete: try again later"
                     .into()
             }
+            SetupError::Host(HostError::NotFound(_)) => {
+                "the host engine does not know this connection (was it deleted?): open the connection page from the host again"
+                    .into()
+            }
             SetupError::Host(_) => "internal error: the setup did not complete, try again".into(),
+            SetupError::Zoom(ZoomError::Rejected { status: 429, .. }) => {
+                "Zoom is limiting requests right now, so the setup did not complete: try again in a minute"
+                    .into()
+            }
             SetupError::Zoom(
                 ZoomError::Rejected { reason, .. } | ZoomError::InvalidGrant(reason),
             ) => {

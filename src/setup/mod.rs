@@ -31,6 +31,7 @@ use crate::config::{OAuthApp, Scheme};
 use crate::connection::{self, AuthType, StatusCode as ConnStatus, vars};
 use crate::host::Var;
 use crate::integration::CONNECTION_PATH;
+use crate::zoom::ZoomError;
 use crate::zoom::api::ZoomUser;
 use crate::zoom::oauth::{Pkce, Token};
 
@@ -323,7 +324,17 @@ async fn complete_flow(
     let token = state
         .zoom_oauth
         .exchange_code(&credentials, code, &flow.verifier)
-        .await?;
+        .await
+        .map_err(|e| match (e, &flow.app) {
+            (
+                ZoomError::Rejected {
+                    status: 401,
+                    reason,
+                },
+                FlowApp::Default,
+            ) => SetupError::DefaultAppRefused(reason),
+            (e, _) => e.into(),
+        })?;
     let user = state.zoom_api.me(&token.access_token).await?;
     let (auth_type, private) = match flow.app {
         FlowApp::Default => (AuthType::OAuthDefault, None),
@@ -440,7 +451,7 @@ async fn save_connection(
         .set_up_again(cid, async move {
             let mut keep = None;
             if let Some(client_id) = same_app_keeps_its_token {
-                let names = [vars::PRIVATE_CLIENT_ID, vars::PRIVATE_SECRET_TOKEN].map(String::from);
+                let names = [vars::PRIVATE_CLIENT_ID.to_string()];
                 let stored = host.get_vars(&id, &names).await?;
                 if crate::connection::value_of(&stored, vars::PRIVATE_CLIENT_ID)
                     == Some(client_id.as_str())

@@ -259,6 +259,13 @@ fn token_error(err: RequestTokenError<ZoomError, ZoomOAuthError>) -> ZoomError {
         RequestTokenError::ServerResponse(e) if e.error == "invalid_grant" => {
             ZoomError::InvalidGrant(e.to_string())
         }
+        // Zoom answers 401 for these; the crate does not pass the status on.
+        RequestTokenError::ServerResponse(e) if e.error == "invalid_client" => {
+            ZoomError::Rejected {
+                status: 401,
+                reason: e.to_string(),
+            }
+        }
         RequestTokenError::ServerResponse(e) => ZoomError::Rejected {
             status: 400,
             reason: e.to_string(),
@@ -296,6 +303,13 @@ async fn execute(
     let request = reqwest::Request::try_from(request)
         .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
     let raw = send(http, request).await?;
+    // Not an OAuth error, whatever its body: the request was fine, only too early.
+    if raw.status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        return Err(ZoomError::Rejected {
+            status: raw.status.as_u16(),
+            reason: super::error_reason(raw.status, &raw.body),
+        });
+    }
     let mut response = oauth2::HttpResponse::new(raw.body);
     *response.status_mut() = raw.status;
     *response.headers_mut() = raw.headers;

@@ -606,6 +606,81 @@ async fn zoom_token_endpoint_down_shows_an_error_and_saves_nothing() {
 }
 
 #[tokio::test]
+async fn zoom_refusing_the_default_app_s_own_credentials_is_the_server_s_fault_not_the_owner_s() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.retain(|(name, _)| *name != "ZOOM_CLIENT_SECRET");
+    env.push(("ZOOM_CLIENT_SECRET", "not-the-default-app-s-secret".into()));
+    let app = app_with(&zoom, env).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    let visit = agent.get(back.as_str()).await;
+    assert_error_page(&visit, StatusCode::BAD_GATEWAY, "ZOOM_CLIENT_SECRET");
+    assert!(visit.body.contains("Invalid client_id or client_secret"));
+    assert_eq!(snapshot(&app, &cid).await, before);
+}
+
+#[tokio::test]
+async fn zoom_rate_limiting_the_token_endpoint_asks_to_try_again_and_saves_nothing() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    zoom.state.lock().unwrap().token_rate_limited = true;
+    let form = [
+        ("cid", cid.as_str()),
+        ("auth_type", "serverToServer"),
+        ("account_id", S2S_ACCOUNT_ID),
+        ("client_id", S2S_CLIENT_ID),
+        ("client_secret", S2S_CLIENT_SECRET),
+    ];
+    let s2s = submit(&app, &agent, &form).await;
+    assert_error_page(
+        &s2s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "try again in a minute",
+    );
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    let oauth = agent.get(back.as_str()).await;
+    assert_error_page(
+        &oauth,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "try again in a minute",
+    );
+    assert_eq!(snapshot(&app, &cid).await, before);
+}
+
+#[tokio::test]
+async fn a_connection_the_remote_host_no_longer_knows_gets_not_found() {
+    let zoom = FakeZoom::start().await;
+    let host = crate::fake_host::FakeHost::start().await;
+    let cid = ConnectionId::generate().to_string();
+    host.state.lock().unwrap().unknown.push(cid.clone());
+    let mut env = zoom.env();
+    env.push(("HOST_ENGINE_URL", host.url()));
+    let app = app_with(&zoom, env).await;
+    let agent = UserAgent::new(&app.url(""));
+    let done = submit(
+        &app,
+        &agent,
+        &[
+            ("cid", &cid),
+            ("auth_type", "serverToServer"),
+            ("account_id", S2S_ACCOUNT_ID),
+            ("client_id", S2S_CLIENT_ID),
+            ("client_secret", S2S_CLIENT_SECRET),
+        ],
+    )
+    .await;
+    assert_error_page(
+        &done,
+        StatusCode::NOT_FOUND,
+        "does not know this connection",
+    );
+}
+
+#[tokio::test]
 async fn zoom_token_endpoint_too_slow_times_out_and_saves_nothing() {
     let zoom = FakeZoom::start().await;
     let mut env = zoom.env();

@@ -39,6 +39,8 @@ pub struct FakeHostState {
     pub unreadable: Vec<String>,
     /// While set, FindActiveConnectionIDs answers UNAVAILABLE.
     pub fail_find: bool,
+    /// Connections the host does not know (deleted there): Set answers NOT_FOUND for them.
+    pub unknown: Vec<String>,
     /// Set by `stop`: a connection still draining after the listener closed gets UNAVAILABLE,
     /// as from a host that is going away, instead of quietly taking events.
     pub stopped: bool,
@@ -118,7 +120,14 @@ impl VarsService for Svc {
     ) -> Result<Response<pb::SetResponse>, Status> {
         self.record(&request);
         let mut state = self.0.lock().unwrap();
-        for v in request.into_inner().vars {
+        let vars = request.into_inner().vars;
+        if let Some(v) = vars.iter().find(|v| state.unknown.contains(&v.scope_id)) {
+            return Err(Status::not_found(format!(
+                "connection {} not found",
+                v.scope_id
+            )));
+        }
+        for v in vars {
             state.vars.insert((v.scope_id.clone(), v.name.clone()), v);
         }
         Ok(Response::new(pb::SetResponse {}))

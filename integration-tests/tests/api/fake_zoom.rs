@@ -88,6 +88,8 @@ pub struct FakeZoomState {
     pub unauthorized_as_html: bool,
     /// Every token request waits this long first (to test slow Zoom).
     pub token_delay: Duration,
+    /// While set, the token endpoint answers 429 (Zoom's rate limit).
+    pub token_rate_limited: bool,
     /// A refresh waits this long after Zoom rotated the token, before the answer leaves (an
     /// answer slow on its way back).
     pub refresh_answer_delay: Duration,
@@ -355,6 +357,13 @@ async fn token(
         .collect();
     let delay = state.lock().unwrap().token_delay;
     tokio::time::sleep(delay).await;
+    if state.lock().unwrap().token_rate_limited {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(json!({ "code": 429, "message": "Too many requests. Try again later." })),
+        )
+            .into_response();
+    }
     let param = |k: &str| form.get(k).or(query.get(k)).cloned().unwrap_or_default();
     let grant_type = param("grant_type");
     let client = basic_auth(&headers);
