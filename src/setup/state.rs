@@ -98,9 +98,11 @@ pub enum StateError {
         "this sign-in was already completed or is no longer known: start again from the connection page"
     )]
     Used,
-    /// The browser finishing the flow is not the one that started it.
+    /// The browser finishing the flow is not the one that started it, or it started it under
+    /// another address (a cookie belongs to one host name): `localhost` instead of
+    /// `127.0.0.1`, an internal name instead of `WEBHOOK_ADDRESS`.
     #[error(
-        "this sign-in was started in another browser: start again from the connection page in this one"
+        "this sign-in was started in another browser, or at another address than this one: start again from the connection page in this browser, at this address"
     )]
     OtherBrowser,
     /// Too many flows are in progress.

@@ -465,7 +465,11 @@ async fn a_redirect_in_another_browser_is_refused_and_saves_nothing() {
     let back = redirect_back_url(&app, &agent, &cid).await;
     let victim = UserAgent::new(&app.url(""));
     let visit = victim.get(back.as_str()).await;
-    assert_error_page(&visit, StatusCode::BAD_REQUEST, "another browser");
+    assert_error_page(
+        &visit,
+        StatusCode::BAD_REQUEST,
+        "another browser, or at another address",
+    );
     assert_eq!(snapshot(&app, &cid).await, before);
     assert!(zoom.token_requests().is_empty());
 }
