@@ -595,6 +595,25 @@ fn access_of(token: Token, auth_type: AuthType) -> Access {
 }
 
 #[cfg(test)]
+impl Credentials {
+    /// Credentials over `host` whose Zoom is never reached (a closed port): for tests of what
+    /// happens around token requests.
+    pub(crate) fn with_unreachable_zoom(host: Arc<dyn HostEngine>) -> Self {
+        let config = crate::config::Config::load([
+            ("SECRET_KEY".to_string(), "k".repeat(32)),
+            (
+                "ZOOM_OAUTH_URL".to_string(),
+                "http://127.0.0.1:9".to_string(),
+            ),
+        ])
+        .expect("a valid test configuration");
+        crate::zoom::init_tls();
+        let oauth = ZoomOAuth::new(reqwest::Client::new(), &config);
+        Self::new(host, oauth, None, Arc::new(Metrics::new()))
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::host::embedded::EmbeddedHost;
@@ -604,17 +623,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(crate::crypto::Keys::from_material(&[9; 32]));
         let host: Arc<dyn HostEngine> = Arc::new(EmbeddedHost::open(dir.path(), keys).unwrap());
-        let config = crate::config::Config::load([
-            ("SECRET_KEY".to_string(), "k".repeat(32)),
-            (
-                "ZOOM_OAUTH_URL".to_string(),
-                "http://127.0.0.1:9".to_string(),
-            ),
-        ])
-        .unwrap();
-        crate::zoom::init_tls();
-        let oauth = ZoomOAuth::new(reqwest::Client::new(), &config);
-        let credentials = Credentials::new(host.clone(), oauth, None, Arc::new(Metrics::new()));
+        let credentials = Credentials::with_unreachable_zoom(host.clone());
         (dir, host, credentials)
     }
 

@@ -654,19 +654,8 @@ mod tests {
 
     /// Where a forwarder under test delivers: `host` (`embedded` when it is the embedded one).
     fn target(host: Arc<dyn HostEngine>, embedded: Option<EmbeddedHost>) -> Target {
-        let config = crate::config::Config::load([
-            ("SECRET_KEY".to_string(), "k".repeat(32)),
-            (
-                "ZOOM_OAUTH_URL".to_string(),
-                "http://127.0.0.1:9".to_string(),
-            ),
-        ])
-        .unwrap();
-        crate::zoom::init_tls();
-        let oauth = crate::zoom::oauth::ZoomOAuth::new(reqwest::Client::new(), &config);
-        let metrics = Arc::new(crate::metrics::Metrics::new());
         Target {
-            credentials: Arc::new(Credentials::new(host.clone(), oauth, None, metrics)),
+            credentials: Arc::new(Credentials::with_unreachable_zoom(host.clone())),
             host,
             embedded,
         }
