@@ -250,17 +250,30 @@ impl EmbeddedHost {
         self.changes.subscribe()
     }
 
-    fn announce_change(&self, scopes: impl IntoIterator<Item = ConnectionId>) {
-        let scopes: std::collections::BTreeSet<ConnectionId> = scopes.into_iter().collect();
-        for scope in scopes {
-            // No receiver is not an error: nobody is interested yet.
-            let _ = self.changes.send(scope);
-        }
-    }
-
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs `f`, which changes the variables of `scopes`, like [`Self::with_db`], and announces
+    /// the change once `f` has committed it. The announcement is sent from the blocking thread:
+    /// a caller that goes away meanwhile (cancelled, timed out) cannot stop a committed change
+    /// from being announced.
+    async fn change_vars<F>(&self, scopes: Vec<ConnectionId>, f: F) -> Result<(), HostError>
+    where
+        F: FnOnce(&mut Connection, &Keys) -> Result<(), HostError> + Send + 'static,
+    {
+        let changes = self.changes.clone();
+        self.with_db(move |conn, keys| {
+            f(conn, keys)?;
+            let scopes: std::collections::BTreeSet<ConnectionId> = scopes.into_iter().collect();
+            for scope in scopes {
+                // No receiver is not an error: nobody is interested yet.
+                let _ = changes.send(scope);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Runs `f` on the database connection on the blocking thread pool.
@@ -287,7 +300,7 @@ impl EmbeddedHost {
             check_var(var)?;
         }
         let scopes: Vec<ConnectionId> = vars.iter().map(|(scope, _)| scope.clone()).collect();
-        self.with_db(move |conn, keys| {
+        self.change_vars(scopes, move |conn, keys| {
             let now = crate::db::now_ms();
             let tx = conn.transaction()?;
             {
@@ -299,9 +312,7 @@ impl EmbeddedHost {
             tx.commit()?;
             Ok(())
         })
-        .await?;
-        self.announce_change(scopes);
-        Ok(())
+        .await
     }
 
     /// Appends `event` to the event log, giving it an id, a creation time and a sequence
@@ -468,10 +479,9 @@ impl HostEngine for EmbeddedHost {
         for name in names {
             check_var_name(name)?;
         }
-        let changed = scope.clone();
         let scope = scope.clone();
         let names = names.to_vec();
-        self.with_db(move |conn, _| {
+        self.change_vars(vec![scope.clone()], move |conn, _| {
             let tx = conn.transaction()?;
             if names.is_empty() {
                 tx.execute("DELETE FROM vars WHERE scope_id = ?1", [scope.as_str()])?;
@@ -486,9 +496,7 @@ impl HostEngine for EmbeddedHost {
             tx.commit()?;
             Ok(())
         })
-        .await?;
-        self.announce_change([changed]);
-        Ok(())
+        .await
     }
 
     async fn replace_vars(
@@ -503,14 +511,13 @@ impl HostEngine for EmbeddedHost {
         for name in remove {
             check_var_name(name)?;
         }
-        let changed = scope.clone();
         let scope = scope.clone();
         let remove: Vec<String> = remove
             .iter()
             .filter(|name| !vars.iter().any(|v| &v.name == *name))
             .cloned()
             .collect();
-        self.with_db(move |conn, keys| {
+        self.change_vars(vec![scope.clone()], move |conn, keys| {
             let now = crate::db::now_ms();
             let tx = conn.transaction()?;
             {
@@ -527,9 +534,7 @@ impl HostEngine for EmbeddedHost {
             tx.commit()?;
             Ok(())
         })
-        .await?;
-        self.announce_change([changed]);
-        Ok(())
+        .await
     }
 
     async fn find_connections(
@@ -919,5 +924,48 @@ mod tests {
         host.delete_vars(&cid, &[]).await.unwrap();
         assert_eq!(changes.try_recv().unwrap(), cid);
         assert!(changes.try_recv().is_err(), "one announcement per change");
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_caller_went_away_before_it_was_committed_is_still_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let cid = ConnectionId::generate();
+        let mut changes = host.subscribe_changes();
+        for change in 0..3 {
+            // The database is busy, so the write waits on the blocking pool while its caller
+            // gives up (a cancelled gRPC call, a request timeout).
+            let (locked, is_locked) = std::sync::mpsc::channel();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let conn = host.conn.clone();
+            let busy = std::thread::spawn(move || {
+                let _busy = conn.lock().unwrap();
+                locked.send(()).unwrap();
+                let _ = released.recv();
+            });
+            is_locked.recv().unwrap();
+            let write = async {
+                match change {
+                    0 => {
+                        host.set_vars(&cid, vec![Var::plain("account_id", "a")])
+                            .await
+                    }
+                    1 => {
+                        let names = ["account_id".to_string()];
+                        host.replace_vars(&cid, vec![Var::plain("user_id", "u")], &names)
+                            .await
+                    }
+                    _ => host.delete_vars(&cid, &[]).await,
+                }
+            };
+            let gave_up = tokio::time::timeout(std::time::Duration::ZERO, write).await;
+            assert!(gave_up.is_err(), "the caller went away first");
+            release.send(()).unwrap();
+            busy.join().unwrap();
+            let announced =
+                tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv()).await;
+            assert_eq!(announced.unwrap().unwrap(), cid, "change {change}");
+        }
+        assert!(host.get_vars(&cid, &[]).await.unwrap().is_empty());
     }
 }
