@@ -158,9 +158,12 @@ impl LogEntry {
         event.event_id = new_typeid("evt");
         event.seq = 0;
         let created_ms = match &event.created_at {
-            Some(ts) => ts
-                .seconds
-                .checked_mul(1000)
+            // A Timestamp's nanos are 0..=999,999,999 (what strict readers, Go's CheckValid,
+            // insist on when it is read back).
+            Some(ts) => (0..1_000_000_000)
+                .contains(&ts.nanos)
+                .then(|| ts.seconds.checked_mul(1000))
+                .flatten()
                 .and_then(|ms| ms.checked_add(i64::from(ts.nanos / 1_000_000)))
                 .filter(|ms| *ms >= 0)
                 .ok_or_else(|| {
@@ -924,6 +927,29 @@ mod tests {
         host.delete_vars(&cid, &[]).await.unwrap();
         assert_eq!(changes.try_recv().unwrap(), cid);
         assert!(changes.try_recv().is_err(), "one announcement per change");
+    }
+
+    #[test]
+    fn an_event_whose_creation_time_is_not_a_valid_timestamp_is_refused() {
+        let at = |seconds, nanos| {
+            LogEntry::new(
+                Event {
+                    destination_id: "con_x".into(),
+                    event_type: "t".into(),
+                    created_at: Some(prost_types::Timestamp { seconds, nanos }),
+                    ..Default::default()
+                },
+                None,
+            )
+        };
+        for (seconds, nanos) in [(1, -1), (1, 1_000_000_000), (-1, 0), (i64::MAX, 0)] {
+            assert!(
+                matches!(at(seconds, nanos), Err(HostError::InvalidArgument(_))),
+                "{seconds}s {nanos}ns"
+            );
+        }
+        let entry = at(1_700_000_000, 999_999_999).unwrap();
+        assert_eq!(entry.created_ms, 1_700_000_000_999);
     }
 
     #[tokio::test]
