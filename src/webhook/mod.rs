@@ -593,19 +593,39 @@ async fn check_signature(
     .map_err(|_| WebhookError::Busy)?;
     webhooks.counters.checks_offloaded.inc();
     let (routes, signature, timestamp) = (routes.clone(), signature.to_vec(), timestamp.to_vec());
-    tokio::task::spawn_blocking(move || {
+    // Checked between secrets: a forged body tried against many secrets gives up the pool
+    // (and its permit) when its answer is due, instead of holding them past it.
+    let deadline = answer_by.into_std();
+    let (found, out_of_time, head, body) = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let head = head.unwrap_or_else(|| parse_head(&body));
-        let candidates = routes.candidates(account_hint(head.as_ref())).skip(tried);
+        let mut out_of_time = false;
+        let candidates = routes
+            .candidates(account_hint(head.as_ref()))
+            .skip(tried)
+            .take_while(|_| {
+                out_of_time = std::time::Instant::now() >= deadline;
+                !out_of_time
+            });
         let found = routes.verify_among(candidates, &signature, &timestamp, &body);
-        (found, head, body)
+        (found, out_of_time, head, body)
     })
     .await
-    .map_err(|_| WebhookError::BodyRead)
+    .map_err(|_| WebhookError::BodyRead)?;
+    // Not every secret was tried: this may be a genuine webhook, so Zoom should retry it.
+    if out_of_time {
+        return Err(WebhookError::Busy);
+    }
+    Ok((found, head, body))
 }
 
-/// The head of a webhook body, or `None` if it is not JSON shaped like one.
+/// The head of a webhook body, or `None` if it is not JSON shaped like one: an object (serde
+/// would fill `Head` from an array's items too).
 fn parse_head(body: &[u8]) -> Option<Head> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first != b'{' {
+        return None;
+    }
     serde_json::from_slice(body).ok()
 }
 

@@ -439,6 +439,29 @@ async fn each_bad_input_gets_its_status_and_changes_nothing() {
             signed(client, &url, SECRET, now(), b"[1,2]".to_vec()),
         ),
         (
+            "JSON array with a webhook's fields in order",
+            400,
+            signed(
+                client,
+                &url,
+                SECRET,
+                now(),
+                br#"["meeting.started", {"account_id": "elsewhere"}]"#.to_vec(),
+            ),
+        ),
+        (
+            "URL validation as a JSON array",
+            400,
+            signed(
+                client,
+                &url,
+                SECRET,
+                now(),
+                br#"["endpoint.url_validation", {"plainToken": "qgg8vlvZRS6UYooatFL8Aw"}]"#
+                    .to_vec(),
+            ),
+        ),
+        (
             "no event",
             400,
             signed(
@@ -713,6 +736,35 @@ async fn with_many_private_apps_a_webhook_is_checked_first_against_its_account_s
     let (status, _) = post_to(&app.http_client, &url, "forged", now(), &event("acc-7", 1)).await;
     assert_eq!(status, 401);
     assert_eq!(offloaded().await, 1.0);
+    // A forged body too large to try against every secret before its answer is due is answered
+    // 503 on time (it might be genuine, signed by a secret not tried yet: Zoom retries 5xx),
+    // and gives the blocking pool back to the next one.
+    let huge = {
+        let mut body = event("acc-7", 3);
+        body.truncate(body.len() - 3);
+        body.extend(std::iter::repeat_n(b' ', 8 * 1024 * 1024 - body.len() - 3));
+        body.extend(b"}}}");
+        body
+    };
+    let started = Instant::now();
+    let (status, _) = post_to(&app.http_client, &url, "forged", now(), &huge).await;
+    assert_eq!(status, 503, "after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(offloaded().await, 2.0);
+    let started = Instant::now();
+    let (status, _) = post_to(&app.http_client, &url, "forged", now(), &event("acc-7", 4)).await;
+    assert_eq!(status, 401);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(offloaded().await, 3.0);
+
     // An app's secret on a body for an account it has no connection on still verifies (off the
     // request's thread): nothing wants it, and it is answered 200, not 401.
     let (status, answer) = post_to(
@@ -724,7 +776,7 @@ async fn with_many_private_apps_a_webhook_is_checked_first_against_its_account_s
     )
     .await;
     assert_eq!((status, answer["status"].as_str()), (200, Some("unrouted")));
-    assert_eq!(offloaded().await, 2.0);
+    assert_eq!(offloaded().await, 4.0);
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while host.state.lock().unwrap().dispatched.len() < 5 {
