@@ -97,9 +97,11 @@ impl RemoteHost {
 fn map_status(status: Status) -> HostError {
     let message = status.message().to_string();
     match status.code() {
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            HostError::InvalidArgument(message)
-        }
+        Code::InvalidArgument | Code::OutOfRange => HostError::InvalidArgument(message),
+        // The host's state, not the request, is at fault (and may change): an event waits and
+        // is retried rather than becoming a dead letter within a minute, and a caller of ours
+        // is not told its own request was invalid.
+        Code::FailedPrecondition => HostError::Remote(format!("FailedPrecondition: {message}")),
         Code::NotFound => HostError::NotFound(message),
         Code::Unavailable
         | Code::DeadlineExceeded
@@ -297,6 +299,10 @@ mod tests {
         assert!(matches!(
             map_status(Status::invalid_argument("bad")),
             HostError::InvalidArgument(_)
+        ));
+        assert!(matches!(
+            map_status(Status::failed_precondition("no active deployment")),
+            HostError::Remote(_)
         ));
         assert!(matches!(
             map_status(Status::internal("oops")),
