@@ -2,7 +2,8 @@
 //! sets up one connection of each authentication type against the fake Zoom, each through a
 //! signed setup link from `SetupLinksService`, as a host engine would send people; and with
 //! `SETUP_ACCESS=loopback`, the page works without a link while another site's page cannot
-//! use the browser to set a connection up.
+//! use the browser to set a connection up; and a flow started under another name of this
+//! machine than `WEBHOOK_ADDRESS` says so, and its way back completes it.
 
 use std::time::Duration;
 
@@ -224,6 +225,52 @@ async fn in_loopback_mode_the_page_works_without_a_link_and_another_sites_form_i
     browser
         .goto(&app.url(&format!("/zoom/?cid={cid}&origin=test")))
         .await;
+    browser.find("#auth-oauthDefault").await.click().await;
+    browser.find("#start").await.click().await;
+    let message = allow_in_zoom(&browser, &zoom, &app).await;
+    assert!(message.starts_with("Connected to Zoom as"), "{message}");
+    assert_eq!(
+        value_of(&snapshot(&app, &cid).await, "auth_type")
+            .unwrap()
+            .0,
+        "oauthDefault"
+    );
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn a_flow_started_under_another_name_of_this_machine_says_so_and_the_way_back_completes_it() {
+    let Some(chromedriver) = find_chromedriver() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (see .ci/run)"
+        );
+        eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+        return;
+    };
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await; // SETUP_ACCESS=loopback
+    let browser = Browser::start(&chromedriver).await;
+
+    // The page under a name of this machine other than WEBHOOK_ADDRESS (127.0.0.1:port): the
+    // flow's cookie is set for that name, and Zoom sends the browser back to the other one.
+    let cid = ConnectionId::generate().to_string();
+    let alias = app
+        .url(&format!("/zoom/?cid={cid}&origin=test"))
+        .replace("127.0.0.1", "alias.localhost");
+    browser.goto(&alias).await;
+    browser.find("#auth-oauthDefault").await.click().await;
+    browser.find("#start").await.click().await;
+    let message = allow_in_zoom(&browser, &zoom, &app).await;
+    assert!(
+        message.contains("at another address than this one"),
+        "{message}"
+    );
+    assert!(snapshot(&app, &cid).await.is_empty(), "nothing saved");
+
+    // Its way back opens the page at the address Zoom returns to, where the flow completes.
+    browser.find("#back").await.click().await;
+    browser.wait_for_url(&app.url("/zoom/")).await;
     browser.find("#auth-oauthDefault").await.click().await;
     browser.find("#start").await.click().await;
     let message = allow_in_zoom(&browser, &zoom, &app).await;

@@ -85,8 +85,9 @@ impl Browser {
                         "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                                  "--disable-dev-shm-usage", "--window-size=900,1000",
                                  "--no-first-run", "--disable-extensions",
-                                 // Another site for cross-site tests, served on loopback.
-                                 "--host-resolver-rules=MAP other-site.test 127.0.0.1",
+                                 // Another site for cross-site tests, and another name of
+                                 // this machine, both served on loopback.
+                                 "--host-resolver-rules=MAP other-site.test 127.0.0.1, MAP alias.localhost 127.0.0.1",
                                  "--disable-features=HttpsUpgrades"],
                     },
                 }}}),
