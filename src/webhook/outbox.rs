@@ -82,6 +82,9 @@ const MIGRATIONS: &[&str] = &[
     // 4: whether a row's side effect in the host (app_deauthorized's) is done, so a delivery
     // retried after a restart does not do it again.
     "ALTER TABLE outbox ADD COLUMN side_effect_done INTEGER NOT NULL DEFAULT 0;",
+    // 5: a dead letter keeps that mark, so a redriven `app_deauthorized` does not deauthorize
+    // again a connection its owner reconnected meanwhile.
+    "ALTER TABLE dead_letters ADD COLUMN side_effect_done INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Knobs of the outbox; the defaults suit production and tests alike.
@@ -878,8 +881,9 @@ pub fn redrive_dead_letters(data_dir: &Path) -> Result<usize, OpenError> {
     let tx = conn.transaction().map_err(err)?;
     let moved = tx
         .execute(
-            "INSERT INTO outbox (destination, received_ms, event_type, memo, body)
-             SELECT destination, received_ms, event_type, memo, body
+            "INSERT INTO outbox
+                 (destination, received_ms, event_type, memo, body, side_effect_done)
+             SELECT destination, received_ms, event_type, memo, body, side_effect_done
              FROM dead_letters ORDER BY id",
             [],
         )
@@ -1072,7 +1076,10 @@ impl Writer {
                 tx.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
             let mut dead = tx.prepare_cached(
                 "INSERT OR REPLACE INTO dead_letters
-                 SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3
+                     (id, destination, received_ms, event_type, memo, body, failed_ms, error,
+                      side_effect_done)
+                 SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3,
+                        side_effect_done
                  FROM outbox WHERE id = ?1",
             )?;
             let mut mark =
@@ -1525,6 +1532,8 @@ mod tests {
                 .unwrap();
         }
         let rows = outbox.pending(0, 10, 1 << 20).await.unwrap();
+        // The first one's side effect (app_deauthorized's) was done before the host refused it.
+        outbox.side_effect_done(rows[0].id).await;
         for row in &rows[..2] {
             outbox.failed(row.id, "the host said no".into()).await;
         }
@@ -1540,17 +1549,22 @@ mod tests {
         assert_eq!(redrive_dead_letters(dir.path()).unwrap(), 2);
         let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
         assert_eq!(outbox.counts().await.unwrap(), (3, 0));
-        let bodies: Vec<Vec<u8>> = outbox
+        let rows: Vec<(Vec<u8>, bool)> = outbox
             .pending(0, 10, 1 << 20)
             .await
             .unwrap()
             .into_iter()
-            .map(|row| row.received.body)
+            .map(|row| (row.received.body, row.side_effect_done))
             .collect();
         assert_eq!(
-            bodies,
-            [&b"{\"n\":2}"[..], b"{\"n\":0}", b"{\"n\":1}"],
-            "the one never refused first, then the redriven ones in their order"
+            rows,
+            [
+                (b"{\"n\":2}".to_vec(), false),
+                (b"{\"n\":0}".to_vec(), true),
+                (b"{\"n\":1}".to_vec(), false)
+            ],
+            "the one never refused first, then the redriven ones in their order, each with its \
+             side effect's mark (not done again after a reconnect)"
         );
         // Nothing left to move.
         outbox.close().await;
