@@ -504,14 +504,15 @@ async fn prepare(
             let cid = ConnectionId::parse(&row.destination)
                 .map_err(|e| Outcome::Invalid(e.to_string()))?;
             let user = deauthorized_user(&row.received.body);
-            if deauthorize(&*target.host, &cid, user.as_deref())
+            let deauthorized = deauthorize(&*target.host, &cid, user.as_deref())
                 .await
-                .map_err(classify)?
-            {
-                target.credentials.deauthorized(&cid).await;
-            }
+                .map_err(classify)?;
+            // Marked before anything else is awaited: a shutdown cancels this mid-way.
             row.side_effect_done = true;
             outbox.side_effect_done(row.id).await;
+            if deauthorized {
+                target.credentials.deauthorized(&cid).await;
+            }
         }
         // Not delivered before the mark is saved: a failed commit's changes go again with
         // the next one, and meanwhile `side_effect_done` keeps this process from repeating
