@@ -5,7 +5,8 @@ use prost::Message;
 use crate::proto::autokitteh::events::v1::Event;
 use crate::proto::autokitteh::values::v1 as pb;
 
-/// The JSON form of a value, as AutoKitteh's `json_values` option shows it.
+/// The JSON form of a value, as AutoKitteh's `json_values` option shows it: a time is RFC 3339
+/// text in UTC, a duration its seconds, an integer too large for 64 bits its digits as text.
 /// Kinds with no JSON form (functions, modules, custom values) become `null`.
 pub fn to_json(value: &pb::Value) -> serde_json::Value {
     use serde_json::Value as J;
@@ -14,8 +15,11 @@ pub fn to_json(value: &pb::Value) -> serde_json::Value {
     } else if let Some(v) = &value.integer {
         J::from(v.v)
     } else if let Some(v) = &value.big_integer {
-        v.v.parse::<serde_json::Number>()
-            .map(J::Number)
+        // serde_json keeps only i64 and u64 exactly (larger numbers become f64): past them the
+        // digits go as text, never rounded.
+        v.v.parse::<i64>()
+            .map(J::from)
+            .or_else(|_| v.v.parse::<u64>().map(J::from))
             .unwrap_or_else(|_| J::String(v.v.clone()))
     } else if let Some(v) = &value.float {
         serde_json::Number::from_f64(v.v).map_or(J::Null, J::Number)
@@ -46,6 +50,25 @@ pub fn to_json(value: &pb::Value) -> serde_json::Value {
                 .map(|(k, v)| (k.clone(), to_json(v)))
                 .collect(),
         )
+    } else if let Some(ts) = value.time.as_ref().and_then(|t| t.v.as_ref()) {
+        // RFC 3339 in UTC, as Zoom takes `start_time` and `from`/`to` dates.
+        let format = if ts.nanos == 0 {
+            chrono::SecondsFormat::Secs
+        } else {
+            chrono::SecondsFormat::AutoSi
+        };
+        u32::try_from(ts.nanos)
+            .ok()
+            .and_then(|nanos| chrono::DateTime::from_timestamp(ts.seconds, nanos))
+            .map_or(J::Null, |t| J::String(t.to_rfc3339_opts(format, true)))
+    } else if let Some(d) = value.duration.as_ref().and_then(|d| d.v.as_ref()) {
+        // Seconds, whole when they are.
+        if d.nanos == 0 {
+            J::from(d.seconds)
+        } else {
+            serde_json::Number::from_f64(d.seconds as f64 + f64::from(d.nanos) / 1e9)
+                .map_or(J::Null, J::Number)
+        }
     } else if let Some(v) = &value.symbol {
         J::String(v.name.clone())
     } else if let Some(v) = &value.bytes {
@@ -529,5 +552,41 @@ mod tests {
             assert_eq!(ours, theirs, "{v}");
             assert_eq!(varint_len(v), theirs.len(), "{v}");
         }
+    }
+
+    #[test]
+    fn times_durations_and_big_integers_reach_json_without_loss() {
+        let time = |seconds, nanos| pb::Value {
+            time: Some(pb::Time {
+                v: Some(prost_types::Timestamp { seconds, nanos }),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(to_json(&time(1_735_722_000, 0)), "2025-01-01T09:00:00Z");
+        assert_eq!(
+            to_json(&time(1_735_722_000, 500_000_000)),
+            "2025-01-01T09:00:00.500Z"
+        );
+        let duration = |seconds, nanos| pb::Value {
+            duration: Some(pb::Duration {
+                v: Some(prost_types::Duration { seconds, nanos }),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(to_json(&duration(90, 0)), serde_json::json!(90));
+        assert_eq!(to_json(&duration(1, 500_000_000)), serde_json::json!(1.5));
+        let big = |digits: &str| pb::Value {
+            big_integer: Some(pb::BigInteger { v: digits.into() }),
+            ..Default::default()
+        };
+        assert_eq!(
+            to_json(&big("123456789012345678901234567890")),
+            "123456789012345678901234567890"
+        );
+        assert_eq!(
+            to_json(&big("18446744073709551615")),
+            serde_json::json!(u64::MAX)
+        );
+        assert_eq!(to_json(&big("-42")), serde_json::json!(-42));
     }
 }
