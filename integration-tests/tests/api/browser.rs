@@ -23,6 +23,20 @@ fn artifact(name: &str) -> std::path::PathBuf {
     dir.join(name)
 }
 
+/// chromedriver, or `None` (the test is skipped, and says so) where it is not installed;
+/// under `CI=true` a missing chromedriver fails the test instead.
+fn chromedriver_unless_skipped() -> Option<std::path::PathBuf> {
+    let found = find_chromedriver();
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium and chromium-driver (see .ci/run)"
+        );
+        eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+    }
+    found
+}
+
 async fn open_page(browser: &Browser, app: &TestApp, cid: &str) {
     let link = SetupLinksServiceClient::new(app.channel())
         .create(CreateRequest {
@@ -47,12 +61,7 @@ async fn allow_in_zoom(browser: &Browser, zoom: &FakeZoom, app: &TestApp) -> Str
 
 #[tokio::test]
 async fn a_person_sets_up_each_kind_of_connection_in_a_real_browser() {
-    let Some(chromedriver) = find_chromedriver() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver (see .ci/run)"
-        );
-        eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+    let Some(chromedriver) = chromedriver_unless_skipped() else {
         return;
     };
     let zoom = FakeZoom::start().await;
@@ -177,12 +186,7 @@ async fn a_person_sets_up_each_kind_of_connection_in_a_real_browser() {
 
 #[tokio::test]
 async fn in_loopback_mode_the_page_works_without_a_link_and_another_sites_form_is_refused() {
-    let Some(chromedriver) = find_chromedriver() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver (see .ci/run)"
-        );
-        eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+    let Some(chromedriver) = chromedriver_unless_skipped() else {
         return;
     };
     let zoom = FakeZoom::start().await;
@@ -240,12 +244,7 @@ async fn in_loopback_mode_the_page_works_without_a_link_and_another_sites_form_i
 
 #[tokio::test]
 async fn a_flow_started_under_another_name_of_this_machine_says_so_and_the_way_back_completes_it() {
-    let Some(chromedriver) = find_chromedriver() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install chromium and chromium-driver (see .ci/run)"
-        );
-        eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+    let Some(chromedriver) = chromedriver_unless_skipped() else {
         return;
     };
     let zoom = FakeZoom::start().await;
