@@ -268,6 +268,39 @@ impl Args {
     }
 }
 
+/// `api`'s query dict as parameters: text as it is, numbers and booleans as their JSON text,
+/// None left out (as for the named functions' optional arguments); a list or a dict has no
+/// single text to send, so it is refused.
+fn query_of(
+    map: serde_json::Map<String, serde_json::Value>,
+) -> Result<Vec<(String, String)>, CallFailure> {
+    let mut query = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        match value {
+            serde_json::Value::Null => {}
+            serde_json::Value::String(s) => query.push((name, s)),
+            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => {
+                query.push((name, value.to_string()));
+            }
+            serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
+                return Err(CallFailure::new(format!(
+                    "api: query parameter {:?} must be text, a number or a boolean",
+                    crate::ids::truncate(&name, 64)
+                )));
+            }
+        }
+    }
+    Ok(query)
+}
+
+/// Whether an answer was meant as JSON: it opens an object or a list.
+fn looks_like_json(body: &[u8]) -> bool {
+    matches!(
+        body.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
+}
+
 /// Characters left as they are in a path segment built from an argument.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -292,13 +325,15 @@ impl Functions {
         Self { credentials, api }
     }
 
-    /// Calls `name` with `args` and `kwargs` through connection `cid`.
+    /// Calls `name` with `args` and `kwargs` through connection `cid`, for a caller that
+    /// waits until `deadline`.
     pub async fn call(
         &self,
         cid: &ConnectionId,
         name: &str,
         args: Vec<pb::Value>,
         kwargs: HashMap<String, pb::Value>,
+        deadline: tokio::time::Instant,
     ) -> Result<pb::Value, CallFailure> {
         let spec = FUNCTIONS.iter().find(|f| f.name == name).ok_or_else(|| {
             CallFailure::new(format!(
@@ -335,13 +370,7 @@ impl Functions {
                 let path = args.required_text("path")?;
                 let query = match args.take("query") {
                     None => Vec::new(),
-                    Some(serde_json::Value::Object(map)) => map
-                        .into_iter()
-                        .map(|(k, v)| match v {
-                            serde_json::Value::String(s) => (k, s),
-                            other => (k, other.to_string()),
-                        })
-                        .collect(),
+                    Some(serde_json::Value::Object(map)) => query_of(map)?,
                     Some(_) => return Err(CallFailure::new("api: query must be a dict")),
                 };
                 let body = args.take("body");
@@ -403,7 +432,14 @@ impl Functions {
             })?;
         let answer = self
             .api
-            .call(&access.token, method, &path, &query, body.as_ref())
+            .call(
+                &access.token,
+                method,
+                &path,
+                &query,
+                body.as_ref(),
+                deadline,
+            )
             .await
             .map_err(|e| match e {
                 CallError::BadPath(e) => CallFailure::new(e.to_string()),
@@ -422,6 +458,20 @@ impl Functions {
         } else {
             match crate::webhook::normalize::value(&answer.body) {
                 Ok(value) => value,
+                // JSON past the limits of a value (too many values, too deep, a number out of
+                // range): passing it on as text would hand the workflow something else than
+                // Zoom's answer without saying so.
+                Err(e) if looks_like_json(&answer.body) => {
+                    return Err(CallFailure {
+                        status: Some(answer.status),
+                        code: None,
+                        message: format!(
+                            "Zoom answered HTTP {} with JSON that cannot be passed on as a value: {}",
+                            answer.status,
+                            e.reason()
+                        ),
+                    });
+                }
                 // Not JSON (a proxy's page, say): a success is still a success, as text.
                 Err(_) => match std::str::from_utf8(&answer.body) {
                     Ok(text) if answer.status < 400 => crate::values::string(text),

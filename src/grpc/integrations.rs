@@ -25,6 +25,8 @@ pub struct IntegrationsApi {
     credentials: Arc<Credentials>,
     zoom_api: ZoomApi,
     functions: Functions,
+    /// `REQUEST_TIMEOUT`: the longest a call may take, whatever its caller allows.
+    request_timeout: std::time::Duration,
 }
 
 impl IntegrationsApi {
@@ -37,6 +39,7 @@ impl IntegrationsApi {
             credentials: state.credentials.clone(),
             zoom_api: state.zoom_api.clone(),
             functions: Functions::new(state.credentials.clone(), state.zoom_api.clone()),
+            request_timeout: state.config.request_timeout,
         }
     }
 
@@ -204,6 +207,9 @@ impl IntegrationsService for IntegrationsApi {
     }
 
     async fn call(&self, request: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
+        let deadline = tokio::time::Instant::now()
+            + super::caller_timeout(request.metadata())
+                .map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let req = request.into_inner();
         check_integration(&req.integration_id)?;
         let function = req.function.unwrap_or_default();
@@ -236,7 +242,11 @@ impl IntegrationsService for IntegrationsApi {
             (None, None) => String::new(),
         };
         let cid = ConnectionId::parse(&cid).map_err(ApiError::from)?;
-        let response = match self.functions.call(&cid, &name, req.args, kwargs).await {
+        let response = match self
+            .functions
+            .call(&cid, &name, req.args, kwargs, deadline)
+            .await
+        {
             Ok(value) => CallResponse {
                 value: Some(value),
                 error: None,

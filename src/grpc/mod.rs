@@ -5,6 +5,8 @@ pub mod integrations;
 pub mod setup_links;
 pub mod vars;
 
+use std::time::Duration;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
@@ -146,5 +148,57 @@ where
                 .observe(started.elapsed().as_secs_f64());
             response
         })
+    }
+}
+
+/// The time the caller allows a call, from its `grpc-timeout` header (1 to 8 digits and a
+/// unit: `H`, `M`, `S`, `m`, `u` or `n`); `None` when it set none or the header is malformed
+/// (tonic's server applies the same header, so a malformed one bounds nothing there either).
+pub(crate) fn caller_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(header: &str) -> Option<Duration> {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-timeout", header.parse().unwrap());
+        caller_timeout(&metadata)
+    }
+
+    #[test]
+    fn a_callers_grpc_timeout_is_read_in_each_unit_and_a_malformed_one_is_ignored() {
+        assert_eq!(timeout_of("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(timeout_of("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(timeout_of("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout_of("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            timeout_of("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(timeout_of("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["S", "2", "2s", "-1S", "123456789S", "1.5S", " 2S"] {
+            assert_eq!(timeout_of(bad), None, "{bad:?}");
+        }
+        assert_eq!(caller_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

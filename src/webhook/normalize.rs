@@ -27,6 +27,13 @@ pub const MAX_VALUES: usize = 100_000;
 #[error("body is not a JSON object: {0}")]
 pub struct NormalizeError(String);
 
+impl NormalizeError {
+    /// What is wrong, and at which byte, without saying what the text was for.
+    pub fn reason(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Everything recorded about one webhook besides its destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {

@@ -126,6 +126,9 @@ impl ZoomApi {
 
 /// The most a call waits for one `Retry-After` of a rate limit before giving up.
 pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
+/// The time a retried call keeps for itself after a `Retry-After` wait, before its caller's
+/// deadline.
+pub const RETRY_MARGIN: Duration = Duration::from_secs(1);
 /// How many times a rate-limited call is retried.
 pub const MAX_RATE_LIMIT_RETRIES: u32 = 3;
 
@@ -204,8 +207,10 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 impl ZoomApi {
     /// Calls the API: `method` on `path` (relative to `ZOOM_API_URL`, checked with
     /// [`check_path`]) with `query` and an optional JSON body. Any HTTP status comes back as an
-    /// answer; a short rate limit (429 with `Retry-After`) is waited out and retried up to
-    /// [`MAX_RATE_LIMIT_RETRIES`] times, a daily limit is answered at once.
+    /// answer, 5xx included; a short rate limit (429 with `Retry-After`) is waited out and
+    /// retried up to [`MAX_RATE_LIMIT_RETRIES`] times, unless the wait and the retry would not
+    /// end [`RETRY_MARGIN`] before `deadline` (the caller's): then, like a daily limit, the 429
+    /// is answered at once, so the caller learns why instead of timing out.
     pub async fn call(
         &self,
         access_token: &Secret,
@@ -213,6 +218,7 @@ impl ZoomApi {
         path: &str,
         query: &[(String, String)],
         body: Option<&serde_json::Value>,
+        deadline: tokio::time::Instant,
     ) -> Result<ApiAnswer, CallError> {
         check_path(path).map_err(CallError::BadPath)?;
         let mut retries = 0;
@@ -229,12 +235,13 @@ impl ZoomApi {
             let request = request
                 .build()
                 .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
-            let response = super::send(&self.http, request).await;
+            let response = super::send_any(&self.http, request).await;
             self.count(response.as_ref().ok().map(|r| r.status.as_u16()));
             let response = response?;
             if response.status == reqwest::StatusCode::TOO_MANY_REQUESTS
                 && retries < MAX_RATE_LIMIT_RETRIES
                 && let Some(wait) = retry_after(&response.headers)
+                && tokio::time::Instant::now() + wait + RETRY_MARGIN <= deadline
             {
                 retries += 1;
                 tracing::info!(?wait, retries, "Zoom rate limit; waiting before retrying");
@@ -255,7 +262,7 @@ pub enum CallError {
     /// The path is not allowed.
     #[error(transparent)]
     BadPath(BadPath),
-    /// Zoom could not be reached, timed out, or failed (5xx).
+    /// Zoom could not be reached, timed out, or its answer could not be read.
     #[error(transparent)]
     Zoom(#[from] ZoomError),
 }

@@ -90,12 +90,29 @@ pub async fn send(
     http: &reqwest::Client,
     request: reqwest::Request,
 ) -> Result<RawResponse, ZoomError> {
+    read(http, request, false).await
+}
+
+/// Sends `request` and reads the whole answer (bounded), whatever its status: a workflow's
+/// call passes Zoom's own 5xx status, code and message on.
+pub async fn send_any(
+    http: &reqwest::Client,
+    request: reqwest::Request,
+) -> Result<RawResponse, ZoomError> {
+    read(http, request, true).await
+}
+
+async fn read(
+    http: &reqwest::Client,
+    request: reqwest::Request,
+    server_errors_too: bool,
+) -> Result<RawResponse, ZoomError> {
     let mut response = http
         .execute(request)
         .await
         .map_err(ZoomError::from_transport)?;
     let status = response.status();
-    if status.is_server_error() {
+    if status.is_server_error() && !server_errors_too {
         return Err(ZoomError::Unavailable(format!("Zoom answered {status}")));
     }
     if response

@@ -353,6 +353,139 @@ async fn a_rate_limit_with_retry_after_one_second_is_waited_out_and_succeeds() {
 }
 
 #[tokio::test]
+async fn a_rate_limit_longer_than_the_callers_deadline_allows_is_reported_at_once() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    // Retry-After 2 s plus the second it keeps for the retry do not fit in 2.5 s.
+    zoom.state
+        .lock()
+        .unwrap()
+        .rate_limits
+        .push_back(("2".into(), "QPS".into()));
+    let mut request = tonic::Request::new(CallRequest {
+        integration_id: zoom_id(),
+        function: Some(function("get_user", &cid)),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(2500));
+    let started = Instant::now();
+    let response = app
+        .integrations()
+        .call(request)
+        .await
+        .expect("answered before the deadline, not cut off by it")
+        .into_inner();
+    assert!(started.elapsed() < Duration::from_secs(2), "did not wait");
+    let error = err(response);
+    assert_eq!(error["status"], 429);
+    assert!(
+        error["message"].as_str().unwrap().contains("rate limit"),
+        "Zoom's own message: {error}"
+    );
+    assert_eq!(zoom.state.lock().unwrap().api_requests.len(), 1, "no retry");
+}
+
+#[tokio::test]
+async fn zooms_server_errors_reach_the_workflow_with_their_status_code_and_message() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    {
+        let mut state = zoom.state.lock().unwrap();
+        state.canned_answers.push_back((
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "application/json",
+            json!({"code": 5301, "message": "Meeting service is busy. Try again later."})
+                .to_string(),
+        ));
+        state.canned_answers.push_back((
+            axum::http::StatusCode::BAD_GATEWAY,
+            "text/html",
+            "<html><body>502 Bad Gateway</body></html>".into(),
+        ));
+    }
+    let error = err(call(&app, &cid, "get_meeting", vec![text("85746065432")], vec![]).await);
+    assert_eq!(error["status"], 503);
+    assert_eq!(error["code"], 5301);
+    assert_eq!(
+        error["message"],
+        "Meeting service is busy. Try again later."
+    );
+    let error = err(call(&app, &cid, "get_meeting", vec![text("85746065432")], vec![]).await);
+    assert_eq!(error["status"], 502);
+    assert_eq!(
+        error["message"],
+        "Zoom answered HTTP 502 with something that is not JSON"
+    );
+}
+
+#[tokio::test]
+async fn a_json_answer_too_deep_to_be_a_value_is_an_error_and_not_passed_on_as_text() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
+    zoom.state.lock().unwrap().canned_answers.push_back((
+        axum::http::StatusCode::OK,
+        "application/json",
+        deep,
+    ));
+    let error = err(call(
+        &app,
+        &cid,
+        "api",
+        vec![text("GET"), text("/users/me")],
+        vec![],
+    )
+    .await);
+    assert_eq!(error["status"], 200);
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("JSON that cannot be passed on as a value: nested too deeply"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn api_query_leaves_out_none_and_sends_numbers_and_booleans_as_their_text() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    let none = pb::Value {
+        nothing: Some(pb::Nothing {}),
+        ..Default::default()
+    };
+    let answer = ok(call(
+        &app,
+        &cid,
+        "api",
+        vec![text("GET"), text("/users/me")],
+        vec![(
+            "query",
+            values::dict(vec![
+                ("fields".into(), text("id")),
+                ("next_page_token".into(), none),
+                ("page_size".into(), values::integer(30)),
+                (
+                    "verbose".into(),
+                    pb::Value {
+                        boolean: Some(pb::Boolean { v: true }),
+                        ..Default::default()
+                    },
+                ),
+            ]),
+        )],
+    )
+    .await);
+    assert_eq!(answer["status"], 200);
+    assert_eq!(
+        zoom.state.lock().unwrap().api_requests,
+        ["GET /v2/users/me?fields=id&page_size=30&verbose=true"]
+    );
+}
+
+#[tokio::test]
 async fn a_daily_limit_is_reported_at_once() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
@@ -432,6 +565,15 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
             vec![],
             "query must be a dict",
         ),
+        (
+            "api",
+            vec![text("GET"), text("/x")],
+            vec![(
+                "query",
+                values::dict(vec![("ids".into(), values::dict(vec![]))]),
+            )],
+            "query parameter \"ids\" must be text, a number or a boolean",
+        ),
     ];
     for (name, args, kwargs, words) in cases {
         let error = err(call(&app, &cid, name, args, kwargs).await);
@@ -440,6 +582,10 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
             "{name}: {error}"
         );
     }
+    assert!(
+        zoom.state.lock().unwrap().api_requests.is_empty(),
+        "nothing was sent"
+    );
     // A connection that is not set up.
     let other = ConnectionId::generate().to_string();
     let error = err(call(&app, &other, "get_user", vec![], vec![]).await);

@@ -80,6 +80,9 @@ pub struct FakeZoomState {
     pub s2s_expires_in: u64,
     /// Answers for the next API requests: 429 with (`Retry-After`, `X-RateLimit-Type`).
     pub rate_limits: std::collections::VecDeque<(String, String)>,
+    /// Answers for the next API requests (after any rate limit), whatever they ask:
+    /// (status, `content-type`, body).
+    pub canned_answers: std::collections::VecDeque<(StatusCode, &'static str, String)>,
     /// API requests received (method and path), rate-limited ones included.
     pub api_requests: Vec<String>,
     meetings: std::collections::BTreeMap<u64, serde_json::Value>,
@@ -567,12 +570,18 @@ async fn api_gate(
     if !request.uri().path().starts_with("/v2/") {
         return next.run(request).await;
     }
-    let limited = {
+    let (limited, canned) = {
         let mut s = state.lock().unwrap();
         s.api_requests
             .push(format!("{} {}", request.method(), request.uri()));
-        s.rate_limits.pop_front()
+        match s.rate_limits.pop_front() {
+            Some(limit) => (Some(limit), None),
+            None => (None, s.canned_answers.pop_front()),
+        }
     };
+    if let Some((status, content_type, body)) = canned {
+        return (status, [("content-type", content_type)], body).into_response();
+    }
     if let Some((retry_after, kind)) = limited {
         return (
             StatusCode::TOO_MANY_REQUESTS,
