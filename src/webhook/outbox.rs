@@ -85,6 +85,10 @@ const MIGRATIONS: &[&str] = &[
     // 5: a dead letter keeps that mark, so a redriven `app_deauthorized` does not deauthorize
     // again a connection its owner reconnected meanwhile.
     "ALTER TABLE dead_letters ADD COLUMN side_effect_done INTEGER NOT NULL DEFAULT 0;",
+    // 6: each row of keys keeps its anchor, so it lives a window after it under whatever
+    // window the service runs with now (a raised WEBHOOK_REPLAY_WINDOW kept keys only until
+    // the old window's end). Rows from before have none, and keep their `expires_ms`.
+    "ALTER TABLE dedupe_keys ADD COLUMN anchor_ms INTEGER;",
 ];
 
 /// Knobs of the outbox; the defaults suit production and tests alike.
@@ -987,19 +991,25 @@ fn applied_seq(conn: &Connection) -> rusqlite::Result<u64> {
     .map(|seq| seq as u64)
 }
 
-/// Loads the keys whose window has not passed.
+/// A row of keys' anchor in SQL: its own, or (rows from before migration 6) its expiry less
+/// the window `?1`, which keeps the expiry it was saved with.
+const ANCHOR_SQL: &str = "coalesce(anchor_ms, expires_ms - ?1)";
+
+/// Loads the keys whose window (the one configured now) has not passed.
 fn load_keys(conn: &Connection, keys: &mut Keys, window: Duration) -> rusqlite::Result<()> {
     let now = crate::db::now_ms();
-    let mut stmt =
-        conn.prepare("SELECT expires_ms, keys FROM dedupe_keys WHERE expires_ms > ?1 ORDER BY id")?;
-    let mut rows = stmt.query([now])?;
+    let window = window.as_millis() as i64;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {ANCHOR_SQL}, keys FROM dedupe_keys WHERE {ANCHOR_SQL} + ?1 > ?2 ORDER BY id"
+    ))?;
+    let mut rows = stmt.query([window, now])?;
     while let Some(row) = rows.next()? {
-        let expires: i64 = row.get(0)?;
+        let anchor: i64 = row.get(0)?;
         let blob = row.get_ref(1)?.as_blob()?;
         let group = blob
             .chunks_exact(8)
             .map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes")));
-        keys.extend(group, expires - window.as_millis() as i64);
+        keys.extend(group, anchor);
     }
     Ok(())
 }
@@ -1034,8 +1044,10 @@ fn insert_records<'a>(
         }
     }
     if !keys.is_empty() {
-        conn.prepare_cached("INSERT INTO dedupe_keys (expires_ms, keys) VALUES (?1, ?2)")?
-            .execute(params![anchor + window.as_millis() as i64, keys])?;
+        conn.prepare_cached(
+            "INSERT INTO dedupe_keys (anchor_ms, expires_ms, keys) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![anchor, anchor + window.as_millis() as i64, keys])?;
     }
     Ok(())
 }
@@ -1152,7 +1164,7 @@ impl Writer {
         }
         if self.last_purge.elapsed() >= settings.purge_interval {
             self.last_purge = Instant::now();
-            if let Err(e) = purge(&self.conn) {
+            if let Err(e) = purge(&self.conn, settings.dedupe_window) {
                 tracing::warn!(error = %e, "purging expired deduplication keys failed");
             }
         }
@@ -1164,15 +1176,15 @@ fn memo_json(memo: &HashMap<String, String>) -> String {
 }
 
 /// Deletes the rows of keys whose window has passed: the oldest rows, up to the first that
-/// has not expired (ids grow with time, and so do expiries, but for a request timestamped
+/// has not expired (ids grow with time, and so do anchors, but for a request timestamped
 /// ahead of our clock: that row only holds the purge back until it expires), so only what
 /// goes is read.
-fn purge(conn: &Connection) -> rusqlite::Result<usize> {
+fn purge(conn: &Connection, window: Duration) -> rusqlite::Result<usize> {
     let now = crate::db::now_ms();
     let first_live: Option<i64> = conn
         .query_row(
-            "SELECT id FROM dedupe_keys WHERE expires_ms > ?1 ORDER BY id LIMIT 1",
-            [now],
+            &format!("SELECT id FROM dedupe_keys WHERE {ANCHOR_SQL} + ?1 > ?2 ORDER BY id LIMIT 1"),
+            [window.as_millis() as i64, now],
             |r| r.get(0),
         )
         .map(Some)
@@ -1388,6 +1400,66 @@ mod tests {
         assert_eq!(outbox.record(record("{}", &["c"])).await, Ok(Recorded::New));
         outbox.flush().await;
         assert_eq!(outbox.counts().await.unwrap(), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn keys_saved_under_a_shorter_window_live_the_longer_one_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = OutboxSettings {
+            dedupe_window: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let outbox = Outbox::open(dir.path(), short).unwrap();
+        assert_eq!(
+            outbox.record(record("{\"a\":1}", &["c"])).await,
+            Ok(Recorded::New)
+        );
+        drop(outbox);
+        // A row from before migration 6 has no anchor, and keeps its saved expiry.
+        let conn = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        conn.execute(
+            "INSERT INTO dedupe_keys (expires_ms, keys) VALUES (?1, ?2)",
+            params![crate::db::now_ms() + 1_000, 7u64.to_le_bytes().to_vec()],
+        )
+        .unwrap();
+        drop(conn);
+        // Past the old window (and its generation's slack), with the window raised.
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        let long = OutboxSettings {
+            dedupe_window: Duration::from_secs(60),
+            purge_interval: Duration::ZERO,
+            ..Default::default()
+        };
+        let outbox = Outbox::open(dir.path(), long.clone()).unwrap();
+        assert_eq!(
+            outbox.record(record("{\"a\":1}", &["c"])).await,
+            Ok(Recorded::Duplicate),
+            "kept a window after its anchor, under the window configured now"
+        );
+        // A commit purges expired rows; this one is not, nor lost on the next start.
+        assert_eq!(
+            outbox.record(record("{\"b\":1}", &["c"])).await,
+            Ok(Recorded::New)
+        );
+        outbox.flush().await;
+        drop(outbox);
+        let conn = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        let rows: Vec<Option<i64>> = conn
+            .prepare("SELECT anchor_ms FROM dedupe_keys ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        // The purge walks from the oldest row to the first live one: a's row holds it.
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert!(rows[0].is_some() && rows[2].is_some(), "{rows:?}");
+        drop(conn);
+        let outbox = Outbox::open(dir.path(), long).unwrap();
+        assert_eq!(
+            outbox.record(record("{\"a\":1}", &["c"])).await,
+            Ok(Recorded::Duplicate)
+        );
     }
 
     #[tokio::test]
