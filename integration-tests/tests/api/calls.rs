@@ -729,10 +729,6 @@ async fn app_deauthorized_stops_the_cached_token_being_used_on_a_remote_host_too
     zoom.revoke_access_tokens();
     let body = fixture("app_deauthorized");
     post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while host.state.lock().unwrap().dispatched.is_empty() {
-        assert!(Instant::now() < deadline, "never dispatched");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    host.wait_for_dispatched(1, Duration::from_secs(10)).await;
     refused_without_reaching_zoom(&app, &zoom, &cid, "deauthorized in Zoom: reconnect").await;
 }

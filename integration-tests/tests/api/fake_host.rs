@@ -58,6 +58,24 @@ impl FakeHost {
         Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap()).await
     }
 
+    /// Waits up to `within` until at least `n` events were dispatched, and returns them all;
+    /// fails the test, naming what was seen, if they do not come.
+    pub async fn wait_for_dispatched(&self, n: usize, within: std::time::Duration) -> Vec<Event> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let dispatched = self.state.lock().unwrap().dispatched.clone();
+            if dispatched.len() >= n {
+                return dispatched;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} events dispatched within {within:?}",
+                dispatched.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn start_on(listener: TcpListener) -> Self {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(FakeHostState::default()));

@@ -324,14 +324,9 @@ async fn every_sample_reaches_a_remote_host_with_its_exact_type_destination_and_
         post_until_recorded(&app.http_client, &url, PRIVATE_SECRET, body).await;
     }
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let dispatched = loop {
-        let dispatched = host.state.lock().unwrap().dispatched.clone();
-        if dispatched.len() >= samples.len() || Instant::now() > deadline {
-            break dispatched;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let dispatched = host
+        .wait_for_dispatched(samples.len(), Duration::from_secs(10))
+        .await;
     assert_eq!(dispatched.len(), samples.len());
     for (name, body) in &samples {
         let event = dispatched
@@ -778,12 +773,7 @@ async fn with_many_private_apps_a_webhook_is_checked_first_against_its_account_s
     assert_eq!((status, answer["status"].as_str()), (200, Some("unrouted")));
     assert_eq!(offloaded().await, 4.0);
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while host.state.lock().unwrap().dispatched.len() < 5 {
-        assert!(Instant::now() < deadline, "not all dispatched");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let dispatched = host.state.lock().unwrap().dispatched.clone();
+    let dispatched = host.wait_for_dispatched(5, Duration::from_secs(10)).await;
     let destinations: BTreeSet<String> = dispatched
         .iter()
         .map(|e| e.destination_id.clone())
@@ -959,16 +949,9 @@ async fn a_connection_the_host_cannot_read_leaves_the_others_routed_and_gets_its
     // The host can read it again: Zoom's retry reaches it.
     host.state.lock().unwrap().unreadable.clear();
     post_until_recorded(&app.http_client, &url, SECRET, &body).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while host.state.lock().unwrap().dispatched.len() < 2 {
-        assert!(Instant::now() < deadline, "never dispatched");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let destinations: Vec<String> = host
-        .state
-        .lock()
-        .unwrap()
-        .dispatched
+        .wait_for_dispatched(2, Duration::from_secs(10))
+        .await
         .iter()
         .map(|e| e.destination_id.clone())
         .collect();
@@ -1211,11 +1194,7 @@ async fn retried_app_deauthorized_after_a_reconnect(first: FirstDispatch, restar
         state.fail_dispatch = false;
         state.dispatch_delay = Duration::ZERO;
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while host.state.lock().unwrap().dispatched.is_empty() {
-        assert!(Instant::now() < deadline, "never dispatched");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    host.wait_for_dispatched(1, Duration::from_secs(20)).await;
     assert_eq!(
         stored("oauth_refresh_token").as_deref(),
         Some("refresh-after-reconnect")
@@ -1242,14 +1221,7 @@ async fn a_thousand_events_sent_while_the_host_is_down_are_all_delivered_when_it
     .await;
     let url = app.url("/zoom/event");
     post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(0)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while host.state.lock().unwrap().dispatched.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the first event was not delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    host.wait_for_dispatched(1, Duration::from_secs(10)).await;
     host.stop();
     // Wait until the host really is gone.
     let deadline = Instant::now() + Duration::from_secs(5);
