@@ -157,7 +157,7 @@ pub fn spawn(
                 .thread_name("forwarder-io")
                 .build();
             match runtime {
-                Ok(runtime) => runtime.block_on(run(outbox, target, counters, settings, stop)),
+                Ok(runtime) => runtime.block_on(supervised(outbox, target, counters, settings, stop)),
                 Err(e) => tracing::error!(error = %e, "cannot start the forwarder's runtime; events stay in the outbox"),
             }
             drop(ended);
@@ -168,6 +168,32 @@ pub fn spawn(
     tokio::spawn(async move {
         let _ = on_end.await;
     })
+}
+
+/// Runs [`run`] until `stop`, starting it again a second after a panic (a bug outside any one
+/// delivery): events keep flowing, read again from the outbox, instead of waiting there for a
+/// restart of the service.
+async fn supervised(
+    outbox: Outbox,
+    target: Target,
+    counters: Arc<Counters>,
+    settings: ForwarderSettings,
+    stop: CancellationToken,
+) {
+    loop {
+        let ran = caught(run(
+            outbox.clone(),
+            target.clone(),
+            counters.clone(),
+            settings.clone(),
+            stop.clone(),
+        ))
+        .await;
+        if ran.is_ok() || sleep_or_stop(Duration::from_secs(1), &stop).await {
+            return;
+        }
+        tracing::warn!("starting the forwarder again after its panic");
+    }
 }
 
 /// Lowers the calling thread's CPU priority to nice 10 (on Linux, a thread's own).
@@ -435,8 +461,43 @@ async fn log_entry(
     outbox: &Outbox,
     attempt: &mut Attempt,
 ) -> Result<LogEntry, Outcome> {
-    let event = prepare(target, outbox, attempt).await?;
-    LogEntry::new(event, Some(delivery_key(&attempt.row))).map_err(classify)
+    let entry = unwind_to_failure(async {
+        let event = prepare(target, outbox, attempt).await?;
+        LogEntry::new(event, Some(delivery_key(&attempt.row))).map_err(classify)
+    })
+    .await;
+    entry.unwrap_or_else(Err)
+}
+
+/// Runs one row's delivery work, turning a panic in it (a bug, met with this event) into the
+/// row's failure: it is retried on its back-off and ends as a dead letter like any event the
+/// host fails on, instead of its row being lost track of until a restart, or the forwarder
+/// ending.
+async fn unwind_to_failure<T>(work: impl Future<Output = T>) -> Result<T, Outcome> {
+    caught(work)
+        .await
+        .map_err(|why| Outcome::Failed(format!("delivering the event panicked: {why}")))
+}
+
+/// `work`'s output, or what it panicked with (logged).
+async fn caught<T>(work: impl Future<Output = T>) -> Result<T, String> {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(done)) => std::task::Poll::Ready(Ok(done)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %why, "the forwarder panicked");
+                std::task::Poll::Ready(Err(why))
+            }
+        }
+    })
+    .await
 }
 
 /// The key of one delivery in the embedded host's log, so a delivery repeated after a crash is
@@ -464,21 +525,24 @@ async fn deliver_concurrently(
             let target = target.clone();
             let outbox = outbox.clone();
             running.spawn(async move {
-                let outcome = match prepare(&target, &outbox, &mut attempt).await {
-                    Ok(event) => match target.host.dispatch(event).await {
-                        Ok(_) => Outcome::Delivered,
-                        Err(e) => classify(e),
-                    },
-                    Err(outcome) => outcome,
-                };
-                (attempt, outcome)
+                let outcome = unwind_to_failure(async {
+                    match prepare(&target, &outbox, &mut attempt).await {
+                        Ok(event) => match target.host.dispatch(event).await {
+                            Ok(_) => Outcome::Delivered,
+                            Err(e) => classify(e),
+                        },
+                        Err(outcome) => outcome,
+                    }
+                })
+                .await;
+                (attempt, outcome.unwrap_or_else(|failed| failed))
             });
         }
         match running.join_next().await {
             Some(Ok(result)) => done.push(result),
             Some(Err(e)) => {
-                // A panicked delivery loses track of its row until the next start, which reads
-                // it again; nothing else can be done with it here.
+                // Cancelled (the runtime is shutting down): the row is read again at the next
+                // start. Panics do not get here.
                 tracing::error!(error = %e, "an event delivery task failed");
             }
             None => return done,
@@ -626,7 +690,9 @@ mod tests {
 
         async fn dispatch(&self, event: Event) -> Result<String, HostError> {
             let text = format!("{:?}", event.data);
-            if let Some((poison, error)) = &*self.poison.lock().unwrap()
+            // Copied out, so an error function that panics does not poison the lock.
+            let poison = self.poison.lock().unwrap().clone();
+            if let Some((poison, error)) = poison
                 && text.contains(poison.as_str())
             {
                 *self.poisoned.lock().unwrap() += 1;
@@ -883,6 +949,36 @@ mod tests {
             outbox.counts().await.unwrap() == (0, 1)
         })
         .await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_delivery_that_panics_fails_like_any_other_and_the_forwarder_goes_on() {
+        let (host, outbox, counters, stop, dir) =
+            start(|m| panic!("a bug met with {m}"), Duration::from_millis(100)).await;
+        eventually("a dead letter", async || counters.dead_letters.get() == 1).await;
+        assert!(
+            *host.poisoned.lock().unwrap() >= 3,
+            "retried on its back-off"
+        );
+        assert_eq!(host.taken_bodies().len(), 4, "the others delivered");
+        outbox.record(record(9)).await.unwrap();
+        eventually("a later event delivered too", async || {
+            host.taken_bodies().len() == 5
+        })
+        .await;
+        outbox.flush().await;
+        let db = rusqlite::Connection::open(dir.path().join(crate::webhook::outbox::OUTBOX_FILE))
+            .unwrap();
+        let error: String = db
+            .query_row("SELECT error FROM dead_letters", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            error.contains(
+                "delivering the event panicked: a bug met with the fake host fails on row-2"
+            ),
+            "{error}"
+        );
         stop.cancel();
     }
 
