@@ -149,6 +149,12 @@ impl AppState {
 
 /// How long shutdown waits for token refreshes in flight, after the servers have stopped.
 const CREDENTIALS_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long shutdown waits, all together, for the background tasks (forwarder, routing
+/// refresher, change follower) to stop.
+const BACKGROUND_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long shutdown waits for the outbox's last commit (delivery marks; webhooks were all
+/// answered by then): past it, those events are delivered again after the next start.
+const OUTBOX_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Runs the service on the given listeners until `shutdown` completes, then stops both
 /// servers gracefully: no new connections, in-flight requests get `SHUTDOWN_TIMEOUT` to finish.
@@ -239,21 +245,25 @@ pub async fn run(
         stop.cancelled().await;
         tokio::time::sleep(grace).await;
     };
-    tokio::select! {
-        result = servers => result?,
+    // A server that failed or panicked still gets the cleanup below (a rotated refresh token
+    // saved, the outbox closed); its error is returned after it.
+    let served = tokio::select! {
+        result = servers => result,
         () = deadline => {
             tracing::warn!(?grace, "requests still in flight after the shutdown timeout; exiting anyway");
             for abort in aborts {
                 abort.abort();
             }
+            Ok(())
         }
-    }
+    };
     stop.cancel();
     // The background tasks stop at their next await on `stop`; whatever they had not finished
     // is still in the outbox for the next start.
+    let background_deadline = tokio::time::Instant::now() + BACKGROUND_GRACE;
     for task in background {
         let abort = task.abort_handle();
-        if tokio::time::timeout(std::time::Duration::from_secs(2), task)
+        if tokio::time::timeout_at(background_deadline, task)
             .await
             .is_err()
         {
@@ -262,7 +272,15 @@ pub async fn run(
     }
     // A refresh in flight may hold a refresh token Zoom has just rotated: let it be saved.
     state.credentials.finish(CREDENTIALS_GRACE).await;
-    state.webhooks.outbox.close().await;
+    if tokio::time::timeout(OUTBOX_GRACE, state.webhooks.outbox.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?OUTBOX_GRACE,
+            "the event outbox's last commit did not end in time; events it marked delivered may be delivered again after the next start"
+        );
+    }
     tracing::info!("stopped");
-    Ok(())
+    served
 }
