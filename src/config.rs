@@ -631,8 +631,14 @@ fn parse_count(
 /// Creates `dir` (and its parents) readable only by this user, if it does not exist yet.
 /// Problems name `DATA_DIR`.
 pub fn create_private_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.is_dir() {
+        // One made by someone else (an image's COPY, a volume) may be open to others, and the
+        // databases' files are readable by them between their creation and their own chmod.
+        // Not ours to change (a shared mount): left as it is.
+        if std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
         return Ok(());
     }
     std::fs::DirBuilder::new()
@@ -646,7 +652,7 @@ fn read_yaml(path: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new("CONFIG_FILE", format!("cannot read {path}: {e}")))?;
     let doc: serde_norway::Value = serde_norway::from_str(&text).map_err(|e| {
-        let line = e.to_string().replace('\n', " ");
+        let line = without_quoted_values(&e.to_string().replace('\n', " "));
         ConfigError::new("CONFIG_FILE", format!("{path} is not valid YAML: {line}"))
     })?;
     let map = match doc {
@@ -672,7 +678,17 @@ fn read_yaml(path: &str) -> Result<Vec<(String, String)>, ConfigError> {
             serde_norway::Value::Null => continue,
             serde_norway::Value::String(s) => s,
             serde_norway::Value::Bool(b) => b.to_string(),
-            serde_norway::Value::Number(n) => n.to_string(),
+            serde_norway::Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+            // Past 64 bits or with a fraction or exponent, YAML reads a float: a secret token
+            // of digits would silently become `1.2345678901234568e24`.
+            serde_norway::Value::Number(_) => {
+                return Err(ConfigError::new(
+                    var.name,
+                    format!(
+                        "in {path} reads as a fractional or very large number, which would change it: put it in quotes"
+                    ),
+                ));
+            }
             _ => {
                 return Err(ConfigError::new(
                     var.name,
@@ -683,6 +699,17 @@ fn read_yaml(path: &str) -> Result<Vec<(String, String)>, ConfigError> {
         out.push((var.name.to_string(), value));
     }
     Ok(out)
+}
+
+/// A YAML error without the values it quotes between backticks (``integer `123…` as u128``):
+/// the value may be a secret.
+fn without_quoted_values(message: &str) -> String {
+    message
+        .split('`')
+        .enumerate()
+        .map(|(i, part)| if i % 2 == 1 { "…" } else { part })
+        .collect::<Vec<_>>()
+        .join("`")
 }
 
 /// Rejects control characters, which no legitimate setting contains. The message never
@@ -744,6 +771,22 @@ fn parse_public_address(variable: &'static str, value: String) -> Result<String,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_dir_that_exists_open_to_others_is_closed_to_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let made = parent.path().join("new/nested");
+        create_private_dir(&made).unwrap();
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -996,6 +1039,27 @@ mod tests {
         let bad_value = yaml_file("grpc_addr: nowhere\n");
         let err = error_for(&[("CONFIG_FILE", bad_value.path().to_str().unwrap())]);
         assert_eq!(err.variable, "GRPC_ADDR");
+
+        // A secret token of digits that YAML would read as a float (and change) is refused,
+        // without echoing it; whole numbers (timeouts) are fine.
+        let digits = yaml_file("zoom_secret_token: 12345678e34\n");
+        let err = error_for(&[("CONFIG_FILE", digits.path().to_str().unwrap())]);
+        assert_eq!(err.variable, "ZOOM_SECRET_TOKEN", "{err}");
+        assert!(err.problem.contains("put it in quotes"), "{err}");
+        assert!(!err.to_string().contains("12345"), "{err}");
+        // Past 64 bits, the YAML reader refuses it itself: its message quotes the value.
+        let digits = yaml_file("zoom_secret_token: 1234567890123456789012345\n");
+        let err = error_for(&[("CONFIG_FILE", digits.path().to_str().unwrap())]);
+        assert_eq!(err.variable, "CONFIG_FILE", "{err}");
+        assert!(err.problem.contains("line 1"), "{err}");
+        assert!(!err.to_string().contains("12345"), "{err}");
+        let whole = yaml_file("request_timeout: 45\n");
+        let config = Config::load(env(&[
+            ("CONFIG_FILE", whole.path().to_str().unwrap()),
+            ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+        ]))
+        .unwrap();
+        assert_eq!(config.request_timeout, std::time::Duration::from_secs(45));
 
         let broken = yaml_file("http_addr: [unclosed\n");
         let err = error_for(&[("CONFIG_FILE", broken.path().to_str().unwrap())]);

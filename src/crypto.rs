@@ -45,7 +45,8 @@ impl std::fmt::Debug for Keys {
 
 impl Keys {
     /// Uses `secret_key` when given; otherwise reads `data_dir/secret.key`, generating it
-    /// (32 random bytes, hex, mode 0600) on first start. Problems name `SECRET_KEY`.
+    /// (32 random bytes, hex, mode 0600) on first start. Problems name `SECRET_KEY`, or
+    /// `DATA_DIR` when the key file cannot be written there.
     pub fn load_or_generate(
         secret_key: Option<&Secret>,
         data_dir: &Path,
@@ -68,17 +69,13 @@ impl Keys {
         let _ = std::fs::remove_file(&temporary);
         match written {
             Ok(()) => {
-                sync_dir(data_dir)
-                    .map_err(|e| key_problem(format!("cannot write {}: {e}", path.display())))?;
+                sync_dir(data_dir).map_err(|e| data_dir_problem(&path, e))?;
                 tracing::info!(path = %path.display(), "generated a new secret key");
                 Ok(Self::from_material(material.as_bytes()))
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Self::load(None, data_dir)?
                 .ok_or_else(|| key_problem(format!("{} vanished while starting", path.display()))),
-            Err(e) => Err(key_problem(format!(
-                "cannot create {}: {e}",
-                path.display()
-            ))),
+            Err(e) => Err(data_dir_problem(&path, e)),
         }
     }
 
@@ -195,6 +192,18 @@ fn key_problem(what: String) -> ConfigError {
     ConfigError::new("SECRET_KEY", what)
 }
 
+/// The key file could not be written: the data directory is at fault (a volume owned by
+/// another user, say), not a key.
+fn data_dir_problem(path: &Path, e: std::io::Error) -> ConfigError {
+    ConfigError::new(
+        "DATA_DIR",
+        format!(
+            "cannot create the generated key file {}: {e} (make the directory writable, or set SECRET_KEY)",
+            path.display()
+        ),
+    )
+}
+
 /// Creates (or truncates) `path` with mode 0600 and writes `bytes` to disk.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = OpenOptions::new()
@@ -280,6 +289,15 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [KEY_FILE], "no temporary files are left");
+    }
+
+    #[test]
+    fn a_key_file_that_cannot_be_written_names_the_data_dir() {
+        // A directory nobody can create files in, root included (tests may run as root,
+        // whom a chmod does not stop).
+        let err = Keys::load_or_generate(None, Path::new("/proc")).unwrap_err();
+        assert_eq!(err.variable, "DATA_DIR", "{err}");
+        assert!(err.problem.contains("or set SECRET_KEY"), "{err}");
     }
 
     #[test]
