@@ -111,7 +111,7 @@ pub enum StateError {
 }
 
 struct Pending {
-    flow: Option<Flow>,
+    flow: Flow,
     browser: [u8; 32],
     expires: u64,
     /// Order of starting: expiries are whole seconds, so many flows share one.
@@ -150,12 +150,7 @@ impl Flows {
         let started = self.started.fetch_add(1, Ordering::Relaxed);
         let of_connection: Vec<([u8; 16], u64)> = pending
             .iter()
-            .filter(|(_, p)| {
-                p.expires >= now
-                    && p.flow
-                        .as_ref()
-                        .is_some_and(|f| f.target.cid == flow.target.cid)
-            })
+            .filter(|(_, p)| p.expires >= now && p.flow.target.cid == flow.target.cid)
             .map(|(id, p)| (*id, p.started))
             .collect();
         if of_connection.len() >= MAX_FLOWS_PER_CONNECTION
@@ -172,7 +167,7 @@ impl Flows {
         pending.insert(
             id,
             Pending {
-                flow: Some(flow),
+                flow,
                 browser: Sha256::digest(cookie).into(),
                 expires,
                 started,
@@ -195,10 +190,8 @@ impl Flows {
         if expires < now {
             return Err(StateError::Expired);
         }
-        let entry = pending.get_mut(&id).ok_or(StateError::Used)?;
-        if entry.flow.is_none() {
-            return Err(StateError::Used);
-        }
+        // Genuine (signed) but not waiting: taken before, or forgotten (the cap).
+        let entry = pending.get(&id).ok_or(StateError::Used)?;
         let presented = cookies
             .and_then(|c| cookie_value(c, &cookie_name(&id)))
             .and_then(|v| hex::decode(v).ok())
@@ -206,8 +199,10 @@ impl Flows {
         if !presented.is_some_and(|p| constant_time_eq(&p, &entry.browser)) {
             return Err(StateError::OtherBrowser);
         }
-        // Keep a tombstone until expiry, so a replay is told apart from a forgery.
-        let flow = entry.flow.take().ok_or(StateError::Used)?;
+        // Removed, not kept as a mark: a mark would count against MAX_PENDING_FLOWS until
+        // it expired, so one setup link's holder starting and finishing flows in a loop could
+        // keep everyone else from connecting. A replay is refused just the same (above).
+        let flow = pending.remove(&id).ok_or(StateError::Used)?.flow;
         Ok(Finished {
             flow,
             cookie_name: cookie_name(&id),
@@ -364,6 +359,22 @@ mod tests {
         );
         assert!(finish(&last.unwrap()).is_ok());
         assert!(finish(&other).is_ok());
+    }
+
+    #[test]
+    fn finished_flows_do_not_count_against_the_limit_of_flows_in_progress() {
+        let flows = flows(600);
+        let one = flow();
+        for _ in 0..MAX_PENDING_FLOWS + 10 {
+            let started = flows.start(one.clone()).unwrap();
+            flows
+                .finish(&started.state, Some(&cookie(&started)))
+                .unwrap();
+        }
+        let other = flows
+            .start(flow())
+            .expect("another connection can still start");
+        assert!(flows.finish(&other.state, Some(&cookie(&other))).is_ok());
     }
 
     #[test]
