@@ -285,18 +285,22 @@ async fn redirect(
     let cookie_name = finished.as_ref().ok().map(|f| f.cookie_name.clone());
 
     let mut response = match (query.error.as_deref(), finished) {
-        (Some(error), _) => {
-            let reason = match (error, query.error_description.as_deref()) {
-                ("access_denied", _) => "access was denied in Zoom".to_string(),
-                (error, Some(description)) if !description.trim().is_empty() => {
+        (Some("access_denied"), _) => {
+            SetupError::Denied("access was denied in Zoom".into()).page(back.as_ref())
+        }
+        // Zoom's words are shown only for this browser's own flow: anyone can link here with
+        // `error_description=` of their choosing, to put it on our page under our name.
+        (Some(error), Ok(_)) => {
+            let reason = match query.error_description.as_deref() {
+                Some(description) if !description.trim().is_empty() => {
                     format!("{error}: {description}")
                 }
-                (error, _) => error.to_string(),
+                _ => error.to_string(),
             };
             let reason = crate::ids::truncate(&reason.replace(|c: char| c.is_control(), " "), 200);
             SetupError::Denied(reason).page(back.as_ref())
         }
-        (None, Err(e)) => SetupError::from(e).page(back.as_ref()),
+        (_, Err(e)) => SetupError::from(e).page(back.as_ref()),
         (None, Ok(finished)) => complete_flow(&state, finished.flow, query.code.as_deref())
             .await
             .unwrap_or_else(|e| e.page(back.as_ref())),

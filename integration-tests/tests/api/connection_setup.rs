@@ -554,6 +554,33 @@ async fn a_stray_redirect_does_not_end_a_flow_in_progress() {
 }
 
 #[tokio::test]
+async fn text_in_a_redirect_that_is_not_this_browsers_flow_is_not_shown() {
+    let (app, _zoom, agent) = app_and_zoom().await;
+    let elsewhere = UserAgent::new(&app.url(""));
+    let foreign = redirect_back_url(&app, &elsewhere, &ConnectionId::generate().to_string()).await;
+    let state = foreign
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.to_string())
+        .unwrap();
+    let planted =
+        "error=server_error&error_description=Your+Zoom+account+is+locked%2C+call+555-0100";
+    for url in [
+        app.url(&format!("/oauth/redirect/zoom?{planted}&state=junk")),
+        app.url(&format!("/oauth/redirect/zoom?{planted}")),
+        app.url(&format!("/oauth/redirect/zoom?{planted}&state={state}")),
+    ] {
+        let visit = agent.get(&url).await;
+        assert_eq!(visit.status, StatusCode::BAD_REQUEST, "{url}");
+        assert!(
+            !visit.body.contains("555-0100") && !visit.body.contains("locked"),
+            "{url} put its own text on the page: {}",
+            visit.body
+        );
+    }
+}
+
+#[tokio::test]
 async fn wrong_private_credentials_show_zoom_reason_and_save_nothing() {
     let (app, zoom, agent) = app_and_zoom().await;
     let cid = existing_connection(&app).await;
