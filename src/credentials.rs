@@ -303,11 +303,7 @@ impl Credentials {
             // Stopping mid-pass is safe: each refresh runs as a task of its own, which
             // shutdown waits for (`finish`).
             tokio::select! {
-                result = self.keep_alive_pass(max_idle) => {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "token keep-alive pass failed; trying again later");
-                    }
-                }
+                _ = self.keep_alive_pass(max_idle) => {}
                 () = stop.cancelled() => return,
             }
             tokio::select! {
@@ -317,19 +313,34 @@ impl Credentials {
         }
     }
 
-    /// One keep-alive pass; returns how many connections were refreshed.
-    pub async fn keep_alive_pass(&self, max_idle: Duration) -> Result<usize, HostError> {
+    /// One keep-alive pass; returns how many connections were refreshed. A connection (or a
+    /// kind of them) the host cannot read is logged and skipped, not allowed to end the pass:
+    /// the ones after it would otherwise never be kept alive while it stays unreadable.
+    pub async fn keep_alive_pass(&self, max_idle: Duration) -> usize {
         let max_idle = chrono::Duration::from_std(max_idle).unwrap_or(chrono::Duration::MAX);
         let names = [vars::OAUTH_EXPIRY, vars::CONNECTION_ERROR].map(String::from);
         let mut refreshed = 0;
         for auth_type in [AuthType::OAuthDefault, AuthType::OAuthPrivate] {
-            for cid in self
+            let cids = match self
                 .source
                 .host
                 .find_connections(vars::AUTH_TYPE, auth_type.as_str())
-                .await?
+                .await
             {
-                let stored = self.source.host.get_vars(&cid, &names).await?;
+                Ok(cids) => cids,
+                Err(e) => {
+                    tracing::warn!(error = %e, auth_type = auth_type.as_str(), "token keep-alive cannot list connections; trying again on the next pass");
+                    continue;
+                }
+            };
+            for cid in cids {
+                let stored = match self.source.host.get_vars(&cid, &names).await {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        tracing::warn!(connection_id = %cid, error = %e, "token keep-alive cannot read a connection; trying again on the next pass");
+                        continue;
+                    }
+                };
                 let get = |name: &str| value_of(&stored, name);
                 if get(vars::CONNECTION_ERROR).is_some() {
                     continue;
@@ -356,7 +367,7 @@ impl Credentials {
         if refreshed > 0 {
             tracing::info!(refreshed, "keep-alive refreshed idle connections");
         }
-        Ok(refreshed)
+        refreshed
     }
 
     async fn obtain(&self, cid: &ConnectionId, force: bool) -> Result<Access, CredentialError> {

@@ -12,7 +12,7 @@ use zoom_integration::proto::autokitteh::vars::v1 as vars;
 
 use crate::connection_setup::{app_with, snapshot, value_of};
 use crate::fake_zoom::*;
-use crate::helpers::{TestApp, spawn_app_in, var, zoom_id};
+use crate::helpers::{TestApp, spawn_app_in, spawn_app_with, var, zoom_id};
 
 /// A default-app connection whose access token expired an hour ago; returns its id and its
 /// (live) refresh token.
@@ -509,4 +509,47 @@ async fn keep_alive_refreshes_connections_idle_for_the_configured_days_and_no_ot
     );
     let stored = snapshot(&app, &idle).await;
     assert!(zoom.refresh_token_is_live(&value_of(&stored, "oauth_refresh_token").unwrap().0));
+}
+
+#[tokio::test]
+async fn keep_alive_goes_past_a_connection_the_host_cannot_read() {
+    let zoom = FakeZoom::start().await;
+    let host = crate::fake_host::FakeHost::start().await;
+    let mut cids = [
+        ConnectionId::generate().to_string(),
+        ConnectionId::generate().to_string(),
+    ];
+    // The host lists them in order: the unreadable one comes first.
+    cids.sort();
+    let [unreadable, idle] = cids;
+    let idle_refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    let expiry = (chrono::Utc::now() - chrono::Duration::days(31))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for cid in [&unreadable, &idle] {
+        host.put(var(cid, "auth_type", "oauthDefault", false));
+        host.put(var(cid, "oauth_access_token", "old-access", true));
+        host.put(var(cid, "oauth_refresh_token", &idle_refresh, true));
+        host.put(var(cid, "oauth_expiry", &expiry, false));
+    }
+    host.state
+        .lock()
+        .unwrap()
+        .unreadable
+        .push(unreadable.clone());
+    let env: Vec<(&str, String)> = zoom.env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let url = host.url();
+    env.extend([
+        ("TOKEN_KEEPALIVE_DAYS", "30"),
+        ("HOST_ENGINE_URL", url.as_str()),
+    ]);
+    let _app = spawn_app_with(&env).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while zoom.refresh_token_is_live(&idle_refresh) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection after the unreadable one was not refreshed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
