@@ -43,6 +43,15 @@ pub const REAUTHORIZATION_REQUIRED: &str = "re-authorization required";
 /// How often the keep-alive task looks for idle connections.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
+/// The waits between looks for a refresh token newer than one Zoom refused (3 s in all),
+/// before the connection is marked broken.
+const ROTATION_WAITS: [Duration; 4] = [
+    Duration::ZERO,
+    Duration::from_millis(500),
+    Duration::from_millis(1000),
+    Duration::from_millis(1500),
+];
+
 /// How often saving refreshed tokens is tried before giving up for this call.
 const SAVE_ATTEMPTS: u32 = 3;
 
@@ -521,8 +530,8 @@ impl Source {
                                     // deploy) may have rotated it and saved the new one
                                     // meanwhile: that one is live, not the connection dead.
                                     if !tried_newer
-                                        && let Some(newer) = self.stored_refresh_token(cid).await
-                                        && newer != refresh
+                                        && let Some(newer) =
+                                            self.newer_refresh_token(cid, &refresh).await
                                     {
                                         tracing::info!(connection_id = %cid, "the refresh token was rotated elsewhere meanwhile; refreshing with the new one");
                                         tried_newer = true;
@@ -580,6 +589,22 @@ impl Source {
         let names = [vars::OAUTH_REFRESH_TOKEN.to_string()];
         let stored = self.host.get_vars(cid, &names).await.ok()?;
         value_of(&stored, vars::OAUTH_REFRESH_TOKEN).map(str::to_string)
+    }
+
+    /// A refresh token stored for `cid` other than `refused`, looked for a few times over
+    /// [`ROTATION_WAITS`]: the process that rotated `refused` may not have saved the new one
+    /// yet (a slow host engine, its save retries), and marking the connection broken
+    /// meanwhile would end a connection whose newest grant is live.
+    async fn newer_refresh_token(&self, cid: &ConnectionId, refused: &str) -> Option<String> {
+        for wait in ROTATION_WAITS {
+            tokio::time::sleep(wait).await;
+            if let Some(stored) = self.stored_refresh_token(cid).await
+                && stored != refused
+            {
+                return Some(stored);
+            }
+        }
+        None
     }
 
     /// Marks the connection broken in the host engine and drops its dead tokens.

@@ -312,6 +312,61 @@ async fn invalid_grant_marks_the_connection_broken_and_stops_token_requests_unti
 }
 
 #[tokio::test]
+async fn a_refresh_token_rotated_by_another_process_that_saves_it_late_does_not_break_the_connection()
+ {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, refresh) = expired_connection(&app, &zoom).await;
+    // Another process on the same host engine has rotated the token at Zoom; its save of the
+    // new pair reaches the host a little after ours was refused (a slow host, a retry).
+    let other: serde_json::Value = crate::helpers::http_client()
+        .post(format!("{}/oauth/token", zoom.oauth_url()))
+        .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let late_save = tokio::spawn({
+        let (vars_client, cid) = (app.vars(), cid.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            vars_client
+                .clone()
+                .set(vars::SetRequest {
+                    vars: vec![
+                        var(
+                            &cid,
+                            "oauth_access_token",
+                            other["access_token"].as_str().unwrap(),
+                            true,
+                        ),
+                        var(
+                            &cid,
+                            "oauth_refresh_token",
+                            other["refresh_token"].as_str().unwrap(),
+                            true,
+                        ),
+                    ],
+                })
+                .await
+                .unwrap();
+        }
+    });
+    let (status, message) = test_connection(&app, &cid).await;
+    late_save.await.unwrap();
+    assert_eq!(status, ConnStatus::Ok, "{message}");
+    assert_eq!(
+        app.connection_status(&cid).await.unwrap().code(),
+        ConnStatus::Ok
+    );
+    let stored = snapshot(&app, &cid).await;
+    assert!(zoom.refresh_token_is_live(&value_of(&stored, "oauth_refresh_token").unwrap().0));
+}
+
+#[tokio::test]
 async fn a_refresh_token_rotated_and_saved_by_another_process_meanwhile_does_not_break_the_connection()
  {
     let zoom = FakeZoom::start().await;
