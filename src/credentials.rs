@@ -88,12 +88,27 @@ struct Slot {
     cached: Option<Access>,
     /// Refreshed token variables not yet saved to the host engine.
     unsaved: Option<Vec<Var>>,
-    /// Set once Zoom refused the refresh token; cleared by [`Credentials::set_up_again`].
-    broken: Option<String>,
+    /// Set once Zoom refused the refresh token; cleared by [`Credentials::set_up_again`], by
+    /// an announced change, or once the host shows the connection set up again.
+    broken: Option<Broken>,
     /// The last access token Zoom answered 401 to: never handed out again, even while the
     /// stored expiry says it is fresh.
     rejected: Option<Secret>,
 }
+
+/// A connection this process saw Zoom refuse the refresh token of.
+struct Broken {
+    /// What callers are told.
+    reason: String,
+    /// The refresh token Zoom refused.
+    refused: String,
+    /// When the host was last asked whether the connection was set up again.
+    checked: tokio::time::Instant,
+}
+
+/// How often a connection marked broken in memory is looked up again in the host engine, in
+/// case it was set up again through another process (a remote host does not tell us).
+const BROKEN_RECHECK: Duration = Duration::from_secs(10);
 
 /// Access tokens for every connection, refreshed once at a time.
 pub struct Credentials {
@@ -380,9 +395,21 @@ impl Credentials {
     }
 
     async fn obtain(&self, cid: &ConnectionId, force: bool) -> Result<Access, CredentialError> {
-        let slot = self.slot(cid).lock_owned().await;
-        if let Some(reason) = &slot.broken {
-            return Err(CredentialError::Broken(reason.clone()));
+        let mut slot = self.slot(cid).lock_owned().await;
+        if let Some(broken) = &mut slot.broken {
+            if broken.checked.elapsed() < BROKEN_RECHECK {
+                return Err(CredentialError::Broken(broken.reason.clone()));
+            }
+            broken.checked = tokio::time::Instant::now();
+            if !self
+                .source
+                .set_up_again_elsewhere(cid, &broken.refused)
+                .await
+            {
+                return Err(CredentialError::Broken(broken.reason.clone()));
+            }
+            tracing::info!(connection_id = %cid, "a connection marked broken was set up again elsewhere");
+            slot.broken = None;
         }
         if let Some(access) = slot
             .cached
@@ -539,7 +566,11 @@ impl Source {
                                         continue;
                                     }
                                     tracing::warn!(connection_id = %cid, %reason, "Zoom refused the refresh token; the connection needs re-authorization");
-                                    slot.broken = Some(REAUTHORIZATION_REQUIRED.into());
+                                    slot.broken = Some(Broken {
+                                        reason: REAUTHORIZATION_REQUIRED.into(),
+                                        refused: refresh,
+                                        checked: tokio::time::Instant::now(),
+                                    });
                                     self.mark_broken(cid).await;
                                     return Err(CredentialError::Broken(
                                         REAUTHORIZATION_REQUIRED.into(),
@@ -589,6 +620,18 @@ impl Source {
         let names = [vars::OAUTH_REFRESH_TOKEN.to_string()];
         let stored = self.host.get_vars(cid, &names).await.ok()?;
         value_of(&stored, vars::OAUTH_REFRESH_TOKEN).map(str::to_string)
+    }
+
+    /// Whether `cid` was set up again since Zoom refused its refresh token `refused`: the host
+    /// shows no `connection_error` and another refresh token (or none: deleted, or
+    /// Server-to-Server now). A host that cannot be read answers no.
+    async fn set_up_again_elsewhere(&self, cid: &ConnectionId, refused: &str) -> bool {
+        let names = [vars::CONNECTION_ERROR, vars::OAUTH_REFRESH_TOKEN].map(String::from);
+        let Ok(stored) = self.host.get_vars(cid, &names).await else {
+            return false;
+        };
+        value_of(&stored, vars::CONNECTION_ERROR).is_none()
+            && value_of(&stored, vars::OAUTH_REFRESH_TOKEN) != Some(refused)
     }
 
     /// A refresh token stored for `cid` other than `refused`, looked for a few times over
@@ -674,11 +717,60 @@ mod tests {
         ]
     }
 
-    /// Marks `cid` broken in memory, as a refresh answered `invalid_grant` does.
+    /// Marks `cid` broken in memory, as a refresh answered `invalid_grant` does (its refused
+    /// refresh token is [`new_setup`]'s).
     async fn broken(credentials: &Credentials, cid: &ConnectionId) {
-        credentials.slot(cid).lock().await.broken = Some(REAUTHORIZATION_REQUIRED.into());
+        credentials.slot(cid).lock().await.broken = Some(Broken {
+            reason: REAUTHORIZATION_REQUIRED.into(),
+            refused: "refresh".into(),
+            checked: tokio::time::Instant::now(),
+        });
         assert!(matches!(
             credentials.access_token(cid).await,
+            Err(CredentialError::Broken(_))
+        ));
+    }
+
+    /// As if [`BROKEN_RECHECK`] had passed since `cid`'s broken mark was last checked.
+    async fn recheck_due(credentials: &Credentials, cid: &ConnectionId) {
+        let slot = credentials.slot(cid);
+        let mut slot = slot.lock().await;
+        let broken = slot.broken.as_mut().expect("marked broken");
+        broken.checked = tokio::time::Instant::now() - BROKEN_RECHECK;
+    }
+
+    #[tokio::test]
+    async fn a_broken_mark_gives_way_once_the_host_shows_the_connection_set_up_again() {
+        let (_dir, host, credentials) = credentials().await;
+        let cid = ConnectionId::generate();
+        host.set_vars(&cid, new_setup("old-access")).await.unwrap();
+        broken(&credentials, &cid).await;
+        // Set up again through another process: the host has a new pair, and nobody tells us.
+        let mut again = new_setup("new-access");
+        again[2] = Var::secret(vars::OAUTH_REFRESH_TOKEN, "refresh-2");
+        host.set_vars(&cid, again).await.unwrap();
+        assert!(
+            matches!(
+                credentials.access_token(&cid).await,
+                Err(CredentialError::Broken(_))
+            ),
+            "the host is not asked on every call"
+        );
+        recheck_due(&credentials, &cid).await;
+        let access = credentials.access_token(&cid).await.unwrap();
+        assert_eq!(access.token.expose(), "new-access");
+    }
+
+    #[tokio::test]
+    async fn a_broken_mark_stays_while_the_host_still_holds_the_refused_token() {
+        let (_dir, host, credentials) = credentials().await;
+        let cid = ConnectionId::generate();
+        // Marking it broken in the host failed: no connection_error, the refused token stays.
+        host.set_vars(&cid, new_setup("old-access")).await.unwrap();
+        broken(&credentials, &cid).await;
+        recheck_due(&credentials, &cid).await;
+        assert!(matches!(
+            credentials.access_token(&cid).await,
             Err(CredentialError::Broken(_))
         ));
     }
