@@ -298,6 +298,27 @@ impl Credentials {
         slots.get(cid).cloned()
     }
 
+    /// Forgets the slots that hold nothing worth keeping (no fresh token, nothing unsaved, no
+    /// broken or rejected mark) and that no caller is using: every connection id ever asked
+    /// for a token (deleted ones, mistyped ones) would otherwise keep one for good. Returns
+    /// how many were forgotten.
+    pub fn forget_idle(&self) -> usize {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let before = slots.len();
+        // Under the map's lock nobody can take a new handle on a slot, so one held only by the
+        // map stays unused while it is looked at.
+        slots.retain(|_, slot| {
+            Arc::strong_count(slot) > 1
+                || slot.try_lock().map_or(true, |s| {
+                    s.unsaved.is_some()
+                        || s.broken.is_some()
+                        || s.rejected.is_some()
+                        || s.cached.as_ref().is_some_and(|a| fresh(a.expires_at))
+                })
+        });
+        before - slots.len()
+    }
+
     /// How many connections have a slot (for the memory benchmark and tests).
     pub fn cached_connections(&self) -> usize {
         self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -329,6 +350,10 @@ impl Credentials {
             tokio::select! {
                 _ = self.keep_alive_pass(max_idle) => {}
                 () = stop.cancelled() => return,
+            }
+            let forgotten = self.forget_idle();
+            if forgotten > 0 {
+                tracing::debug!(forgotten, "forgot idle token slots");
             }
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -759,6 +784,26 @@ mod tests {
         recheck_due(&credentials, &cid).await;
         let access = credentials.access_token(&cid).await.unwrap();
         assert_eq!(access.token.expose(), "new-access");
+    }
+
+    #[tokio::test]
+    async fn slots_holding_nothing_are_forgotten_and_those_with_a_fresh_token_kept() {
+        let (_dir, host, credentials) = credentials().await;
+        let (used, unknown) = (ConnectionId::generate(), ConnectionId::generate());
+        host.set_vars(&used, new_setup("access")).await.unwrap();
+        credentials.access_token(&used).await.unwrap();
+        assert!(matches!(
+            credentials.access_token(&unknown).await,
+            Err(CredentialError::NotSetUp)
+        ));
+        assert_eq!(credentials.cached_connections(), 2);
+        let held = credentials.slot(&unknown);
+        assert_eq!(credentials.forget_idle(), 0, "a slot in use is kept");
+        drop(held);
+        assert_eq!(credentials.forget_idle(), 1);
+        assert_eq!(credentials.cached_connections(), 1);
+        let access = credentials.access_token(&used).await.unwrap();
+        assert_eq!(access.token.expose(), "access");
     }
 
     #[tokio::test]
