@@ -4,11 +4,13 @@
 
 use std::time::Duration;
 
+use tonic::transport::Channel;
 use zoom_integration::connection::StatusCode as ConnStatus;
 use zoom_integration::ids::ConnectionId;
 use zoom_integration::proto::autokitteh::integrations::v1::{CallRequest, TestConnectionRequest};
 use zoom_integration::proto::autokitteh::values::v1 as pb;
 use zoom_integration::proto::autokitteh::vars::v1 as vars;
+use zoom_integration::proto::autokitteh::vars::v1::vars_service_client::VarsServiceClient;
 
 use crate::connection_setup::{app_with, snapshot, value_of};
 use crate::fake_zoom::*;
@@ -311,6 +313,39 @@ async fn invalid_grant_marks_the_connection_broken_and_stops_token_requests_unti
     );
 }
 
+/// What another process on the same host engine does with `refresh`: refreshes it at Zoom
+/// (rotating it); Zoom's answer.
+async fn refresh_elsewhere(zoom: &FakeZoom, refresh: &str) -> serde_json::Value {
+    crate::helpers::http_client()
+        .post(format!("{}/oauth/token", zoom.oauth_url()))
+        .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", refresh)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Saves the pair of Zoom's `answer` as `cid`'s tokens, as the process that got it does.
+async fn save_pair(
+    mut vars_client: VarsServiceClient<Channel>,
+    cid: &str,
+    answer: &serde_json::Value,
+) {
+    let token = |name: &str| answer[name].as_str().unwrap().to_string();
+    vars_client
+        .set(vars::SetRequest {
+            vars: vec![
+                var(cid, "oauth_access_token", &token("access_token"), true),
+                var(cid, "oauth_refresh_token", &token("refresh_token"), true),
+            ],
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_refresh_token_rotated_by_another_process_that_saves_it_late_does_not_break_the_connection()
  {
@@ -319,40 +354,12 @@ async fn a_refresh_token_rotated_by_another_process_that_saves_it_late_does_not_
     let (cid, refresh) = expired_connection(&app, &zoom).await;
     // Another process on the same host engine has rotated the token at Zoom; its save of the
     // new pair reaches the host a little after ours was refused (a slow host, a retry).
-    let other: serde_json::Value = crate::helpers::http_client()
-        .post(format!("{}/oauth/token", zoom.oauth_url()))
-        .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
-        .form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let other = refresh_elsewhere(&zoom, &refresh).await;
     let late_save = tokio::spawn({
         let (vars_client, cid) = (app.vars(), cid.clone());
         async move {
             tokio::time::sleep(Duration::from_millis(700)).await;
-            vars_client
-                .clone()
-                .set(vars::SetRequest {
-                    vars: vec![
-                        var(
-                            &cid,
-                            "oauth_access_token",
-                            other["access_token"].as_str().unwrap(),
-                            true,
-                        ),
-                        var(
-                            &cid,
-                            "oauth_refresh_token",
-                            other["refresh_token"].as_str().unwrap(),
-                            true,
-                        ),
-                    ],
-                })
-                .await
-                .unwrap();
+            save_pair(vars_client, &cid, &other).await;
         }
     });
     let (status, message) = test_connection(&app, &cid).await;
@@ -393,31 +400,8 @@ async fn a_refresh_token_rotated_and_saved_by_another_process_meanwhile_does_not
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     zoom.state.lock().unwrap().token_delay = Duration::ZERO;
-    let other: serde_json::Value = crate::helpers::http_client()
-        .post(format!("{}/oauth/token", zoom.oauth_url()))
-        .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
-        .form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let newer = other["refresh_token"].as_str().unwrap();
-    app.vars()
-        .set(vars::SetRequest {
-            vars: vec![
-                var(
-                    &cid,
-                    "oauth_access_token",
-                    other["access_token"].as_str().unwrap(),
-                    true,
-                ),
-                var(&cid, "oauth_refresh_token", newer, true),
-            ],
-        })
-        .await
-        .unwrap();
+    let other = refresh_elsewhere(&zoom, &refresh).await;
+    save_pair(app.vars(), &cid, &other).await;
 
     let status = ours.await.unwrap();
     assert_eq!(status.code(), ConnStatus::Ok, "{}", status.message);
