@@ -337,11 +337,7 @@ async fn a_rate_limit_with_retry_after_one_second_is_waited_out_and_succeeds() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
     let cid = connected(&app, &zoom).await;
-    zoom.state
-        .lock()
-        .unwrap()
-        .rate_limits
-        .push_back(("1".into(), "QPS".into()));
+    zoom.rate_limit_next("1", "QPS");
     let started = Instant::now();
     let user = ok(call(&app, &cid, "get_user", vec![], vec![]).await);
     assert_eq!(user["id"], USER_ID);
@@ -358,11 +354,7 @@ async fn a_rate_limit_longer_than_the_callers_deadline_allows_is_reported_at_onc
     let app = app_with(&zoom, zoom.env()).await;
     let cid = connected(&app, &zoom).await;
     // Retry-After 2 s plus the second it keeps for the retry do not fit in 2.5 s.
-    zoom.state
-        .lock()
-        .unwrap()
-        .rate_limits
-        .push_back(("2".into(), "QPS".into()));
+    zoom.rate_limit_next("2", "QPS");
     let mut request = tonic::Request::new(CallRequest {
         integration_id: zoom_id(),
         function: Some(function("get_user", &cid)),
@@ -490,12 +482,8 @@ async fn a_daily_limit_is_reported_at_once() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
     let cid = connected(&app, &zoom).await;
-    zoom.state
-        .lock()
-        .unwrap()
-        .rate_limits
-        // A wait short enough to be retried, were it not the daily limit.
-        .push_back(("1".into(), "Daily-limit".into()));
+    // A wait short enough to be retried, were it not the daily limit.
+    zoom.rate_limit_next("1", "Daily-limit");
     let started = Instant::now();
     let error = err(call(&app, &cid, "get_user", vec![], vec![]).await);
     assert!(started.elapsed() < Duration::from_secs(1));

@@ -203,6 +203,16 @@ impl FakeZoom {
         token
     }
 
+    /// Answers the next API request 429 with `Retry-After: retry_after` and
+    /// `X-RateLimit-Type: kind`.
+    pub fn rate_limit_next(&self, retry_after: &str, kind: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .rate_limits
+            .push_back((retry_after.into(), kind.into()));
+    }
+
     /// Revokes every access token issued so far (as deauthorizing an app does).
     pub fn revoke_access_tokens(&self) {
         self.state.lock().unwrap().access_tokens.clear();
