@@ -19,6 +19,10 @@ pub enum ApiError {
     /// A dependency (the host engine) is down; retrying later may work.
     #[error("{0}")]
     Unavailable(String),
+    /// Stored data is corrupt (a secret that no longer decrypts); the message says what, and
+    /// how to recover. Retrying does not help.
+    #[error("{0}")]
+    DataLoss(String),
     /// A bug or a broken dependency; details are logged, not returned.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -32,6 +36,10 @@ impl From<HostError> for ApiError {
             HostError::Unavailable(m) => {
                 tracing::warn!(error = %m, "host engine unavailable");
                 ApiError::Unavailable("host engine unavailable, try again later".into())
+            }
+            HostError::Undecryptable { .. } => {
+                tracing::error!(error = %err, "stored data is corrupt");
+                ApiError::DataLoss(format!("{err}: set the connection up again"))
             }
             other => ApiError::Internal(Box::new(other)),
         }
@@ -60,6 +68,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             ApiError::NotFound(_) => tonic::Status::not_found(message),
             ApiError::Unavailable(_) => tonic::Status::unavailable(message),
+            ApiError::DataLoss(_) => tonic::Status::data_loss(message),
             ApiError::Internal(_) => tonic::Status::internal(message),
         }
     }
@@ -72,7 +81,7 @@ impl IntoResponse for ApiError {
             ApiError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::DataLoss(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (
             status,

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::credentials::{CredentialError, Credentials};
+use crate::host::HostError;
 use crate::ids::ConnectionId;
 use crate::proto::autokitteh::values::v1 as pb;
 use crate::values::{self, to_json};
@@ -424,6 +425,12 @@ impl Functions {
             .access_token(cid)
             .await
             .map_err(|e| match e {
+                CredentialError::Host(e @ HostError::Undecryptable { .. }) => {
+                    tracing::error!(error = %e, "stored data is corrupt");
+                    CallFailure::new(format!(
+                        "the connection cannot be used: {e}: set the connection up again"
+                    ))
+                }
                 CredentialError::Host(e) => {
                     tracing::warn!(error = %e, "cannot read the connection for a call");
                     CallFailure::new("the host engine is unavailable: try again later")

@@ -11,7 +11,7 @@ use crate::connection::{
 use crate::credentials::{CredentialError, Credentials};
 use crate::error::ApiError;
 use crate::functions::Functions;
-use crate::host::HostEngine;
+use crate::host::{HostEngine, HostError};
 use crate::ids::ConnectionId;
 use crate::integration::is_this_integration;
 use crate::proto::autokitteh::integrations::v1::integrations_service_server::IntegrationsService;
@@ -52,6 +52,9 @@ impl IntegrationsApi {
                 return Ok(status(StatusCode::Error, reason));
             }
             Err(CredentialError::Zoom(e)) => return Ok(status(StatusCode::Error, e.to_string())),
+            Err(CredentialError::Host(e @ HostError::Undecryptable { .. })) => {
+                return Ok(corrupt(&e));
+            }
             Err(CredentialError::Host(e)) => return Err(e.into()),
         };
         let result = match access.auth_type {
@@ -83,6 +86,16 @@ impl IntegrationsApi {
         let cid = ConnectionId::parse(connection_id)?;
         Ok(self.host.get_vars(&cid, &[]).await?)
     }
+}
+
+/// The status of a connection whose stored secret no longer decrypts: the owner must set it
+/// up again (retrying cannot help, so it is not an error of the call).
+fn corrupt(err: &HostError) -> crate::connection::Status {
+    tracing::error!(error = %err, "stored data is corrupt");
+    status(
+        StatusCode::Error,
+        format!("{err}: set the connection up again"),
+    )
 }
 
 /// Requests must name this integration, by id or unique name.
@@ -183,10 +196,14 @@ impl IntegrationsService for IntegrationsApi {
         let status = if req.connection_id.is_empty() {
             init_required()
         } else {
-            let vars = self
+            match self
                 .connection_vars(&req.integration_id, &req.connection_id)
-                .await?;
-            connection_status(&vars)
+                .await
+            {
+                Ok(vars) => connection_status(&vars),
+                Err(ApiError::DataLoss(message)) => status(StatusCode::Error, message),
+                Err(e) => return Err(e.into()),
+            }
         };
         Ok(Response::new(GetConnectionStatusResponse {
             status: Some(status),

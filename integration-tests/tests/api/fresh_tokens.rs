@@ -592,3 +592,75 @@ async fn keep_alive_goes_past_a_connection_the_host_cannot_read() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_stored_secret_that_no_longer_decrypts_is_reported_as_such_with_the_way_out() {
+    let zoom = FakeZoom::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, String)> = zoom.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app_in(dir.path(), &env).await;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    // Corruption on disk: the sealed refresh token's bytes change under the service.
+    let db = rusqlite::Connection::open(dir.path().join("zoom-integration.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE vars SET value = x'00112233445566778899aabbccddeeff00112233445566778899'
+             WHERE scope_id = ?1 AND name = 'oauth_refresh_token'",
+            [&cid],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    let says_what_and_how = |message: &str| {
+        assert!(
+            message.contains("oauth_refresh_token") && message.contains("cannot be decrypted"),
+            "{message}"
+        );
+        assert!(message.contains("set the connection up again"), "{message}");
+    };
+
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Error);
+    says_what_and_how(&message);
+
+    let status = app.connection_status(&cid).await.expect("a status");
+    assert_eq!(status.code(), ConnStatus::Error);
+    says_what_and_how(&status.message);
+
+    let answer = app
+        .integrations()
+        .call(CallRequest {
+            integration_id: zoom_id(),
+            function: Some(pb::Value {
+                function: Some(pb::Function {
+                    name: "get_user".into(),
+                    data: cid.as_bytes().to_vec(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("Call answers")
+        .into_inner();
+    let error = zoom_integration::values::to_json(&answer.error.unwrap().value.unwrap());
+    says_what_and_how(error["message"].as_str().unwrap());
+
+    let read = app
+        .vars()
+        .get(vars::GetRequest {
+            scope_id: cid.clone(),
+            names: vec![],
+        })
+        .await
+        .expect_err("the variables cannot be read whole");
+    assert_eq!(read.code(), tonic::Code::DataLoss);
+    says_what_and_how(read.message());
+    assert_eq!(
+        zoom.token_requests_of("refresh_token"),
+        0,
+        "nothing is sent to Zoom"
+    );
+}
