@@ -151,7 +151,7 @@ struct Table {
     routes: HashMap<ConnectionId, Route>,
     /// Bumped when a read of the host starts, so reads can be told apart by age.
     version: u64,
-    /// For each connection reloaded on its own since the last full reload, the version its
+    /// For each connection reloaded on its own since the last full reload started, the version its
     /// applied read started at: a full reload keeps entries read after it started, and an
     /// older read of the same connection that ends later is ignored.
     changed_at: HashMap<ConnectionId, u64>,
@@ -281,7 +281,9 @@ impl RoutingIndex {
         }
         table.routes = routes;
         table.unread = unread;
-        table.changed_at.clear();
+        // Entries newer than this reload stay: a slow read of the same connection that
+        // started before them (but after this reload) must still be told it is superseded.
+        table.changed_at.retain(|_, v| *v > started_at);
         table.reloaded_at = started_at;
         table.loaded = true;
         self.publish(&table);
@@ -310,8 +312,11 @@ impl RoutingIndex {
                 // So a full reload that started before this read keeps what it left.
                 table.changed_at.insert(cid.clone(), asked);
                 let unread = match e {
-                    // Deleted meanwhile: nothing to wait for.
-                    HostError::NotFound(_) => table.unread.remove(cid).is_some(),
+                    // Deleted meanwhile: nothing to wait for, and nothing to route to.
+                    HostError::NotFound(_) => {
+                        let was_unread = table.unread.remove(cid).is_some();
+                        table.routes.remove(cid).is_some() || was_unread
+                    }
                     // A routed connection keeps its route (see `reload_all`).
                     _ if table.routes.contains_key(cid) => false,
                     _ => {
@@ -520,6 +525,11 @@ mod tests {
         hold_next: std::sync::atomic::AtomicBool,
         read: tokio::sync::Notify,
         release: tokio::sync::Notify,
+        /// With `hold_find` set, the next listing (a full reload's first step) is held back
+        /// until `find_release` is notified (`find_started` is notified once it is).
+        hold_find: std::sync::atomic::AtomicBool,
+        find_started: tokio::sync::Notify,
+        find_release: tokio::sync::Notify,
     }
 
     impl TestHost {
@@ -531,6 +541,9 @@ mod tests {
                 hold_next: false.into(),
                 read: tokio::sync::Notify::new(),
                 release: tokio::sync::Notify::new(),
+                hold_find: false.into(),
+                find_started: tokio::sync::Notify::new(),
+                find_release: tokio::sync::Notify::new(),
             }
         }
     }
@@ -576,6 +589,13 @@ mod tests {
             name: &str,
             value: &str,
         ) -> Result<Vec<ConnectionId>, HostError> {
+            if self
+                .hold_find
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                self.find_started.notify_one();
+                self.find_release.notified().await;
+            }
             self.inner.find_connections(name, value).await
         }
         async fn dispatch(
@@ -646,6 +666,103 @@ mod tests {
         host.release.notify_one();
         slow.await.unwrap().unwrap();
         assert_eq!(routed_to("acc-new"), std::slice::from_ref(&cid));
+    }
+
+    #[tokio::test]
+    async fn a_slow_read_that_started_before_a_later_save_loses_even_when_a_full_reload_ends_between()
+     {
+        let (_dir, inner) = host().await;
+        let host = Arc::new(TestHost::over(inner));
+        let cid = ConnectionId::generate();
+        let on = |account: &str| {
+            vec![
+                Var::plain("auth_type", "oauthDefault"),
+                Var::plain("account_id", account),
+            ]
+        };
+        host.set_vars(&cid, on("acc-old")).await.unwrap();
+        let index = Arc::new(RoutingIndex::new(Some(Secret::new("default-secret"))));
+        index.reload_all(&*host).await.unwrap();
+
+        // A full reload starts (the periodic one), and is held at its listing.
+        host.hold_find
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let full = tokio::spawn({
+            let (index, host) = (index.clone(), host.clone());
+            async move { index.reload_all(&*host).await }
+        });
+        host.find_started.notified().await;
+        // A save's reload reads acc-old and is held; a later save to acc-new is applied.
+        host.hold_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let slow = tokio::spawn({
+            let (index, host, cid) = (index.clone(), host.clone(), cid.clone());
+            async move { index.reload_connection(&*host, &cid).await }
+        });
+        host.read.notified().await;
+        host.set_vars(&cid, on("acc-new")).await.unwrap();
+        index.reload_connection(&*host, &cid).await.unwrap();
+        // The full reload ends, then the slow read.
+        host.find_release.notify_one();
+        full.await.unwrap().unwrap();
+        host.release.notify_one();
+        slow.await.unwrap().unwrap();
+
+        let snap = index.snapshot().unwrap();
+        let by = snap
+            .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
+            .unwrap();
+        assert_eq!(snap.destinations(by, "acc-new"), std::slice::from_ref(&cid));
+        assert!(snap.destinations(by, "acc-old").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_read_as_deleted_loses_its_route_at_once_and_a_full_reload_does_not_bring_it_back()
+     {
+        let (_dir, inner) = host().await;
+        let (kept, deleted) = (ConnectionId::generate(), ConnectionId::generate());
+        for cid in [&kept, &deleted] {
+            inner
+                .set_vars(
+                    cid,
+                    vec![
+                        Var::plain("auth_type", "oauthDefault"),
+                        Var::plain("account_id", "acc-A"),
+                    ],
+                )
+                .await
+                .unwrap();
+        }
+        let host = Arc::new(TestHost::over(inner));
+        let index = Arc::new(RoutingIndex::new(Some(Secret::new("default-secret"))));
+        index.reload_all(&*host).await.unwrap();
+        let routed = || {
+            let snap = index.snapshot().unwrap();
+            let by = snap
+                .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
+                .unwrap();
+            snap.destinations(by, "acc-A").to_vec()
+        };
+        assert_eq!(routed().len(), 2);
+
+        // A full reload starts before the remote host deletes the connection (it still
+        // lists it), and ends after the deletion was read.
+        host.hold_find
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let full = tokio::spawn({
+            let (index, host) = (index.clone(), host.clone());
+            async move { index.reload_all(&*host).await }
+        });
+        host.find_started.notified().await;
+        *host.missing.lock().unwrap() = Some(deleted.clone());
+        assert!(matches!(
+            index.reload_connection(&*host, &deleted).await,
+            Err(HostError::NotFound(_))
+        ));
+        assert_eq!(routed(), std::slice::from_ref(&kept), "gone at once");
+        host.find_release.notify_one();
+        full.await.unwrap().unwrap();
+        assert_eq!(routed(), std::slice::from_ref(&kept), "and stays gone");
     }
 
     #[tokio::test]
