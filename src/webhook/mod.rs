@@ -325,6 +325,10 @@ pub enum WebhookError {
     /// host engine could not read yet may be the one it is for.
     #[error("a connection cannot be read from the host engine yet, try again later")]
     Unsettled,
+    /// A fault inside this service (a check that panicked); details are logged. Answered
+    /// 503: the webhook may be genuine, so Zoom should send it again.
+    #[error("internal error, try again later")]
+    Internal,
     /// The event could not be recorded durably.
     #[error("cannot record the event now, try again later")]
     NotRecorded(#[source] RecordError),
@@ -347,6 +351,7 @@ impl IntoResponse for WebhookError {
             WebhookError::NotReady
             | WebhookError::Unsettled
             | WebhookError::NotRecorded(_)
+            | WebhookError::Internal
             | WebhookError::Busy => StatusCode::SERVICE_UNAVAILABLE,
         };
         match &self {
@@ -397,6 +402,7 @@ async fn receive(
             WebhookError::NotReady
             | WebhookError::Unsettled
             | WebhookError::NotRecorded(_)
+            | WebhookError::Internal
             | WebhookError::Busy => &counters.unavailable,
             WebhookError::TooLarge => &counters.too_large,
             WebhookError::MissingSignature | WebhookError::BadSignature => &counters.bad_signature,
@@ -611,7 +617,10 @@ async fn check_signature(
         (found, out_of_time, head, body)
     })
     .await
-    .map_err(|_| WebhookError::BodyRead)?;
+    .map_err(|e| {
+        tracing::error!(error = %e, "a webhook's signature check failed");
+        WebhookError::Internal
+    })?;
     // Not every secret was tried: this may be a genuine webhook, so Zoom should retry it.
     if out_of_time {
         return Err(WebhookError::Busy);
@@ -668,18 +677,29 @@ async fn read_body(
             .map_err(|_| WebhookError::Busy)
     };
     let mut held = take(0)?;
-    let mut out = Vec::with_capacity(expected.min(VERIFY_INLINE));
+    let mut out = Vec::new();
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|_| WebhookError::BodyRead)?;
-        if out.len() + chunk.len() > MAX_BODY {
+        let len = out.len() + chunk.len();
+        if len > MAX_BODY {
             return Err(WebhookError::TooLarge);
         }
-        out.extend_from_slice(&chunk);
-        let needed = kib(out.len()).saturating_sub(held.num_permits() as u32);
-        if needed > 0 {
-            held.merge(take(needed as usize * 1024)?);
+        if len > out.capacity() {
+            // The buffer grows by doubling (up to the declared length, when it is honest),
+            // and what it allocates, not only what it holds, is taken from the budget first.
+            let ceiling = if len <= expected { expected } else { MAX_BODY };
+            let capacity = len
+                .max(out.capacity() * 2)
+                .max(expected.min(VERIFY_INLINE))
+                .min(ceiling);
+            let needed = kib(capacity).saturating_sub(held.num_permits() as u32);
+            if needed > 0 {
+                held.merge(take(needed as usize * 1024)?);
+            }
+            out.reserve_exact(capacity - out.len());
         }
+        out.extend_from_slice(&chunk);
     }
     Ok((out, held))
 }
@@ -723,5 +743,37 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(body.len(), 4096);
+    }
+
+    #[tokio::test]
+    async fn what_a_body_allocates_is_taken_from_the_budget_not_only_what_it_holds() {
+        let budget = Arc::new(Semaphore::new(64 << 10));
+        // Just over 4 MiB in 64 KiB chunks, without a declared length: the buffer doubles.
+        let chunks = (0..64)
+            .map(|_| vec![b'x'; 64 << 10])
+            .chain([vec![b'x'; 1]])
+            .map(|c| Ok::<_, std::io::Error>(axum::body::Bytes::from(c)));
+        let (body, held) = read_body(Body::from_stream(tokio_stream::iter(chunks)), None, &budget)
+            .await
+            .unwrap();
+        assert_eq!(body.len(), (4 << 20) + 1);
+        assert!(
+            held.num_permits() * 1024 >= body.capacity(),
+            "{} KiB taken for {} bytes allocated",
+            held.num_permits(),
+            body.capacity()
+        );
+        // An honest declared length is allocated once, exactly.
+        let chunks =
+            (0..16).map(|_| Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![b'y'; 64 << 10])));
+        let (body, held) = read_body(
+            Body::from_stream(tokio_stream::iter(chunks)),
+            Some(1 << 20),
+            &budget,
+        )
+        .await
+        .unwrap();
+        assert_eq!((body.len(), body.capacity()), (1 << 20, 1 << 20));
+        assert_eq!(held.num_permits(), 1024);
     }
 }
