@@ -92,6 +92,11 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "refresh OAuth connections whose refresh token has been idle this many days (1-80)",
     },
     Variable {
+        name: "EVENT_RETENTION_DAYS",
+        default: Some("30"),
+        meaning: "days the embedded host keeps events in its event log, by their creation time (1-3650); older ones are deleted",
+    },
+    Variable {
         name: "HOST_UI_URL",
         default: None,
         meaning: "base URL of the host engine's web UI; a finished setup with origin web or dash returns there",
@@ -293,6 +298,9 @@ pub struct Config {
     /// this long are refreshed by the keep-alive task (Zoom drops refresh tokens unused for
     /// about 90 days).
     pub token_keepalive: std::time::Duration,
+    /// `EVENT_RETENTION_DAYS`: how long the embedded host keeps an event in its event log,
+    /// counted from the event's creation time; older events are deleted hourly.
+    pub event_retention: std::time::Duration,
     /// `HOST_UI_URL`: the host engine's web UI, where a finished connection setup returns
     /// when the host asked for it (`origin` = `web` or `dash`); `None` shows our own page.
     pub host_ui_url: Option<BaseUrl>,
@@ -340,6 +348,7 @@ struct Raw {
     setup_link_ttl: Option<String>,
     oauth_state_ttl: Option<String>,
     token_keepalive_days: Option<String>,
+    event_retention_days: Option<String>,
     host_ui_url: Option<String>,
     max_concurrent_requests: Option<String>,
     request_timeout: Option<String>,
@@ -473,6 +482,16 @@ impl Config {
                         raw.token_keepalive_days.as_deref(),
                         30,
                         1..=80,
+                        "days",
+                    )?,
+            ),
+            event_retention: std::time::Duration::from_secs(
+                86_400
+                    * parse_count(
+                        "EVENT_RETENTION_DAYS",
+                        raw.event_retention_days.as_deref(),
+                        30,
+                        1..=3650,
                         "days",
                     )?,
             ),
@@ -951,6 +970,8 @@ mod tests {
             (&[("OAUTH_STATE_TTL", "601")], "OAUTH_STATE_TTL"),
             (&[("ZOOM_HTTP_TIMEOUT", "0")], "ZOOM_HTTP_TIMEOUT"),
             (&[("TOKEN_KEEPALIVE_DAYS", "90")], "TOKEN_KEEPALIVE_DAYS"),
+            (&[("EVENT_RETENTION_DAYS", "0")], "EVENT_RETENTION_DAYS"),
+            (&[("EVENT_RETENTION_DAYS", "3651")], "EVENT_RETENTION_DAYS"),
             (&[("HOST_UI_URL", "ftp://x")], "HOST_UI_URL"),
             (&[("WEBHOOK_REPLAY_WINDOW", "59")], "WEBHOOK_REPLAY_WINDOW"),
             (&[("WEBHOOK_REPLAY_WINDOW", "90m")], "WEBHOOK_REPLAY_WINDOW"),

@@ -84,6 +84,12 @@ impl fmt::Display for ConnectionId {
     }
 }
 
+/// Whether `s` can be an event's destination: a connection id or, as AutoKitteh also has
+/// them, a trigger id (`trg_` and 26 lower-case base32 characters).
+pub fn is_destination_id(s: &str) -> bool {
+    is_typeid(s, "con") || is_typeid(s, "trg")
+}
+
 fn is_typeid(s: &str, prefix: &str) -> bool {
     let Some(suffix) = s
         .strip_prefix(prefix)

@@ -200,6 +200,11 @@ pub async fn run(
                 .clone()
                 .follow_changes(embedded.subscribe_changes(), stop.clone()),
         ));
+        background.push(tokio::spawn(
+            embedded
+                .clone()
+                .keep_events_for(state.config.event_retention, stop.clone()),
+        ));
     }
 
     let grace = state.config.shutdown_timeout;

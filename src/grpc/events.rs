@@ -27,6 +27,52 @@ impl EventsApi {
     }
 }
 
+/// The longest `event_type` `Save` accepts, in bytes.
+pub const MAX_EVENT_TYPE: usize = 256;
+/// The most `memo` entries `Save` accepts.
+pub const MAX_MEMO_ENTRIES: usize = 64;
+/// The longest `memo` key or value `Save` accepts, in bytes.
+pub const MAX_MEMO_TEXT: usize = 4096;
+
+/// `destination_id` must be a connection or trigger id (`what` names the field).
+fn check_destination(id: &str, what: &str) -> Result<(), ApiError> {
+    if crate::ids::is_destination_id(id) {
+        return Ok(());
+    }
+    Err(ApiError::InvalidArgument(format!(
+        "{what} {:?} is malformed: expected a connection id (con_ and 26 lower-case base32 characters) or a trigger id (trg_...)",
+        crate::ids::truncate(id, 64)
+    )))
+}
+
+/// What `Save` checks beyond what the log itself requires: ids and sizes, so a caller cannot
+/// fill the log with events nobody can route or read.
+fn check_saved(event: &pb::Event) -> Result<(), ApiError> {
+    if !event.destination_id.is_empty() {
+        check_destination(&event.destination_id, "event.destination_id")?;
+    }
+    if event.event_type.len() > MAX_EVENT_TYPE {
+        return Err(ApiError::InvalidArgument(format!(
+            "event.event_type is longer than {MAX_EVENT_TYPE} bytes"
+        )));
+    }
+    if event.memo.len() > MAX_MEMO_ENTRIES {
+        return Err(ApiError::InvalidArgument(format!(
+            "event.memo has more than {MAX_MEMO_ENTRIES} entries"
+        )));
+    }
+    if event
+        .memo
+        .iter()
+        .any(|(k, v)| k.len() > MAX_MEMO_TEXT || v.len() > MAX_MEMO_TEXT)
+    {
+        return Err(ApiError::InvalidArgument(format!(
+            "event.memo keys and values are at most {MAX_MEMO_TEXT} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// With `json_values`, AutoKitteh returns every data value as a string holding its JSON.
 fn present(mut event: pb::Event, json_values: bool) -> pb::Event {
     if json_values {
@@ -47,6 +93,7 @@ impl EventsService for EventsApi {
             .into_inner()
             .event
             .ok_or_else(|| ApiError::InvalidArgument("event is required".into()))?;
+        check_saved(&event)?;
         let event_id = self.host.save_event(event).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::SaveResponse { event_id }))
     }
@@ -101,6 +148,9 @@ impl EventsService for EventsApi {
             0 => DEFAULT_LIST_LIMIT,
             n => n.min(MAX_LIST_LIMIT),
         };
+        if !req.destination_id.is_empty() {
+            check_destination(&req.destination_id, "destination_id")?;
+        }
         let non_empty = |s: String| (!s.is_empty()).then_some(s);
         let events = self
             .host
@@ -112,15 +162,12 @@ impl EventsService for EventsApi {
             })
             .await
             .map_err(ApiError::from)?;
-        // Without their data, as AutoKitteh lists them: a page of large webhooks would
+        // Listed without their data, as AutoKitteh lists them: a page of large webhooks would
         // otherwise outgrow a client's message limit. `Get` has the data.
         Ok(Response::new(pb::ListResponse {
             events: events
                 .into_iter()
-                .map(|mut e| {
-                    e.data.clear();
-                    present(e, req.json_values)
-                })
+                .map(|e| present(e, req.json_values))
                 .collect(),
         }))
     }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
+use tokio_util::sync::CancellationToken;
 
 use super::{HostEngine, HostError, Var, check_var, check_var_name};
 use crate::config::ConfigError;
@@ -53,7 +54,17 @@ const MIGRATIONS: &[&str] = &[
     // saved, the outbox had not yet heard) is not logged twice.
     "ALTER TABLE events ADD COLUMN delivery TEXT;
     CREATE UNIQUE INDEX events_by_delivery ON events (delivery) WHERE delivery IS NOT NULL;",
+    // 3: listing by destination and type together reads only what it returns, and trimming
+    // past the retention finds the old events without reading the others.
+    "CREATE INDEX events_by_destination_type ON events (destination_id, event_type, seq);
+    CREATE INDEX events_by_created ON events (created_ms);",
 ];
+
+/// The latest `created_at` a strict reader accepts: the end of year 9999 (Go's CheckValid).
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// How many events one trimming transaction deletes: the lock is let go between batches.
+pub const TRIM_BATCH: usize = 5_000;
 
 /// Inserts or replaces one variable.
 const UPSERT_VAR: &str =
@@ -160,8 +171,8 @@ impl LogEntry {
         let created_ms = match &event.created_at {
             // A Timestamp's nanos are 0..=999,999,999 (what strict readers, Go's CheckValid,
             // insist on when it is read back).
-            Some(ts) => (0..1_000_000_000)
-                .contains(&ts.nanos)
+            Some(ts) => ((0..1_000_000_000).contains(&ts.nanos)
+                && ts.seconds <= MAX_TIMESTAMP_SECONDS)
                 .then(|| ts.seconds.checked_mul(1000))
                 .flatten()
                 .and_then(|ms| ms.checked_add(i64::from(ts.nanos / 1_000_000)))
@@ -392,27 +403,91 @@ impl EmbeddedHost {
         .await
     }
 
-    /// Events matching `filter`.
+    /// Events matching `filter`, without their data (as AutoKitteh lists them; [`Self::get_event`]
+    /// has it): the data is skipped unread, so a page of large webhooks costs its headers.
     pub async fn list_events(&self, filter: EventFilter) -> Result<Vec<Event>, HostError> {
         self.with_db(move |conn, _| {
-            let order = if filter.ascending { "ASC" } else { "DESC" };
-            let sql = format!(
-                "SELECT seq, event FROM events
-                 WHERE (?1 IS NULL OR destination_id = ?1) AND (?2 IS NULL OR event_type = ?2)
-                 ORDER BY seq {order} LIMIT ?3"
-            );
-            let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt.query_map(
-                params![filter.destination_id, filter.event_type, filter.limit],
-                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
-            )?;
+            let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
+            if let Some(d) = &filter.destination_id {
+                args.push(d);
+            }
+            if let Some(t) = &filter.event_type {
+                args.push(t);
+            }
+            args.push(&filter.limit);
+            let mut stmt = conn.prepare_cached(&list_sql(&filter))?;
+            let rows = stmt.query_map(args.as_slice(), |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })?;
             let mut events = Vec::new();
             for row in rows {
-                events.push(decode_event(row?)?);
+                let (seq, bytes) = row?;
+                let header = EventHeader::decode(bytes.as_slice()).map_err(|e| {
+                    HostError::Internal(format!("stored event cannot be decoded: {e}"))
+                })?;
+                events.push(Event {
+                    event_id: header.event_id,
+                    destination_id: header.destination_id,
+                    event_type: header.event_type,
+                    data: Default::default(),
+                    memo: header.memo,
+                    created_at: header.created_at,
+                    seq: seq as u64,
+                });
             }
             Ok(events)
         })
         .await
+    }
+
+    /// Deletes up to `batch` events created before `before_ms` (Unix ms); returns how many.
+    pub async fn trim_events(&self, before_ms: i64, batch: usize) -> Result<usize, HostError> {
+        self.with_db(move |conn, _| {
+            Ok(conn.execute(
+                "DELETE FROM events WHERE seq IN
+                   (SELECT seq FROM events WHERE created_ms < ?1 LIMIT ?2)",
+                params![before_ms, batch as i64],
+            )?)
+        })
+        .await
+    }
+
+    /// Keeps the event log to `retention`: trims it now and every [`TRIM_INTERVAL`], a
+    /// [`TRIM_BATCH`] at a time, until `stop`.
+    pub async fn keep_events_for(self, retention: std::time::Duration, stop: CancellationToken) {
+        loop {
+            let before_ms = crate::db::now_ms() - retention.as_millis() as i64;
+            let mut trimmed = 0;
+            loop {
+                match self.trim_events(before_ms, TRIM_BATCH).await {
+                    Ok(n) => {
+                        trimmed += n;
+                        if n < TRIM_BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "trimming the event log failed; trying again later");
+                        break;
+                    }
+                }
+                // Between batches: webhooks, tokens and callers get the database.
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+            if trimmed > 0 {
+                tracing::info!(
+                    trimmed,
+                    "events past EVENT_RETENTION_DAYS deleted from the event log"
+                );
+            }
+            tokio::select! {
+                () = tokio::time::sleep(TRIM_INTERVAL) => {}
+                () = stop.cancelled() => return,
+            }
+        }
     }
 }
 
@@ -611,6 +686,44 @@ fn seal_context(scope: &ConnectionId, name: &str) -> Vec<u8> {
     ctx
 }
 
+/// How often the event log is trimmed to its retention.
+pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A stored event as listed: every field of [`Event`] but `data` (field 4), which decoding
+/// skips over unread, and `seq`, which is the row's.
+#[derive(Clone, PartialEq, Message)]
+struct EventHeader {
+    #[prost(string, tag = "1")]
+    event_id: String,
+    #[prost(string, tag = "2")]
+    destination_id: String,
+    #[prost(string, tag = "3")]
+    event_type: String,
+    #[prost(map = "string, string", tag = "5")]
+    memo: std::collections::HashMap<String, String>,
+    #[prost(message, optional, tag = "6")]
+    created_at: Option<prost_types::Timestamp>,
+}
+
+/// The query [`EmbeddedHost::list_events`] runs for `filter`: only the conditions it has, so
+/// SQLite reads the index that matches them (a condition that may be void defeats indexes).
+fn list_sql(filter: &EventFilter) -> String {
+    let mut conditions = Vec::new();
+    if filter.destination_id.is_some() {
+        conditions.push("destination_id = ?");
+    }
+    if filter.event_type.is_some() {
+        conditions.push("event_type = ?");
+    }
+    let filter_sql = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    let order = if filter.ascending { "ASC" } else { "DESC" };
+    format!("SELECT seq, event FROM events {filter_sql} ORDER BY seq {order} LIMIT ?")
+}
+
 fn decode_event((seq, bytes): (i64, Vec<u8>)) -> Result<Event, HostError> {
     let mut event = Event::decode(bytes.as_slice())
         .map_err(|e| HostError::Internal(format!("stored event cannot be decoded: {e}")))?;
@@ -634,7 +747,7 @@ mod tests {
             created_at: Some(prost_types::Timestamp { seconds, nanos: 0 }),
             ..Default::default()
         };
-        for seconds in [i64::MAX, i64::MIN, -1] {
+        for seconds in [i64::MAX, i64::MIN, -1, MAX_TIMESTAMP_SECONDS + 1] {
             assert!(matches!(
                 LogEntry::new(at(seconds), None),
                 Err(HostError::InvalidArgument(_))
@@ -717,6 +830,111 @@ mod tests {
         }
         // Plain variables are stored as they are: proof that the scan reads the stored data.
         assert!(saw_plain_value, "the scan found no variables at all");
+    }
+
+    #[tokio::test]
+    async fn every_filtered_listing_reads_an_index_in_order_not_the_whole_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let conn = host.conn.lock().unwrap();
+        for (destination, event_type) in [(true, false), (false, true), (true, true)] {
+            for ascending in [false, true] {
+                let filter = EventFilter {
+                    destination_id: destination.then(|| "con_x".to_string()),
+                    event_type: event_type.then(|| "meeting.started".to_string()),
+                    limit: 10,
+                    ascending,
+                };
+                let sql = format!("EXPLAIN QUERY PLAN {}", list_sql(&filter));
+                let mut stmt = conn.prepare(&sql).unwrap();
+                let count = sql.matches('?').count();
+                let args = vec![&"x" as &dyn rusqlite::ToSql; count];
+                let plan: Vec<String> = stmt
+                    .query_map(args.as_slice(), |r| r.get::<_, String>(3))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                let plan = plan.join("; ");
+                assert!(
+                    plan.contains("USING INDEX") || plan.contains("USING COVERING INDEX"),
+                    "{filter:?}: {plan}"
+                );
+                assert!(!plan.contains("TEMP B-TREE"), "{filter:?}: {plan}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn events_past_the_retention_are_trimmed_a_batch_at_a_time_and_newer_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let cid = ConnectionId::generate();
+        let day_ms = 86_400_000;
+        let now = crate::db::now_ms();
+        let at = |ms: i64, t: &str| Event {
+            destination_id: cid.to_string(),
+            event_type: t.into(),
+            created_at: Some(prost_types::Timestamp {
+                seconds: ms / 1000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let mut events: Vec<Event> = (0..5).map(|d| at(now - (40 + d) * day_ms, "old")).collect();
+        events.push(at(now - day_ms, "new"));
+        events.push(at(now + day_ms, "ahead"));
+        host.save_events(events).await.unwrap();
+
+        let cutoff = now - 30 * day_ms;
+        assert_eq!(host.trim_events(cutoff, 3).await.unwrap(), 3);
+        assert_eq!(host.trim_events(cutoff, 3).await.unwrap(), 2);
+        assert_eq!(host.trim_events(cutoff, 3).await.unwrap(), 0);
+        let left = host
+            .list_events(EventFilter {
+                limit: 10,
+                ascending: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let types: Vec<&str> = left.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["new", "ahead"]);
+    }
+
+    #[tokio::test]
+    async fn a_listing_leaves_the_data_out_and_get_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let cid = ConnectionId::generate();
+        let mut event = Event {
+            destination_id: cid.to_string(),
+            event_type: "meeting.started".into(),
+            memo: [("account_id".to_string(), "acc-1".to_string())].into(),
+            ..Default::default()
+        };
+        event
+            .data
+            .insert("topic".into(), crate::values::string("Grüße 会議"));
+        let id = host.save_event(event).await.unwrap();
+        let listed = host
+            .list_events(EventFilter {
+                destination_id: Some(cid.to_string()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].event_id, id);
+        assert_eq!(listed[0].memo["account_id"], "acc-1");
+        assert!(listed[0].created_at.is_some());
+        assert_eq!(listed[0].seq, 1);
+        assert!(listed[0].data.is_empty());
+        let got = host.get_event(&id).await.unwrap().unwrap();
+        assert_eq!(
+            crate::values::to_json(&got.data["topic"]),
+            serde_json::json!("Grüße 会議")
+        );
     }
 
     #[tokio::test]

@@ -203,3 +203,118 @@ async fn events_saved_in_the_embedded_host_are_listed_and_read_back() {
         .events;
     assert!(other.is_empty());
 }
+
+#[tokio::test]
+async fn events_that_cannot_be_routed_or_read_are_refused_and_nothing_is_saved() {
+    let app = crate::helpers::spawn_app().await;
+    let cid = ConnectionId::generate().to_string();
+    let event = |destination_id: &str| events::Event {
+        destination_id: destination_id.into(),
+        event_type: "meeting.started".into(),
+        ..Default::default()
+    };
+    let mut long_type = event(&cid);
+    long_type.event_type = "t".repeat(257);
+    let mut wide_memo = event(&cid);
+    wide_memo.memo = (0..65)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    let mut long_memo = event(&cid);
+    long_memo.memo = [("k".to_string(), "v".repeat(4097))].into();
+    let mut past_year_9999 = event(&cid);
+    past_year_9999.created_at = Some(prost_types::Timestamp {
+        seconds: 1_000_000_000_000,
+        nanos: 0,
+    });
+    for bad in [
+        event("x"),
+        event("con_tooshort"),
+        long_type,
+        wide_memo,
+        long_memo,
+        past_year_9999,
+    ] {
+        let refused = app
+            .events()
+            .save(events::SaveRequest { event: Some(bad) })
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    }
+    let refused = app
+        .events()
+        .list(events::ListRequest {
+            destination_id: "not-a-connection".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a malformed filter is refused, not an empty list");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // A trigger id is a destination too.
+    app.events()
+        .save(events::SaveRequest {
+            event: Some(event("trg_01jf3x0000000000000000000a")),
+        })
+        .await
+        .unwrap();
+    let all = app
+        .events()
+        .list(events::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(all.len(), 1, "only the valid event was saved");
+}
+
+#[tokio::test]
+async fn events_older_than_the_retention_are_deleted_and_newer_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app_in(dir.path(), &[]).await;
+    let cid = ConnectionId::generate().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for (days_ago, event_type) in [(40, "old"), (29, "recent"), (0, "new")] {
+        app.events()
+            .save(events::SaveRequest {
+                event: Some(events::Event {
+                    destination_id: cid.clone(),
+                    event_type: event_type.into(),
+                    created_at: Some(prost_types::Timestamp {
+                        seconds: now - days_ago * 86_400,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    app.stop().await.unwrap();
+
+    // The log is trimmed as the service starts (then hourly), to the default 30 days.
+    let app = spawn_app_in(dir.path(), &[]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let types: Vec<String> = app
+            .events()
+            .list(events::ListRequest {
+                order: "ASC".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+            .into_iter()
+            .map(|e| e.event_type)
+            .collect();
+        if types == ["recent", "new"] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {types:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
