@@ -179,7 +179,7 @@ impl Credentials {
             };
             let saved = tokio::time::timeout_at(deadline, self.source.save(&cid, unsaved)).await;
             match saved {
-                Ok(Ok(())) => slot.unsaved = None,
+                Ok(Ok(()) | Err(CredentialError::NotSetUp)) => slot.unsaved = None,
                 Ok(Err(_)) | Err(_) => tracing::error!(
                     connection_id = %cid,
                     "refreshed tokens could not be saved before shutdown: the connection must be authorized again"
@@ -473,8 +473,11 @@ impl Source {
         force: bool,
     ) -> Result<Access, CredentialError> {
         if let Some(unsaved) = slot.unsaved.clone() {
-            self.save(cid, unsaved).await?;
-            slot.unsaved = None;
+            let saved = self.save(cid, unsaved).await;
+            if matches!(saved, Ok(()) | Err(CredentialError::NotSetUp)) {
+                slot.unsaved = None;
+            }
+            saved?;
         }
         if let Some(access) = slot
             .cached
@@ -607,9 +610,13 @@ impl Source {
                         // The old refresh token is dead now: the new pair must reach the host
                         // engine before it is used, and must not be lost if that fails.
                         let vars = crate::setup::token_vars(&token);
-                        if let Err(e) = self.save(cid, vars.clone()).await {
-                            slot.unsaved = Some(vars);
-                            return Err(e);
+                        match self.save(cid, vars.clone()).await {
+                            Ok(()) => {}
+                            Err(e @ CredentialError::NotSetUp) => return Err(e),
+                            Err(e) => {
+                                slot.unsaved = Some(vars);
+                                return Err(e);
+                            }
                         }
                         tracing::info!(connection_id = %cid, "refreshed the OAuth token");
                         access_of(token, auth_type)
@@ -622,11 +629,16 @@ impl Source {
     }
 
     /// Saves token variables, retrying a host engine that is briefly unavailable.
+    /// A connection deleted meanwhile gets nothing (`NotSetUp`): the tokens are dropped.
     async fn save(&self, cid: &ConnectionId, vars: Vec<Var>) -> Result<(), CredentialError> {
         let mut attempt = 1;
         loop {
-            match self.host.set_vars(cid, vars.clone()).await {
+            match self.host.set_vars_if_set_up(cid, vars.clone()).await {
                 Ok(()) => return Ok(()),
+                Err(HostError::NotFound(_)) => {
+                    tracing::info!(connection_id = %cid, "the connection was deleted while its token was refreshed; the new tokens are dropped");
+                    return Err(CredentialError::NotSetUp);
+                }
                 Err(HostError::Unavailable(e)) if attempt < SAVE_ATTEMPTS => {
                     tracing::warn!(connection_id = %cid, error = %e, attempt, "cannot save refreshed tokens yet; retrying");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;

@@ -553,6 +553,41 @@ impl HostEngine for EmbeddedHost {
             .await
     }
 
+    async fn set_vars_if_set_up(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<Var>,
+    ) -> Result<(), HostError> {
+        for var in &vars {
+            check_var(var)?;
+        }
+        let scope = scope.clone();
+        self.change_vars(vec![scope.clone()], move |conn, keys| {
+            let now = crate::db::now_ms();
+            let tx = conn.transaction()?;
+            // In the same transaction as the write: a delete either came first and is seen,
+            // or comes after and removes these too.
+            let set_up: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM vars
+                 WHERE scope_id = ?1 AND name = ?2 AND length(value) > 0)",
+                params![scope.as_str(), crate::connection::vars::AUTH_TYPE],
+                |r| r.get(0),
+            )?;
+            if !set_up {
+                return Err(super::not_set_up(&scope));
+            }
+            {
+                let mut stmt = tx.prepare_cached(UPSERT_VAR)?;
+                for var in &vars {
+                    upsert_var(&mut stmt, keys, &scope, var, now)?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn delete_vars(&self, scope: &ConnectionId, names: &[String]) -> Result<(), HostError> {
         for name in names {
             check_var_name(name)?;

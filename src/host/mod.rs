@@ -125,6 +125,24 @@ pub trait HostEngine: Send + Sync + 'static {
         self.delete_vars(scope, remove).await
     }
 
+    /// Sets `vars` on `scope` only while it is still set up (it has an `auth_type`), else
+    /// `NotFound`: tokens a refresh obtained while the connection was being deleted must not
+    /// bring it back. The default reads, then sets: a remote host offers nothing atomic, so a
+    /// delete landing within that one round trip can still be undone.
+    async fn set_vars_if_set_up(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<Var>,
+    ) -> Result<(), HostError> {
+        let found = self
+            .get_vars(scope, &[crate::connection::vars::AUTH_TYPE.to_string()])
+            .await?;
+        if crate::connection::value_of(&found, crate::connection::vars::AUTH_TYPE).is_none() {
+            return Err(not_set_up(scope));
+        }
+        self.set_vars(scope, vars).await
+    }
+
     /// Connections of this integration with a variable `name` (any, when empty) whose value is
     /// `value` (any, when empty).
     async fn find_connections(
@@ -138,6 +156,11 @@ pub trait HostEngine: Send + Sync + 'static {
 
     /// Succeeds when the host engine is reachable and working.
     async fn check(&self) -> Result<(), HostError>;
+}
+
+/// What [`HostEngine::set_vars_if_set_up`] answers for a connection no longer set up.
+pub fn not_set_up(scope: &ConnectionId) -> HostError {
+    HostError::NotFound(format!("connection {scope} is no longer set up"))
 }
 
 /// The longest variable name accepted.

@@ -664,3 +664,100 @@ async fn a_stored_secret_that_no_longer_decrypts_is_reported_as_such_with_the_wa
         "nothing is sent to Zoom"
     );
 }
+
+/// Starts a TestConnection of `cid` whose refresh Zoom answers slowly, and returns once Zoom
+/// has rotated the refresh token (the answer is on its way back).
+async fn refresh_in_flight(
+    app: &TestApp,
+    zoom: &FakeZoom,
+    cid: &str,
+) -> tokio::task::JoinHandle<(ConnStatus, String)> {
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_millis(500);
+    let testing = tokio::spawn({
+        let mut client = app.integrations();
+        let cid = cid.to_string();
+        async move {
+            let status = client
+                .test_connection(TestConnectionRequest {
+                    integration_id: zoom_id(),
+                    connection_id: cid,
+                })
+                .await
+                .expect("TestConnection answers")
+                .into_inner()
+                .status
+                .expect("a status");
+            (status.code(), status.message)
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while zoom.token_requests_of("refresh_token") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no refresh started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    testing
+}
+
+#[tokio::test]
+async fn a_connection_deleted_while_its_token_is_refreshed_stays_deleted() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    let testing = refresh_in_flight(&app, &zoom, &cid).await;
+    app.vars()
+        .delete(vars::DeleteRequest {
+            scope_id: cid.clone(),
+            names: vec![],
+        })
+        .await
+        .unwrap();
+
+    let (code, message) = testing.await.unwrap();
+    assert_eq!(code, ConnStatus::InitRequired, "{message}");
+    assert!(
+        snapshot(&app, &cid).await.is_empty(),
+        "the refreshed tokens did not bring it back"
+    );
+    // Nor later: the new pair was dropped, not kept to be saved on the next use.
+    assert_eq!(
+        test_connection(&app, &cid).await.0,
+        ConnStatus::InitRequired
+    );
+    assert!(snapshot(&app, &cid).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_connection_deleted_in_a_remote_host_while_its_token_is_refreshed_stays_deleted() {
+    let zoom = FakeZoom::start().await;
+    let host = crate::fake_host::FakeHost::start().await;
+    let mut env = zoom.env();
+    env.push(("HOST_ENGINE_URL", host.url()));
+    let app = app_with(&zoom, env).await;
+    let cid = ConnectionId::generate().to_string();
+    let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    for (name, value, secret) in [
+        ("auth_type", "oauthDefault", false),
+        ("oauth_refresh_token", refresh.as_str(), true),
+        ("oauth_expiry", "2026-01-01T00:00:00Z", false),
+    ] {
+        host.put(var(&cid, name, value, secret));
+    }
+    let testing = refresh_in_flight(&app, &zoom, &cid).await;
+    host.state
+        .lock()
+        .unwrap()
+        .vars
+        .retain(|(scope, _), _| *scope != cid);
+
+    let (code, message) = testing.await.unwrap();
+    assert_eq!(code, ConnStatus::InitRequired, "{message}");
+    assert!(
+        host.state
+            .lock()
+            .unwrap()
+            .vars
+            .keys()
+            .all(|(scope, _)| *scope != cid),
+        "the refreshed tokens did not bring it back"
+    );
+}
