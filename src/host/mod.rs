@@ -111,18 +111,24 @@ pub trait HostEngine: Send + Sync + 'static {
 
     /// Sets `vars` on `scope` and deletes the variables named `remove` (none when empty), as
     /// one change where the host can do that; otherwise setting comes first, so a failure
-    /// half-way leaves the new values, never a connection without them.
+    /// half-way leaves the new values, never a connection without them. A name both set and
+    /// removed keeps its new value.
     async fn replace_vars(
         &self,
         scope: &ConnectionId,
         vars: Vec<Var>,
         remove: &[String],
     ) -> Result<(), HostError> {
+        let remove: Vec<String> = remove
+            .iter()
+            .filter(|name| !vars.iter().any(|v| &v.name == *name))
+            .cloned()
+            .collect();
         self.set_vars(scope, vars).await?;
         if remove.is_empty() {
             return Ok(());
         }
-        self.delete_vars(scope, remove).await
+        self.delete_vars(scope, &remove).await
     }
 
     /// Sets `vars` on `scope` only while it is still set up (it has an `auth_type`), else
@@ -202,4 +208,66 @@ pub fn check_var(var: &Var) -> Result<(), HostError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The embedded host through the trait's own `replace_vars` (as a remote host uses it).
+    struct Defaults(embedded::EmbeddedHost);
+
+    #[async_trait]
+    impl HostEngine for Defaults {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        async fn get_vars(&self, s: &ConnectionId, n: &[String]) -> Result<Vec<Var>, HostError> {
+            self.0.get_vars(s, n).await
+        }
+        async fn set_vars(&self, s: &ConnectionId, v: Vec<Var>) -> Result<(), HostError> {
+            self.0.set_vars(s, v).await
+        }
+        async fn delete_vars(&self, s: &ConnectionId, n: &[String]) -> Result<(), HostError> {
+            self.0.delete_vars(s, n).await
+        }
+        async fn find_connections(&self, n: &str, v: &str) -> Result<Vec<ConnectionId>, HostError> {
+            self.0.find_connections(n, v).await
+        }
+        async fn dispatch(&self, e: Event) -> Result<String, HostError> {
+            self.0.dispatch(e).await
+        }
+        async fn check(&self) -> Result<(), HostError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_both_set_and_removed_keeps_its_new_value_in_every_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = std::sync::Arc::new(crate::crypto::Keys::from_material(
+            b"host test key material, 32+ bytes",
+        ));
+        let embedded = embedded::EmbeddedHost::open(dir.path(), keys).unwrap();
+        let hosts: [&dyn HostEngine; 2] = [&embedded, &Defaults(embedded.clone())];
+        for host in hosts {
+            let cid = ConnectionId::generate();
+            host.set_vars(&cid, vec![Var::plain("a", "old"), Var::plain("b", "old")])
+                .await
+                .unwrap();
+            host.replace_vars(
+                &cid,
+                vec![Var::plain("a", "new")],
+                &["a".to_string(), "b".to_string()],
+            )
+            .await
+            .unwrap();
+            let left = host.get_vars(&cid, &[]).await.unwrap();
+            let left: Vec<(&str, &str)> = left
+                .iter()
+                .map(|v| (v.name.as_str(), v.value.as_str()))
+                .collect();
+            assert_eq!(left, [("a", "new")], "{}", host.kind());
+        }
+    }
 }
