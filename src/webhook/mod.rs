@@ -377,8 +377,27 @@ pub fn router(webhooks: Arc<Webhooks>) -> Router<AppState> {
 #[derive(Deserialize)]
 struct Head {
     event: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_or_null")]
     payload: Option<PayloadHead>,
+}
+
+/// `payload` as an object (or null): serde would also fill [`PayloadHead`] from an array's
+/// items, routing by an `account_id` the event's data does not have.
+fn object_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PayloadHead>, D::Error> {
+    struct ObjectOrNull;
+    impl<'de> serde::de::Visitor<'de> for ObjectOrNull {
+        type Value = Option<PayloadHead>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object or null")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            PayloadHead::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    d.deserialize_any(ObjectOrNull)
 }
 
 #[derive(Deserialize)]
@@ -743,6 +762,21 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(body.len(), 4096);
+    }
+
+    #[test]
+    fn a_payload_is_read_only_from_an_object() {
+        let account = |body: &str| {
+            parse_head(body.as_bytes()).map(|h| account_hint(Some(&h)).map(str::to_string))
+        };
+        assert_eq!(
+            account(r#"{"event":"x","payload":{"account_id":"acc-A"}}"#),
+            Some(Some("acc-A".into()))
+        );
+        assert_eq!(account(r#"{"event":"x","payload":null}"#), Some(None));
+        assert_eq!(account(r#"{"event":"x"}"#), Some(None));
+        assert_eq!(account(r#"{"event":"x","payload":["acc-A"]}"#), None);
+        assert_eq!(account(r#"{"event":"x","payload":"acc-A"}"#), None);
     }
 
     #[tokio::test]
