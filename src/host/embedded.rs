@@ -98,6 +98,21 @@ fn upsert_var(
     Ok(())
 }
 
+/// Runs [`upsert_var`] for each of `vars` of one `scope`, inside the caller's transaction.
+fn upsert_vars(
+    tx: &rusqlite::Transaction<'_>,
+    keys: &Keys,
+    scope: &ConnectionId,
+    vars: &[Var],
+    now: i64,
+) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(UPSERT_VAR)?;
+    for var in vars {
+        upsert_var(&mut stmt, keys, scope, var, now)?;
+    }
+    Ok(())
+}
+
 /// Why the embedded database could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -576,12 +591,7 @@ impl HostEngine for EmbeddedHost {
             if !set_up {
                 return Err(super::not_set_up(&scope));
             }
-            {
-                let mut stmt = tx.prepare_cached(UPSERT_VAR)?;
-                for var in &vars {
-                    upsert_var(&mut stmt, keys, &scope, var, now)?;
-                }
-            }
+            upsert_vars(&tx, keys, &scope, &vars, now)?;
             tx.commit()?;
             Ok(())
         })
@@ -639,11 +649,8 @@ impl HostEngine for EmbeddedHost {
                 for name in &remove {
                     delete.execute(params![scope.as_str(), name])?;
                 }
-                let mut upsert = tx.prepare_cached(UPSERT_VAR)?;
-                for var in &vars {
-                    upsert_var(&mut upsert, keys, &scope, var, now)?;
-                }
             }
+            upsert_vars(&tx, keys, &scope, &vars, now)?;
             tx.commit()?;
             Ok(())
         })
