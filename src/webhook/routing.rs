@@ -514,6 +514,33 @@ mod tests {
         Verifier::new(&Secret::new(secret)).sign("1", body)
     }
 
+    /// The connections `index` routes a webhook for `account` signed with `default-secret` to.
+    fn routed_by_default(index: &RoutingIndex, account: &str) -> Vec<ConnectionId> {
+        let snap = index.snapshot().unwrap();
+        let by = snap
+            .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
+            .unwrap();
+        snap.destinations(by, account).to_vec()
+    }
+
+    /// A host with two default-app connections on `acc-A`.
+    async fn two_on_one_account() -> (tempfile::TempDir, EmbeddedHost, ConnectionId, ConnectionId) {
+        let (dir, host) = host().await;
+        let (a, b) = (ConnectionId::generate(), ConnectionId::generate());
+        for cid in [&a, &b] {
+            host.set_vars(
+                cid,
+                vec![
+                    Var::plain("auth_type", "oauthDefault"),
+                    Var::plain("account_id", "acc-A"),
+                ],
+            )
+            .await
+            .unwrap();
+        }
+        (dir, host, a, b)
+    }
+
     /// The embedded host, except that reading `failing`'s variables fails as a remote host's
     /// INTERNAL does, and that with `hold_next` set the next read is held back after reading
     /// until `release` is notified (`read` is notified once it has read).
@@ -622,13 +649,7 @@ mod tests {
         };
         let index = Arc::new(RoutingIndex::new(Some(Secret::new("default-secret"))));
         index.reload_all(&*host).await.unwrap();
-        let routed_to = |account: &str| {
-            let snap = index.snapshot().unwrap();
-            let by = snap
-                .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
-                .unwrap();
-            snap.destinations(by, account).to_vec()
-        };
+        let routed_to = |account: &str| routed_by_default(&index, account);
 
         // Saves on acc-old, starts reloading it (the read held back once done), saves on
         // acc-new: the held reload is the slow read of the earlier save.
@@ -708,41 +729,21 @@ mod tests {
         host.release.notify_one();
         slow.await.unwrap().unwrap();
 
-        let snap = index.snapshot().unwrap();
-        let by = snap
-            .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
-            .unwrap();
-        assert_eq!(snap.destinations(by, "acc-new"), std::slice::from_ref(&cid));
-        assert!(snap.destinations(by, "acc-old").is_empty());
+        assert_eq!(
+            routed_by_default(&index, "acc-new"),
+            std::slice::from_ref(&cid)
+        );
+        assert!(routed_by_default(&index, "acc-old").is_empty());
     }
 
     #[tokio::test]
     async fn a_connection_read_as_deleted_loses_its_route_at_once_and_a_full_reload_does_not_bring_it_back()
      {
-        let (_dir, inner) = host().await;
-        let (kept, deleted) = (ConnectionId::generate(), ConnectionId::generate());
-        for cid in [&kept, &deleted] {
-            inner
-                .set_vars(
-                    cid,
-                    vec![
-                        Var::plain("auth_type", "oauthDefault"),
-                        Var::plain("account_id", "acc-A"),
-                    ],
-                )
-                .await
-                .unwrap();
-        }
+        let (_dir, inner, kept, deleted) = two_on_one_account().await;
         let host = Arc::new(TestHost::over(inner));
         let index = Arc::new(RoutingIndex::new(Some(Secret::new("default-secret"))));
         index.reload_all(&*host).await.unwrap();
-        let routed = || {
-            let snap = index.snapshot().unwrap();
-            let by = snap
-                .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
-                .unwrap();
-            snap.destinations(by, "acc-A").to_vec()
-        };
+        let routed = || routed_by_default(&index, "acc-A");
         assert_eq!(routed().len(), 2);
 
         // A full reload starts before the remote host deletes the connection (it still
@@ -767,20 +768,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_routed_connection_keeps_its_route_through_a_failed_read_of_its_own() {
-        let (_dir, inner) = host().await;
-        let (kept, deleted) = (ConnectionId::generate(), ConnectionId::generate());
-        for cid in [&kept, &deleted] {
-            inner
-                .set_vars(
-                    cid,
-                    vec![
-                        Var::plain("auth_type", "oauthDefault"),
-                        Var::plain("account_id", "acc-A"),
-                    ],
-                )
-                .await
-                .unwrap();
-        }
+        let (_dir, inner, kept, deleted) = two_on_one_account().await;
         let host = TestHost::over(inner);
         let index = RoutingIndex::new(Some(Secret::new("default-secret")));
         index.reload_all(&host).await.unwrap();
@@ -790,12 +778,8 @@ mod tests {
         *host.failing.lock().unwrap() = Some(kept.clone());
         host.inner.delete_vars(&deleted, &[]).await.unwrap();
         index.reload_all(&host).await.unwrap();
-        let snap = index.snapshot().unwrap();
-        let by_default = snap
-            .verify(signed("default-secret", b"x").as_bytes(), b"1", b"x")
-            .unwrap();
         assert_eq!(
-            snap.destinations(by_default, "acc-A"),
+            routed_by_default(&index, "acc-A"),
             std::slice::from_ref(&kept)
         );
     }
