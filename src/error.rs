@@ -39,7 +39,7 @@ impl From<HostError> for ApiError {
             }
             HostError::Undecryptable { .. } => {
                 tracing::error!(error = %err, "stored data is corrupt");
-                ApiError::DataLoss(format!("{err}: set the connection up again"))
+                ApiError::DataLoss(err.with_way_out())
             }
             other => ApiError::Internal(Box::new(other)),
         }

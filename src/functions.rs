@@ -428,7 +428,8 @@ impl Functions {
                 CredentialError::Host(e @ HostError::Undecryptable { .. }) => {
                     tracing::error!(error = %e, "stored data is corrupt");
                     CallFailure::new(format!(
-                        "the connection cannot be used: {e}: set the connection up again"
+                        "the connection cannot be used: {}",
+                        e.with_way_out()
                     ))
                 }
                 CredentialError::Host(e) => {

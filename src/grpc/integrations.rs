@@ -92,10 +92,7 @@ impl IntegrationsApi {
 /// up again (retrying cannot help, so it is not an error of the call).
 fn corrupt(err: &HostError) -> crate::connection::Status {
     tracing::error!(error = %err, "stored data is corrupt");
-    status(
-        StatusCode::Error,
-        format!("{err}: set the connection up again"),
-    )
+    status(StatusCode::Error, err.with_way_out())
 }
 
 /// Requests must name this integration, by id or unique name.

@@ -92,6 +92,14 @@ pub enum HostError {
     Internal(String),
 }
 
+impl HostError {
+    /// What callers are told of a stored secret that does not decrypt: which one, and the way
+    /// out (retrying cannot help).
+    pub fn with_way_out(&self) -> String {
+        format!("{self}: set the connection up again")
+    }
+}
+
 /// The host engine, as this service uses it.
 #[async_trait]
 pub trait HostEngine: Send + Sync + 'static {
