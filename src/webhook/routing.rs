@@ -523,6 +523,15 @@ mod tests {
         snap.destinations(by, account).to_vec()
     }
 
+    /// A full reload of `index` from `host`, in a task of its own (to hold it part-way).
+    fn spawn_full_reload(
+        index: &Arc<RoutingIndex>,
+        host: &Arc<TestHost>,
+    ) -> tokio::task::JoinHandle<Result<(), HostError>> {
+        let (index, host) = (index.clone(), host.clone());
+        tokio::spawn(async move { index.reload_all(&*host).await })
+    }
+
     /// A host with two default-app connections on `acc-A`.
     async fn two_on_one_account() -> (tempfile::TempDir, EmbeddedHost, ConnectionId, ConnectionId) {
         let (dir, host) = host().await;
@@ -708,10 +717,7 @@ mod tests {
         // A full reload starts (the periodic one), and is held at its listing.
         host.hold_find
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let full = tokio::spawn({
-            let (index, host) = (index.clone(), host.clone());
-            async move { index.reload_all(&*host).await }
-        });
+        let full = spawn_full_reload(&index, &host);
         host.find_started.notified().await;
         // A save's reload reads acc-old and is held; a later save to acc-new is applied.
         host.hold_next
@@ -750,10 +756,7 @@ mod tests {
         // lists it), and ends after the deletion was read.
         host.hold_find
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let full = tokio::spawn({
-            let (index, host) = (index.clone(), host.clone());
-            async move { index.reload_all(&*host).await }
-        });
+        let full = spawn_full_reload(&index, &host);
         host.find_started.notified().await;
         *host.missing.lock().unwrap() = Some(deleted.clone());
         assert!(matches!(
@@ -855,10 +858,7 @@ mod tests {
         // new one is saved and its own read fails.
         host.hold_next
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let full = tokio::spawn({
-            let (index, host) = (index.clone(), host.clone());
-            async move { index.reload_all(&*host).await }
-        });
+        let full = spawn_full_reload(&index, &host);
         host.read.notified().await;
         let new = ConnectionId::generate();
         host.inner.set_vars(&new, on_account).await.unwrap();
