@@ -633,7 +633,11 @@ impl Source {
     async fn save(&self, cid: &ConnectionId, vars: Vec<Var>) -> Result<(), CredentialError> {
         let mut attempt = 1;
         loop {
-            match self.host.set_vars_if_set_up(cid, vars.clone()).await {
+            match self
+                .host
+                .replace_vars_if_set_up(cid, vars.clone(), &[])
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(HostError::NotFound(_)) => {
                     tracing::info!(connection_id = %cid, "the connection was deleted while its token was refreshed; the new tokens are dropped");
@@ -691,9 +695,16 @@ impl Source {
     async fn mark_broken(&self, cid: &ConnectionId) {
         let dead = [vars::OAUTH_ACCESS_TOKEN, vars::OAUTH_REFRESH_TOKEN].map(String::from);
         let marker = vec![Var::plain(vars::CONNECTION_ERROR, REAUTHORIZATION_REQUIRED)];
-        if let Err(e) = self.host.replace_vars(cid, marker, &dead).await {
-            // The in-memory mark still stops further token requests in this process.
-            tracing::error!(connection_id = %cid, error = %e, "cannot mark the connection broken");
+        match self.host.replace_vars_if_set_up(cid, marker, &dead).await {
+            Ok(()) => {}
+            // Deleted meanwhile: a mark would leave a variable behind on a connection gone.
+            Err(HostError::NotFound(_)) => {
+                tracing::info!(connection_id = %cid, "the connection was deleted; nothing to mark broken");
+            }
+            Err(e) => {
+                // The in-memory mark still stops further token requests in this process.
+                tracing::error!(connection_id = %cid, error = %e, "cannot mark the connection broken");
+            }
         }
     }
 }
@@ -774,6 +785,27 @@ mod tests {
         let mut slot = slot.lock().await;
         let broken = slot.broken.as_mut().expect("marked broken");
         broken.checked = tokio::time::Instant::now() - BROKEN_RECHECK;
+    }
+
+    #[tokio::test]
+    async fn marking_a_connection_broken_drops_its_tokens_but_leaves_nothing_of_a_deleted_one() {
+        let (_dir, host, credentials) = credentials().await;
+        let (kept, deleted) = (ConnectionId::generate(), ConnectionId::generate());
+        for cid in [&kept, &deleted] {
+            host.set_vars(cid, new_setup("access")).await.unwrap();
+        }
+        host.delete_vars(&deleted, &[]).await.unwrap();
+        for cid in [&kept, &deleted] {
+            credentials.source.mark_broken(cid).await;
+        }
+        assert!(host.get_vars(&deleted, &[]).await.unwrap().is_empty());
+        let left = host.get_vars(&kept, &[]).await.unwrap();
+        let mut names: Vec<&str> = left.iter().map(|v| v.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [vars::AUTH_TYPE, vars::CONNECTION_ERROR, vars::OAUTH_EXPIRY]
+        );
     }
 
     #[tokio::test]

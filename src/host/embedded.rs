@@ -455,6 +455,56 @@ impl EmbeddedHost {
         .await
     }
 
+    /// Sets `vars` on `scope` and deletes those named `remove` in one transaction; with
+    /// `if_set_up`, only while `scope` has an `auth_type`, checked in that same transaction:
+    /// a delete either came first and is seen, or comes after and removes these too.
+    async fn replace(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<Var>,
+        remove: &[String],
+        if_set_up: bool,
+    ) -> Result<(), HostError> {
+        for var in &vars {
+            check_var(var)?;
+        }
+        for name in remove {
+            check_var_name(name)?;
+        }
+        let scope = scope.clone();
+        let remove: Vec<String> = remove
+            .iter()
+            .filter(|name| !vars.iter().any(|v| &v.name == *name))
+            .cloned()
+            .collect();
+        self.change_vars(vec![scope.clone()], move |conn, keys| {
+            let now = crate::db::now_ms();
+            let tx = conn.transaction()?;
+            if if_set_up {
+                let set_up: bool = tx.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM vars
+                     WHERE scope_id = ?1 AND name = ?2 AND length(value) > 0)",
+                    params![scope.as_str(), crate::connection::vars::AUTH_TYPE],
+                    |r| r.get(0),
+                )?;
+                if !set_up {
+                    return Err(super::not_set_up(&scope));
+                }
+            }
+            {
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM vars WHERE scope_id = ?1 AND name = ?2")?;
+                for name in &remove {
+                    delete.execute(params![scope.as_str(), name])?;
+                }
+            }
+            upsert_vars(&tx, keys, &scope, &vars, now)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Deletes up to `batch` events created before `before_ms` (Unix ms); returns how many.
     pub async fn trim_events(&self, before_ms: i64, batch: usize) -> Result<usize, HostError> {
         self.with_db(move |conn, _| {
@@ -568,36 +618,6 @@ impl HostEngine for EmbeddedHost {
             .await
     }
 
-    async fn set_vars_if_set_up(
-        &self,
-        scope: &ConnectionId,
-        vars: Vec<Var>,
-    ) -> Result<(), HostError> {
-        for var in &vars {
-            check_var(var)?;
-        }
-        let scope = scope.clone();
-        self.change_vars(vec![scope.clone()], move |conn, keys| {
-            let now = crate::db::now_ms();
-            let tx = conn.transaction()?;
-            // In the same transaction as the write: a delete either came first and is seen,
-            // or comes after and removes these too.
-            let set_up: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM vars
-                 WHERE scope_id = ?1 AND name = ?2 AND length(value) > 0)",
-                params![scope.as_str(), crate::connection::vars::AUTH_TYPE],
-                |r| r.get(0),
-            )?;
-            if !set_up {
-                return Err(super::not_set_up(&scope));
-            }
-            upsert_vars(&tx, keys, &scope, &vars, now)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
     async fn delete_vars(&self, scope: &ConnectionId, names: &[String]) -> Result<(), HostError> {
         for name in names {
             check_var_name(name)?;
@@ -628,33 +648,16 @@ impl HostEngine for EmbeddedHost {
         vars: Vec<Var>,
         remove: &[String],
     ) -> Result<(), HostError> {
-        for var in &vars {
-            check_var(var)?;
-        }
-        for name in remove {
-            check_var_name(name)?;
-        }
-        let scope = scope.clone();
-        let remove: Vec<String> = remove
-            .iter()
-            .filter(|name| !vars.iter().any(|v| &v.name == *name))
-            .cloned()
-            .collect();
-        self.change_vars(vec![scope.clone()], move |conn, keys| {
-            let now = crate::db::now_ms();
-            let tx = conn.transaction()?;
-            {
-                let mut delete =
-                    tx.prepare_cached("DELETE FROM vars WHERE scope_id = ?1 AND name = ?2")?;
-                for name in &remove {
-                    delete.execute(params![scope.as_str(), name])?;
-                }
-            }
-            upsert_vars(&tx, keys, &scope, &vars, now)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        self.replace(scope, vars, remove, false).await
+    }
+
+    async fn replace_vars_if_set_up(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<Var>,
+        remove: &[String],
+    ) -> Result<(), HostError> {
+        self.replace(scope, vars, remove, true).await
     }
 
     async fn find_connections(

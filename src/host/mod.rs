@@ -139,14 +139,16 @@ pub trait HostEngine: Send + Sync + 'static {
         self.delete_vars(scope, &remove).await
     }
 
-    /// Sets `vars` on `scope` only while it is still set up (it has an `auth_type`), else
-    /// `NotFound`: tokens a refresh obtained while the connection was being deleted must not
-    /// bring it back. The default reads, then sets: a remote host offers nothing atomic, so a
-    /// delete landing within that one round trip can still be undone.
-    async fn set_vars_if_set_up(
+    /// [`replace_vars`](Self::replace_vars), only while `scope` is still set up (it has an
+    /// `auth_type`), else `NotFound`: tokens a refresh obtained, or a broken mark written,
+    /// while the connection was being deleted must not bring it back. The default reads, then
+    /// replaces: a remote host offers nothing atomic, so a delete landing within that one
+    /// round trip can still be undone.
+    async fn replace_vars_if_set_up(
         &self,
         scope: &ConnectionId,
         vars: Vec<Var>,
+        remove: &[String],
     ) -> Result<(), HostError> {
         let found = self
             .get_vars(scope, &[crate::connection::vars::AUTH_TYPE.to_string()])
@@ -154,7 +156,7 @@ pub trait HostEngine: Send + Sync + 'static {
         if crate::connection::value_of(&found, crate::connection::vars::AUTH_TYPE).is_none() {
             return Err(not_set_up(scope));
         }
-        self.set_vars(scope, vars).await
+        self.replace_vars(scope, vars, remove).await
     }
 
     /// Connections of this integration with a variable `name` (any, when empty) whose value is
@@ -172,7 +174,7 @@ pub trait HostEngine: Send + Sync + 'static {
     async fn check(&self) -> Result<(), HostError>;
 }
 
-/// What [`HostEngine::set_vars_if_set_up`] answers for a connection no longer set up.
+/// What [`HostEngine::replace_vars_if_set_up`] answers for a connection no longer set up.
 pub fn not_set_up(scope: &ConnectionId) -> HostError {
     HostError::NotFound(format!("connection {scope} is no longer set up"))
 }
@@ -276,6 +278,51 @@ mod tests {
                 .map(|v| (v.name.as_str(), v.value.as_str()))
                 .collect();
             assert_eq!(left, [("a", "new")], "{}", host.kind());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_conditional_replace_writes_nothing_on_a_connection_no_longer_set_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = std::sync::Arc::new(crate::crypto::Keys::from_material(
+            b"host test key material, 32+ bytes",
+        ));
+        let embedded = embedded::EmbeddedHost::open(dir.path(), keys).unwrap();
+        let hosts: [&dyn HostEngine; 2] = [&embedded, &Defaults(embedded.clone())];
+        let auth_type = crate::connection::vars::AUTH_TYPE;
+        for host in hosts {
+            let (kept, deleted) = (ConnectionId::generate(), ConnectionId::generate());
+            for cid in [&kept, &deleted] {
+                let setup = vec![
+                    Var::plain(auth_type, "oauthDefault"),
+                    Var::plain("t", "old"),
+                ];
+                host.set_vars(cid, setup).await.unwrap();
+            }
+            host.delete_vars(&deleted, &[]).await.unwrap();
+            let mark = || vec![Var::plain("connection_error", "broken")];
+            let t = ["t".to_string()];
+            let refused = host.replace_vars_if_set_up(&deleted, mark(), &t).await;
+            assert!(
+                matches!(refused, Err(HostError::NotFound(_))),
+                "{}: {refused:?}",
+                host.kind()
+            );
+            assert!(host.get_vars(&deleted, &[]).await.unwrap().is_empty());
+            host.replace_vars_if_set_up(&kept, mark(), &t)
+                .await
+                .unwrap();
+            let left = host.get_vars(&kept, &[]).await.unwrap();
+            let left: Vec<(&str, &str)> = left
+                .iter()
+                .map(|v| (v.name.as_str(), v.value.as_str()))
+                .collect();
+            assert_eq!(
+                left,
+                [(auth_type, "oauthDefault"), ("connection_error", "broken")],
+                "{}",
+                host.kind()
+            );
         }
     }
 }

@@ -630,13 +630,23 @@ async fn deauthorize(
         vars::OAUTH_EXPIRY,
     ]
     .map(String::from);
-    // One change where the host allows it; otherwise the mark comes first.
-    host.replace_vars(
-        cid,
-        vec![Var::plain(vars::CONNECTION_ERROR, DEAUTHORIZED_MESSAGE)],
-        &tokens,
-    )
-    .await?;
+    // One change where the host allows it; otherwise the mark comes first. A connection
+    // deleted meanwhile gets no mark: it would be the one variable left of it.
+    match host
+        .replace_vars_if_set_up(
+            cid,
+            vec![Var::plain(vars::CONNECTION_ERROR, DEAUTHORIZED_MESSAGE)],
+            &tokens,
+        )
+        .await
+    {
+        Ok(()) => {}
+        Err(HostError::NotFound(_)) => {
+            tracing::info!(connection_id = %cid, "app removed in Zoom for a connection already deleted");
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    }
     tracing::info!(connection_id = %cid, "connection deauthorized in Zoom: tokens removed");
     Ok(true)
 }
@@ -1057,5 +1067,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(logged.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn app_deauthorized_for_a_connection_deleted_meanwhile_leaves_nothing_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = std::sync::Arc::new(crate::crypto::Keys::from_material(&[7; 32]));
+        let host = crate::host::embedded::EmbeddedHost::open(dir.path(), keys).unwrap();
+        let (kept, deleted) = (ConnectionId::generate(), ConnectionId::generate());
+        for cid in [&kept, &deleted] {
+            let setup = vec![
+                Var::plain(vars::AUTH_TYPE, "oauthDefault"),
+                Var::secret(vars::OAUTH_ACCESS_TOKEN, "access"),
+            ];
+            host.set_vars(cid, setup).await.unwrap();
+        }
+        host.delete_vars(&deleted, &[]).await.unwrap();
+        assert!(!deauthorize(&host, &deleted, None).await.unwrap());
+        assert!(host.get_vars(&deleted, &[]).await.unwrap().is_empty());
+        assert!(deauthorize(&host, &kept, None).await.unwrap());
+        let left = host.get_vars(&kept, &[]).await.unwrap();
+        let left: Vec<(&str, &str)> = left
+            .iter()
+            .map(|v| (v.name.as_str(), v.value.as_str()))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                (vars::AUTH_TYPE, "oauthDefault"),
+                (vars::CONNECTION_ERROR, DEAUTHORIZED_MESSAGE)
+            ]
+        );
     }
 }
