@@ -118,6 +118,18 @@ fn map_status(status: Status) -> HostError {
     }
 }
 
+/// Dispatch's statuses. AutoKitteh answers `INVALID_ARGUMENT` for every failure of its
+/// dispatcher too (its database, its workflow engine, an authorization refused), so only the
+/// request validator's own answer ("validation error…") is taken as the event being at fault;
+/// any other is the host failing, and the event waits and is retried rather than becoming a
+/// dead letter within a minute.
+fn map_dispatch_status(status: Status) -> HostError {
+    if status.code() == Code::InvalidArgument && !status.message().starts_with("validation error") {
+        return HostError::Remote(format!("InvalidArgument: {}", status.message()));
+    }
+    map_status(status)
+}
+
 #[async_trait]
 impl HostEngine for RemoteHost {
     fn kind(&self) -> &'static str {
@@ -224,7 +236,7 @@ impl HostEngine for RemoteHost {
                 ..Default::default()
             })
             .await
-            .map_err(map_status)?;
+            .map_err(map_dispatch_status)?;
         Ok(response.into_inner().event_id)
     }
 
@@ -307,6 +319,31 @@ mod tests {
         assert!(matches!(
             map_status(Status::internal("oops")),
             HostError::Remote(_)
+        ));
+    }
+
+    #[test]
+    fn a_dispatch_the_host_failed_on_is_retried_and_only_a_request_it_found_malformed_is_invalid() {
+        // AutoKitteh's answers: its dispatcher's failures, then its request validator's.
+        for failed in [
+            "failed starting workflow: context deadline exceeded",
+            "save event: database is locked",
+            "permission denied",
+        ] {
+            match map_dispatch_status(Status::invalid_argument(failed)) {
+                HostError::Remote(m) => assert!(m.contains(failed), "{m}"),
+                other => panic!("{failed:?} became {other:?}"),
+            }
+        }
+        assert!(matches!(
+            map_dispatch_status(Status::invalid_argument(
+                "validation error:\n - event_id: event_id must not be specified"
+            )),
+            HostError::InvalidArgument(_)
+        ));
+        assert!(matches!(
+            map_dispatch_status(Status::unavailable("down")),
+            HostError::Unavailable(_)
         ));
     }
 }

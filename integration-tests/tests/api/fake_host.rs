@@ -224,12 +224,13 @@ impl DispatcherService for Svc {
         request: Request<DispatchRequest>,
     ) -> Result<Response<DispatchResponse>, Status> {
         self.record(&request);
-        let event = request
-            .into_inner()
-            .event
-            .ok_or_else(|| Status::invalid_argument("event is required"))?;
+        let event = request.into_inner().event.ok_or_else(|| {
+            Status::invalid_argument("validation error:\n - event: value is required")
+        })?;
         if !event.event_id.is_empty() {
-            return Err(Status::invalid_argument("event_id must not be specified"));
+            return Err(Status::invalid_argument(
+                "validation error:\n - event_id: event_id must not be specified",
+            ));
         }
         let delay = self.0.lock().unwrap().dispatch_delay;
         tokio::time::sleep(delay).await;
