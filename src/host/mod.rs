@@ -160,7 +160,8 @@ pub trait HostEngine: Send + Sync + 'static {
     }
 
     /// Connections of this integration with a variable `name` (any, when empty) whose value is
-    /// `value` (any, when empty).
+    /// `value` (any, when empty). A remote AutoKitteh host names only the active ones: org-level
+    /// connections and those of projects with an active deployment.
     async fn find_connections(
         &self,
         name: &str,
