@@ -119,8 +119,9 @@ pub trait HostEngine: Send + Sync + 'static {
 
     /// Sets `vars` on `scope` and deletes the variables named `remove` (none when empty), as
     /// one change where the host can do that; otherwise setting comes first, so a failure
-    /// half-way leaves the new values, never a connection without them. A name both set and
-    /// removed keeps its new value.
+    /// half-way leaves the new values, never a connection without them (the delete is tried
+    /// again while the host is briefly unavailable). A name both set and removed keeps its
+    /// new value.
     async fn replace_vars(
         &self,
         scope: &ConnectionId,
@@ -136,7 +137,19 @@ pub trait HostEngine: Send + Sync + 'static {
         if remove.is_empty() {
             return Ok(());
         }
-        self.delete_vars(scope, &remove).await
+        // The new values have landed: a brief outage now would leave stale ones beside them
+        // (an old connection_error, another app's secret token), so the delete is retried.
+        let mut attempt = 1;
+        loop {
+            match self.delete_vars(scope, &remove).await {
+                Err(HostError::Unavailable(_)) if attempt < DELETE_ATTEMPTS => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)))
+                        .await;
+                    attempt += 1;
+                }
+                deleted => return deleted,
+            }
+        }
     }
 
     /// [`replace_vars`](Self::replace_vars), only while `scope` is still set up (it has an
@@ -179,6 +192,9 @@ pub trait HostEngine: Send + Sync + 'static {
 pub fn not_set_up(scope: &ConnectionId) -> HostError {
     HostError::NotFound(format!("connection {scope} is no longer set up"))
 }
+
+/// How many times the default [`HostEngine::replace_vars`] tries its delete.
+const DELETE_ATTEMPTS: u32 = 3;
 
 /// The longest variable name accepted.
 pub const MAX_VAR_NAME: usize = 128;

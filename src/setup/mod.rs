@@ -4,7 +4,9 @@
 //! Nothing is written to the host engine until a flow has succeeded: a private app's fields
 //! wait in the flow ([`state::Flows`]), a Server-to-Server app is saved only after Zoom issued
 //! it a token, and every success writes all of the connection's variables in one change
-//! ([`crate::host::HostEngine::replace_vars`]). A failure leaves the connection as it was.
+//! ([`crate::host::HostEngine::replace_vars`]). A failure leaves the connection as it was,
+//! except on a remote host whose delete keeps failing after its set landed: then the new
+//! values stand beside stale ones until the owner tries again, as the error page asks.
 
 pub mod error;
 pub mod form;
@@ -450,7 +452,7 @@ async fn save_connection(
         _ => None,
     };
     let (host, id) = (state.host.clone(), cid.clone());
-    state
+    let saved = state
         .credentials
         .set_up_again(cid, async move {
             let mut keep = None;
@@ -470,8 +472,11 @@ async fn save_connection(
                 .collect();
             host.replace_vars(&id, vars, &remove).await
         })
-        .await?;
+        .await;
+    // Also after a failure: a remote host's save may have landed in part (its set before
+    // its delete), and webhooks must be routed by what is stored now.
     state.connection_changed(cid).await;
+    saved?;
     Ok(())
 }
 

@@ -712,6 +712,71 @@ async fn a_connection_the_remote_host_no_longer_knows_gets_not_found() {
 }
 
 #[tokio::test]
+async fn a_remote_host_briefly_failing_deletes_gets_the_whole_setup_and_one_failing_on_gets_the_new_secret_routed()
+ {
+    let zoom = FakeZoom::start().await;
+    let host = crate::fake_host::FakeHost::start().await;
+    let cid = ConnectionId::generate().to_string();
+    {
+        let mut state = host.state.lock().unwrap();
+        for (name, value) in [
+            ("auth_type", "oauthDefault"),
+            ("connection_error", "reauthorization required"),
+        ] {
+            let v = var(&cid, name, value, false);
+            state.vars.insert((cid.clone(), name.into()), v);
+        }
+    }
+    let mut env = zoom.env();
+    env.push(("HOST_ENGINE_URL", host.url()));
+    let app = app_with(&zoom, env).await;
+    let agent = UserAgent::new(&app.url(""));
+    let setup = async |secret_token: &str| {
+        let form = [
+            ("cid", cid.as_str()),
+            ("auth_type", "serverToServer"),
+            ("account_id", S2S_ACCOUNT_ID),
+            ("client_id", S2S_CLIENT_ID),
+            ("client_secret", S2S_CLIENT_SECRET),
+            ("secret_token", secret_token),
+        ];
+        submit(&app, &agent, &form).await
+    };
+    let stored = |name: &str| {
+        let state = host.state.lock().unwrap();
+        state
+            .vars
+            .get(&(cid.clone(), name.into()))
+            .map(|v| v.value.clone())
+    };
+
+    host.state.lock().unwrap().fail_deletes = 1;
+    let done = setup("token-1").await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert_eq!(stored("connection_error"), None, "the old mark is gone");
+
+    host.state.lock().unwrap().fail_deletes = u32::MAX;
+    let failed = setup("token-2").await;
+    assert_error_page(&failed, StatusCode::SERVICE_UNAVAILABLE, "try again");
+    assert_eq!(stored("private_secret_token").as_deref(), Some("token-2"));
+    // What landed routes webhooks at once, not only after the next full reload.
+    let body = format!(
+        r#"{{"event":"meeting.started","payload":{{"account_id":"{S2S_ACCOUNT_ID}","object":{{"id":"1"}}}}}}"#
+    );
+    let (status, answer) = crate::webhooks::post_to(
+        &crate::helpers::http_client(),
+        &app.url("/zoom/event"),
+        "token-2",
+        crate::webhooks::now(),
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let sent = host.wait_for_dispatched(1, Duration::from_secs(5)).await;
+    assert_eq!(sent[0].destination_id, cid);
+}
+
+#[tokio::test]
 async fn zoom_token_endpoint_too_slow_times_out_and_saves_nothing() {
     let zoom = FakeZoom::start().await;
     let mut env = zoom.env();

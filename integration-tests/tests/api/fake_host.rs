@@ -41,6 +41,8 @@ pub struct FakeHostState {
     pub fail_find: bool,
     /// Connections the host does not know (deleted there): Set answers NOT_FOUND for them.
     pub unknown: Vec<String>,
+    /// How many of the next Delete calls answer UNAVAILABLE (a host briefly down).
+    pub fail_deletes: u32,
     /// Set by `stop`: a connection still draining after the listener closed gets UNAVAILABLE,
     /// as from a host that is going away, instead of quietly taking events.
     pub stopped: bool,
@@ -184,7 +186,12 @@ impl VarsService for Svc {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         self.record(&request);
         let req = request.into_inner();
-        self.0.lock().unwrap().vars.retain(|(scope, name), _| {
+        let mut state = self.0.lock().unwrap();
+        if state.fail_deletes > 0 {
+            state.fail_deletes -= 1;
+            return Err(Status::unavailable("the fake host cannot delete now"));
+        }
+        state.vars.retain(|(scope, name), _| {
             !(scope == &req.scope_id && (req.names.is_empty() || req.names.contains(name)))
         });
         Ok(Response::new(pb::DeleteResponse {}))
