@@ -31,7 +31,7 @@ use self::state::{Flow, FlowApp};
 use crate::AppState;
 use crate::config::{OAuthApp, Scheme};
 use crate::connection::{self, AuthType, StatusCode as ConnStatus, vars};
-use crate::host::Var;
+use crate::host::{HostError, Var};
 use crate::integration::CONNECTION_PATH;
 use crate::zoom::ZoomError;
 use crate::zoom::api::ZoomUser;
@@ -72,11 +72,22 @@ async fn connection_page(
     // Not under another site's name, though: that site's page could then read it.
     let foreign = for_another_sites_name(&headers, &state.config);
     authorize(&state, &target, peer, foreign)?;
-    let stored = match state.host.get_vars(&target.cid, &[]).await {
-        Ok(vars) => Some(vars),
+    let (stored, unreadable) = match state.host.get_vars(&target.cid, &[]).await {
+        Ok(vars) => (Some(vars), None),
+        Err(e @ HostError::Undecryptable { .. }) => {
+            // The fields the form shows are plain: read them alone, and say what is wrong.
+            let plain = [
+                vars::AUTH_TYPE,
+                vars::PRIVATE_ACCOUNT_ID,
+                vars::PRIVATE_CLIENT_ID,
+            ];
+            let plain = plain.map(String::from);
+            let found = state.host.get_vars(&target.cid, &plain).await.ok();
+            (found, Some(e.with_way_out()))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the connection for its page");
-            None
+            (None, None)
         }
     };
     let get = |name: &str| {
@@ -88,9 +99,10 @@ async fn connection_page(
             .unwrap_or_default()
     };
     let auth_type = get(vars::AUTH_TYPE).parse::<AuthType>().ok();
-    let status = match &stored {
-        None => CurrentStatus::Unknown,
-        Some(all) => {
+    let status = match (&stored, unreadable) {
+        (_, Some(why)) => CurrentStatus::Error(why),
+        (None, None) => CurrentStatus::Unknown,
+        (Some(all), None) => {
             let status = connection::connection_status(all);
             match status.code() {
                 ConnStatus::InitRequired => CurrentStatus::NotSetUp,
@@ -113,11 +125,13 @@ async fn connection_page(
         }
     };
     let default_app_configured = state.config.default_app.is_some();
-    let selected = auth_type.unwrap_or(if default_app_configured {
-        AuthType::OAuthDefault
-    } else {
-        AuthType::OAuthPrivate
-    });
+    // A disabled choice cannot be checked: with no default app, a connection set up with it
+    // is offered a private app instead of no choice at all.
+    let selected = match auth_type {
+        Some(AuthType::OAuthDefault) | None if !default_app_configured => AuthType::OAuthPrivate,
+        Some(kind) => kind,
+        None => AuthType::OAuthDefault,
+    };
     Ok(ConnectionPage {
         target: &target,
         status,

@@ -901,6 +901,28 @@ async fn without_a_default_app_the_page_says_so_and_the_flow_is_refused() {
 }
 
 #[tokio::test]
+async fn a_connection_set_up_with_a_default_app_the_server_no_longer_has_is_offered_a_private_app()
+{
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env_without_default_app()).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![var(&cid, "auth_type", "oauthDefault", false)],
+        })
+        .await
+        .unwrap();
+    let page = agent.get(&page_url(&app, &cid)).await;
+    assert!(
+        page.body
+            .contains("id=\"auth-oauthPrivate\" value=\"oauthPrivate\" checked>"),
+        "{}",
+        page.body
+    );
+}
+
+#[tokio::test]
 async fn bad_form_input_gets_an_error_page_and_changes_nothing() {
     let (app, zoom, agent) = app_and_zoom().await;
     let cid = existing_connection(&app).await;

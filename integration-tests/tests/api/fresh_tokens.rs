@@ -648,6 +648,18 @@ async fn a_stored_secret_that_no_longer_decrypts_is_reported_as_such_with_the_wa
     let error = zoom_integration::values::to_json(&answer.error.unwrap().value.unwrap());
     says_what_and_how(error["message"].as_str().unwrap());
 
+    let page = app.get(&format!("/zoom/?cid={cid}&origin=test")).await;
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(
+        page.contains("cannot be decrypted") && page.contains("set the connection up again"),
+        "{page}"
+    );
+    assert!(
+        page.contains("value=\"oauthDefault\" checked"),
+        "the stored choice is still shown: {page}"
+    );
+
     let read = app
         .vars()
         .get(vars::GetRequest {
