@@ -3,9 +3,12 @@
 //! `axum::serve` gives hyper no timer, which switches off hyper's header read timeout: a
 //! connection that sends half a request line, or sits idle between requests, would stay open
 //! forever, and enough of them exhaust the process's file descriptors. Here every connection
-//! must deliver a request's headers within [`header_read_timeout`] (idle keep-alive
-//! connections included), and at most [`MAX_CONNECTIONS`] are open at once (more wait in the
-//! kernel's backlog).
+//! must deliver a request's headers within [`header_read_timeout`] (from its first byte, and
+//! idle keep-alive connections included), and at most [`MAX_CONNECTIONS`] are open at once
+//! (more wait in the kernel's backlog). It speaks HTTP/1.1 only: telling HTTP/1 from HTTP/2
+//! waits for bytes with no time limit, and an idle HTTP/2 connection that answers pings is
+//! never closed, so either would let idle sockets hold every connection. Zoom, browsers and
+//! probes speak HTTP/1.1 here (behind TLS, the proxy does).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,8 +16,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -39,16 +42,10 @@ pub async fn serve(
     request_timeout: Duration,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout(request_timeout));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -81,9 +78,7 @@ pub async fn serve(
                     .insert(ConnectInfo::<SocketAddr>(peer));
                 router.clone().oneshot(request)
             }));
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -84,15 +84,18 @@ async fn closed_after(socket: &mut tokio::net::TcpStream) -> Duration {
 }
 
 #[tokio::test]
-async fn a_connection_that_sends_half_a_request_or_sits_idle_is_closed() {
+async fn a_connection_that_sends_nothing_half_a_request_or_sits_idle_is_closed() {
     use tokio::io::AsyncWriteExt;
     let app = crate::helpers::spawn_app_with(&[("REQUEST_TIMEOUT", "2")]).await;
     let addr = app.url("").trim_start_matches("http://").to_string();
     let addr = addr.trim_end_matches('/');
 
-    // Half a request; then one request answered and nothing more (an idle connection).
+    // Nothing at all; the first byte of HTTP/2's preface; half a request; then one request
+    // answered and nothing more (an idle connection).
     for sent in [
-        &b"GET /healthz HTTP/1.1\r\nHost: x\r\n"[..],
+        &b""[..],
+        b"P",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
     ] {
         let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
