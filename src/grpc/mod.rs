@@ -44,6 +44,9 @@ pub async fn serve(
             // behind the slow ones (tonic's default buffers it).
             .load_shed(true)
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            // A peer that stops answering pings is closed, as on the HTTP port's clients.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             // Callers' mistakes (INVALID_ARGUMENT, NOT_FOUND) are not our failures: log every
             // outcome at debug; internal errors are logged where they are mapped (error.rs).
             .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(
@@ -85,9 +88,61 @@ pub async fn serve(
                 .await;
         }
     });
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
     router
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(PauseOnErrors::new(incoming), shutdown.cancelled_owned())
         .await
+}
+
+/// How long a gRPC connection may be silent before the kernel probes its peer: a host engine
+/// that vanished without closing does not hold its socket forever.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Accepted connections, with a pause of [`ACCEPT_ERROR_PAUSE`] after an accept fails for a
+/// lack of resources (EMFILE): tonic's accept loop retries at once, and the connection still
+/// waiting in the backlog makes every retry fail the same way, spinning a core.
+struct PauseOnErrors {
+    incoming: TcpIncoming,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// How long the gRPC accept loop rests after an accept failed for a lack of resources.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+impl PauseOnErrors {
+    fn new(incoming: TcpIncoming) -> Self {
+        Self {
+            incoming,
+            pause: None,
+        }
+    }
+}
+
+impl tokio_stream::Stream for PauseOnErrors {
+    type Item = std::io::Result<tokio::net::TcpStream>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if let Some(pause) = self.pause.as_mut() {
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+        }
+        let next = std::pin::Pin::new(&mut self.incoming).poll_next(cx);
+        if let Poll::Ready(Some(Err(e))) = &next
+            && !crate::http::server::is_connection_error(e)
+        {
+            tracing::warn!(error = %e, "accepting a gRPC connection failed");
+            self.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_ERROR_PAUSE)));
+        }
+        next
+    }
 }
 
 /// Records each gRPC call's latency by method and status code (`Ok` unless the call failed

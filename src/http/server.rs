@@ -123,7 +123,9 @@ pub fn raise_open_files_limit() {
     }
 }
 
-fn is_connection_error(e: &std::io::Error) -> bool {
+/// Whether an accept failed for that one connection (reset before it was accepted), not for
+/// a lack of resources.
+pub(crate) fn is_connection_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind;
     matches!(
         e.kind(),

@@ -9,7 +9,9 @@ use zoom_integration::ids::ConnectionId;
 
 use crate::fake_host::FakeHost;
 use crate::helpers::{http_client, spawn_app_with, var};
-use crate::process::{start_service_with_file_limit, start_service_with_log};
+use crate::process::{
+    start_service_with_file_limit, start_service_with_log, start_service_with_open_files_limit,
+};
 use crate::webhooks::{ACCOUNT, SECRET, now, post_to, post_until_recorded};
 
 /// A routed `meeting.participant_joined` body whose `event_ts` is `n`, padded to `pad` bytes.
@@ -249,5 +251,45 @@ async fn a_full_disk_gets_503_and_every_webhook_answered_200_is_delivered_later(
     host.state.lock().unwrap().refuse_dispatch = false;
     let (mut child, _, _, _) = start_service_with_log(&env).await;
     wait_for(&host, &answered, Duration::from_secs(20)).await;
+    child.kill().await.unwrap();
+}
+
+/// CPU time `pid` has used, in clock ticks (user and system, from `/proc`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_the_grpc_port_pauses_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("DATA_DIR", dir.path().to_str().unwrap())];
+    let (mut child, _, grpc, log) = start_service_with_open_files_limit(&env, 64).await;
+    // More connections than the process may open files for: the rest wait in the backlog,
+    // and each accept fails (EMFILE) until some close.
+    let mut sockets = Vec::new();
+    for _ in 0..100 {
+        sockets.push(tokio::net::TcpStream::connect(&grpc).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().unwrap();
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used * 5 < ticks_per_second,
+        "{used} of {ticks_per_second} ticks of CPU in a second, doing nothing"
+    );
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("accepting a gRPC connection failed")),
+        "the failure is logged"
+    );
+    drop(sockets);
     child.kill().await.unwrap();
 }

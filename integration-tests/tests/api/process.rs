@@ -93,13 +93,26 @@ pub async fn start_service_with_file_limit(
     env: &[(&str, &str)],
     kib: u64,
 ) -> (tokio::process::Child, String, String, Log) {
-    let mut sh = Command::new("sh");
     // dash counts `ulimit -f` in 512-byte blocks.
-    sh.args([
-        "-c",
-        &format!("trap '' XFSZ; ulimit -f {}; exec \"$0\"", kib * 2),
-        BIN,
-    ]);
+    start_service_under(env, &format!("trap '' XFSZ; ulimit -f {}", kib * 2)).await
+}
+
+/// The service binary run by `sh` with at most `files` open files (soft and hard limit: the
+/// service cannot raise it).
+pub async fn start_service_with_open_files_limit(
+    env: &[(&str, &str)],
+    files: u32,
+) -> (tokio::process::Child, String, String, Log) {
+    start_service_under(env, &format!("ulimit -n {files}")).await
+}
+
+/// The service binary run by `sh` after `setup` (shell commands setting its limits).
+async fn start_service_under(
+    env: &[(&str, &str)],
+    setup: &str,
+) -> (tokio::process::Child, String, String, Log) {
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &format!("{setup}; exec \"$0\""), BIN]);
     launch(isolated(sh), env).await
 }
 
