@@ -226,6 +226,9 @@ impl Credentials {
         T: Send + 'static,
         E: From<HostError> + Send + 'static,
     {
+        if self.tasks.is_closed() {
+            return Err(stopping().into());
+        }
         let slot = self.slot(cid);
         let task = self.tasks.spawn(async move {
             let mut slot = slot.lock_owned().await;
@@ -442,6 +445,11 @@ impl Credentials {
             .filter(|a| !force && slot.unsaved.is_none() && fresh(a.expires_at))
         {
             return Ok(access.clone());
+        }
+        // Past the shutdown's wait for token tasks, a refresh could be cut off after Zoom
+        // rotated the refresh token, and the new one would be lost.
+        if self.tasks.is_closed() {
+            return Err(stopping().into());
         }
         let (source, cid) = (self.source.clone(), cid.clone());
         self.tasks
@@ -709,6 +717,11 @@ impl Source {
     }
 }
 
+/// What token requests and setups get once shutdown has begun.
+fn stopping() -> HostError {
+    HostError::Unavailable("this service is stopping, try again".into())
+}
+
 fn fresh(expires_at: DateTime<Utc>) -> bool {
     expires_at - Utc::now() > chrono::Duration::from_std(REFRESH_MARGIN).unwrap_or_default()
 }
@@ -806,6 +819,30 @@ mod tests {
             names,
             [vars::AUTH_TYPE, vars::CONNECTION_ERROR, vars::OAUTH_EXPIRY]
         );
+    }
+
+    #[tokio::test]
+    async fn once_shutdown_has_begun_no_token_request_or_setup_starts() {
+        let (_dir, host, credentials) = credentials().await;
+        let cid = ConnectionId::generate();
+        let mut expired = new_setup("old-access");
+        expired[3] = Var::plain(vars::OAUTH_EXPIRY, "2020-01-01T00:00:00Z");
+        host.set_vars(&cid, expired).await.unwrap();
+        // Before: the request is made (and fails: this server has no default app).
+        let before = credentials.access_token(&cid).await;
+        assert!(
+            matches!(before, Err(CredentialError::Broken(_))),
+            "{before:?}"
+        );
+        credentials.finish(Duration::from_millis(100)).await;
+        assert!(matches!(
+            credentials.access_token(&cid).await,
+            Err(CredentialError::Host(HostError::Unavailable(_)))
+        ));
+        let setup = credentials
+            .set_up_again(&cid, async { Ok::<_, HostError>(()) })
+            .await;
+        assert!(matches!(setup, Err(HostError::Unavailable(_))), "{setup:?}");
     }
 
     #[tokio::test]
