@@ -51,7 +51,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let stop_signal = shutdown_signal();
         let http = match TcpListener::bind(config.http_addr).await {
             Ok(l) => l,
@@ -82,7 +82,11 @@ pub fn main() -> ExitCode {
                 }
             },
         }
-    })
+    });
+    // A blocking task stuck on the disk (a commit past its grace) must not keep the process
+    // alive after it said it stopped.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// `redrive-dead-letters`: moves the outbox's dead letters back into it (the service must be
@@ -180,10 +184,23 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     let int = signal(SignalKind::interrupt());
     async move {
         match (term, int) {
-            (Ok(mut term), Ok(mut int)) => tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            },
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+                // A second signal means now: answered webhooks are already durable.
+                tokio::spawn(async move {
+                    let code = tokio::select! {
+                        _ = term.recv() => 128 + libc::SIGTERM,
+                        _ = int.recv() => 128 + libc::SIGINT,
+                    };
+                    tracing::warn!(
+                        "second signal received; exiting without finishing the shutdown"
+                    );
+                    std::process::exit(code);
+                });
+            }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(error = %e, "cannot listen for SIGTERM and SIGINT; stopping on Ctrl-C only");
                 let _ = tokio::signal::ctrl_c().await;

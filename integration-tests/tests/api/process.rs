@@ -214,6 +214,55 @@ async fn sigterm_stops_both_servers_gracefully() {
     );
 }
 
+/// Sends `signal` (a name `kill` knows) to `child`.
+fn send_signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+#[tokio::test]
+async fn a_second_sigterm_ends_a_shutdown_still_waiting_for_a_request_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, http, _) = start_service(&[
+        ("DATA_DIR", dir.path().to_str().unwrap()),
+        ("ZOOM_SECRET_TOKEN", "secret"),
+    ])
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A webhook whose body never comes: in flight until its body's time runs out.
+    let mut stalled = tokio::net::TcpStream::connect(&http).await.unwrap();
+    let ts = crate::webhooks::now();
+    stalled
+        .write_all(
+            format!(
+                "POST /zoom/event HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\
+                 x-zm-request-timestamp: {ts}\r\nx-zm-signature: v0=00\r\n\r\n{{"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    send_signal(&child, "TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the request"
+    );
+    send_signal(&child, "TERM");
+    let exit = tokio::time::timeout(Duration::from_secs(2), child.wait())
+        .await
+        .expect("a second SIGTERM ends it at once")
+        .unwrap();
+    assert_eq!(exit.code(), Some(143), "{exit:?}");
+}
+
 #[tokio::test]
 async fn dead_letters_are_driven_back_only_while_the_service_is_stopped() {
     let dir = tempfile::tempdir().unwrap();
