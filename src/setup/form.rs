@@ -309,7 +309,7 @@ mod tests {
         ];
         for case in cases {
             let err = form(case).check().unwrap_err();
-            assert!(!err.0.contains("secret\u{7}"), "{err}");
+            assert!(!err.0.contains("top\u{7}secret"), "{err}");
             assert!(!err.0.is_empty());
         }
     }

@@ -753,7 +753,23 @@ async fn a_remote_host_briefly_failing_deletes_gets_the_whole_setup_and_one_fail
     host.state.lock().unwrap().fail_deletes = 1;
     let done = setup("token-1").await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
-    assert_eq!(stored("connection_error"), None, "the old mark is gone");
+    let names: Vec<String> = {
+        let state = host.state.lock().unwrap();
+        let vars = state.vars.keys().filter(|(scope, _)| *scope == cid);
+        vars.map(|(_, name)| name.clone()).collect()
+    };
+    assert_eq!(
+        names,
+        [
+            "account_id",
+            "auth_type",
+            "private_account_id",
+            "private_client_id",
+            "private_client_secret",
+            "private_secret_token"
+        ],
+        "the whole Server-to-Server setup, and the old mark gone"
+    );
 
     host.state.lock().unwrap().fail_deletes = u32::MAX;
     let failed = setup("token-2").await;

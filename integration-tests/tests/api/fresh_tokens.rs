@@ -763,13 +763,19 @@ async fn a_connection_deleted_in_a_remote_host_while_its_token_is_refreshed_stay
 
     let (code, message) = testing.await.unwrap();
     assert_eq!(code, ConnStatus::InitRequired, "{message}");
-    assert!(
+    let gone = || {
         host.state
             .lock()
             .unwrap()
             .vars
             .keys()
-            .all(|(scope, _)| *scope != cid),
-        "the refreshed tokens did not bring it back"
+            .all(|(scope, _)| *scope != cid)
+    };
+    assert!(gone(), "the refreshed tokens did not bring it back");
+    // Nor are they kept to be saved at the next use: the pair was dropped.
+    assert_eq!(
+        test_connection(&app, &cid).await.0,
+        ConnStatus::InitRequired
     );
+    assert!(gone(), "the next use did not bring it back either");
 }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
+use zoom_integration::proto::autokitteh::events::v1::ListRequest;
+use zoom_integration::proto::autokitteh::events::v1::events_service_client::EventsServiceClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_service-under-test");
 
@@ -284,10 +286,52 @@ async fn dead_letters_are_driven_back_only_while_the_service_is_stopped() {
         .status()
         .unwrap();
     child.wait().await.unwrap();
+    // A dead letter, as the forwarder leaves one after the host kept refusing it.
+    let cid = zoom_integration::ids::ConnectionId::generate().to_string();
+    let outbox = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+    outbox
+        .execute(
+            "INSERT INTO dead_letters
+                 (destination, received_ms, event_type, memo, body, failed_ms, error)
+             VALUES (?1, 1700000000000, 'meeting.started', '{}', ?2, 1700000001000, 'refused')",
+            rusqlite::params![
+                cid,
+                br#"{"event":"meeting.started","payload":{"account_id":"a","object":{"id":"7"}}}"#
+                    .to_vec()
+            ],
+        )
+        .unwrap();
+    drop(outbox);
     let done = redrive().await.unwrap();
     assert!(done.status.success(), "{:?}", done);
     let said = String::from_utf8_lossy(&done.stdout);
-    assert!(said.contains("0 dead letters moved back"), "{said}");
+    assert!(said.contains("1 dead letters moved back"), "{said}");
+
+    // Delivered on the next start.
+    let (mut child, _, grpc) = start_service(&[("DATA_DIR", data_dir)]).await;
+    let mut events = EventsServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = events
+            .list(ListRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if let [event] = listed.as_slice() {
+            assert_eq!(
+                (event.destination_id.as_str(), event.event_type.as_str()),
+                (cid.as_str(), "meeting.started")
+            );
+            break;
+        }
+        assert!(listed.is_empty(), "{listed:?}");
+        assert!(std::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().await.unwrap();
 }
 
 #[tokio::test]
