@@ -237,6 +237,14 @@ pub fn check_var(var: &Var) -> Result<(), HostError> {
     Ok(())
 }
 
+/// Each variable's name and value, in order: what tests compare.
+#[cfg(test)]
+pub(crate) fn names_and_values(vars: &[Var]) -> Vec<(&str, &str)> {
+    vars.iter()
+        .map(|v| (v.name.as_str(), v.value.as_str()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,10 +298,7 @@ mod tests {
             .await
             .unwrap();
             let left = host.get_vars(&cid, &[]).await.unwrap();
-            let left: Vec<(&str, &str)> = left
-                .iter()
-                .map(|v| (v.name.as_str(), v.value.as_str()))
-                .collect();
+            let left = names_and_values(&left);
             assert_eq!(left, [("a", "new")], "{}", host.kind());
         }
     }
@@ -330,10 +335,7 @@ mod tests {
                 .await
                 .unwrap();
             let left = host.get_vars(&kept, &[]).await.unwrap();
-            let left: Vec<(&str, &str)> = left
-                .iter()
-                .map(|v| (v.name.as_str(), v.value.as_str()))
-                .collect();
+            let left = names_and_values(&left);
             assert_eq!(
                 left,
                 [(auth_type, "oauthDefault"), ("connection_error", "broken")],

@@ -1087,10 +1087,7 @@ mod tests {
         assert!(host.get_vars(&deleted, &[]).await.unwrap().is_empty());
         assert!(deauthorize(&host, &kept, None).await.unwrap());
         let left = host.get_vars(&kept, &[]).await.unwrap();
-        let left: Vec<(&str, &str)> = left
-            .iter()
-            .map(|v| (v.name.as_str(), v.value.as_str()))
-            .collect();
+        let left = crate::host::names_and_values(&left);
         assert_eq!(
             left,
             [
