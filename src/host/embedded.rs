@@ -472,11 +472,7 @@ impl EmbeddedHost {
             check_var_name(name)?;
         }
         let scope = scope.clone();
-        let remove: Vec<String> = remove
-            .iter()
-            .filter(|name| !vars.iter().any(|v| &v.name == *name))
-            .cloned()
-            .collect();
+        let remove = super::not_set(remove, &vars);
         self.change_vars(vec![scope.clone()], move |conn, keys| {
             let now = crate::db::now_ms();
             let tx = conn.transaction()?;

@@ -128,11 +128,7 @@ pub trait HostEngine: Send + Sync + 'static {
         vars: Vec<Var>,
         remove: &[String],
     ) -> Result<(), HostError> {
-        let remove: Vec<String> = remove
-            .iter()
-            .filter(|name| !vars.iter().any(|v| &v.name == *name))
-            .cloned()
-            .collect();
+        let remove = not_set(remove, &vars);
         self.set_vars(scope, vars).await?;
         if remove.is_empty() {
             return Ok(());
@@ -186,6 +182,16 @@ pub trait HostEngine: Send + Sync + 'static {
 
     /// Succeeds when the host engine is reachable and working.
     async fn check(&self) -> Result<(), HostError>;
+}
+
+/// The names in `remove` that `vars` does not set: a name both set and removed keeps its new
+/// value.
+pub(crate) fn not_set(remove: &[String], vars: &[Var]) -> Vec<String> {
+    remove
+        .iter()
+        .filter(|name| !vars.iter().any(|v| &v.name == *name))
+        .cloned()
+        .collect()
 }
 
 /// What [`HostEngine::replace_vars_if_set_up`] answers for a connection no longer set up.
