@@ -1,5 +1,6 @@
-//! Webhook verification and normalization on arbitrary requests: nothing panics, a forged
-//! signature never verifies, and every body serde_json accepts as an object is normalized.
+//! Webhook verification and normalization on arbitrary requests: nothing panics, a signature
+//! verifies only if it is the genuine one (hex digits in either case), and every body
+//! serde_json accepts as an object is normalized unless it passes normalization's limits.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,8 +19,23 @@ fuzz_target!(|data: &[u8]| {
     let genuine = std::str::from_utf8(timestamp)
         .map(|ts| verifier.sign(ts, body))
         .ok();
-    if verifier.verifies(signature, timestamp, body) {
-        assert_eq!(genuine.as_deref().map(str::as_bytes), Some(signature));
+    // A signature "*", i, x stands for the genuine one with byte i xor-ed with x, so the
+    // fuzzer can try near misses of a signature it could never compute.
+    let mut signature = signature.to_vec();
+    if let (Some(genuine), [b'*', i, x, ..]) = (&genuine, signature.as_slice()) {
+        let (i, x) = (usize::from(*i) % genuine.len(), *x);
+        let mut near = genuine.clone().into_bytes();
+        near[i] ^= x;
+        signature = near;
+    }
+    if verifier.verifies(&signature, timestamp, body) {
+        let genuine = genuine.as_deref().map_or(&[][..], str::as_bytes);
+        assert!(
+            signature.len() == genuine.len()
+                && signature[..3] == genuine[..3]
+                && signature.eq_ignore_ascii_case(genuine),
+            "a signature other than the genuine one verified"
+        );
     }
     if let Some(genuine) = &genuine {
         assert!(verifier.verifies(genuine.as_bytes(), timestamp, body));
@@ -38,8 +54,19 @@ fuzz_target!(|data: &[u8]| {
     let parsed = serde_json::from_slice::<serde_json::Value>(body);
     let fields = normalize::top_level_fields(body);
     if let Ok(serde_json::Value::Object(object)) = &parsed {
-        let fields = fields.expect("serde_json accepts it, so must normalization");
-        assert_eq!(fields.len(), object.len());
+        match fields {
+            Ok(fields) => assert_eq!(fields.len(), object.len()),
+            // Normalization refuses what nests more than 32 levels below the body's object, or
+            // has more values than its limit; serde_json accepts up to 128 levels.
+            Err(e) => {
+                let (e, depth) = (e.to_string(), depth(parsed.as_ref().unwrap()));
+                assert!(
+                    (e.contains("nested too deeply") && depth > 33)
+                        || e.contains("values and keys"),
+                    "serde_json accepts it (depth {depth}), normalization refused it: {e}"
+                );
+            }
+        }
     }
     // The one thing normalization accepts beyond serde_json: an integer too long for an f64,
     // which it keeps as a big integer. The request path refuses such bodies first (400).
@@ -52,3 +79,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// How deeply `value` nests: 1 for a scalar, one more per array or object around it.
+fn depth(value: &serde_json::Value) -> usize {
+    1 + match value {
+        serde_json::Value::Array(items) => items.iter().map(depth).max().unwrap_or(0),
+        serde_json::Value::Object(fields) => fields.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}

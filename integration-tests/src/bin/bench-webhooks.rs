@@ -4,14 +4,19 @@
 //! 2. The whole service (embedded host, fresh DATA_DIR): verify, dedupe, durable record, with
 //!    the forwarder draining into the embedded host at the same time.
 //!
-//! Both get the same distinct, validly signed `meeting.started` bodies from `WORKERS` keep-alive
-//! connections on loopback for `SECONDS` each. Then the full path again at half the floor's
-//! rate, how long the forwarder (which yields the CPU to requests) takes to catch up after
-//! them, and its drain rate from an outbox pre-filled with `DRAIN_EVENTS` events. Each run
-//! reports the process's CPU time per request, in all and by kind of thread (the load generator
-//! and request handling share the runtime's threads; the committer; the forwarder).
-//! Environment knobs: `WORKERS` (32), `SECONDS` (5), `DRAIN_EVENTS` (100000), `OUTBOX_SYNC`
-//! (`full`, the default, or `normal`: see the README).
+//! 3. The floor plus the full path's checks, without the durable record: the ceiling.
+//!
+//! All get the same distinct, validly signed `meeting.started` bodies from `WORKERS` keep-alive
+//! connections on loopback for `SECONDS` each, in `ROUNDS` rounds; only answers that are 200
+//! and say "recorded" (the floor: any 200) count, and the service's own count of recorded
+//! webhooks must agree. After the last round, the full path open-loop at half the floor's rate
+//! (latency counted from when each request was due), how long the forwarder (which yields the
+//! CPU to requests) takes to catch up, and its drain rate from an outbox pre-filled with
+//! `DRAIN_EVENTS` events. Each run reports the process's CPU time per request, in all and by
+//! kind of thread (the load generator and request handling share the runtime's threads; the
+//! committer; the forwarder). Exits 1 if any request failed or the counts disagree.
+//! Environment knobs: `WORKERS` (32), `SECONDS` (5), `ROUNDS` (3), `DRAIN_EVENTS` (100000),
+//! `OUTBOX_SYNC` (`full`, the default, or `normal`: see the README).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,9 +69,14 @@ struct RunResult {
     cpu: Duration,
     /// The same, by kind of thread: (name, CPU time), largest first.
     by_thread: Vec<(&'static str, Duration)>,
+    /// Requests answered as expected (200, and the expected answer): only these count.
     requests: u64,
+    /// Requests answered otherwise, or not at all; left out of the rate and the latencies.
     failures: u64,
     seconds: f64,
+    /// Latencies of the counted requests, sorted: from the moment each was sent, or, in a
+    /// paced run, from the moment it was due (so a request held up behind others counts
+    /// the time it waited to be sent).
     latencies_us: Vec<u32>,
 }
 
@@ -76,16 +86,12 @@ impl RunResult {
     }
 
     fn percentile(&self, p: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(self.latencies_us[i]) / 1000.0
+        percentile(&self.latencies_us, p)
     }
 
     fn line(&self, name: &str) -> String {
         format!(
-            "{name:<34} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   {:>5.1} us CPU/req   ({} requests, {} not 200)",
+            "{name:<34} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   {:>5.1} us CPU/req   ({} requests, {} failed)",
             self.rps(),
             self.percentile(0.50),
             self.percentile(0.99),
@@ -95,7 +101,7 @@ impl RunResult {
         )
     }
 
-    /// `cpu` spread over the run's requests, in microseconds each.
+    /// `cpu` spread over the run's counted requests, in microseconds each.
     fn us_per_request(&self, cpu: Duration) -> f64 {
         cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64
     }
@@ -110,6 +116,15 @@ impl RunResult {
     }
 }
 
+/// The `p` quantile of sorted latencies in microseconds, in milliseconds.
+fn percentile(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted_us.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted_us[i]) / 1000.0
+}
+
 /// The kind of a thread, from its name: the benchmark's runtime runs the load generator and the
 /// service's HTTP and gRPC; the rest are the service's own.
 fn thread_kind(name: &str) -> &'static str {
@@ -121,8 +136,10 @@ fn thread_kind(name: &str) -> &'static str {
     }
 }
 
-/// CPU time each thread of this process has run so far, by thread id, with its kind.
+/// CPU time each thread of this process has run so far, by thread id, with its kind. Empty
+/// (with a warning, once) where the kernel keeps no `schedstat`.
 fn thread_cpu() -> std::collections::HashMap<u32, (&'static str, Duration)> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
     let mut out = std::collections::HashMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return out;
@@ -134,10 +151,15 @@ fn thread_cpu() -> std::collections::HashMap<u32, (&'static str, Duration)> {
         let path = task.path();
         let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
         // The first field of schedstat: nanoseconds on a CPU.
-        let ns = std::fs::read_to_string(path.join("schedstat"))
+        let Some(ns) = std::fs::read_to_string(path.join("schedstat"))
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
+        else {
+            WARNED.call_once(|| {
+                eprintln!("warning: no /proc/self/task/*/schedstat: no CPU time by thread");
+            });
+            continue;
+        };
         out.insert(tid, (thread_kind(name.trim()), Duration::from_nanos(ns)));
     }
     out
@@ -162,65 +184,116 @@ fn cpu_by_kind(
     sums
 }
 
-/// Loads `url` from `workers` connections for `duration`; with `rate`, paces the total to that
-/// many requests per second. Bodies are numbered from `first` on, so every run sends new ones.
+/// One server under load: its URL, the client that keeps connections to it from one run to
+/// the next, and what a good answer's body contains.
+struct Target {
+    url: String,
+    client: reqwest::Client,
+    /// A 200 counts only if its body contains this (the floor answers an empty body).
+    expect: &'static str,
+}
+
+impl Target {
+    fn new(url: String, connections: usize, expect: &'static str) -> Self {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections)
+            .tcp_nodelay(true)
+            .build()
+            .unwrap();
+        Self {
+            url,
+            client,
+            expect,
+        }
+    }
+
+    /// Sends webhook `n`, freshly signed; whether the answer was the expected one.
+    async fn send(&self, n: u64) -> bool {
+        let body = body(n);
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .to_string();
+        let signature = sign(&ts, &body);
+        let response = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("x-zm-request-timestamp", ts)
+            .header("x-zm-signature", signature)
+            .body(body)
+            .send()
+            .await;
+        match response {
+            Ok(r) => {
+                let status = r.status();
+                let body = r.bytes().await.unwrap_or_default();
+                status == 200 && memchr_str(&body, self.expect)
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Whether `haystack` contains `needle` (always, for an empty needle).
+fn memchr_str(haystack: &[u8], needle: &str) -> bool {
+    needle.is_empty()
+        || haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+}
+
+/// CPU readings at the start of a run, to subtract at its end.
+struct CpuMark {
+    process: Duration,
+    threads: std::collections::HashMap<u32, (&'static str, Duration)>,
+}
+
+impl CpuMark {
+    fn now() -> Self {
+        Self {
+            process: process_cpu(),
+            threads: thread_cpu(),
+        }
+    }
+
+    fn result(&self, seconds: f64, mut latencies_us: Vec<u32>, failures: u64) -> RunResult {
+        latencies_us.sort_unstable();
+        RunResult {
+            cpu: process_cpu().saturating_sub(self.process),
+            by_thread: cpu_by_kind(&self.threads, &thread_cpu()),
+            requests: latencies_us.len() as u64,
+            failures,
+            seconds,
+            latencies_us,
+        }
+    }
+}
+
+/// Loads `target` from `workers` connections for `duration`, each sending its next request as
+/// soon as the last is answered. Bodies are numbered from `first` on, so every run sends new
+/// ones.
 async fn load(
-    url: &str,
+    target: &Arc<Target>,
     workers: u64,
     duration: Duration,
-    rate: Option<f64>,
     first: Arc<AtomicU64>,
 ) -> RunResult {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(workers as usize)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap();
     let start = Instant::now();
-    let cpu_before = process_cpu();
-    let threads_before = thread_cpu();
+    let mark = CpuMark::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..workers {
-        let (client, url, first) = (client.clone(), url.to_string(), first.clone());
+    for _ in 0..workers {
+        let (target, first) = (target.clone(), first.clone());
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             let mut failures = 0u64;
-            let interval = rate.map(|r| Duration::from_secs_f64(workers as f64 / r));
-            let offset = interval.map(|i| i.mul_f64(w as f64 / workers as f64));
-            let mut k = 0u32;
             while start.elapsed() < duration {
-                if let (Some(interval), Some(offset)) = (interval, offset) {
-                    let at = start + offset + interval * k;
-                    k += 1;
-                    tokio::time::sleep_until(at.into()).await;
-                }
                 let n = first.fetch_add(1, Ordering::Relaxed);
-                let body = body(n);
-                let ts = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs()
-                    .to_string();
-                let signature = sign(&ts, &body);
                 let sent = Instant::now();
-                let response = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("x-zm-request-timestamp", ts)
-                    .header("x-zm-signature", signature)
-                    .body(body)
-                    .send()
-                    .await;
-                let ok = match response {
-                    Ok(r) => {
-                        let ok = r.status() == 200;
-                        let _ = r.bytes().await;
-                        ok
-                    }
-                    Err(_) => false,
-                };
-                latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                if !ok {
+                if target.send(n).await {
+                    latencies.push(micros(sent.elapsed()));
+                } else {
                     failures += 1;
                 }
             }
@@ -234,18 +307,91 @@ async fn load(
         all.extend(latencies);
         failures += f;
     }
-    let seconds = start.elapsed().as_secs_f64();
-    let cpu = process_cpu().saturating_sub(cpu_before);
-    let by_thread = cpu_by_kind(&threads_before, &thread_cpu());
-    all.sort_unstable();
-    RunResult {
-        cpu,
-        by_thread,
-        requests: all.len() as u64,
-        failures,
-        seconds,
-        latencies_us: all,
+    mark.result(start.elapsed().as_secs_f64(), all, failures)
+}
+
+/// Requests a paced run keeps in flight at most (and connections it opens at most); the rest
+/// wait their turn, their latency counting from when they were due.
+const PACED_IN_FLIGHT: usize = 1024;
+
+/// Open-loop load: one request due every `1 / rate` seconds for `duration`, each sent when due
+/// whether or not earlier ones were answered (up to [`PACED_IN_FLIGHT`] at once), its latency
+/// counted from when it was due. A thread of its own keeps the schedule, to a tenth of a
+/// millisecond (the runtime's timers tick by the millisecond). Returns the run and the
+/// latencies counted from each request's actual sending, sorted.
+async fn load_paced(
+    target: &Arc<Target>,
+    rate: f64,
+    duration: Duration,
+    first: Arc<AtomicU64>,
+) -> (RunResult, Vec<u32>) {
+    let (results, mut received) = tokio::sync::mpsc::unbounded_channel::<Option<(u32, u32)>>();
+    let slots = Arc::new(tokio::sync::Semaphore::new(PACED_IN_FLIGHT));
+    let runtime = tokio::runtime::Handle::current();
+    let start = Instant::now();
+    let mark = CpuMark::now();
+    let pacer = {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            let due = |k: u64| start + Duration::from_secs_f64(k as f64 / rate);
+            let mut k = 0u64;
+            while due(k) < start + duration {
+                let now = Instant::now();
+                while due(k) <= now && due(k) < start + duration {
+                    let (target, first, slots, results) = (
+                        target.clone(),
+                        first.clone(),
+                        slots.clone(),
+                        results.clone(),
+                    );
+                    let at = due(k);
+                    runtime.spawn(async move {
+                        let _slot = slots.acquire_owned().await.unwrap();
+                        let n = first.fetch_add(1, Ordering::Relaxed);
+                        let sent = Instant::now();
+                        let ok = target.send(n).await;
+                        let _ = results
+                            .send(ok.then(|| (micros(at.elapsed()), micros(sent.elapsed()))));
+                    });
+                    k += 1;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        })
+    };
+    let mut from_due = Vec::new();
+    let mut from_sent = Vec::new();
+    let mut failures = 0;
+    let mut seconds = 0.0;
+    let mut pacer = Some(pacer);
+    loop {
+        let next = tokio::time::timeout(duration + Duration::from_secs(60), received.recv()).await;
+        match next {
+            Ok(Some(Some((due, sent)))) => {
+                from_due.push(due);
+                from_sent.push(sent);
+                seconds = start.elapsed().as_secs_f64();
+            }
+            Ok(Some(None)) => failures += 1,
+            Ok(None) => break,
+            Err(_) => panic!("the paced run's requests did not end within a minute"),
+        }
+        // The channel closes once the pacer and every request it started are done.
+        if pacer.as_ref().is_some_and(|p| p.is_finished()) {
+            pacer.take().unwrap().join().unwrap();
+        }
     }
+    if let Some(p) = pacer {
+        p.join().unwrap();
+    }
+    from_sent.sort_unstable();
+    // The rate reached: counted requests over the time until the last was answered.
+    let run = mark.result(seconds.max(f64::MIN_POSITIVE), from_due, failures);
+    (run, from_sent)
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
 }
 
 /// User and system CPU time this process has used so far.
@@ -446,15 +592,58 @@ async fn drain(events: u64) -> (f64, f64) {
         stop.clone(),
     );
     while counters.delivered.get() < events {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the forwarder delivered {} of {events} events in ten minutes",
+            counters.delivered.get()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    // Delivered rows leave the outbox with the next commit: part of the drain.
+    outbox.flush().await;
     let drain_rate = events as f64 / started.elapsed().as_secs_f64();
     stop.cancel();
     let _ = task.await;
-    outbox.flush().await;
     let (left, dead) = outbox.counts().await.unwrap();
     assert_eq!((left, dead), (0, 0), "everything delivered");
     (fill_rate, drain_rate)
+}
+
+/// `zoom_webhooks_total{result="recorded"}` from the service's metrics.
+async fn recorded_total(metrics_url: &str) -> u64 {
+    metric(metrics_url, "zoom_webhooks_total{result=\"recorded\"} ").await
+}
+
+/// A metric's value, by the start of its line, from the service's metrics.
+async fn metric(metrics_url: &str, prefix: &str) -> u64 {
+    let text = reqwest::get(metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{prefix} in the metrics"))
+}
+
+/// Waits until the forwarder has delivered everything recorded; how long that took.
+async fn caught_up(metrics_url: &str) -> Duration {
+    let started = Instant::now();
+    while outbox_depth(metrics_url).await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the forwarder stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 #[tokio::main]
@@ -463,84 +652,140 @@ async fn main() {
     zoom_integration::zoom::init_tls();
     let workers = env_or("WORKERS", 32);
     let seconds = Duration::from_secs(env_or("SECONDS", 5));
+    let rounds = env_or("ROUNDS", 3).max(1);
     let drain_events = env_or("DRAIN_EVENTS", 100_000);
     println!(
-        "bench-webhooks: {workers} keep-alive connections, {}s per run, {} cores, OUTBOX_SYNC={}",
+        "bench-webhooks: {workers} keep-alive connections, {}s per run, {rounds} rounds, {} cores, OUTBOX_SYNC={}",
         seconds.as_secs(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::env::var("OUTBOX_SYNC").unwrap_or_else(|_| "full".into()),
     );
     let counter = Arc::new(AtomicU64::new(0));
+    let mut problems = Vec::new();
 
-    let floor_url = floor_server().await;
-    let checks_url = checks_server().await;
+    let connections = workers as usize;
+    let floor = Arc::new(Target::new(floor_server().await, connections, ""));
+    let checks = Arc::new(Target::new(
+        checks_server().await,
+        connections,
+        "\"recorded\"",
+    ));
     let dir = tempfile::tempdir().unwrap();
-    let service_url = service(dir.path()).await;
+    let service = Arc::new(Target::new(
+        service(dir.path()).await,
+        connections,
+        "\"recorded\"",
+    ));
+    let metrics_url = service.url.replace("/zoom/event", "/metrics");
 
-    // Warm both up (connections, caches) before measuring.
-    load(
-        &floor_url,
-        workers,
-        Duration::from_millis(500),
-        None,
-        counter.clone(),
-    )
-    .await;
-    for url in [&checks_url, &service_url] {
-        load(
-            url,
-            workers,
-            Duration::from_millis(500),
-            None,
-            counter.clone(),
-        )
-        .await;
+    // Warm all three up (connections, caches) before measuring.
+    for target in [&floor, &checks, &service] {
+        load(target, workers, Duration::from_millis(500), counter.clone()).await;
     }
 
-    let floor = load(&floor_url, workers, seconds, None, counter.clone()).await;
-    println!("{}", floor.line("floor (axum, read body, 200)"));
-    println!("{}", floor.threads_line());
-    let checks = load(&checks_url, workers, seconds, None, counter.clone()).await;
-    println!("{}", checks.line("floor + checks (no durable record)"));
+    let mut ratios = Vec::new();
+    let mut ceilings = Vec::new();
+    for round in 1..=rounds {
+        // Each round starts with the forwarder idle, so the floor does not share the cores
+        // with the last round's deliveries.
+        caught_up(&metrics_url).await;
+        println!("round {round}:");
+        let floor_run = load(&floor, workers, seconds, counter.clone()).await;
+        println!("{}", floor_run.line("floor (axum, read body, 200)"));
+        println!("{}", floor_run.threads_line());
+        let checks_run = load(&checks, workers, seconds, counter.clone()).await;
+        println!("{}", checks_run.line("floor + checks (no durable record)"));
+        let recorded_before = recorded_total(&metrics_url).await;
+        let full = load(&service, workers, seconds, counter.clone()).await;
+        let recorded = recorded_total(&metrics_url).await - recorded_before;
+        println!("{}", full.line("full path (verify, dedupe, record)"));
+        println!("{}", full.threads_line());
+        if recorded != full.requests {
+            problems.push(format!(
+                "round {round}: {} answers said recorded, the service counted {recorded}",
+                full.requests
+            ));
+        }
+        for (name, run) in [
+            ("floor", &floor_run),
+            ("checks", &checks_run),
+            ("full path", &full),
+        ] {
+            if run.failures > 0 {
+                problems.push(format!(
+                    "round {round}: {} {name} requests failed",
+                    run.failures
+                ));
+            }
+        }
+        let (ceiling, ratio) = (
+            100.0 * checks_run.rps() / floor_run.rps(),
+            100.0 * full.rps() / floor_run.rps(),
+        );
+        println!(
+            "ratio checks/floor {ceiling:.1}% (the full path's ceiling), full/floor {ratio:.1}%"
+        );
+        ceilings.push(ceiling);
+        ratios.push(ratio);
+        if round == rounds {
+            // The target's rate, then, for comparison, half the rate the full path reached.
+            let rates = [
+                ("half the floor's rate", floor_run.rps() / 2.0),
+                ("half the full path's rate", full.rps() / 2.0),
+            ];
+            for (what, rate) in rates {
+                caught_up(&metrics_url).await;
+                let recorded_before = recorded_total(&metrics_url).await;
+                let (paced, from_sent) = load_paced(&service, rate, seconds, counter.clone()).await;
+                let recorded = recorded_total(&metrics_url).await - recorded_before;
+                println!(
+                    "{}",
+                    paced.line(&format!("full path paced at {rate:.0} req/s"))
+                );
+                println!("{}", paced.threads_line());
+                println!(
+                    "  {what}: asked {:.0} req/s, answered {:.0} req/s; p99 from when each request was due {:.2} ms, from when it was sent {:.2} ms",
+                    rate,
+                    paced.rps(),
+                    paced.percentile(0.99),
+                    percentile(&from_sent, 0.99),
+                );
+                if recorded != paced.requests {
+                    problems.push(format!(
+                        "paced: {} answers said recorded, the service counted {recorded}",
+                        paced.requests
+                    ));
+                }
+                if paced.failures > 0 {
+                    problems.push(format!("paced: {} requests failed", paced.failures));
+                }
+            }
+            println!("(target: p99 <= 5 ms at half the floor's rate)");
+        }
+    }
     println!(
-        "ratio checks/floor: {:.1}% (the full path's ceiling)",
-        100.0 * checks.rps() / floor.rps()
-    );
-    let full = load(&service_url, workers, seconds, None, counter.clone()).await;
-    println!("{}", full.line("full path (verify, dedupe, record)"));
-    println!("{}", full.threads_line());
-    println!(
-        "ratio full/floor: {:.1}% (target >= 75%)",
-        100.0 * full.rps() / floor.rps()
-    );
-    let half = floor.rps() / 2.0;
-    let paced = load(&service_url, workers, seconds, Some(half), counter.clone()).await;
-    println!("{}", paced.line(&format!("full path at {half:.0} req/s")));
-    println!("{}", paced.threads_line());
-    println!(
-        "p99 at half the floor's rate: {:.2} ms (target <= 5 ms)",
-        paced.percentile(0.99)
+        "median of {rounds} rounds: full/floor {:.1}% (target >= 75%), checks/floor {:.1}%",
+        median(ratios),
+        median(ceilings)
     );
 
     // The forwarder yields the CPU to requests (it runs at a lower priority): how far behind
-    // the two runs left it, and how long it took to catch up.
-    let metrics_url = service_url.replace("/zoom/event", "/metrics");
+    // the runs left it, and how long it took to catch up.
     let behind = outbox_depth(&metrics_url).await;
-    let caught_up = Instant::now();
-    while outbox_depth(&metrics_url).await > 0 {
-        assert!(
-            caught_up.elapsed() < Duration::from_secs(120),
-            "the forwarder stalled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let took = caught_up(&metrics_url).await;
     println!(
         "forwarder: {behind} events behind when the load ended, all delivered {:.2} s later",
-        caught_up.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
 
     let (fill, drain) = drain(drain_events).await;
     println!(
         "outbox: {drain_events} events recorded at {fill:.0}/s, drained into the embedded host at {drain:.0} events/s (target >= 20000)"
     );
+    if !problems.is_empty() {
+        for problem in &problems {
+            eprintln!("FAILED: {problem}");
+        }
+        std::process::exit(1);
+    }
 }
