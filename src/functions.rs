@@ -432,9 +432,19 @@ impl Functions {
                         e.with_way_out()
                     ))
                 }
-                CredentialError::Host(e) => {
-                    tracing::warn!(error = %e, "cannot read the connection for a call");
+                CredentialError::Host(HostError::NotFound(_)) => {
+                    CallFailure::new("the connection does not exist (anymore)")
+                }
+                CredentialError::Host(HostError::InvalidArgument(message)) => {
+                    CallFailure::new(format!("the host engine refused the connection: {message}"))
+                }
+                CredentialError::Host(e @ HostError::Unavailable(_)) => {
+                    tracing::warn!(connection_id = %cid, error = %e, "cannot read the connection for a call");
                     CallFailure::new("the host engine is unavailable: try again later")
+                }
+                CredentialError::Host(e) => {
+                    tracing::error!(connection_id = %cid, error = %e, "cannot read the connection for a call");
+                    CallFailure::new("the connection could not be read (the error is in this service's log)")
                 }
                 other => CallFailure::new(format!("the connection cannot be used: {other}")),
             })?;
@@ -459,10 +469,7 @@ impl Functions {
             self.credentials.reject(cid, &access.token).await;
         }
         let body = if answer.body.iter().all(u8::is_ascii_whitespace) {
-            pb::Value {
-                nothing: Some(pb::Nothing {}),
-                ..Default::default()
-            }
+            values::nothing()
         } else {
             match crate::webhook::normalize::value(&answer.body) {
                 Ok(value) => value,

@@ -86,6 +86,14 @@ pub fn string(s: impl Into<String>) -> pb::Value {
     }
 }
 
+/// The value of nothing (JSON's null).
+pub fn nothing() -> pb::Value {
+    pb::Value {
+        nothing: Some(pb::Nothing {}),
+        ..Default::default()
+    }
+}
+
 /// A value holding an integer.
 pub fn integer(v: i64) -> pb::Value {
     pb::Value {

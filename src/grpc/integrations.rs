@@ -240,9 +240,14 @@ impl IntegrationsService for IntegrationsApi {
         let mut kwargs = req.kwargs;
         // AutoKitteh's SDK puts the connection id in the function value's data; a
         // `connection_id` keyword argument is taken too, and never passed on to Zoom.
-        let named = kwargs
-            .remove("connection_id")
-            .map(|v| v.string.map(|s| s.v).unwrap_or_default());
+        let named =
+            match kwargs.remove("connection_id") {
+                None => None,
+                Some(v) if v.nothing.is_some() => None,
+                Some(v) => Some(v.string.map(|s| s.v).ok_or_else(|| {
+                    ApiError::InvalidArgument("connection_id must be text".into())
+                })?),
+            };
         let in_data = String::from_utf8(data).ok().filter(|cid| !cid.is_empty());
         let cid = match (in_data, named) {
             (Some(in_data), Some(named)) if named != in_data => {

@@ -189,13 +189,7 @@ impl<'a> Parser<'a> {
             Some(b'"') => crate::values::string(self.string()?),
             Some(b't') => self.literal(b"true", boolean(true))?,
             Some(b'f') => self.literal(b"false", boolean(false))?,
-            Some(b'n') => self.literal(
-                b"null",
-                pb::Value {
-                    nothing: Some(pb::Nothing {}),
-                    ..Default::default()
-                },
-            )?,
+            Some(b'n') => self.literal(b"null", crate::values::nothing())?,
             Some(b'-' | b'0'..=b'9') => self.number()?,
             _ => return Err(self.error("expected a value")),
         };

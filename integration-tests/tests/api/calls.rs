@@ -581,6 +581,28 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
         error["message"].as_str().unwrap().contains("not set up"),
         "{error}"
     );
+    // A connection_id keyword of nothing is as if not given; of another kind, it is refused.
+    let response = call(
+        &app,
+        &cid,
+        "get_user",
+        vec![],
+        vec![("connection_id", values::nothing())],
+    )
+    .await;
+    assert_eq!(ok(response)["display_name"], USER_DISPLAY_NAME);
+    let status = app
+        .integrations()
+        .call(CallRequest {
+            integration_id: zoom_id(),
+            function: Some(function("get_user", &cid)),
+            kwargs: [("connection_id".to_string(), values::integer(1))].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("must be text"), "{status:?}");
     // Without a connection at all, the request itself is invalid.
     let status = app
         .integrations()
@@ -719,4 +741,31 @@ async fn app_deauthorized_stops_the_cached_token_being_used_on_a_remote_host_too
     post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
     host.wait_for_dispatched(1, Duration::from_secs(10)).await;
     refused_without_reaching_zoom(&app, &zoom, &cid, "deauthorized in Zoom: reconnect").await;
+}
+
+#[tokio::test]
+async fn a_call_through_a_connection_the_remote_host_no_longer_knows_says_it_does_not_exist() {
+    let zoom = FakeZoom::start().await;
+    let host = crate::fake_host::FakeHost::start().await;
+    let mut env = zoom.env();
+    env.push(("HOST_ENGINE_URL", host.url()));
+    let app = app_with(&zoom, env).await;
+    let cid = ConnectionId::generate().to_string();
+    host.state.lock().unwrap().unknown.push(cid.clone());
+
+    let error = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("does not exist"), "{error}");
+    assert!(!message.contains("try again"), "{error}");
+
+    // While the host is down, the call is worth retrying, and says so.
+    host.stop();
+    let error = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("try again later"),
+        "{error}"
+    );
 }

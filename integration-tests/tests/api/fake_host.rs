@@ -39,12 +39,13 @@ pub struct FakeHostState {
     pub unreadable: Vec<String>,
     /// While set, FindActiveConnectionIDs answers UNAVAILABLE.
     pub fail_find: bool,
-    /// Connections the host does not know (deleted there): Set answers NOT_FOUND for them.
+    /// Connections the host does not know (deleted there): Set and Get answer NOT_FOUND for
+    /// them, as AutoKitteh's access check does.
     pub unknown: Vec<String>,
     /// How many of the next Delete calls answer UNAVAILABLE (a host briefly down).
     pub fail_deletes: u32,
-    /// Set by `stop`: a connection still draining after the listener closed gets UNAVAILABLE,
-    /// as from a host that is going away, instead of quietly taking events.
+    /// Set by `stop`: a connection still draining after the listener closed gets UNAVAILABLE
+    /// from Dispatch and Get, as from a host that is going away, instead of quietly answering.
     pub stopped: bool,
 }
 
@@ -165,6 +166,15 @@ impl VarsService for Svc {
             ));
         }
         let state = self.0.lock().unwrap();
+        if state.stopped {
+            return Err(Status::unavailable("the fake host is going away"));
+        }
+        if state.unknown.contains(&req.scope_id) {
+            return Err(Status::not_found(format!(
+                "connection {} not found",
+                req.scope_id
+            )));
+        }
         if state.unreadable.contains(&req.scope_id) {
             return Err(Status::internal(
                 "the fake host cannot read this connection",
