@@ -22,6 +22,12 @@ use crate::proto::zoomintegration::v1::setup_links_service_server::SetupLinksSer
 /// The largest header list a gRPC request may carry.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
+/// The largest request `IntegrationsService` reads (tonic's default is 4 MiB). Each value of
+/// a `Call`'s arguments takes about 600 bytes decoded, from as little as 2 bytes on the wire,
+/// so 4 MiB of empty list items would decode to over a gigabyte before any check; a Zoom API
+/// call's arguments are a few KiB.
+pub const MAX_CALL_REQUEST_BYTES: usize = 256 * 1024;
+
 /// Serves gRPC on `listener` until `shutdown` is cancelled, then lets in-flight calls finish.
 pub async fn serve(
     listener: TcpListener,
@@ -60,7 +66,10 @@ pub async fn serve(
                 }
             }))
             .add_service(health)
-            .add_service(IntegrationsServiceServer::new(integrations))
+            .add_service(
+                IntegrationsServiceServer::new(integrations)
+                    .max_decoding_message_size(MAX_CALL_REQUEST_BYTES),
+            )
             .add_service(SetupLinksServiceServer::new(
                 setup_links::SetupLinksApi::new(&state),
             ));

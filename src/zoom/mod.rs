@@ -10,8 +10,13 @@ use reqwest::StatusCode;
 
 use crate::config::Config;
 
-/// The largest response body read from Zoom.
+/// The largest response body read from Zoom's OAuth server.
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// The largest response body read from Zoom's REST API: a page of 300 meetings with their
+/// recording files passes 1 MiB. What the answer may become as a value is bounded apart (by
+/// the number of values, see `webhook::normalize`).
+pub const MAX_API_RESPONSE_BYTES: usize = 8 << 20;
 
 /// Makes ring the process's TLS crypto provider. reqwest is built without one (ring builds
 /// faster than aws-lc-rs), so this must run before any HTTP client is built; calling it again
@@ -73,7 +78,8 @@ impl ZoomError {
     }
 }
 
-/// A response from Zoom read into memory (at most [`MAX_RESPONSE_BYTES`]).
+/// A response from Zoom read into memory (at most [`MAX_RESPONSE_BYTES`], or
+/// [`MAX_API_RESPONSE_BYTES`] from the REST API).
 #[derive(Debug)]
 pub struct RawResponse {
     /// Its status.
@@ -90,23 +96,30 @@ pub async fn send(
     http: &reqwest::Client,
     request: reqwest::Request,
 ) -> Result<RawResponse, ZoomError> {
-    read(http, request, false).await
+    read(http, request, false, MAX_RESPONSE_BYTES).await
 }
 
-/// Sends `request` and reads the whole answer (bounded), whatever its status: a workflow's
-/// call passes Zoom's own 5xx status, code and message on.
+/// Sends a REST API `request` and reads the whole answer (up to [`MAX_API_RESPONSE_BYTES`]),
+/// whatever its status: a workflow's call passes Zoom's own 5xx status, code and message on.
 pub async fn send_any(
     http: &reqwest::Client,
     request: reqwest::Request,
 ) -> Result<RawResponse, ZoomError> {
-    read(http, request, true).await
+    read(http, request, true, MAX_API_RESPONSE_BYTES).await
 }
 
 async fn read(
     http: &reqwest::Client,
     request: reqwest::Request,
     server_errors_too: bool,
+    limit: usize,
 ) -> Result<RawResponse, ZoomError> {
+    let too_large = || {
+        ZoomError::Protocol(format!(
+            "the response is larger than {} MiB (ask for smaller pages: page_size)",
+            limit >> 20
+        ))
+    };
     let mut response = http
         .execute(request)
         .await
@@ -117,15 +130,15 @@ async fn read(
     }
     if response
         .content_length()
-        .is_some_and(|len| len > MAX_RESPONSE_BYTES as u64)
+        .is_some_and(|len| len > limit as u64)
     {
-        return Err(ZoomError::Protocol("response too large".into()));
+        return Err(too_large());
     }
     let headers = std::mem::take(response.headers_mut());
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(ZoomError::from_transport)? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(ZoomError::Protocol("response too large".into()));
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }

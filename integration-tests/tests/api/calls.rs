@@ -769,3 +769,83 @@ async fn a_call_through_a_connection_the_remote_host_no_longer_knows_says_it_doe
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_page_of_several_mebibytes_is_passed_on_and_one_past_the_limit_asks_for_smaller_pages() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    // 300 meetings with recording files: past 1 MiB, and far under the number of values a
+    // value may hold.
+    let file = json!({ "id": "f".repeat(36), "file_type": "MP4", "download_url": format!("https://zoom.us/rec/download/{}", "x".repeat(2_000)) });
+    let meetings: Vec<_> = (0..300)
+        .map(|n| json!({ "id": n, "topic": "Grüße", "recording_files": [file, file, file] }))
+        .collect();
+    let page = json!({ "page_size": 300, "meetings": meetings }).to_string();
+    assert!(page.len() > 1 << 20, "{}", page.len());
+    let big = json!({ "blob": "y".repeat(9 << 20) }).to_string();
+    zoom.state.lock().unwrap().canned_answers.extend([
+        (axum::http::StatusCode::OK, "application/json", page),
+        (axum::http::StatusCode::OK, "application/json", big),
+    ]);
+
+    let listed = ok(call(&app, &cid, "list_recordings", vec![], vec![]).await);
+    assert_eq!(listed["meetings"].as_array().unwrap().len(), 300);
+    assert_eq!(
+        listed["meetings"][299]["recording_files"][2]["file_type"],
+        "MP4"
+    );
+
+    let refused = err(call(&app, &cid, "list_recordings", vec![], vec![]).await);
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.contains("larger than 8 MiB"), "{refused}");
+    assert!(message.contains("page_size"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_call_request_past_256_kib_is_refused_before_it_is_decoded_and_one_under_it_goes_through()
+{
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    let meeting = |topic: String| {
+        vec![(
+            "meeting",
+            values::dict(vec![("topic".into(), text(&topic))]),
+        )]
+    };
+    let created = ok(call(
+        &app,
+        &cid,
+        "create_meeting",
+        vec![],
+        meeting("t".repeat(200 << 10)),
+    )
+    .await);
+    assert_eq!(created["topic"].as_str().unwrap().len(), 200 << 10);
+
+    // 2 bytes on the wire per empty value: 150,000 of them would be ~90 MB decoded.
+    let extra = values::integer(0);
+    let list = pb::Value {
+        list: Some(pb::List {
+            vs: vec![pb::Value::default(); 150_000],
+        }),
+        ..Default::default()
+    };
+    let status = app
+        .integrations()
+        .call(CallRequest {
+            integration_id: zoom_id(),
+            function: Some(function("get_user", &cid)),
+            args: vec![list, extra],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert_eq!(
+        zoom.state.lock().unwrap().api_requests.len(),
+        1,
+        "only the first call reached Zoom"
+    );
+}
