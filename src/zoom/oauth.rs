@@ -1,5 +1,7 @@
-//! Zoom's OAuth server (`ZOOM_OAUTH_URL`): the authorize URL with PKCE, the authorization-code
-//! exchange (through the `oauth2` crate), and Server-to-Server `account_credentials` tokens.
+//! Zoom's OAuth server (`ZOOM_OAUTH_URL`): the authorize URL with PKCE (built by the `oauth2`
+//! crate), the authorization-code exchange, refreshes, and Server-to-Server
+//! `account_credentials` tokens (requests and answers handled here, so every answer keeps its
+//! status and no rotated refresh token is dropped over a detail of its form).
 
 use std::fmt;
 use std::time::Duration;
@@ -9,13 +11,12 @@ use oauth2::basic::{
     BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenResponse,
 };
 use oauth2::{
-    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
-    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError,
-    StandardRevocableToken, TokenResponse, TokenUrl,
+    AuthUrl, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet, PkceCodeChallenge,
+    RedirectUrl, StandardRevocableToken, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
 
-use super::{ZoomError, fetch_json, send};
+use super::{ZoomError, send};
 use crate::config::{BaseUrl, Config, OAuthApp};
 use crate::secret::Secret;
 
@@ -137,21 +138,6 @@ impl ZoomOAuth {
             .set_redirect_uri(RedirectUrl::new(redirect_uri).map_err(bad_url)?))
     }
 
-    /// The `oauth2` crate's requests, run on our HTTP client.
-    fn executor(
-        &self,
-    ) -> impl Fn(
-        oauth2::HttpRequest,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, ZoomError>> + Send>,
-    > {
-        let http = self.http.clone();
-        move |request| {
-            let http = http.clone();
-            Box::pin(async move { execute(&http, request).await })
-        }
-    }
-
     /// Where to send the browser: `/oauth/authorize` with `response_type=code`, the app's
     /// client id, the redirect URI, the PKCE challenge (S256) and `state`.
     pub fn authorize_url(
@@ -171,53 +157,46 @@ impl ZoomOAuth {
 
     /// Exchanges an authorization code (with its PKCE verifier) for tokens. The client
     /// credentials go in the Basic header; the body carries `redirect_uri` and `code_verifier`.
+    /// An answer without a refresh token is refused: the connection would stop working when
+    /// its first access token expires.
     pub async fn exchange_code(
         &self,
         app: &OAuthApp,
         code: &str,
         verifier: &Secret,
     ) -> Result<Token, ZoomError> {
-        let response = self
-            .client(app)?
-            .exchange_code(AuthorizationCode::new(code.to_string()))
-            .set_pkce_verifier(PkceCodeVerifier::new(verifier.expose().to_string()))
-            .request_async(&self.executor())
-            .await
-            .map_err(token_error)?;
-        Ok(Token {
-            access_token: Secret::new(response.access_token().secret().clone()),
-            refresh_token: response
-                .refresh_token()
-                .map(|t| Secret::new(t.secret().clone())),
-            expires_at: expires_at(response.expires_in()),
-            token_type: response.token_type().as_ref().to_string(),
-        })
+        let redirect_uri = self
+            .redirect_uri
+            .as_deref()
+            .ok_or_else(|| ZoomError::Protocol("WEBHOOK_ADDRESS is not set".into()))?;
+        let request = self.token_endpoint(app).form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+            ("code_verifier", verifier.expose()),
+        ]);
+        let token = self.token(request, None).await?;
+        if token.refresh_token.is_none() {
+            return Err(ZoomError::Protocol("Zoom issued no refresh token".into()));
+        }
+        Ok(token)
     }
 
     /// Exchanges a refresh token for new tokens. Zoom rotates refresh tokens: the one sent
-    /// stops working at once, so the answer must be saved before anything else happens.
+    /// stops working at once, so the answer must be saved before anything else happens, and
+    /// any answer of 200 that holds an access token is taken (whatever its content type, with
+    /// or without `token_type`), so a rotated refresh token is not thrown away over a detail.
     /// A refresh token Zoom no longer accepts gives [`ZoomError::InvalidGrant`].
     pub async fn refresh(
         &self,
         app: &OAuthApp,
         refresh_token: &Secret,
     ) -> Result<Token, ZoomError> {
-        let response = self
-            .client(app)?
-            .exchange_refresh_token(&RefreshToken::new(refresh_token.expose().to_string()))
-            .request_async(&self.executor())
-            .await
-            .map_err(token_error)?;
-        Ok(Token {
-            access_token: Secret::new(response.access_token().secret().clone()),
-            // Zoom always rotates; should it ever not, the old refresh token stays valid.
-            refresh_token: Some(response.refresh_token().map_or_else(
-                || refresh_token.clone(),
-                |t| Secret::new(t.secret().clone()),
-            )),
-            expires_at: expires_at(response.expires_in()),
-            token_type: response.token_type().as_ref().to_string(),
-        })
+        let request = self.token_endpoint(app).form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+        ]);
+        self.token(request, Some(refresh_token)).await
     }
 
     /// A Server-to-Server token: `grant_type=account_credentials` for `account_id`, with the
@@ -227,55 +206,105 @@ impl ZoomOAuth {
         app: &OAuthApp,
         account_id: &str,
     ) -> Result<Token, ZoomError> {
-        #[derive(Deserialize)]
-        struct Answer {
-            access_token: String,
-            #[serde(default)]
-            token_type: Option<String>,
-            #[serde(default)]
-            expires_in: Option<u64>,
-        }
-        let request = self
-            .http
+        // In the query string of a POST without a body, as Zoom's Server-to-Server docs show.
+        let request = self.token_endpoint(app).query(&[
+            ("grant_type", "account_credentials"),
+            ("account_id", account_id),
+        ]);
+        self.token(request, None).await
+    }
+
+    /// A POST to `/oauth/token` with the app's credentials in the Basic header, as Zoom
+    /// documents it (`base64(client_id:client_secret)`), for every grant alike.
+    fn token_endpoint(&self, app: &OAuthApp) -> reqwest::RequestBuilder {
+        self.http
             .post(self.base.join("/oauth/token"))
             .basic_auth(&app.client_id, Some(app.client_secret.expose()))
-            .query(&[
-                ("grant_type", "account_credentials"),
-                ("account_id", account_id),
-            ]);
-        let answer: Answer = fetch_json(&self.http, request, "the token response").await?;
-        Ok(Token {
-            access_token: Secret::new(answer.access_token),
-            refresh_token: None,
-            expires_at: expires_at(answer.expires_in.map(Duration::from_secs)),
-            token_type: answer.token_type.unwrap_or_else(|| "bearer".into()),
-        })
+            .header(reqwest::header::ACCEPT, "application/json")
+    }
+
+    async fn token(
+        &self,
+        request: reqwest::RequestBuilder,
+        refresh_token: Option<&Secret>,
+    ) -> Result<Token, ZoomError> {
+        let request = request
+            .build()
+            .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
+        let raw = send(&self.http, request).await?;
+        let token = token_answer(raw.status, &raw.body, refresh_token);
+        if refresh_token.is_some()
+            && raw.status.is_success()
+            && let Err(e) = &token
+        {
+            // Zoom has rotated the refresh token, and its answer cannot be used.
+            tracing::error!(error = %e, "Zoom accepted a refresh but its answer cannot be read: the connection's refresh token is probably lost");
+        }
+        token
     }
 }
 
-/// A failed token request of the `oauth2` crate, as a [`ZoomError`].
-fn token_error(err: RequestTokenError<ZoomError, ZoomOAuthError>) -> ZoomError {
-    match err {
-        RequestTokenError::ServerResponse(e) if e.error == "invalid_grant" => {
-            ZoomError::InvalidGrant(e.to_string())
-        }
-        // Zoom answers 401 for these; the crate does not pass the status on.
-        RequestTokenError::ServerResponse(e) if e.error == "invalid_client" => {
-            ZoomError::Rejected {
-                status: 401,
-                reason: e.to_string(),
-            }
-        }
-        RequestTokenError::ServerResponse(e) => ZoomError::Rejected {
-            status: 400,
-            reason: e.to_string(),
-        },
-        RequestTokenError::Request(e) => e,
-        RequestTokenError::Parse(..) => {
-            ZoomError::Protocol("the token response cannot be read".into())
-        }
-        RequestTokenError::Other(m) => ZoomError::Protocol(m),
+/// Zoom's answer to a token request, as tokens or as the error it stands for. `refresh_token`
+/// is the one a refresh sent: kept should the answer not rotate it.
+fn token_answer(
+    status: reqwest::StatusCode,
+    body: &[u8],
+    refresh_token: Option<&Secret>,
+) -> Result<Token, ZoomError> {
+    #[derive(Deserialize)]
+    struct Answer {
+        access_token: String,
+        #[serde(default)]
+        refresh_token: Option<String>,
+        #[serde(default)]
+        token_type: Option<String>,
+        #[serde(default, deserialize_with = "lenient_seconds")]
+        expires_in: Option<u64>,
     }
+    if status.is_success() {
+        let answer: Answer = serde_json::from_slice(body)
+            .ok()
+            .filter(|a: &Answer| !a.access_token.is_empty())
+            .ok_or_else(|| ZoomError::Protocol("the token response cannot be read".into()))?;
+        return Ok(Token {
+            access_token: Secret::new(answer.access_token),
+            // Zoom always rotates; should it ever not, the old refresh token stays valid.
+            refresh_token: answer
+                .refresh_token
+                .filter(|t| !t.is_empty())
+                .map(Secret::new)
+                .or_else(|| refresh_token.cloned()),
+            expires_at: expires_at(answer.expires_in.map(Duration::from_secs)),
+            token_type: answer.token_type.unwrap_or_else(|| "bearer".into()),
+        });
+    }
+    let error = serde_json::from_slice::<ZoomOAuthError>(body).ok();
+    let reason = super::error_reason(status, body);
+    match error {
+        Some(e) if e.error == "invalid_grant" => Err(ZoomError::InvalidGrant(reason)),
+        // Zoom's answer to a dead refresh token in earlier years.
+        Some(e)
+            if refresh_token.is_some()
+                && e.error == "invalid_request"
+                && e.reason.as_deref() == Some("Invalid Token!") =>
+        {
+            Err(ZoomError::InvalidGrant(reason))
+        }
+        _ => Err(ZoomError::Rejected {
+            status: status.as_u16(),
+            reason,
+        }),
+    }
+}
+
+/// `expires_in` as a number of seconds, or as text holding one; anything else counts as
+/// absent (the default lifetime).
+fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    })
 }
 
 /// When a token issued now with `expires_in` stops working: the lifetime is capped at
@@ -295,30 +324,123 @@ fn expires_after(now: DateTime<Utc>, expires_in: Option<Duration>) -> DateTime<U
         .unwrap_or(now)
 }
 
-/// Runs one request of the `oauth2` crate on our HTTP client.
-async fn execute(
-    http: &reqwest::Client,
-    request: oauth2::HttpRequest,
-) -> Result<oauth2::HttpResponse, ZoomError> {
-    let request = reqwest::Request::try_from(request)
-        .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
-    let raw = send(http, request).await?;
-    // Not an OAuth error, whatever its body: the request was fine, only too early.
-    if raw.status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-        return Err(ZoomError::Rejected {
-            status: raw.status.as_u16(),
-            reason: super::error_reason(raw.status, &raw.body),
-        });
-    }
-    let mut response = oauth2::HttpResponse::new(raw.body);
-    *response.status_mut() = raw.status;
-    *response.headers_mut() = raw.headers;
-    Ok(response)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reqwest::StatusCode;
+
+    fn answer(status: u16, body: &str, refresh: Option<&str>) -> Result<Token, ZoomError> {
+        let refresh = refresh.map(Secret::new);
+        token_answer(
+            StatusCode::from_u16(status).unwrap(),
+            body.as_bytes(),
+            refresh.as_ref(),
+        )
+    }
+
+    #[test]
+    fn any_answer_of_200_with_an_access_token_is_taken_with_its_rotated_refresh_token() {
+        // No token_type, expires_in as text: still the new pair.
+        let token = answer(
+            200,
+            r#"{"access_token":"a2","refresh_token":"r2","expires_in":"3599"}"#,
+            Some("r1"),
+        )
+        .unwrap();
+        assert_eq!(token.access_token.expose(), "a2");
+        assert_eq!(token.refresh_token.unwrap().expose(), "r2");
+        assert_eq!(token.token_type, "bearer");
+        let lifetime = token.expires_at - Utc::now();
+        assert!(
+            (3590..=3599).contains(&lifetime.num_seconds()),
+            "{lifetime}"
+        );
+        // Not rotated: the one sent stays.
+        let token = answer(
+            200,
+            r#"{"access_token":"a2","refresh_token":""}"#,
+            Some("r1"),
+        )
+        .unwrap();
+        assert_eq!(token.refresh_token.unwrap().expose(), "r1");
+        // Unusable answers are protocol errors.
+        for body in [
+            "",
+            "not json",
+            r#"{"access_token":""}"#,
+            r#"{"refresh_token":"r2"}"#,
+        ] {
+            assert!(
+                matches!(answer(200, body, Some("r1")), Err(ZoomError::Protocol(_))),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_keep_zooms_status_and_reason_and_dead_grants_are_told_apart() {
+        match answer(403, r#"{"code":4700,"message":"App disabled"}"#, Some("r1")) {
+            Err(ZoomError::Rejected { status, reason }) => {
+                assert_eq!((status, reason.as_str()), (403, "App disabled"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match answer(
+            401,
+            r#"{"reason":"Invalid client_id or client_secret","error":"invalid_client"}"#,
+            None,
+        ) {
+            Err(ZoomError::Rejected { status, reason }) => {
+                assert_eq!(
+                    (status, reason.as_str()),
+                    (401, "Invalid client_id or client_secret")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match answer(
+            429,
+            r#"{"code":429,"message":"Too many requests."}"#,
+            Some("r1"),
+        ) {
+            Err(ZoomError::Rejected { status, .. }) => assert_eq!(status, 429),
+            other => panic!("{other:?}"),
+        }
+        for (body, refresh) in [
+            (
+                r#"{"reason":"Invalid Token!","error":"invalid_grant"}"#,
+                Some("r1"),
+            ),
+            (
+                r#"{"reason":"Invalid Token!","error":"invalid_request"}"#,
+                Some("r1"),
+            ),
+            (
+                r#"{"reason":"Invalid authorization code","error":"invalid_grant"}"#,
+                None,
+            ),
+        ] {
+            assert!(
+                matches!(answer(400, body, refresh), Err(ZoomError::InvalidGrant(_))),
+                "{body}"
+            );
+        }
+        // The same words on another request say nothing of a grant.
+        assert!(matches!(
+            answer(
+                400,
+                r#"{"reason":"Invalid Token!","error":"invalid_request"}"#,
+                None
+            ),
+            Err(ZoomError::Rejected { status: 400, .. })
+        ));
+        match answer(400, "<html>bad gateway</html>", Some("r1")) {
+            Err(ZoomError::Rejected { status, reason }) => {
+                assert_eq!((status, reason.as_str()), (400, "HTTP 400 Bad Request"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn any_expires_in_gives_an_expiry_within_a_day() {

@@ -1166,3 +1166,15 @@ async fn the_fake_zoom_refuses_what_real_zoom_refuses() {
         }
     }
 }
+
+#[tokio::test]
+async fn zoom_issuing_no_refresh_token_fails_the_flow_and_leaves_the_connection_as_it_was() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = existing_connection(&app).await;
+    let before = snapshot(&app, &cid).await;
+    zoom.state.lock().unwrap().codes_without_refresh_token = true;
+    let back = redirect_back_url(&app, &agent, &cid).await;
+    let visit = agent.get(back.as_str()).await;
+    assert_error_page(&visit, StatusCode::BAD_GATEWAY, "no refresh token");
+    assert_eq!(snapshot(&app, &cid).await, before);
+}

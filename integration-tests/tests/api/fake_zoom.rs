@@ -96,6 +96,11 @@ pub struct FakeZoomState {
     /// A refresh waits this long after Zoom rotated the token, before the answer leaves (an
     /// answer slow on its way back).
     pub refresh_answer_delay: Duration,
+    /// Token answers come as `text/plain`, without `token_type` and with `expires_in` as
+    /// text (a proxy's or a gateway's rewriting).
+    pub token_answers_as_text: bool,
+    /// Authorization codes are exchanged for an access token only, with no refresh token.
+    pub codes_without_refresh_token: bool,
     next: u64,
 }
 
@@ -468,7 +473,19 @@ fn issue(
                     "Invalid code_verifier",
                 );
             }
-            tokens(s, &client_id)
+            let answer = tokens(s, &client_id);
+            if s.codes_without_refresh_token {
+                return (
+                    StatusCode::OK,
+                    axum::Json(json!({
+                        "access_token": s.access_tokens.last().unwrap(),
+                        "token_type": "bearer",
+                        "expires_in": 3599,
+                    })),
+                )
+                    .into_response();
+            }
+            answer
         }
         "refresh_token" => {
             let presented = param("refresh_token");
@@ -520,6 +537,19 @@ fn tokens(s: &mut FakeZoomState, client_id: &str) -> Response {
     let refresh = s.next_id("refresh-");
     s.refresh_tokens.insert(refresh.clone(), client_id.into());
     s.issued.extend([access.clone(), refresh.clone()]);
+    if s.token_answers_as_text {
+        let body = json!({
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": "3599",
+        });
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain")],
+            body.to_string(),
+        )
+            .into_response();
+    }
     (
         StatusCode::OK,
         axum::Json(json!({

@@ -779,3 +779,19 @@ async fn a_connection_deleted_in_a_remote_host_while_its_token_is_refreshed_stay
     );
     assert!(gone(), "the next use did not bring it back either");
 }
+
+#[tokio::test]
+async fn a_refresh_answered_as_plain_text_without_a_token_type_still_saves_the_rotated_token() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, old_refresh) = expired_connection(&app, &zoom).await;
+    zoom.state.lock().unwrap().token_answers_as_text = true;
+
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert!(!zoom.refresh_token_is_live(&old_refresh), "Zoom rotated it");
+    let stored = live_stored_refresh_token(&app, &zoom, &cid).await;
+    assert_ne!(stored, old_refresh);
+    let stored = snapshot(&app, &cid).await;
+    assert_eq!(value_of(&stored, "oauth_token_type").unwrap().0, "bearer");
+}
