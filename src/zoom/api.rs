@@ -131,6 +131,9 @@ pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 pub const RETRY_MARGIN: Duration = Duration::from_secs(1);
 /// How many times a rate-limited call is retried.
 pub const MAX_RATE_LIMIT_RETRIES: u32 = 3;
+/// How long a call waits after a rate limit that names no `Retry-After` (Zoom's per-second
+/// limits), before retrying.
+pub const DEFAULT_RETRY_WAIT: Duration = Duration::from_secs(1);
 
 /// A Zoom API answer, whatever its status.
 #[derive(Debug)]
@@ -177,8 +180,9 @@ pub fn check_path(path: &str) -> Result<(), BadPath> {
     Ok(())
 }
 
-/// When a 429 may be retried: `Retry-After` in seconds or as an HTTP date; `None` for a
-/// daily limit, or a wait longer than [`MAX_RETRY_WAIT`].
+/// When a 429 may be retried: `Retry-After` in seconds or as an HTTP date, or
+/// [`DEFAULT_RETRY_WAIT`] without one; `None` for a daily limit, a `Retry-After` that cannot be
+/// read, or a wait longer than [`MAX_RETRY_WAIT`].
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let daily = headers
         .get("x-ratelimit-type")
@@ -187,11 +191,10 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     if daily {
         return None;
     }
-    let value = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
+    let Some(value) = headers.get(reqwest::header::RETRY_AFTER) else {
+        return Some(DEFAULT_RETRY_WAIT);
+    };
+    let value = value.to_str().ok()?.trim();
     let wait = match value.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
         Err(_) => {
@@ -207,10 +210,11 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 impl ZoomApi {
     /// Calls the API: `method` on `path` (relative to `ZOOM_API_URL`, checked with
     /// [`check_path`]) with `query` and an optional JSON body. Any HTTP status comes back as an
-    /// answer, 5xx included; a short rate limit (429 with `Retry-After`) is waited out and
-    /// retried up to [`MAX_RATE_LIMIT_RETRIES`] times, unless the wait and the retry would not
-    /// end [`RETRY_MARGIN`] before `deadline` (the caller's): then, like a daily limit, the 429
-    /// is answered at once, so the caller learns why instead of timing out.
+    /// answer, 5xx included; a short rate limit (429, see [`retry_after`]) is waited out and
+    /// retried up to [`MAX_RATE_LIMIT_RETRIES`] times, unless the wait would not end
+    /// [`RETRY_MARGIN`] before `deadline` (the caller's): then, like a daily limit, the 429 is
+    /// answered at once, so the caller learns why instead of timing out. A retry still
+    /// unanswered [`RETRY_MARGIN`] before the deadline is given up for the same answer.
     pub async fn call(
         &self,
         access_token: &Secret,
@@ -222,6 +226,8 @@ impl ZoomApi {
     ) -> Result<ApiAnswer, CallError> {
         check_path(path).map_err(CallError::BadPath)?;
         let mut retries = 0;
+        // The last rate limit's answer, while its retry runs.
+        let mut limited: Option<ApiAnswer> = None;
         loop {
             let mut request = self
                 .http
@@ -235,7 +241,23 @@ impl ZoomApi {
             let request = request
                 .build()
                 .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
-            let response = super::send_any(&self.http, request).await;
+            let sent = super::send_any(&self.http, request);
+            let response = match limited.take() {
+                None => sent.await,
+                Some(last) => {
+                    let cutoff = deadline.checked_sub(RETRY_MARGIN).unwrap_or(deadline);
+                    match tokio::time::timeout_at(cutoff, sent).await {
+                        Ok(response) => response,
+                        Err(_) => {
+                            tracing::info!(
+                                retries,
+                                "Zoom did not answer a retry in time; answering its rate limit"
+                            );
+                            return Ok(last);
+                        }
+                    }
+                }
+            };
             self.count(response.as_ref().ok().map(|r| r.status.as_u16()));
             let response = response?;
             if response.status == reqwest::StatusCode::TOO_MANY_REQUESTS
@@ -245,6 +267,10 @@ impl ZoomApi {
             {
                 retries += 1;
                 tracing::info!(?wait, retries, "Zoom rate limit; waiting before retrying");
+                limited = Some(ApiAnswer {
+                    status: response.status.as_u16(),
+                    body: response.body,
+                });
                 tokio::time::sleep(wait).await;
                 continue;
             }
@@ -299,7 +325,7 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_takes_seconds_or_a_date_and_not_a_daily_limit() {
+    fn retry_after_takes_seconds_or_a_date_or_a_second_when_absent_and_not_a_daily_limit() {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("retry-after", "1".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(1)));
@@ -312,5 +338,14 @@ mod tests {
         assert!(retry_after(&h).is_some_and(|w| w <= Duration::from_secs(3)));
         h.insert("x-ratelimit-type", "Daily-limit".parse().unwrap());
         assert_eq!(retry_after(&h), None);
+        h.insert("x-ratelimit-type", "QPS".parse().unwrap());
+        h.insert("retry-after", "2020-05-31T00:00:00Z".parse().unwrap());
+        assert_eq!(retry_after(&h), None, "not a form HTTP allows");
+        h.remove("retry-after");
+        assert_eq!(
+            retry_after(&h),
+            Some(DEFAULT_RETRY_WAIT),
+            "a per-second limit"
+        );
     }
 }

@@ -379,6 +379,55 @@ async fn a_rate_limit_longer_than_the_callers_deadline_allows_is_reported_at_onc
 }
 
 #[tokio::test]
+async fn a_per_second_rate_limit_without_retry_after_is_retried_a_second_later() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    zoom.rate_limit_next("", "QPS");
+    let started = Instant::now();
+    let user = ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert_eq!(user["id"], USER_ID);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited a second"
+    );
+    assert_eq!(zoom.state.lock().unwrap().api_requests.len(), 2);
+}
+
+#[tokio::test]
+async fn a_retry_zoom_is_slow_to_answer_gives_the_rate_limit_before_the_callers_deadline() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    zoom.rate_limit_next("1", "QPS");
+    zoom.state.lock().unwrap().api_delay = Duration::from_secs(10);
+    let mut request = tonic::Request::new(CallRequest {
+        integration_id: zoom_id(),
+        function: Some(function("get_user", &cid)),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(4));
+    let started = Instant::now();
+    let response = app
+        .integrations()
+        .call(request)
+        .await
+        .expect("answered before the deadline, not cut off by it")
+        .into_inner();
+    let took = started.elapsed();
+    assert!(
+        (Duration::from_millis(2500)..Duration::from_millis(3900)).contains(&took),
+        "gave the retry until a second before the deadline: {took:?}"
+    );
+    assert_eq!(err(response)["status"], 429);
+    assert_eq!(
+        zoom.state.lock().unwrap().api_requests.len(),
+        2,
+        "one retry"
+    );
+}
+
+#[tokio::test]
 async fn zooms_server_errors_reach_the_workflow_with_their_status_code_and_message() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;

@@ -99,6 +99,8 @@ pub struct FakeZoomState {
     /// Token answers come as `text/plain`, without `token_type` and with `expires_in` as
     /// text (a proxy's or a gateway's rewriting).
     pub token_answers_as_text: bool,
+    /// API requests that are not rate-limited wait this long before they are answered.
+    pub api_delay: Duration,
     /// Authorization codes are exchanged for an access token only, with no refresh token.
     pub codes_without_refresh_token: bool,
     next: u64,
@@ -623,13 +625,22 @@ async fn api_gate(
         return (status, [("content-type", content_type)], body).into_response();
     }
     if let Some((retry_after, kind)) = limited {
-        return (
+        let mut response = (
             StatusCode::TOO_MANY_REQUESTS,
-            [("retry-after", retry_after), ("x-ratelimit-type", kind)],
+            [("x-ratelimit-type", kind)],
             axum::Json(json!({ "code": 429, "message": "You have reached the maximum per-second rate limit for this API. Try again later." })),
         )
             .into_response();
+        // An empty Retry-After stands for none at all.
+        if !retry_after.is_empty() {
+            response
+                .headers_mut()
+                .insert("retry-after", retry_after.parse().unwrap());
+        }
+        return response;
     }
+    let delay = state.lock().unwrap().api_delay;
+    tokio::time::sleep(delay).await;
     if !bearer_is_valid(&state, request.headers()) {
         if state.lock().unwrap().unauthorized_as_html {
             return (
