@@ -92,6 +92,33 @@ pub fn value(text: &[u8]) -> Result<pb::Value, NormalizeError> {
     Ok(v)
 }
 
+/// An object's fields with each key once, where it first appeared, holding its last value (as
+/// serde_json reads an object, and as the top level is read): a dict with a key twice is not a
+/// valid value for AutoKitteh.
+fn without_repeated_keys(mut fields: Vec<(String, pb::Value)>) -> Vec<(String, pb::Value)> {
+    let repeated = if fields.len() <= 16 {
+        (1..fields.len()).any(|i| fields[..i].iter().any(|(k, _)| *k == fields[i].0))
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(fields.len());
+        !fields.iter().all(|(k, _)| seen.insert(k.as_str()))
+    };
+    if !repeated {
+        return fields;
+    }
+    let mut at: HashMap<String, usize> = HashMap::with_capacity(fields.len());
+    let mut kept: Vec<(String, pb::Value)> = Vec::with_capacity(fields.len());
+    for (k, v) in fields.drain(..) {
+        match at.get(&k) {
+            Some(&i) => kept[i].1 = v,
+            None => {
+                at.insert(k.clone(), kept.len());
+                kept.push((k, v));
+            }
+        }
+    }
+    kept
+}
+
 struct Parser<'a> {
     text: &'a [u8],
     pos: usize,
@@ -149,13 +176,15 @@ impl<'a> Parser<'a> {
         self.skip_ws();
         let v = match self.peek() {
             Some(b'{') => {
-                let mut items = Vec::new();
-                self.object(depth, |k, v| {
-                    items.push(pb::dict::Item {
+                let mut fields = Vec::new();
+                self.object(depth, |k, v| fields.push((k, v)))?;
+                let items = without_repeated_keys(fields)
+                    .into_iter()
+                    .map(|(k, v)| pb::dict::Item {
                         k: Some(crate::values::string(k)),
                         v: Some(v),
-                    });
-                })?;
+                    })
+                    .collect();
                 pb::Value {
                     dict: Some(pb::Dict { items }),
                     ..Default::default()
@@ -444,6 +473,32 @@ mod tests {
             .map(|i| i.k.as_ref().unwrap().string.as_ref().unwrap().v.clone())
             .collect();
         assert_eq!(keys, ["z", "a", "m"]);
+    }
+
+    #[test]
+    fn a_key_repeated_in_a_nested_object_keeps_its_first_place_and_last_value() {
+        let pairs = |v: pb::Value| -> Vec<(String, i64)> {
+            v.dict
+                .unwrap()
+                .items
+                .iter()
+                .map(|i| {
+                    let k = i.k.as_ref().unwrap().string.as_ref().unwrap().v.clone();
+                    (k, int(i.v.as_ref().unwrap()).unwrap())
+                })
+                .collect()
+        };
+        let v = value(br#"{"x":1,"y":2,"x":3}"#).unwrap();
+        assert_eq!(pairs(v), [("x".into(), 3), ("y".into(), 2)]);
+        // Past 16 fields the repeats are found by hashing.
+        let many: Vec<String> = (0..20).map(|n| format!(r#""k{n}":{n}"#)).collect();
+        let text = format!(r#"{{"outer":{{{},"k3":99,"k19":7}}}}"#, many.join(","));
+        let fields = top_level_fields(text.as_bytes()).unwrap();
+        let inner = pairs(fields["outer"].clone());
+        assert_eq!(inner.len(), 20);
+        assert_eq!(inner[3], ("k3".into(), 99));
+        assert_eq!(inner[19], ("k19".into(), 7));
+        assert_eq!(inner[4], ("k4".into(), 4));
     }
 
     #[test]
