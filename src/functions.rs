@@ -136,6 +136,9 @@ pub struct CallFailure {
     pub code: Option<i64>,
     /// What went wrong.
     pub message: String,
+    /// Zoom's details of a refusal, as sent (the `errors` of a validation failure: which field
+    /// and why).
+    pub errors: Option<Box<pb::Value>>,
 }
 
 impl CallFailure {
@@ -144,10 +147,12 @@ impl CallFailure {
             status: None,
             code: None,
             message: message.into(),
+            errors: None,
         }
     }
 
-    /// The failure as a value: a dict of `status`, `code` and `message`.
+    /// The failure as a value: a dict of `message`, and `status`, `code` and `errors` when
+    /// Zoom gave them.
     pub fn to_value(&self) -> pb::Value {
         let mut items = vec![("message".to_string(), values::string(&self.message))];
         if let Some(status) = self.status {
@@ -155,6 +160,9 @@ impl CallFailure {
         }
         if let Some(code) = self.code {
             items.push(("code".into(), values::integer(code)));
+        }
+        if let Some(errors) = &self.errors {
+            items.push(("errors".into(), (**errors).clone()));
         }
         values::dict(items)
     }
@@ -485,6 +493,7 @@ impl Functions {
                             answer.status,
                             e.reason()
                         ),
+                        errors: None,
                     });
                 }
                 // Not JSON (a proxy's page, say): a success is still a success, as text.
@@ -498,6 +507,7 @@ impl Functions {
                                 "Zoom answered HTTP {} with something that is not JSON",
                                 answer.status
                             ),
+                            errors: None,
                         });
                     }
                 },
@@ -515,6 +525,17 @@ impl Functions {
                         || format!("Zoom answered HTTP {}", answer.status),
                         str::to_string,
                     ),
+                errors: body.dict.as_ref().and_then(|d| {
+                    d.items
+                        .iter()
+                        .find(|i| {
+                            i.k.as_ref()
+                                .and_then(|k| k.string.as_ref())
+                                .is_some_and(|k| k.v == "errors")
+                        })
+                        .and_then(|i| i.v.clone())
+                        .map(Box::new)
+                }),
             });
         }
         Ok(if wrap {

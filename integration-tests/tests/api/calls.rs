@@ -428,6 +428,40 @@ async fn a_retry_zoom_is_slow_to_answer_gives_the_rate_limit_before_the_callers_
 }
 
 #[tokio::test]
+async fn a_validation_failure_tells_the_workflow_which_field_zoom_refused() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    let refusal = json!({
+        "code": 300,
+        "message": "Validation Failed.",
+        "errors": [{ "field": "settings.jbh_time", "message": "Invalid field." }],
+    });
+    zoom.state.lock().unwrap().canned_answers.push_back((
+        axum::http::StatusCode::BAD_REQUEST,
+        "application/json",
+        refusal.to_string(),
+    ));
+    let error = err(call(
+        &app,
+        &cid,
+        "create_meeting",
+        vec![],
+        vec![("topic", text("x"))],
+    )
+    .await);
+    assert_eq!(
+        error,
+        json!({
+            "status": 400,
+            "code": 300,
+            "message": "Validation Failed.",
+            "errors": [{ "field": "settings.jbh_time", "message": "Invalid field." }],
+        })
+    );
+}
+
+#[tokio::test]
 async fn zooms_server_errors_reach_the_workflow_with_their_status_code_and_message() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
