@@ -211,19 +211,36 @@ impl Args {
         })
     }
 
-    fn take(&mut self, name: &str) -> Option<serde_json::Value> {
-        self.by_name
-            .remove(name)
-            .map(|v| to_json(&v))
-            .filter(|v| !v.is_null())
+    /// An argument as JSON, if given and not None. JSON has no NaN or infinity, so a value
+    /// holding one is refused rather than sent as null.
+    fn take(&mut self, name: &str) -> Result<Option<serde_json::Value>, CallFailure> {
+        let Some(value) = self.by_name.remove(name) else {
+            return Ok(None);
+        };
+        self.json(name, &value)
     }
 
-    /// A text argument (numbers are accepted as their digits).
+    fn json(
+        &self,
+        name: &str,
+        value: &pb::Value,
+    ) -> Result<Option<serde_json::Value>, CallFailure> {
+        if has_non_finite_float(value) {
+            return Err(CallFailure::new(format!(
+                "{}: {name} holds a number that is not finite (NaN or infinity)",
+                self.spec.name
+            )));
+        }
+        Ok(Some(to_json(value)).filter(|v| !v.is_null()))
+    }
+
+    /// A text argument (numbers are accepted as their digits; a float without a fraction as
+    /// an integer's, so 8.5746065432e10 names meeting 85746065432).
     fn text(&mut self, name: &str) -> Result<Option<String>, CallFailure> {
-        match self.take(name) {
+        match self.take(name)? {
             None => Ok(None),
             Some(serde_json::Value::String(s)) => Ok(Some(s)),
-            Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(serde_json::Value::Number(n)) => Ok(Some(number_text(&n))),
             Some(_) => Err(CallFailure::new(format!(
                 "{}: {name} must be text",
                 self.spec.name
@@ -250,7 +267,7 @@ impl Args {
 
     /// `meeting` (a dict) merged with every keyword argument left.
     fn body(&mut self, dict_name: &str) -> Result<serde_json::Value, CallFailure> {
-        let mut body = match self.take(dict_name) {
+        let mut body = match self.take(dict_name)? {
             None => serde_json::Map::new(),
             Some(serde_json::Value::Object(map)) => map,
             Some(_) => {
@@ -260,7 +277,10 @@ impl Args {
                 )));
             }
         };
-        for (name, value) in self.by_name.drain() {
+        for (name, value) in std::mem::take(&mut self.by_name) {
+            if has_non_finite_float(&value) {
+                self.json(&name, &value)?;
+            }
             body.insert(name, to_json(&value));
         }
         Ok(serde_json::Value::Object(body))
@@ -277,6 +297,37 @@ impl Args {
     }
 }
 
+/// The largest float whose integer part is exact: 2^53.
+const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
+
+/// A number as text: its digits, and a float without a fraction as an integer's.
+fn number_text(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() <= MAX_EXACT_FLOAT => {
+            format!("{}", f as i64)
+        }
+        _ => n.to_string(),
+    }
+}
+
+/// Whether a float anywhere in `value` is NaN or infinite.
+fn has_non_finite_float(value: &pb::Value) -> bool {
+    value.float.as_ref().is_some_and(|f| !f.v.is_finite())
+        || value
+            .list
+            .as_ref()
+            .is_some_and(|l| l.vs.iter().any(has_non_finite_float))
+        || value
+            .set
+            .as_ref()
+            .is_some_and(|l| l.vs.iter().any(has_non_finite_float))
+        || value.dict.as_ref().is_some_and(|d| {
+            d.items
+                .iter()
+                .any(|i| i.k.iter().chain(&i.v).any(has_non_finite_float))
+        })
+}
+
 /// `api`'s query dict as parameters: text as it is, numbers and booleans as their JSON text,
 /// None left out (as for the named functions' optional arguments); a list or a dict has no
 /// single text to send, so it is refused.
@@ -288,9 +339,8 @@ fn query_of(
         match value {
             serde_json::Value::Null => {}
             serde_json::Value::String(s) => query.push((name, s)),
-            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => {
-                query.push((name, value.to_string()));
-            }
+            serde_json::Value::Number(n) => query.push((name, number_text(&n))),
+            serde_json::Value::Bool(b) => query.push((name, b.to_string())),
             serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
                 return Err(CallFailure::new(format!(
                     "api: query parameter {:?} must be text, a number or a boolean",
@@ -377,12 +427,12 @@ impl Functions {
                     }
                 };
                 let path = args.required_text("path")?;
-                let query = match args.take("query") {
+                let query = match args.take("query")? {
                     None => Vec::new(),
                     Some(serde_json::Value::Object(map)) => query_of(map)?,
                     Some(_) => return Err(CallFailure::new("api: query must be a dict")),
                 };
-                let body = args.take("body");
+                let body = args.take("body")?;
                 args.no_more()?;
                 (method, path, query, body, true)
             }

@@ -47,6 +47,13 @@ fn function(name: &str, cid: &str) -> pb::Value {
     }
 }
 
+fn float(v: f64) -> pb::Value {
+    pb::Value {
+        float: Some(pb::Float { v }),
+        ..Default::default()
+    }
+}
+
 fn text(s: &str) -> pb::Value {
     values::string(s)
 }
@@ -148,6 +155,18 @@ async fn named_functions_manage_meetings_and_return_zoom_values_losslessly() {
     .await);
     assert_eq!(list["meetings"][0]["topic"], "Renamed");
     assert_eq!(list["page_size"], 10);
+    // A float without a fraction is sent as the integer it is (not "10.0" or "8.5746065432e10").
+    let list = ok(call(
+        &app,
+        &cid,
+        "list_meetings",
+        vec![],
+        vec![("page_size", float(10.0))],
+    )
+    .await);
+    assert_eq!(list["page_size"], 10);
+    let fetched = ok(call(&app, &cid, "get_meeting", vec![float(id as f64)], vec![]).await);
+    assert_eq!(fetched["id"], id);
     let recordings = ok(call(
         &app,
         &cid,
@@ -644,6 +663,21 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
                 values::dict(vec![("ids".into(), values::dict(vec![]))]),
             )],
             "query parameter \"ids\" must be text, a number or a boolean",
+        ),
+        (
+            "list_meetings",
+            vec![],
+            vec![("page_size", float(f64::NAN))],
+            "page_size holds a number that is not finite",
+        ),
+        (
+            "create_meeting",
+            vec![],
+            vec![(
+                "settings",
+                values::dict(vec![("x".into(), float(f64::INFINITY))]),
+            )],
+            "settings holds a number that is not finite",
         ),
     ];
     for (name, args, kwargs, words) in cases {
