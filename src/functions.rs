@@ -205,6 +205,11 @@ impl Args {
                 )));
             }
         }
+        for (name, value) in &mut kwargs {
+            // `list_recordings` takes dates; everything else Zoom's date-times.
+            let date_only = spec.name == "list_recordings" && (name == "from" || name == "to");
+            times_for_zoom(value, date_only);
+        }
         Ok(Self {
             spec,
             by_name: kwargs,
@@ -299,6 +304,37 @@ impl Args {
 
 /// The largest float whose integer part is exact: 2^53.
 const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
+
+/// Time values anywhere in `value` as the text Zoom takes: `yyyy-MM-ddTHH:mm:ssZ` in UTC
+/// (whole seconds), or `yyyy-MM-dd` with `date_only`.
+fn times_for_zoom(value: &mut pb::Value, date_only: bool) {
+    if let Some(ts) = value.time.as_ref().and_then(|t| t.v.as_ref()) {
+        let format = if date_only {
+            "%Y-%m-%d"
+        } else {
+            "%Y-%m-%dT%H:%M:%SZ"
+        };
+        // Out of chrono's range: left as it is (to_json makes it null).
+        if let Some(t) = chrono::DateTime::from_timestamp(ts.seconds, 0) {
+            *value = values::string(t.format(format).to_string());
+        }
+        return;
+    }
+    let children = value
+        .list
+        .iter_mut()
+        .flat_map(|l| l.vs.iter_mut())
+        .chain(value.set.iter_mut().flat_map(|l| l.vs.iter_mut()))
+        .chain(
+            value
+                .dict
+                .iter_mut()
+                .flat_map(|d| d.items.iter_mut().filter_map(|i| i.v.as_mut())),
+        );
+    for child in children {
+        times_for_zoom(child, date_only);
+    }
+}
 
 /// A number as text: its digits, and a float without a fraction as an integer's.
 fn number_text(n: &serde_json::Number) -> String {

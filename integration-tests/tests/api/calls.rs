@@ -47,6 +47,15 @@ fn function(name: &str, cid: &str) -> pb::Value {
     }
 }
 
+fn time(seconds: i64, nanos: i32) -> pb::Value {
+    pb::Value {
+        time: Some(pb::Time {
+            v: Some(prost_types::Timestamp { seconds, nanos }),
+        }),
+        ..Default::default()
+    }
+}
+
 fn float(v: f64) -> pb::Value {
     pb::Value {
         float: Some(pb::Float { v }),
@@ -176,6 +185,31 @@ async fn named_functions_manage_meetings_and_return_zoom_values_losslessly() {
     )
     .await);
     assert_eq!(recordings["from"], "2026-11-01");
+    // Time values become the text Zoom takes: dates for from/to, whole seconds elsewhere.
+    let recordings = ok(call(
+        &app,
+        &cid,
+        "list_recordings",
+        vec![],
+        vec![("from", time(1_762_000_000, 250_000_000))],
+    )
+    .await);
+    assert_eq!(recordings["from"], "2025-11-01");
+    let timed = ok(call(
+        &app,
+        &cid,
+        "create_meeting",
+        vec![],
+        vec![(
+            "meeting",
+            values::dict(vec![(
+                "start_time".into(),
+                time(1_735_722_000, 123_456_789),
+            )]),
+        )],
+    )
+    .await);
+    assert_eq!(timed["start_time"], "2025-01-01T09:00:00Z");
     ok(call(
         &app,
         &cid,
