@@ -4,7 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -91,13 +91,7 @@ impl Keys {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(key_problem(format!("cannot read {}: {e}", path.display()))),
         };
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(key_problem(format!(
-                "key file {} is readable by others (mode {mode:o}); run chmod 600 on it",
-                path.display()
-            )));
-        }
+        tighten_key_file(&path, &meta)?;
         let text = std::fs::read_to_string(&path)
             .map_err(|e| key_problem(format!("cannot read {}: {e}", path.display())))?;
         let material = text.trim();
@@ -186,6 +180,39 @@ impl Keys {
             )
             .map_err(|_| OpenError)
     }
+}
+
+/// Makes a key file that group or others may access private again (mode 0600) when this
+/// user owns it, and refuses it otherwise: a volume mounted with an `fsGroup` (Kubernetes) turns
+/// a 0600 file into 0660 at every start, which says nothing about who else has read it.
+fn tighten_key_file(path: &Path, meta: &std::fs::Metadata) -> Result<(), ConfigError> {
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(key_problem(format!(
+            "key file {} is readable by others (mode {mode:o}) and owned by user {}, not by this \
+             process's user {me}, so it cannot be made private; run chmod 600 on it",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        key_problem(format!(
+            "key file {} is readable by others (mode {mode:o}) and cannot be made private ({e}); \
+             run chmod 600 on it",
+            path.display()
+        ))
+    })?;
+    tracing::warn!(
+        path = %path.display(),
+        mode = format!("{mode:o}"),
+        "the key file was readable by others; tightened it to mode 600"
+    );
+    Ok(())
 }
 
 fn key_problem(what: String) -> ConfigError {
@@ -300,14 +327,71 @@ mod tests {
         assert!(err.problem.contains("or set SECRET_KEY"), "{err}");
     }
 
+    /// Runs `f` with this thread's log lines written to a buffer, and returns them.
+    fn logs_of<T>(f: impl FnOnce() -> T) -> (T, String) {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer({
+                let buffer = buffer.clone();
+                move || Buffer(buffer.clone())
+            })
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
-    fn a_key_file_readable_by_others_is_refused() {
+    fn an_own_key_file_open_to_the_group_is_made_private_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let generated = Keys::load_or_generate(None, dir.path()).unwrap();
+        let path = dir.path().join(KEY_FILE);
+        let material = std::fs::read_to_string(&path).unwrap();
+        // What a Kubernetes fsGroup does to the volume at every start.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).unwrap();
+        let (loaded, logs) = logs_of(|| Keys::load_or_generate(None, dir.path()));
+        let loaded = loaded.unwrap();
+        assert_eq!(loaded.fingerprint(), generated.fingerprint());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(logs.contains("WARN"), "{logs}");
+        assert!(logs.contains("tightened it to mode 600"), "{logs}");
+        assert!(
+            !logs.contains(material.trim()),
+            "the key is never logged: {logs}"
+        );
+    }
+
+    #[test]
+    fn a_key_file_readable_by_others_that_cannot_be_made_private_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         Keys::load_or_generate(None, dir.path()).unwrap();
         let path = dir.path().join(KEY_FILE);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Only root can give the file to another user; as anyone else there is nothing to try.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        std::os::unix::fs::chown(&path, Some(65_534), None).unwrap();
         let err = Keys::load_or_generate(None, dir.path()).unwrap_err();
         assert_eq!(err.variable, "SECRET_KEY");
         assert!(err.problem.contains("chmod 600"), "{err}");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "another user's file is not changed");
     }
 }
