@@ -392,7 +392,7 @@ impl Config {
             .collect();
         merged.retain(|_, v| !v.trim().is_empty());
         if let Some(path) = merged.remove("CONFIG_FILE") {
-            for (key, value) in read_yaml(&path)? {
+            for (key, value) in read_yaml(&checked_text("CONFIG_FILE", path)?)? {
                 merged.entry(key).or_insert(value);
             }
         }
@@ -427,7 +427,10 @@ impl Config {
                 .webhook_address
                 .map(|a| parse_public_address("WEBHOOK_ADDRESS", a))
                 .transpose()?,
-            webhook_scheme: match raw.webhook_scheme.as_deref().unwrap_or("https") {
+            webhook_scheme: match optional_text("WEBHOOK_SCHEME", raw.webhook_scheme)?
+                .as_deref()
+                .unwrap_or("https")
+            {
                 "https" => Scheme::Https,
                 "http" => Scheme::Http,
                 _ => return Err(ConfigError::new("WEBHOOK_SCHEME", "must be https or http")),
@@ -447,7 +450,10 @@ impl Config {
                     .as_deref()
                     .unwrap_or("https://api.zoom.us/v2"),
             )?,
-            setup_access: match raw.setup_access.as_deref().unwrap_or("signed") {
+            setup_access: match optional_text("SETUP_ACCESS", raw.setup_access)?
+                .as_deref()
+                .unwrap_or("signed")
+            {
                 "signed" => SetupAccess::Signed,
                 "loopback" => SetupAccess::Loopback,
                 _ => return Err(ConfigError::new("SETUP_ACCESS", "must be signed or loopback")),
@@ -458,7 +464,10 @@ impl Config {
                 900,
                 60..=86_400,
             )?,
-            outbox_sync: match raw.outbox_sync.as_deref().unwrap_or("full") {
+            outbox_sync: match optional_text("OUTBOX_SYNC", raw.outbox_sync)?
+                .as_deref()
+                .unwrap_or("full")
+            {
                 "full" => OutboxSync::Full,
                 "normal" => OutboxSync::Normal,
                 _ => return Err(ConfigError::new("OUTBOX_SYNC", "must be full or normal")),
@@ -537,7 +546,9 @@ impl Config {
                 .host_engine_token
                 .map(|t| checked_text("HOST_ENGINE_TOKEN", t).map(Secret::new))
                 .transpose()?,
-            data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into())),
+            data_dir: PathBuf::from(
+                optional_text("DATA_DIR", raw.data_dir)?.unwrap_or_else(|| "./data".into()),
+            ),
             secret_key: raw
                 .secret_key
                 .map(|k| {
@@ -563,7 +574,10 @@ impl Config {
                 5400,
                 60..=86_400,
             )?,
-            log_format: match raw.log_format.as_deref().unwrap_or("text") {
+            log_format: match optional_text("LOG_FORMAT", raw.log_format)?
+                .as_deref()
+                .unwrap_or("text")
+            {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
                 _ => return Err(ConfigError::new("LOG_FORMAT", "must be text or json")),
@@ -738,6 +752,14 @@ fn checked_text(variable: &'static str, value: String) -> Result<String, ConfigE
         return Err(ConfigError::new(variable, "contains control characters"));
     }
     Ok(value.trim().to_string())
+}
+
+/// [`checked_text`] for a setting that may be unset.
+fn optional_text(
+    variable: &'static str,
+    value: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    value.map(|v| checked_text(variable, v)).transpose()
 }
 
 fn parse_socket_addr(variable: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -994,6 +1016,35 @@ mod tests {
         assert!(!err.to_string().contains("short-but-secret"));
         let err = error_for(&[("HOST_ENGINE_URL", "http://user:pa55word@ak:1")]);
         assert!(!err.to_string().contains("pa55word"), "{err}");
+    }
+
+    #[test]
+    fn paths_and_choices_are_trimmed_like_other_values() {
+        let file = yaml_file("log_format: \"json \"\nsetup_access: \" loopback\"\n");
+        let c = Config::load(env(&[
+            ("CONFIG_FILE", &format!(" {} ", file.path().display())),
+            ("DATA_DIR", "/data "),
+            ("WEBHOOK_SCHEME", " http"),
+            ("OUTBOX_SYNC", "normal "),
+        ]))
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/data"));
+        assert_eq!(c.webhook_scheme, Scheme::Http);
+        assert_eq!(c.outbox_sync, OutboxSync::Normal);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.setup_access, SetupAccess::Loopback);
+        for variable in [
+            "DATA_DIR",
+            "CONFIG_FILE",
+            "WEBHOOK_SCHEME",
+            "SETUP_ACCESS",
+            "OUTBOX_SYNC",
+            "LOG_FORMAT",
+        ] {
+            let err = error_for(&[(variable, "x\u{1b}y")]);
+            assert_eq!(err.variable, variable, "{err}");
+            assert!(err.problem.contains("control characters"), "{err}");
+        }
     }
 
     #[test]
