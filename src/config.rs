@@ -661,8 +661,8 @@ fn parse_count(
     }
 }
 
-/// Creates `dir` (and its parents) readable only by this user, if it does not exist yet.
-/// Problems name `DATA_DIR`.
+/// Creates `dir` (and its parents) readable only by this user, if it does not exist yet, and
+/// checks that this user can create files in it. Problems name `DATA_DIR`.
 pub fn create_private_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.is_dir() {
@@ -672,13 +672,51 @@ pub fn create_private_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
         if std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         }
-        return Ok(());
+    } else {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                ConfigError::new("DATA_DIR", format!("cannot create {}: {e}", dir.display()))
+            })?;
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| ConfigError::new("DATA_DIR", format!("cannot create {}: {e}", dir.display())))
+    check_writable(dir)
+}
+
+/// Creates and removes a file in `dir`: a directory this user cannot write to (a volume owned
+/// by another user, a read-only mount) is named here, as `DATA_DIR`, rather than later by
+/// SQLite with a message naming no setting.
+fn check_writable(dir: &std::path::Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| {
+        ConfigError::new(
+            "DATA_DIR",
+            format!("no randomness to name a test file: {e}"),
+        )
+    })?;
+    let probe = dir.join(format!(".write-check.{}.tmp", hex::encode(nonce)));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)
+        .map_err(|e| {
+            ConfigError::new(
+                "DATA_DIR",
+                format!(
+                    "{} is not writable by this process's user: {e} (make it writable, or point DATA_DIR elsewhere)",
+                    dir.display()
+                ),
+            )
+        })?;
+    std::fs::remove_file(&probe).map_err(|e| {
+        ConfigError::new(
+            "DATA_DIR",
+            format!("cannot remove the test file {}: {e}", probe.display()),
+        )
+    })
 }
 
 fn read_yaml(path: &str) -> Result<Vec<(String, String)>, ConfigError> {
@@ -827,6 +865,19 @@ mod tests {
         create_private_dir(&made).unwrap();
         let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn a_data_dir_that_cannot_be_written_is_refused_naming_it_and_left_clean() {
+        // A directory nobody can create files in, root included (tests may run as root, whom
+        // a chmod does not stop).
+        let err = create_private_dir(std::path::Path::new("/proc")).unwrap_err();
+        assert_eq!(err.variable, "DATA_DIR", "{err}");
+        assert!(err.problem.contains("not writable"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        create_private_dir(dir.path()).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "the test file is removed: {left:?}");
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -72,6 +72,29 @@ async fn a_malformed_setting_stops_start_up_with_one_line_naming_it_and_exit_cod
     assert_eq!(out.status.code(), Some(64));
 }
 
+#[tokio::test]
+async fn a_data_dir_that_cannot_be_written_stops_start_up_naming_it_and_exit_code_64() {
+    // No one can create files in /proc, root included; with SECRET_KEY set no key file is
+    // written there, so the database would be the first to find out.
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        service()
+            .env("DATA_DIR", "/proc")
+            .env("SECRET_KEY", "0123456789abcdef0123456789abcdef")
+            .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("GRPC_ADDR", "127.0.0.1:0")
+            .output(),
+    )
+    .await
+    .expect("exits promptly")
+    .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.contains("DATA_DIR"), "{stderr:?}");
+    assert!(stderr.contains("not writable"), "{stderr:?}");
+}
+
 /// Starts the service on port 0 with `env` and waits until it serves; returns the process
 /// and its HTTP and gRPC addresses.
 async fn start_service(env: &[(&str, &str)]) -> (tokio::process::Child, String, String) {
