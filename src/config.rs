@@ -662,15 +662,23 @@ fn parse_count(
 }
 
 /// Creates `dir` (and its parents) readable only by this user, if it does not exist yet, and
-/// checks that this user can create files in it. Problems name `DATA_DIR`.
+/// checks that this user can create files in it. An existing directory keeps its mode: one
+/// open to the group or others is only warned about. Problems name `DATA_DIR`.
 pub fn create_private_dir(dir: &std::path::Path) -> Result<(), ConfigError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.is_dir() {
         // One made by someone else (an image's COPY, a volume) may be open to others, and the
         // databases' files are readable by them between their creation and their own chmod.
-        // Not ours to change (a shared mount): left as it is.
-        if std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        // Not ours to change (a shared mount, a volume whose group a Kubernetes fsGroup
+        // needs): left as it is, and said.
+        if let Ok(meta) = std::fs::metadata(dir)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %dir.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "DATA_DIR is open to its group or others; left as it is (chmod 700 keeps its files to this user)"
+            );
         }
     } else {
         std::fs::DirBuilder::new()
@@ -852,19 +860,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_data_dir_that_exists_open_to_others_is_closed_to_them() {
+    fn a_data_dir_that_exists_open_to_others_is_left_as_it_is_with_a_warning() {
         use std::os::unix::fs::PermissionsExt;
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("data");
         std::fs::create_dir(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        create_private_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let (created, logs) = crate::telemetry::logs_of(|| create_private_dir(&dir));
+        created.unwrap();
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
+        assert_eq!(mode, 0o770, "not ours to change");
+        assert!(logs.contains("WARN"), "{logs}");
+        assert!(
+            logs.contains("DATA_DIR is open to its group or others"),
+            "{logs}"
+        );
+
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let (created, logs) = crate::telemetry::logs_of(|| create_private_dir(&dir));
+        created.unwrap();
+        assert!(
+            !logs.contains("WARN"),
+            "a private one is not warned about: {logs}"
+        );
+
         let made = parent.path().join("new/nested");
         create_private_dir(&made).unwrap();
-        let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
+        for made in [&made, &parent.path().join("new")] {
+            let mode = std::fs::metadata(made).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", made.display());
+        }
     }
 
     #[test]

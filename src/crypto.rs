@@ -327,34 +327,6 @@ mod tests {
         assert!(err.problem.contains("or set SECRET_KEY"), "{err}");
     }
 
-    /// Runs `f` with this thread's log lines written to a buffer, and returns them.
-    fn logs_of<T>(f: impl FnOnce() -> T) -> (T, String) {
-        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer({
-                let buffer = buffer.clone();
-                move || Buffer(buffer.clone())
-            })
-            .finish();
-        let out = tracing::subscriber::with_default(subscriber, f);
-        let text = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
-        (out, text)
-    }
-
-    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl Write for Buffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn an_own_key_file_open_to_the_group_is_made_private_with_a_warning() {
         let dir = tempfile::tempdir().unwrap();
@@ -363,7 +335,7 @@ mod tests {
         let material = std::fs::read_to_string(&path).unwrap();
         // What a Kubernetes fsGroup does to the volume at every start.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).unwrap();
-        let (loaded, logs) = logs_of(|| Keys::load_or_generate(None, dir.path()));
+        let (loaded, logs) = crate::telemetry::logs_of(|| Keys::load_or_generate(None, dir.path()));
         let loaded = loaded.unwrap();
         assert_eq!(loaded.fingerprint(), generated.fingerprint());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
