@@ -46,7 +46,9 @@ impl std::fmt::Debug for Keys {
 impl Keys {
     /// Uses `secret_key` when given; otherwise reads `data_dir/secret.key`, generating it
     /// (32 random bytes, hex, mode 0600) on first start. Problems name `SECRET_KEY`, or
-    /// `DATA_DIR` when the key file cannot be written there.
+    /// `DATA_DIR` when the key file cannot be written there. No key is generated next to an
+    /// embedded database whose secrets a key already sealed: that key was lost, and a new
+    /// one would never open them.
     pub fn load_or_generate(
         secret_key: Option<&Secret>,
         data_dir: &Path,
@@ -55,6 +57,7 @@ impl Keys {
             return Ok(keys);
         }
         let path = data_dir.join(KEY_FILE);
+        refuse_over_sealed_database(data_dir, &path)?;
         let mut bytes = [0u8; 40];
         getrandom::fill(&mut bytes)
             .map_err(|e| key_problem(format!("no randomness to generate a key: {e}")))?;
@@ -215,6 +218,31 @@ fn tighten_key_file(path: &Path, meta: &std::fs::Metadata) -> Result<(), ConfigE
     Ok(())
 }
 
+/// Refuses to generate a key when the embedded database in `data_dir` remembers the one that
+/// sealed its secrets: the key file was lost (or never copied with the database), and only
+/// that key opens them. Nothing is written.
+fn refuse_over_sealed_database(data_dir: &Path, key_file: &Path) -> Result<(), ConfigError> {
+    let database = data_dir.join(crate::host::embedded::DB_FILE);
+    match crate::host::embedded::stored_key_fingerprint(data_dir) {
+        Ok(None) => Ok(()),
+        Ok(Some(fingerprint)) => Err(key_problem(format!(
+            "is not set and there is no key file {}, but the database {} holds secrets sealed \
+             with a key (fingerprint {fingerprint}); restore that key file, or set SECRET_KEY \
+             to that key",
+            key_file.display(),
+            database.display()
+        ))),
+        Err(e) => Err(ConfigError::new(
+            "DATA_DIR",
+            format!(
+                "cannot read {} to tell which key sealed it: {e} (restore the key file {}, or set SECRET_KEY)",
+                database.display(),
+                key_file.display()
+            ),
+        )),
+    }
+}
+
 fn key_problem(what: String) -> ConfigError {
     ConfigError::new("SECRET_KEY", what)
 }
@@ -316,6 +344,34 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [KEY_FILE], "no temporary files are left");
+    }
+
+    #[test]
+    fn no_key_is_generated_over_a_database_a_lost_key_sealed() {
+        use crate::host::embedded::{DB_FILE, EmbeddedHost};
+        let dir = tempfile::tempdir().unwrap();
+        let lost = std::sync::Arc::new(Keys::from_material(b"the key that was lost, 32+ chars"));
+        let host = EmbeddedHost::open(dir.path(), lost.clone()).unwrap();
+        // Still open, as after a crash: the fingerprint may be in the write-ahead log only.
+        let err = Keys::load_or_generate(None, dir.path()).unwrap_err();
+        assert_eq!(err.variable, "SECRET_KEY", "{err}");
+        assert!(err.problem.contains(lost.fingerprint()), "{err}");
+        assert!(err.problem.contains("restore that key file"), "{err}");
+        assert!(err.problem.contains("set SECRET_KEY"), "{err}");
+        assert!(!dir.path().join(KEY_FILE).exists(), "no key file written");
+        drop(host);
+        let err = Keys::load_or_generate(None, dir.path()).unwrap_err();
+        assert_eq!(err.variable, "SECRET_KEY", "{err}");
+        assert!(!dir.path().join(KEY_FILE).exists(), "no key file written");
+        // The database still opens with its own key, unchanged.
+        EmbeddedHost::open(dir.path(), lost).unwrap();
+
+        // A database that names no key yet (made empty by a start that stopped at once) is
+        // no reason to refuse.
+        let fresh = tempfile::tempdir().unwrap();
+        std::fs::write(fresh.path().join(DB_FILE), b"").unwrap();
+        Keys::load_or_generate(None, fresh.path()).unwrap();
+        assert!(fresh.path().join(KEY_FILE).is_file());
     }
 
     #[test]

@@ -215,6 +215,35 @@ impl LogEntry {
     }
 }
 
+/// The fingerprint of the key that sealed the secrets of the database in `data_dir`, read
+/// without changing the database (opened read-only); `None` when there is no database yet, or
+/// one that names no key yet.
+pub fn stored_key_fingerprint(data_dir: &Path) -> rusqlite::Result<Option<String>> {
+    let path = data_dir.join(DB_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let has_meta: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(None);
+    }
+    conn.query_row(
+        "SELECT value FROM meta WHERE key = 'key_fingerprint'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 impl EmbeddedHost {
     /// Opens (creating if needed) the database in `data_dir`, migrates it, and checks that
     /// `keys` is the key its secrets were sealed with.
