@@ -47,6 +47,7 @@ use crate::host::remote::RemoteHost;
 use crate::metrics::Metrics;
 use crate::setup::links::SetupLinks;
 use crate::setup::state::Flows;
+use crate::webhook::outbox::DataDirLock;
 use crate::zoom::api::ZoomApi;
 use crate::zoom::oauth::ZoomOAuth;
 
@@ -75,6 +76,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Webhook routing, the event outbox and its counters.
     pub webhooks: Arc<webhook::Webhooks>,
+    /// The lock on `DATA_DIR`, taken before anything there was read: held as long as the
+    /// state lives, so no other process opens the databases meanwhile.
+    pub data_dir_lock: DataDirLock,
 }
 
 impl AppState {
@@ -82,6 +86,9 @@ impl AppState {
     /// Configuration problems come back as [`config::ConfigError`].
     pub fn build(config: Config) -> anyhow::Result<Self> {
         config::create_private_dir(&config.data_dir)?;
+        // Before the key is read or generated and the databases are opened: a second process
+        // on this DATA_DIR stops here, not after migrating the database under the running one.
+        let data_dir_lock = DataDirLock::acquire(&config.data_dir)?;
         let keys = Arc::new(Keys::load_or_generate(
             config.secret_key.as_ref(),
             &config.data_dir,
@@ -103,7 +110,11 @@ impl AppState {
         let http = zoom::http_client(&config)?;
         let zoom_oauth = ZoomOAuth::new(http.clone(), &config);
         let metrics = Arc::new(Metrics::new());
-        let webhooks = Arc::new(webhook::Webhooks::open(&config, &metrics)?);
+        let webhooks = Arc::new(webhook::Webhooks::open(
+            &config,
+            &metrics,
+            data_dir_lock.clone(),
+        )?);
         Ok(Self {
             flows: Arc::new(Flows::new(
                 *keys.state_signing_key(),
@@ -128,6 +139,7 @@ impl AppState {
             embedded,
             keys,
             webhooks,
+            data_dir_lock,
         })
     }
 

@@ -38,7 +38,7 @@ use crate::host::HostEngine;
 use crate::host::embedded::EmbeddedHost;
 use crate::metrics::Metrics;
 use crate::webhook::normalize::Received;
-use crate::webhook::outbox::{Outbox, OutboxSettings, Record, RecordError, Recorded};
+use crate::webhook::outbox::{DataDirLock, Outbox, OutboxSettings, Record, RecordError, Recorded};
 use crate::webhook::routing::{RoutingIndex, Snapshot, VerifiedBy};
 
 /// The path Zoom posts webhooks to.
@@ -166,12 +166,17 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// Opens the outbox in `DATA_DIR` and creates an empty routing index.
-    pub fn open(config: &Config, metrics: &Metrics) -> Result<Self, outbox::OpenError> {
+    /// Opens the outbox in `DATA_DIR`, under `lock` (the caller's lock on it), and creates an
+    /// empty routing index.
+    pub fn open(
+        config: &Config,
+        metrics: &Metrics,
+        lock: DataDirLock,
+    ) -> Result<Self, outbox::OpenError> {
         let settings = Settings::from_config(config);
         Ok(Self {
             routing: Arc::new(RoutingIndex::new(config.zoom_secret_token.clone())),
-            outbox: Outbox::open(&config.data_dir, settings.outbox.clone())?,
+            outbox: Outbox::open_locked(&config.data_dir, lock, settings.outbox.clone())?,
             counters: Arc::new(Counters::new(metrics)),
             body_budget: Arc::new(Semaphore::new(kib(settings.body_budget) as usize)),
             heavy_checks: Arc::new(Semaphore::new(

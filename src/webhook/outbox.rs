@@ -442,8 +442,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Outbox {
     /// Opens (creating if needed) `outbox.db` in `data_dir`, applies what a journal left by
     /// an earlier version holds beyond it, and loads the deduplication keys of the window.
+    /// Takes the data directory's lock first; see [`Self::open_locked`] for a caller that
+    /// holds it already.
     pub fn open(data_dir: &Path, settings: OutboxSettings) -> Result<Self, OpenError> {
-        let lock = lock_data_dir(data_dir)?;
+        Self::open_locked(data_dir, DataDirLock::acquire(data_dir)?, settings)
+    }
+
+    /// [`Self::open`] under `lock`, the caller's lock on `data_dir`, which the outbox keeps
+    /// until it is closed.
+    pub fn open_locked(
+        data_dir: &Path,
+        lock: DataDirLock,
+        settings: OutboxSettings,
+    ) -> Result<Self, OpenError> {
         let path = data_dir.join(OUTBOX_FILE);
         let err = |source| OpenError::Database {
             path: path.clone(),
@@ -829,8 +840,28 @@ pub const LOCK_FILE: &str = "outbox.lock";
 /// exiting, an outbox of this process being dropped).
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
-/// Takes the data directory's outbox lock (released when the file is closed, or the process
-/// ends however it ends), waiting up to [`LOCK_WAIT`] for it.
+/// The lock that says a process runs on a data directory: [`LOCK_FILE`] in it, locked with
+/// `flock`. The service takes it at start, before it reads a key or opens a database there, so
+/// a second process on the same directory stops before it changes anything; it is let go when
+/// the last clone is dropped, or the process ends however it ends.
+#[derive(Debug, Clone)]
+pub struct DataDirLock {
+    _file: Arc<std::fs::File>,
+}
+
+impl DataDirLock {
+    /// Takes the lock on `data_dir` (which must exist), waiting up to [`LOCK_WAIT`] for
+    /// another holder to let go (a process still exiting, an outbox of this process being
+    /// dropped); [`OpenError::InUse`] past that.
+    pub fn acquire(data_dir: &Path) -> Result<Self, OpenError> {
+        lock_data_dir(data_dir).map(|file| Self {
+            _file: Arc::new(file),
+        })
+    }
+}
+
+/// Takes the data directory's lock (released when the file is closed, or the process ends
+/// however it ends), waiting up to [`LOCK_WAIT`] for it.
 fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, OpenError> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
@@ -1061,7 +1092,7 @@ struct Writer {
     conn: Connection,
     /// Held while the outbox is open: two committers on one database would each trust their
     /// own count and keys.
-    _lock: std::fs::File,
+    _lock: DataDirLock,
     wal: PathBuf,
     last_purge: Instant,
     /// Roughly the bytes written to the log since the last checkpoint.
@@ -1587,6 +1618,23 @@ mod tests {
             "{waited:?}"
         );
         blocker.execute_batch("COMMIT").unwrap();
+    }
+
+    #[test]
+    fn a_held_data_dir_lock_keeps_another_out_until_its_last_clone_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = DataDirLock::acquire(dir.path()).unwrap();
+        let outbox =
+            Outbox::open_locked(dir.path(), lock.clone(), OutboxSettings::default()).unwrap();
+        drop(outbox);
+        let err = DataDirLock::acquire(dir.path()).unwrap_err();
+        assert!(matches!(err, OpenError::InUse { .. }), "{err}");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+        drop(lock);
+        DataDirLock::acquire(dir.path()).unwrap();
     }
 
     #[tokio::test]

@@ -106,6 +106,41 @@ async fn a_restart_with_another_secret_key_is_refused() {
 }
 
 #[tokio::test]
+async fn a_second_process_on_a_data_dir_in_use_stops_before_touching_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().display().to_string();
+    let key = "the running service's key material, 32+ chars";
+    let running = zoom_integration::AppState::build(
+        zoom_integration::config::Config::load(vec![
+            ("DATA_DIR".to_string(), data_dir.clone()),
+            ("SECRET_KEY".to_string(), key.to_string()),
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+
+    // Started without SECRET_KEY, it would generate a key file; with another key, it would
+    // find the database sealed with the running one's. Either way the lock comes first.
+    for secret_key in [None, Some("another key material, also 32+ chars")] {
+        let mut env = vec![("DATA_DIR".to_string(), data_dir.clone())];
+        env.extend(secret_key.map(|k| ("SECRET_KEY".to_string(), k.to_string())));
+        let config = zoom_integration::config::Config::load(env).unwrap();
+        let err = zoom_integration::AppState::build(config)
+            .err()
+            .expect("must refuse");
+        assert!(
+            format!("{err:#}").contains("in use by another process"),
+            "{err:#}"
+        );
+        assert!(
+            !dir.path().join(zoom_integration::crypto::KEY_FILE).exists(),
+            "no key file generated"
+        );
+    }
+    drop(running);
+}
+
+#[tokio::test]
 async fn events_saved_in_the_embedded_host_are_listed_and_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_app_in(dir.path(), &[]).await;
