@@ -168,6 +168,46 @@ const BACKGROUND_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// answered by then): past it, those events are delivered again after the next start.
 const OUTBOX_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Waits for both servers to end; once `stop` is cancelled, for `grace` at most (in-flight
+/// requests get that long to finish: a client holding a stream open cannot keep the process
+/// alive past it), then aborts those still running. Returns the first server's failure (or
+/// panic), the HTTP server's before the gRPC server's, also when the other one was still
+/// draining at the deadline.
+async fn wait_for_servers(
+    http_server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    grpc_server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stop: &CancellationToken,
+    grace: std::time::Duration,
+) -> anyhow::Result<()> {
+    let aborts = [http_server.abort_handle(), grpc_server.abort_handle()];
+    // Each result is kept as soon as its server ends: the deadline drops `servers` unfinished.
+    let mut http = None;
+    let mut grpc = None;
+    let servers = async {
+        tokio::join!(
+            async { http = Some(http_server.await.context("HTTP server panicked")) },
+            async { grpc = Some(grpc_server.await.context("gRPC server panicked")) },
+        );
+    };
+    let deadline = async {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        () = servers => {}
+        () = deadline => {
+            tracing::warn!(?grace, "requests still in flight after the shutdown timeout; exiting anyway");
+            for abort in aborts {
+                abort.abort();
+            }
+        }
+    }
+    for ended in [http, grpc].into_iter().flatten() {
+        ended??;
+    }
+    Ok(())
+}
+
 /// Runs the service on the given listeners until `shutdown` completes, then stops both
 /// servers gracefully: no new connections, in-flight requests get `SHUTDOWN_TIMEOUT` to finish.
 pub async fn run(
@@ -249,31 +289,9 @@ pub async fn run(
         "zoom-integration serving"
     );
 
-    let aborts = [http_server.abort_handle(), grpc_server.abort_handle()];
-    let servers = async {
-        let (http, grpc) = tokio::join!(http_server, grpc_server);
-        http.context("HTTP server panicked")??;
-        grpc.context("gRPC server panicked")??;
-        anyhow::Ok(())
-    };
-    // In-flight requests get `grace` to finish; a client holding a stream open cannot keep
-    // the process alive past it.
-    let deadline = async {
-        stop.cancelled().await;
-        tokio::time::sleep(grace).await;
-    };
     // A server that failed or panicked still gets the cleanup below (a rotated refresh token
     // saved, the outbox closed); its error is returned after it.
-    let served = tokio::select! {
-        result = servers => result,
-        () = deadline => {
-            tracing::warn!(?grace, "requests still in flight after the shutdown timeout; exiting anyway");
-            for abort in aborts {
-                abort.abort();
-            }
-            Ok(())
-        }
-    };
+    let served = wait_for_servers(http_server, grpc_server, &stop, grace).await;
     stop.cancel();
     // The background tasks stop at their next await on `stop`; whatever they had not finished
     // is still in the outbox for the next start.
@@ -300,4 +318,77 @@ pub async fn run(
     }
     tracing::info!("stopped");
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::time::Duration;
+
+    /// A server task that ends with `result`, stopping the other as `run`'s servers do.
+    fn server_ending_with(
+        stop: &CancellationToken,
+        result: anyhow::Result<()>,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _stop_the_other = stop.drop_guard();
+            result
+        })
+    }
+
+    /// A server task still draining when it is aborted.
+    fn server_draining_forever() -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        tokio::spawn(std::future::pending())
+    }
+
+    #[tokio::test]
+    async fn a_failed_server_is_reported_though_the_other_was_still_draining_at_the_deadline() {
+        let grace = Duration::from_millis(50);
+        for http_fails in [true, false] {
+            let stop = CancellationToken::new();
+            let failed = server_ending_with(&stop, Err(anyhow::anyhow!("the listener broke")));
+            let draining = server_draining_forever();
+            let draining_abort = draining.abort_handle();
+            let (http, grpc) = if http_fails {
+                (failed, draining)
+            } else {
+                (draining, failed)
+            };
+            let result = tokio::time::timeout(
+                Duration::from_secs(5),
+                wait_for_servers(http, grpc, &stop, grace),
+            )
+            .await
+            .expect("ends at the deadline");
+            let err = result.expect_err("the failure is not lost");
+            assert!(format!("{err:#}").contains("the listener broke"), "{err:#}");
+            tokio::task::yield_now().await;
+            assert!(
+                draining_abort.is_finished(),
+                "the draining server is aborted"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn servers_that_stop_in_time_or_only_past_the_deadline_are_no_failure() {
+        let grace = Duration::from_millis(50);
+        let stop = CancellationToken::new();
+        let http = server_ending_with(&stop, Ok(()));
+        let grpc = server_ending_with(&stop, Ok(()));
+        wait_for_servers(http, grpc, &stop, grace).await.unwrap();
+
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let result = wait_for_servers(
+            server_draining_forever(),
+            server_draining_forever(),
+            &stop,
+            grace,
+        )
+        .await;
+        result.unwrap();
+    }
 }
