@@ -677,6 +677,13 @@ async fn main() {
         "\"recorded\"",
     ));
     let metrics_url = service.url.replace("/zoom/event", "/metrics");
+    // Open-loop runs open as many connections as they have requests in flight: their client
+    // keeps that many, so none is closed and opened again in between.
+    let paced_service = Arc::new(Target::new(
+        service.url.clone(),
+        PACED_IN_FLIGHT,
+        "\"recorded\"",
+    ));
 
     // Warm all three up (connections, caches) before measuring.
     for target in [&floor, &checks, &service] {
@@ -728,15 +735,18 @@ async fn main() {
         ceilings.push(ceiling);
         ratios.push(ratio);
         if round == rounds {
-            // The target's rate, then, for comparison, half the rate the full path reached.
+            // The target's rate, then, for comparison, half the rate the full path reached and
+            // a steady 1,000 webhooks a second (a busy Zoom account).
             let rates = [
                 ("half the floor's rate", floor_run.rps() / 2.0),
                 ("half the full path's rate", full.rps() / 2.0),
+                ("a steady rate", 1000.0),
             ];
             for (what, rate) in rates {
                 caught_up(&metrics_url).await;
                 let recorded_before = recorded_total(&metrics_url).await;
-                let (paced, from_sent) = load_paced(&service, rate, seconds, counter.clone()).await;
+                let (paced, from_sent) =
+                    load_paced(&paced_service, rate, seconds, counter.clone()).await;
                 let recorded = recorded_total(&metrics_url).await - recorded_before;
                 println!(
                     "{}",
@@ -744,10 +754,12 @@ async fn main() {
                 );
                 println!("{}", paced.threads_line());
                 println!(
-                    "  {what}: asked {:.0} req/s, answered {:.0} req/s; p99 from when each request was due {:.2} ms, from when it was sent {:.2} ms",
+                    "  {what}: asked {:.0} req/s, answered {:.0} req/s; from when each request was due p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; from when it was sent p99 {:.2} ms",
                     rate,
                     paced.rps(),
+                    paced.percentile(0.90),
                     paced.percentile(0.99),
+                    paced.percentile(0.999),
                     percentile(&from_sent, 0.99),
                 );
                 if recorded != paced.requests {
