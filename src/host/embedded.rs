@@ -253,7 +253,11 @@ impl EmbeddedHost {
             path: path.clone(),
             source,
         };
-        crate::config::create_private_dir(data_dir)?;
+        // The service checked it at start-up (once: it warns about a directory open to
+        // others); a test or benchmark opening the host alone may need it made.
+        if !data_dir.is_dir() {
+            crate::config::create_private_dir(data_dir)?;
+        }
         let mut conn = Connection::open(&path).map_err(db_err)?;
         // The database holds account ids and sealed secrets: keep it to this user.
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
