@@ -126,8 +126,8 @@ impl ZoomApi {
 
 /// The most a call waits for one `Retry-After` of a rate limit before giving up.
 pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
-/// The time a retried call keeps for itself after a `Retry-After` wait, before its caller's
-/// deadline.
+/// The time a retried call keeps for itself after a `Retry-After` wait, and then for its
+/// answer to reach the caller, before the caller's deadline.
 pub const RETRY_MARGIN: Duration = Duration::from_secs(1);
 /// How many times a rate-limited call is retried.
 pub const MAX_RATE_LIMIT_RETRIES: u32 = 3;
@@ -211,10 +211,11 @@ impl ZoomApi {
     /// Calls the API: `method` on `path` (relative to `ZOOM_API_URL`, checked with
     /// [`check_path`]) with `query` and an optional JSON body. Any HTTP status comes back as an
     /// answer, 5xx included; a short rate limit (429, see [`retry_after`]) is waited out and
-    /// retried up to [`MAX_RATE_LIMIT_RETRIES`] times, unless the wait would not end
-    /// [`RETRY_MARGIN`] before `deadline` (the caller's): then, like a daily limit, the 429 is
-    /// answered at once, so the caller learns why instead of timing out. A retry still
-    /// unanswered [`RETRY_MARGIN`] before the deadline is given up for the same answer.
+    /// retried up to [`MAX_RATE_LIMIT_RETRIES`] times, unless the wait would not leave the
+    /// retry [`RETRY_MARGIN`] and its answer another before `deadline` (the caller's): then,
+    /// like a daily limit, the 429 is answered at once, so the caller learns why instead of
+    /// timing out. A retry still unanswered [`RETRY_MARGIN`] before the deadline is given up:
+    /// a `GET` for the same 429; any other method as a timeout, since Zoom may have done it.
     pub async fn call(
         &self,
         access_token: &Secret,
@@ -248,12 +249,16 @@ impl ZoomApi {
                     let cutoff = deadline.checked_sub(RETRY_MARGIN).unwrap_or(deadline);
                     match tokio::time::timeout_at(cutoff, sent).await {
                         Ok(response) => response,
-                        Err(_) => {
+                        Err(_) if method == reqwest::Method::GET => {
                             tracing::info!(
                                 retries,
                                 "Zoom did not answer a retry in time; answering its rate limit"
                             );
                             return Ok(last);
+                        }
+                        Err(_) => {
+                            tracing::info!(retries, %method, "Zoom did not answer a retry in time");
+                            return Err(ZoomError::Timeout.into());
                         }
                     }
                 }
@@ -263,7 +268,7 @@ impl ZoomApi {
             if response.status == reqwest::StatusCode::TOO_MANY_REQUESTS
                 && retries < MAX_RATE_LIMIT_RETRIES
                 && let Some(wait) = retry_after(&response.headers)
-                && tokio::time::Instant::now() + wait + RETRY_MARGIN <= deadline
+                && tokio::time::Instant::now() + wait + 2 * RETRY_MARGIN <= deadline
             {
                 retries += 1;
                 tracing::info!(?wait, retries, "Zoom rate limit; waiting before retrying");

@@ -406,7 +406,7 @@ async fn a_rate_limit_longer_than_the_callers_deadline_allows_is_reported_at_onc
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
     let cid = connected(&app, &zoom).await;
-    // Retry-After 2 s plus the second it keeps for the retry do not fit in 2.5 s.
+    // Retry-After 2 s plus a second for the retry and one for its answer do not fit in 2.5 s.
     zoom.rate_limit_next("2", "QPS");
     let mut request = tonic::Request::new(CallRequest {
         integration_id: zoom_id(),
@@ -477,6 +477,31 @@ async fn a_retry_zoom_is_slow_to_answer_gives_the_rate_limit_before_the_callers_
         zoom.state.lock().unwrap().api_requests.len(),
         2,
         "one retry"
+    );
+
+    // A retried POST that Zoom has not answered may have been done: not a rate limit.
+    zoom.rate_limit_next("1", "QPS");
+    let mut request = tonic::Request::new(CallRequest {
+        integration_id: zoom_id(),
+        function: Some(function("create_meeting", &cid)),
+        kwargs: [("topic".to_string(), text("once"))].into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(4));
+    let response = app
+        .integrations()
+        .call(request)
+        .await
+        .expect("answered before the deadline")
+        .into_inner();
+    let error = err(response);
+    assert!(error.get("status").is_none(), "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer in time"),
+        "{error}"
     );
 }
 
