@@ -89,14 +89,19 @@ impl Keys {
             return Ok(Some(Self::from_material(key.expose().as_bytes())));
         }
         let path = data_dir.join(KEY_FILE);
-        let meta = match std::fs::metadata(&path) {
-            Ok(meta) => meta,
+        let cannot_read =
+            |e: std::io::Error| key_problem(format!("cannot read {}: {e}", path.display()));
+        // One open file for the check, the tightening and the read: what is checked is what
+        // is read, even if the path is replaced meanwhile.
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(key_problem(format!("cannot read {}: {e}", path.display()))),
+            Err(e) => return Err(cannot_read(e)),
         };
-        tighten_key_file(&path, &meta)?;
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| key_problem(format!("cannot read {}: {e}", path.display())))?;
+        let meta = file.metadata().map_err(cannot_read)?;
+        tighten_key_file(&path, &file, &meta)?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(cannot_read)?;
         let material = text.trim();
         if material.len() < 32 {
             return Err(key_problem(format!(
@@ -185,35 +190,48 @@ impl Keys {
     }
 }
 
-/// Makes a key file that group or others may access private again (mode 0600) when this
-/// user owns it, and refuses it otherwise: a volume mounted with an `fsGroup` (Kubernetes) turns
-/// a 0600 file into 0660 at every start, which says nothing about who else has read it.
-fn tighten_key_file(path: &Path, meta: &std::fs::Metadata) -> Result<(), ConfigError> {
+/// Makes a key file that its group may access private again (mode 0600) when this user owns
+/// it: a volume mounted with an `fsGroup` (Kubernetes) turns a 0600 file into 0660 at every
+/// start. A key file that others may access is refused, as is a group-accessible one this user
+/// cannot change: whoever else could read it may hold the key.
+fn tighten_key_file(
+    path: &Path,
+    file: &std::fs::File,
+    meta: &std::fs::Metadata,
+) -> Result<(), ConfigError> {
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 == 0 {
         return Ok(());
     }
+    let refuse = |why: String| {
+        Err(key_problem(format!(
+            "key file {} {why}; make sure no one else has read it, then run chmod 600 on it \
+             (or set SECRET_KEY)",
+            path.display()
+        )))
+    };
+    if mode & 0o007 != 0 {
+        return refuse(format!("is open to other users (mode {mode:o})"));
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
-        return Err(key_problem(format!(
-            "key file {} is readable by others (mode {mode:o}) and owned by user {}, not by this \
-             process's user {me}, so it cannot be made private; run chmod 600 on it",
-            path.display(),
+        return refuse(format!(
+            "is open to its group (mode {mode:o}) and owned by user {}, not by this process's \
+             user {me}, so it cannot be made private",
             meta.uid()
-        )));
+        ));
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
-        key_problem(format!(
-            "key file {} is readable by others (mode {mode:o}) and cannot be made private ({e}); \
-             run chmod 600 on it",
-            path.display()
-        ))
-    })?;
+    // fchmod on the file that was checked and will be read.
+    if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(0o600)) {
+        return refuse(format!(
+            "is open to its group (mode {mode:o}) and cannot be made private ({e})"
+        ));
+    }
     tracing::warn!(
         path = %path.display(),
         mode = format!("{mode:o}"),
-        "the key file was readable by others; tightened it to mode 600"
+        "the key file was open to its group; tightened it to mode 600"
     );
     Ok(())
 }
@@ -405,11 +423,27 @@ mod tests {
     }
 
     #[test]
-    fn a_key_file_readable_by_others_that_cannot_be_made_private_is_refused() {
+    fn a_key_file_open_to_others_is_refused_and_left_as_it_is() {
         let dir = tempfile::tempdir().unwrap();
         Keys::load_or_generate(None, dir.path()).unwrap();
         let path = dir.path().join(KEY_FILE);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for mode in [0o644, 0o604, 0o666] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Keys::load_or_generate(None, dir.path()).unwrap_err();
+            assert_eq!(err.variable, "SECRET_KEY");
+            assert!(err.problem.contains("open to other users"), "{err}");
+            assert!(err.problem.contains("chmod 600"), "{err}");
+            let now = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(now, mode, "left as it is");
+        }
+    }
+
+    #[test]
+    fn a_key_file_open_to_the_group_that_cannot_be_made_private_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Keys::load_or_generate(None, dir.path()).unwrap();
+        let path = dir.path().join(KEY_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         // Only root can give the file to another user; as anyone else there is nothing to try.
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
@@ -418,8 +452,8 @@ mod tests {
         std::os::unix::fs::chown(&path, Some(65_534), None).unwrap();
         let err = Keys::load_or_generate(None, dir.path()).unwrap_err();
         assert_eq!(err.variable, "SECRET_KEY");
-        assert!(err.problem.contains("chmod 600"), "{err}");
+        assert!(err.problem.contains("cannot be made private"), "{err}");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o644, "another user's file is not changed");
+        assert_eq!(mode, 0o640, "another user's file is not changed");
     }
 }
