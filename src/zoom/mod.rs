@@ -14,9 +14,10 @@ use crate::config::Config;
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 /// The largest response body read from Zoom's REST API: a page of 300 meetings with their
-/// recording files passes 1 MiB. What the answer may become as a value is bounded apart (by
-/// the number of values, see `webhook::normalize`).
-pub const MAX_API_RESPONSE_BYTES: usize = 8 << 20;
+/// recording files can pass 1 MiB. What the answer may become as a value is bounded apart (by
+/// the number of values, see `webhook::normalize`); this bounds the bytes each call in flight
+/// holds.
+pub const MAX_API_RESPONSE_BYTES: usize = 4 << 20;
 
 /// Makes ring the process's TLS crypto provider. reqwest is built without one (ring builds
 /// faster than aws-lc-rs), so this must run before any HTTP client is built; calling it again
@@ -96,7 +97,7 @@ pub async fn send(
     http: &reqwest::Client,
     request: reqwest::Request,
 ) -> Result<RawResponse, ZoomError> {
-    read(http, request, false, MAX_RESPONSE_BYTES).await
+    read(http, request, false, MAX_RESPONSE_BYTES, "").await
 }
 
 /// Sends a REST API `request` and reads the whole answer (up to [`MAX_API_RESPONSE_BYTES`]),
@@ -105,7 +106,14 @@ pub async fn send_any(
     http: &reqwest::Client,
     request: reqwest::Request,
 ) -> Result<RawResponse, ZoomError> {
-    read(http, request, true, MAX_API_RESPONSE_BYTES).await
+    read(
+        http,
+        request,
+        true,
+        MAX_API_RESPONSE_BYTES,
+        " (ask for smaller pages: page_size)",
+    )
+    .await
 }
 
 async fn read(
@@ -113,10 +121,11 @@ async fn read(
     request: reqwest::Request,
     server_errors_too: bool,
     limit: usize,
+    hint: &str,
 ) -> Result<RawResponse, ZoomError> {
     let too_large = || {
         ZoomError::Protocol(format!(
-            "the response is larger than {} MiB (ask for smaller pages: page_size)",
+            "the response is larger than {} MiB{hint}",
             limit >> 20
         ))
     };

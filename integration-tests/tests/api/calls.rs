@@ -959,7 +959,7 @@ async fn a_page_of_several_mebibytes_is_passed_on_and_one_past_the_limit_asks_fo
         .collect();
     let page = json!({ "page_size": 300, "meetings": meetings }).to_string();
     assert!(page.len() > 1 << 20, "{}", page.len());
-    let big = json!({ "blob": "y".repeat(9 << 20) }).to_string();
+    let big = json!({ "blob": "y".repeat(5 << 20) }).to_string();
     zoom.state.lock().unwrap().canned_answers.extend([
         (axum::http::StatusCode::OK, "application/json", page),
         (axum::http::StatusCode::OK, "application/json", big),
@@ -974,7 +974,7 @@ async fn a_page_of_several_mebibytes_is_passed_on_and_one_past_the_limit_asks_fo
 
     let refused = err(call(&app, &cid, "list_recordings", vec![], vec![]).await);
     let message = refused["message"].as_str().unwrap();
-    assert!(message.contains("larger than 8 MiB"), "{refused}");
+    assert!(message.contains("larger than 4 MiB"), "{refused}");
     assert!(message.contains("page_size"), "{refused}");
 }
 
