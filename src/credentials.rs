@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tracing::Instrument;
 
 use crate::config::OAuthApp;
 use crate::connection::{AuthType, value_of, vars};
@@ -584,7 +585,13 @@ impl Source {
                         let mut refresh = refresh.to_string();
                         let mut tried_newer = false;
                         let token = loop {
-                            let refreshed = self.oauth.refresh(&app, &Secret::new(&refresh)).await;
+                            // The span names the connection in what the token client logs
+                            // (an answer it took but could not read).
+                            let refreshed = self
+                                .oauth
+                                .refresh(&app, &Secret::new(&refresh))
+                                .instrument(tracing::info_span!("refresh", connection_id = %cid))
+                                .await;
                             self.count("refresh_token", &refreshed);
                             match refreshed {
                                 Ok(token) => break token,

@@ -101,6 +101,8 @@ pub struct FakeZoomState {
     pub token_answers_as_text: bool,
     /// API requests that are not rate-limited wait this long before they are answered.
     pub api_delay: Duration,
+    /// Token answers are a 200 with a page that is not JSON (the tokens issued, rotation done).
+    pub token_answers_unreadable: bool,
     /// Authorization codes are exchanged for an access token only, with no refresh token.
     pub codes_without_refresh_token: bool,
     next: u64,
@@ -539,6 +541,14 @@ fn tokens(s: &mut FakeZoomState, client_id: &str) -> Response {
     let refresh = s.next_id("refresh-");
     s.refresh_tokens.insert(refresh.clone(), client_id.into());
     s.issued.extend([access.clone(), refresh.clone()]);
+    if s.token_answers_unreadable {
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/html")],
+            "<html><body>OK</body></html>",
+        )
+            .into_response();
+    }
     if s.token_answers_as_text {
         let body = json!({
             "access_token": access,

@@ -436,3 +436,58 @@ async fn answered_webhooks_survive_a_sigkill(outbox_sync: &str) {
     }
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_refresh_zoom_took_but_answered_unreadably_is_logged_as_an_error_naming_the_connection() {
+    use zoom_integration::proto::autokitteh::integrations::v1::TestConnectionRequest;
+    use zoom_integration::proto::autokitteh::integrations::v1::integrations_service_client::IntegrationsServiceClient;
+    use zoom_integration::proto::autokitteh::vars::v1 as vars;
+    use zoom_integration::proto::autokitteh::vars::v1::vars_service_client::VarsServiceClient;
+
+    let zoom = crate::fake_zoom::FakeZoom::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env: Vec<(&str, String)> = zoom.env();
+    env.push(("DATA_DIR", dir.path().display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut child, _http, grpc, log) = start_service_with_log(&env).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let cid = zoom_integration::ids::ConnectionId::generate().to_string();
+    let refresh = zoom.issue_refresh_token(crate::fake_zoom::DEFAULT_CLIENT_ID);
+    VarsServiceClient::new(channel.clone())
+        .set(vars::SetRequest {
+            vars: vec![
+                crate::helpers::var(&cid, "auth_type", "oauthDefault", false),
+                crate::helpers::var(&cid, "oauth_refresh_token", &refresh, true),
+                crate::helpers::var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+            ],
+        })
+        .await
+        .unwrap();
+    zoom.state.lock().unwrap().token_answers_unreadable = true;
+    let status = IntegrationsServiceClient::new(channel)
+        .test_connection(TestConnectionRequest {
+            integration_id: crate::helpers::zoom_id(),
+            connection_id: cid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert!(status.message.contains("cannot be read"), "{status:?}");
+
+    let lines = log.lock().unwrap().clone();
+    let line = lines
+        .iter()
+        .find(|l| l.contains("probably lost"))
+        .unwrap_or_else(|| panic!("no error line: {lines:#?}"));
+    let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(entry["level"], "ERROR", "{line}");
+    assert!(line.contains(&cid), "names the connection: {line}");
+    assert!(!line.contains(&refresh), "no token in the log: {line}");
+    child.kill().await.unwrap();
+}
