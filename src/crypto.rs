@@ -53,11 +53,24 @@ impl Keys {
         secret_key: Option<&Secret>,
         data_dir: &Path,
     ) -> Result<Self, ConfigError> {
+        Self::load_or_generate_for(secret_key, data_dir, true)
+    }
+
+    /// [`Keys::load_or_generate`]; with `embedded_host` false (a remote host engine keeps the
+    /// secrets), an embedded database left in `data_dir` from an earlier setup does not stop a
+    /// key from being generated.
+    pub fn load_or_generate_for(
+        secret_key: Option<&Secret>,
+        data_dir: &Path,
+        embedded_host: bool,
+    ) -> Result<Self, ConfigError> {
         if let Some(keys) = Self::load(secret_key, data_dir)? {
             return Ok(keys);
         }
         let path = data_dir.join(KEY_FILE);
-        refuse_over_sealed_database(data_dir, &path)?;
+        if embedded_host {
+            refuse_over_sealed_database(data_dir, &path)?;
+        }
         let mut bytes = [0u8; 40];
         getrandom::fill(&mut bytes)
             .map_err(|e| key_problem(format!("no randomness to generate a key: {e}")))?;
@@ -383,6 +396,9 @@ mod tests {
         assert!(!dir.path().join(KEY_FILE).exists(), "no key file written");
         // The database still opens with its own key, unchanged.
         EmbeddedHost::open(dir.path(), lost).unwrap();
+        // With a remote host the database is a leftover: a key is made.
+        Keys::load_or_generate_for(None, dir.path(), false).unwrap();
+        assert!(dir.path().join(KEY_FILE).is_file());
 
         // A database that names no key yet (made empty by a start that stopped at once) is
         // no reason to refuse.

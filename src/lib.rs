@@ -89,9 +89,10 @@ impl AppState {
         // Before the key is read or generated and the databases are opened: a second process
         // on this DATA_DIR stops here, not after migrating the database under the running one.
         let data_dir_lock = DataDirLock::acquire(&config.data_dir)?;
-        let keys = Arc::new(Keys::load_or_generate(
+        let keys = Arc::new(Keys::load_or_generate_for(
             config.secret_key.as_ref(),
             &config.data_dir,
+            config.host_engine_url.is_none(),
         )?);
         let (host, embedded): (Arc<dyn HostEngine>, _) = match &config.host_engine_url {
             Some(url) => (
