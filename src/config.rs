@@ -714,17 +714,16 @@ fn check_writable(dir: &std::path::Path) -> Result<(), ConfigError> {
             ConfigError::new(
                 "DATA_DIR",
                 format!(
-                    "{} is not writable by this process's user: {e} (make it writable, or point DATA_DIR elsewhere)",
+                    "{} is not writable: {e} (check its owner, mode, mount and free space, or point DATA_DIR elsewhere)",
                     dir.display()
                 ),
             )
         })?;
-    std::fs::remove_file(&probe).map_err(|e| {
-        ConfigError::new(
-            "DATA_DIR",
-            format!("cannot remove the test file {}: {e}", probe.display()),
-        )
-    })
+    // The directory is writable: a test file left behind is no reason not to start.
+    if let Err(e) = std::fs::remove_file(&probe) {
+        tracing::warn!(path = %probe.display(), error = %e, "cannot remove the start-up test file");
+    }
+    Ok(())
 }
 
 fn read_yaml(path: &str) -> Result<Vec<(String, String)>, ConfigError> {

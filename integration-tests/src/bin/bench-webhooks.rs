@@ -707,6 +707,14 @@ async fn main() {
         let recorded = recorded_total(&metrics_url).await - recorded_before;
         println!("{}", full.line("full path (verify, dedupe, record)"));
         println!("{}", full.threads_line());
+        // The forwarder yields the CPU to requests (it runs at a lower priority): how far
+        // behind the full load left it, and how long it took to catch up.
+        let behind = outbox_depth(&metrics_url).await;
+        let took = caught_up(&metrics_url).await;
+        println!(
+            "  forwarder: {behind} events behind when the load ended, all delivered {:.2} s later",
+            took.as_secs_f64()
+        );
         if recorded != full.requests {
             problems.push(format!(
                 "round {round}: {} answers said recorded, the service counted {recorded}",
@@ -779,15 +787,6 @@ async fn main() {
         "median of {rounds} rounds: full/floor {:.1}% (target >= 75%), checks/floor {:.1}%",
         median(ratios),
         median(ceilings)
-    );
-
-    // The forwarder yields the CPU to requests (it runs at a lower priority): how far behind
-    // the runs left it, and how long it took to catch up.
-    let behind = outbox_depth(&metrics_url).await;
-    let took = caught_up(&metrics_url).await;
-    println!(
-        "forwarder: {behind} events behind when the load ended, all delivered {:.2} s later",
-        took.as_secs_f64()
     );
 
     let (fill, drain) = drain(drain_events).await;
