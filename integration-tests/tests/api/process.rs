@@ -480,11 +480,20 @@ async fn a_refresh_zoom_took_but_answered_unreadably_is_logged_as_an_error_namin
         .unwrap();
     assert!(status.message.contains("cannot be read"), "{status:?}");
 
-    let lines = log.lock().unwrap().clone();
-    let line = lines
-        .iter()
-        .find(|l| l.contains("probably lost"))
-        .unwrap_or_else(|| panic!("no error line: {lines:#?}"));
+    // The log is read as the process writes it: the line may arrive just after the answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let lines = log.lock().unwrap().clone();
+        if let Some(line) = lines.iter().find(|l| l.contains("probably lost")) {
+            break line.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no error line: {lines:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let line = &line;
     let entry: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(entry["level"], "ERROR", "{line}");
     assert!(line.contains(&cid), "names the connection: {line}");
