@@ -96,7 +96,8 @@ const MIGRATIONS: &[&str] = &[
 pub struct OutboxSettings {
     /// `OUTBOX_SYNC`: fsync every commit (`Full`) or only survive process crashes (`Normal`).
     pub sync: crate::config::OutboxSync,
-    /// Past this size the write-ahead log is checkpointed and truncated by the committer.
+    /// Past this length the committer copies the write-ahead log into the database and starts
+    /// it over (the file keeps its size, and is cut back to this one if it grew past it).
     pub wal_limit: u64,
     /// How long a body's key is remembered for deduplication (the replay window).
     pub dedupe_window: Duration,
@@ -468,6 +469,13 @@ impl Outbox {
         // between groups (see `Writer::maintain`): never inside a commit requests wait for.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(err)?;
+        // A log that once grew past the limit (readers kept it from starting over) is cut
+        // back to it the next time it starts over.
+        conn.pragma_update(None, "journal_size_limit", settings.wal_limit as i64)
+            .map_err(err)?;
+        let page_size: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(err)?;
         recover_journal(data_dir, &mut conn, &settings)?;
         let mut keys = Keys::new(settings.dedupe_window);
         load_keys(&conn, &mut keys, settings.dedupe_window).map_err(err)?;
@@ -480,9 +488,11 @@ impl Outbox {
         let writer = Writer {
             conn,
             _lock: lock,
-            wal: wal_path(&path),
             last_purge: Instant::now(),
             unchecked: 0,
+            logged: 0,
+            // Each page goes to the log with a 24-byte frame header.
+            frame_bytes: page_size.max(512) as u64 + 24,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -827,8 +837,8 @@ fn commit_until_idle(shared: &Shared) {
 
 /// How long a statement waits for the database's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the committer's log truncation waits for readers.
-const TRUNCATE_WAIT: Duration = Duration::from_millis(50);
+/// How long the committer waits for readers to start the log over.
+const RESTART_WAIT: Duration = Duration::from_millis(50);
 
 /// How long the committer waits before it tries a failed group's forwarder changes again.
 const CHANGE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
@@ -944,13 +954,6 @@ fn synchronous(settings: &OutboxSettings) -> &'static str {
         crate::config::OutboxSync::Full => "FULL",
         crate::config::OutboxSync::Normal => "NORMAL",
     }
-}
-
-/// The write-ahead log of the database at `path`.
-fn wal_path(path: &Path) -> PathBuf {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    wal.into()
 }
 
 /// Applies what the journal of an earlier version holds beyond the database (a crash came
@@ -1093,10 +1096,14 @@ struct Writer {
     /// Held while the outbox is open: two committers on one database would each trust their
     /// own count and keys.
     _lock: DataDirLock,
-    wal: PathBuf,
     last_purge: Instant,
     /// Roughly the bytes written to the log since the last checkpoint.
     unchecked: u64,
+    /// Roughly the log's length: the bytes written since it last started over (known exactly
+    /// at each checkpoint, estimated in between).
+    logged: u64,
+    /// The bytes one page takes in the log.
+    frame_bytes: u64,
 }
 
 impl Writer {
@@ -1155,8 +1162,9 @@ impl Writer {
         }
         tx.commit()?;
         // Bodies, their rows' other columns and index entries, and the pages deletes touch.
-        self.unchecked +=
-            (group.bytes + 256 * group.records.len() + 4096 * group.changes.len()) as u64;
+        let written = (group.bytes + 256 * group.records.len() + 4096 * group.changes.len()) as u64;
+        self.unchecked += written;
+        self.logged += written;
         Ok(added)
     }
 
@@ -1166,30 +1174,31 @@ impl Writer {
         // flushes instead of one. Copied into the database, it is written over from the start.
         if self.unchecked >= CHECKPOINT_BYTES {
             self.unchecked = 0;
-            if let Err(e) = self
+            match self
                 .conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
             {
-                tracing::warn!(error = %e, "event outbox checkpoint failed");
+                Ok(frames) => self.logged = frames.max(0) as u64 * self.frame_bytes,
+                Err(e) => tracing::warn!(error = %e, "event outbox checkpoint failed"),
             }
         }
         // The reader's passive checkpoints copy most of the log, but under continuous writes it
-        // is never found fully copied and unused at once, so SQLite never restarts it: without
-        // this it grows without bound (a soak run showed 1 GiB a minute).
-        if std::fs::metadata(&self.wal).is_ok_and(|m| m.len() > settings.wal_limit) {
-            // TRUNCATE waits for readers of an older snapshot (a metrics scrape, the
-            // forwarder): the next group's webhooks wait behind it, so it waits briefly and
-            // tries again after a later group rather than for the full busy timeout.
-            let _ = self.conn.busy_timeout(TRUNCATE_WAIT);
-            let truncated = self
+        // is never found fully copied and unused at once, so SQLite never starts it over:
+        // without this it grows without bound (a soak run showed 1 GiB a minute). RESTART, not
+        // TRUNCATE: the next commits write over the file from its start, where cutting it to
+        // nothing and syncing that held the next group's webhooks for ~30 ms each time.
+        if self.logged > settings.wal_limit {
+            // RESTART waits for readers (a metrics scrape, the forwarder): the next group's
+            // webhooks wait behind it, so it waits briefly and tries again after a later group
+            // rather than for the full busy timeout.
+            let _ = self.conn.busy_timeout(RESTART_WAIT);
+            let restarted = self
                 .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    r.get::<_, i64>(0)
-                });
+                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
             let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
-            match truncated {
-                Ok(0) => {}
-                Ok(_) => tracing::debug!("event outbox log still in use; truncating later"),
+            match restarted {
+                Ok(0) => self.logged = 0,
+                Ok(_) => tracing::debug!("event outbox log still in use; starting it over later"),
                 Err(e) => tracing::warn!(error = %e, "event outbox checkpoint failed"),
             }
         }
