@@ -28,6 +28,11 @@ use tower::ServiceExt;
 /// Connections open at once.
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// The most a connection buffers while reading: request headers past it are refused (431)
+/// without being read further. Twice the guard's header limit, so the guard answers those
+/// between the two with its own message.
+pub const MAX_READ_BUFFER: usize = 2 * crate::http::guard::MAX_HEADER_BYTES;
+
 /// How long a connection may take to send a request's headers, or sit idle between
 /// requests: `REQUEST_TIMEOUT`, at most 10 s (Zoom and browsers send headers at once).
 pub fn header_read_timeout(request_timeout: Duration) -> Duration {
@@ -45,7 +50,11 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout(request_timeout));
+        .header_read_timeout(header_read_timeout(request_timeout))
+        // hyper's default buffer holds ~400 KiB of headers before anything checks them (the
+        // guard's limit applies once they are read): 4,096 connections could hold 1.6 GiB.
+        // Headers past this are answered 431 at once, and the connection closed.
+        .max_buf_size(MAX_READ_BUFFER);
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {

@@ -318,7 +318,7 @@ pub enum WebhookError {
     #[error("body cannot become an event: {0}")]
     NotAnEvent(#[source] normalize::NormalizeError),
     /// The body did not arrive in time.
-    #[error("the body did not arrive within {} seconds", BODY_READ_TIMEOUT.as_secs())]
+    #[error("the body did not arrive within {} ms of the headers", ANSWER_WITHIN.as_millis())]
     SlowBody,
     /// Too many bodies are being read at once.
     #[error("too many webhooks at once, try again later")]
@@ -470,13 +470,13 @@ async fn handle(
         SystemTime::now(),
         webhooks.settings.replay_window,
     )?;
-    // Held until the answer: the body stays in memory until its commit.
-    let (body, _held) = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        read_body(body, declared, &webhooks.body_budget),
-    )
-    .await
-    .map_err(|_| WebhookError::SlowBody)??;
+    // Held until the answer: the body stays in memory until its commit. It must arrive by
+    // the time the answer is due: one that takes longer is too late for Zoom anyway, and a
+    // client sending it slowly holds a webhook slot and body budget no longer than that.
+    let (body, _held) =
+        tokio::time::timeout_at(answer_by, read_body(body, declared, &webhooks.body_budget))
+            .await
+            .map_err(|_| WebhookError::SlowBody)??;
 
     let routes = webhooks.routing.snapshot().ok_or(WebhookError::NotReady)?;
     let (verified, head, body) =
@@ -626,7 +626,9 @@ async fn check_signature(
     // Checked between secrets: a forged body tried against many secrets gives up the pool
     // (and its permit) when its answer is due, instead of holding them past it.
     let deadline = answer_by.into_std();
-    let (found, out_of_time, head, body) = tokio::task::spawn_blocking(move || {
+    // Awaited no longer than the answer is due: a pool whose threads are all taken (by the
+    // embedded host's calls, say) may not start the check in time.
+    let check = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let head = head.unwrap_or_else(|| parse_head(&body));
         let mut out_of_time = false;
@@ -639,12 +641,14 @@ async fn check_signature(
             });
         let found = routes.verify_among(candidates, &signature, &timestamp, &body);
         (found, out_of_time, head, body)
-    })
-    .await
-    .map_err(|e| {
-        tracing::error!(error = %e, "a webhook's signature check failed");
-        WebhookError::Internal
-    })?;
+    });
+    let (found, out_of_time, head, body) = tokio::time::timeout_at(answer_by, check)
+        .await
+        .map_err(|_| WebhookError::Busy)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "a webhook's signature check failed");
+            WebhookError::Internal
+        })?;
     // Not every secret was tried: this may be a genuine webhook, so Zoom should retry it.
     if out_of_time {
         return Err(WebhookError::Busy);
@@ -679,10 +683,6 @@ fn kib(bytes: usize) -> u32 {
 /// How long after its headers a webhook is answered at the latest (Zoom waits 3 seconds):
 /// the waits for a check on the blocking pool and for the commit share it.
 const ANSWER_WITHIN: Duration = Duration::from_millis(2500);
-
-/// How long a webhook's body may take to arrive (Zoom sends it at once, and wants its answer
-/// within 3 seconds): a client that declares a body and sends it slowly, or never, is cut off.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads at most [`MAX_BODY`] bytes; a longer body is refused without reading the rest. The
 /// bytes are taken from `budget` as they arrive, not as declared (a client declaring 8 MiB and

@@ -256,4 +256,21 @@ async fn oversized_headers_are_refused_with_431() {
         .await
         .unwrap();
     assert_eq!(fine.status(), StatusCode::OK);
+
+    // Headers that never end are refused once they pass the read buffer, without waiting
+    // for the rest (hyper would otherwise buffer ~400 KiB per connection first).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.http).await.unwrap();
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-padding: {}",
+        "x".repeat(48 * 1024)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut answer))
+        .await
+        .expect("answered at once, not after the header timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 }
