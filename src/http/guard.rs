@@ -25,6 +25,47 @@ use crate::metrics::Metrics;
 /// (about 400 KiB), this bounds what handlers see.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// Failed requests (5xx) are logged at most once per [`FAILURE_LOG_EVERY`]: anyone can make
+/// webhooks fail while the service is busy, and a line each would flood the logs. The metrics
+/// count every one.
+static FAILURE_LOG: LogLimiter = LogLimiter::new();
+
+/// How often a failed request is logged at most.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Lets one log line through per [`FAILURE_LOG_EVERY`], counting the ones held back.
+struct LogLimiter {
+    state: std::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl LogLimiter {
+    const fn new() -> Self {
+        Self {
+            state: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be written at `now`.
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *state {
+            Some((last, held)) if now.duration_since(*last) < FAILURE_LOG_EVERY => {
+                *held += 1;
+                None
+            }
+            Some((last, held)) => {
+                let suppressed = *held;
+                (*last, *held) = (now, 0);
+                Some(suppressed)
+            }
+            None => {
+                *state = Some((now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// What the guard enforces and where it reports.
 struct Limits {
     /// Requests being handled at once, across every route.
@@ -100,8 +141,10 @@ where
             async move {
                 let response = guarded(&limits, &mut inner, request).await;
                 let status = response.status();
-                if status.is_server_error() {
-                    tracing::warn!(status = status.as_u16(), latency = ?started.elapsed(), "request failed");
+                if status.is_server_error()
+                    && let Some(suppressed) = FAILURE_LOG.admit(Instant::now())
+                {
+                    tracing::warn!(status = status.as_u16(), latency = ?started.elapsed(), suppressed, "request failed");
                 }
                 limits
                     .metrics
@@ -168,4 +211,22 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 
 fn refuse(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_requests_are_logged_once_a_second_with_the_count_held_back() {
+        let limiter = LogLimiter::new();
+        let start = Instant::now();
+        assert_eq!(limiter.admit(start), Some(0));
+        for ms in [1, 10, 500, 999] {
+            assert_eq!(limiter.admit(start + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(limiter.admit(start + Duration::from_millis(1000)), Some(4));
+        assert_eq!(limiter.admit(start + Duration::from_millis(1500)), None);
+        assert_eq!(limiter.admit(start + Duration::from_millis(2100)), Some(1));
+    }
 }
