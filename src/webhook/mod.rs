@@ -378,39 +378,116 @@ pub fn router(webhooks: Arc<Webhooks>) -> Router<AppState> {
         .with_state(webhooks)
 }
 
-/// The few fields the request path reads; everything else is only checked to be JSON.
-#[derive(Deserialize)]
+/// The few fields the request path reads; everything else is only checked to be JSON. A key
+/// given twice keeps its last value, as `normalize` and serde_json's own maps read it (derived
+/// deserializers refuse the repeat).
 struct Head {
     event: Option<serde_json::Value>,
-    #[serde(default, deserialize_with = "object_or_null")]
     payload: Option<PayloadHead>,
+}
+
+struct PayloadHead {
+    account_id: Option<serde_json::Value>,
+    plain_token: Option<serde_json::Value>,
+}
+
+/// The keys [`Head`] and [`PayloadHead`] read, without allocating for the others.
+enum Key {
+    Event,
+    Payload,
+    AccountId,
+    PlainToken,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "event" => Key::Event,
+                    "payload" => Key::Payload,
+                    "account_id" => Key::AccountId,
+                    "plainToken" => Key::PlainToken,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Head {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct HeadVisitor;
+        impl<'de> serde::de::Visitor<'de> for HeadVisitor {
+            type Value = Head;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a webhook object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Head, A::Error> {
+                let mut head = Head {
+                    event: None,
+                    payload: None,
+                };
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Event => head.event = Some(map.next_value()?),
+                        Key::Payload => head.payload = map.next_value::<PayloadField>()?.0,
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(head)
+            }
+        }
+        d.deserialize_map(HeadVisitor)
+    }
 }
 
 /// `payload` as an object (or null): serde would also fill [`PayloadHead`] from an array's
 /// items, routing by an `account_id` the event's data does not have.
-fn object_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PayloadHead>, D::Error> {
-    struct ObjectOrNull;
-    impl<'de> serde::de::Visitor<'de> for ObjectOrNull {
-        type Value = Option<PayloadHead>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object or null")
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-            PayloadHead::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
-        }
-    }
-    d.deserialize_any(ObjectOrNull)
-}
+struct PayloadField(Option<PayloadHead>);
 
-#[derive(Deserialize)]
-struct PayloadHead {
-    #[serde(default)]
-    account_id: Option<serde_json::Value>,
-    #[serde(default, rename = "plainToken")]
-    plain_token: Option<serde_json::Value>,
+impl<'de> Deserialize<'de> for PayloadField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjectOrNull;
+        impl<'de> serde::de::Visitor<'de> for ObjectOrNull {
+            type Value = PayloadField;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object or null")
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<PayloadField, E> {
+                Ok(PayloadField(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<PayloadField, A::Error> {
+                let mut payload = PayloadHead {
+                    account_id: None,
+                    plain_token: None,
+                };
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::AccountId => payload.account_id = Some(map.next_value()?),
+                        Key::PlainToken => payload.plain_token = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(PayloadField(Some(payload)))
+            }
+        }
+        d.deserialize_any(ObjectOrNull)
+    }
 }
 
 async fn receive(

@@ -927,6 +927,32 @@ async fn a_signed_body_that_cannot_become_an_event_is_refused_and_a_large_one_is
 }
 
 #[tokio::test]
+async fn a_key_sent_twice_counts_with_its_last_value_for_routing_and_in_the_event() {
+    let app = app_with_secret().await;
+    let cid = default_connection(&app, ACCOUNT).await;
+    let url = app.url("/zoom/event");
+    post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(1)).await;
+    let body = format!(
+        r#"{{"event":"meeting.created","event":"meeting.ended","payload":{{"account_id":"someone-else","account_id":"{ACCOUNT}","object":{{"id":"1","id":"2"}}}}}}"#
+    );
+    let (status, answer) = post_to(&app.http_client, &url, SECRET, now(), body.as_bytes()).await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("recorded")),
+        "{answer}"
+    );
+    let stored = wait_for_stored(&app, 2).await;
+    let event = &stored[1];
+    assert_eq!(event.event_type, "meeting.ended");
+    assert_eq!(event.destination_id, cid);
+    let payload = zoom_integration::values::to_json(&event.data["payload"]);
+    assert_eq!(
+        payload,
+        json!({"account_id": ACCOUNT, "object": {"id": "2"}})
+    );
+}
+
+#[tokio::test]
 async fn a_connection_the_host_cannot_read_leaves_the_others_routed_and_gets_its_webhooks_once_it_can_be_read()
  {
     let host = FakeHost::start().await;
