@@ -118,14 +118,28 @@ fn map_status(status: Status) -> HostError {
     }
 }
 
+/// What AutoKitteh's Dispatch answers (`INVALID_ARGUMENT`) when the event's destination does
+/// not exist: its dispatcher returns the database's `sdkerrors.ErrNotFound` as it is, whose
+/// text is `not_found`.
+const DISPATCH_NOT_FOUND: &str = "not_found";
+
 /// Dispatch's statuses. AutoKitteh answers `INVALID_ARGUMENT` for every failure of its
 /// dispatcher too (its database, its workflow engine, an authorization refused), so only the
-/// request validator's own answer ("validation error…") is taken as the event being at fault;
-/// any other is the host failing, and the event waits and is retried rather than becoming a
-/// dead letter within a minute.
+/// request validator's own answer ("validation error…") and the dispatcher's bare `not_found`
+/// (no such destination connection, which retrying will not create) are taken as the event
+/// being at fault; any other is the host failing, and the event waits and is retried rather
+/// than becoming a dead letter within a minute.
 fn map_dispatch_status(status: Status) -> HostError {
-    if status.code() == Code::InvalidArgument && !status.message().starts_with("validation error") {
-        return HostError::Remote(format!("InvalidArgument: {}", status.message()));
+    if status.code() == Code::InvalidArgument {
+        if status.message().trim() == DISPATCH_NOT_FOUND {
+            return HostError::NotFound(format!(
+                "the host engine has no such destination connection ({})",
+                status.message()
+            ));
+        }
+        if !status.message().starts_with("validation error") {
+            return HostError::Remote(format!("InvalidArgument: {}", status.message()));
+        }
     }
     map_status(status)
 }
@@ -344,6 +358,23 @@ mod tests {
         assert!(matches!(
             map_dispatch_status(Status::unavailable("down")),
             HostError::Unavailable(_)
+        ));
+    }
+
+    #[test]
+    fn a_dispatch_to_a_connection_the_host_does_not_have_is_refused_not_retried() {
+        // AutoKitteh's dispatcher returns its database's `sdkerrors.ErrNotFound` unwrapped,
+        // and its gRPC service answers it as INVALID_ARGUMENT.
+        match map_dispatch_status(Status::invalid_argument("not_found")) {
+            HostError::NotFound(m) => assert!(m.contains("not_found"), "{m}"),
+            other => panic!("not_found became {other:?}"),
+        }
+        // A not_found inside another failure's text is still the host failing.
+        assert!(matches!(
+            map_dispatch_status(Status::invalid_argument(
+                "failed starting workflow: not_found"
+            )),
+            HostError::Remote(_)
         ));
     }
 }

@@ -40,7 +40,8 @@ pub struct FakeHostState {
     /// While set, FindActiveConnectionIDs answers UNAVAILABLE.
     pub fail_find: bool,
     /// Connections the host does not know (deleted there): Set and Get answer NOT_FOUND for
-    /// them, as AutoKitteh's access check does.
+    /// them, as AutoKitteh's access check does, and Dispatch to them INVALID_ARGUMENT
+    /// `not_found`, as its dispatcher does.
     pub unknown: Vec<String>,
     /// How many of the next Delete calls answer UNAVAILABLE (a host briefly down).
     pub fail_deletes: u32,
@@ -257,6 +258,11 @@ impl DispatcherService for Svc {
         }
         if state.refuse_dispatch || state.stopped {
             return Err(Status::unavailable("the fake host refuses events for now"));
+        }
+        if state.unknown.contains(&event.destination_id) {
+            // AutoKitteh's dispatcher returns its database's ErrNotFound as it is, and its
+            // gRPC service answers every dispatcher failure as INVALID_ARGUMENT.
+            return Err(Status::invalid_argument("not_found"));
         }
         state.dispatched.push(event);
         Ok(Response::new(DispatchResponse {

@@ -6,7 +6,7 @@ use tonic::Code;
 use zoom_integration::config::Config;
 use zoom_integration::connection::StatusCode;
 use zoom_integration::host::remote::RemoteHost;
-use zoom_integration::host::{HostEngine, Var};
+use zoom_integration::host::{HostEngine, HostError, Var};
 use zoom_integration::ids::ConnectionId;
 use zoom_integration::proto::autokitteh::events::v1::Event;
 use zoom_integration::proto::autokitteh::integrations::v1::*;
@@ -263,4 +263,27 @@ async fn the_service_reconnects_when_the_host_comes_back() {
         assert!(Instant::now() < deadline, "no reconnect within 10 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_dispatch_to_a_connection_the_host_does_not_have_is_not_found_not_a_host_failure() {
+    let host = FakeHost::start().await;
+    let config = Config::load(vec![("HOST_ENGINE_URL".into(), host.url())]).unwrap();
+    let remote = RemoteHost::new(config.host_engine_url.as_ref().unwrap(), None).unwrap();
+    let cid = ConnectionId::generate();
+    host.state.lock().unwrap().unknown.push(cid.to_string());
+    let refused = remote
+        .dispatch(Event {
+            destination_id: cid.to_string(),
+            event_type: "meeting.started".into(),
+            ..Default::default()
+        })
+        .await;
+    // NotFound is what the forwarder takes as the event being at fault (a dead letter after
+    // `max_attempts`), not as the host failing (retried for an hour).
+    assert!(
+        matches!(refused, Err(HostError::NotFound(_))),
+        "{refused:?}"
+    );
+    assert!(host.state.lock().unwrap().dispatched.is_empty());
 }
