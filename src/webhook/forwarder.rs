@@ -3,7 +3,8 @@
 //! One background task reads undelivered (event, connection) pairs in id order, a bounded
 //! batch at a time, and hands them to the host engine: the embedded host takes a whole batch in
 //! one transaction; a remote host gets concurrent `DispatcherService.Dispatch` calls, a bounded
-//! number at a time. Delivered rows are then removed from the outbox.
+//! number at a time. Each delivered row is marked in the outbox as its delivery returns (a stop
+//! keeps the marks of the calls answered by then), and removed with the outbox's next commit.
 //!
 //! Three kinds of failure, three answers:
 //! - the host is unavailable (down, overloaded, or refusing our credentials): nothing can be
@@ -290,11 +291,10 @@ pub async fn run(
             continue;
         }
 
-        let results = tokio::select! {
-            results = deliver(&target, &outbox, batch, &settings) => results,
-            () = stop.cancelled() => return,
-        };
-        let mut delivered = Vec::new();
+        // Delivered rows are marked in the outbox as their calls return, not here: a stop
+        // mid-batch keeps the marks of the calls that were answered.
+        let results = deliver(&target, &outbox, batch, &settings, &stop).await;
+        let mut delivered = 0u64;
         let mut why_unavailable = None;
         let mut why_failed = None;
         let now = Instant::now();
@@ -304,7 +304,7 @@ pub async fn run(
         for (mut attempt, outcome) in results {
             let why = match outcome {
                 Outcome::Delivered => {
-                    delivered.push(attempt.row.id);
+                    delivered += 1;
                     continue;
                 }
                 Outcome::Unavailable(why) if !host_answered => {
@@ -340,8 +340,7 @@ pub async fn run(
                 waiting.push(attempt);
             }
         }
-        counters.delivered.inc_by(delivered.len() as u64);
-        outbox.delivered(delivered).await;
+        counters.delivered.inc_by(delivered);
         if last_checkpoint.elapsed() >= Duration::from_millis(500) {
             last_checkpoint = Instant::now();
             outbox.checkpoint().await;
@@ -396,16 +395,35 @@ fn classify(err: HostError) -> Outcome {
     }
 }
 
+/// Delivers `batch`, marking each delivered row in the outbox (its change rides with the
+/// outbox's next commit, which a shutdown waits for). A stop ends it early: what the host had
+/// answered by then is returned (and its rows marked); the rest stays in the outbox.
 async fn deliver(
     target: &Target,
     outbox: &Outbox,
     batch: Vec<Attempt>,
     settings: &ForwarderSettings,
+    stop: &CancellationToken,
 ) -> Vec<(Attempt, Outcome)> {
     match &target.embedded {
-        Some(embedded) => deliver_embedded(target, outbox, embedded, batch).await,
-        None => deliver_concurrently(target, outbox, batch, settings.concurrency).await,
+        // One transaction, whose rows are marked once it commits; cut short by a stop, it is
+        // delivered again at the next start, and logged once (each under its row's key).
+        Some(embedded) => tokio::select! {
+            results = deliver_embedded(target, outbox, embedded, batch) => results,
+            () = stop.cancelled() => Vec::new(),
+        },
+        None => deliver_concurrently(target, outbox, batch, settings.concurrency, stop).await,
     }
+}
+
+/// Marks the delivered rows of `results` in the outbox.
+async fn mark_delivered(outbox: &Outbox, results: &[(Attempt, Outcome)]) {
+    let ids = results
+        .iter()
+        .filter(|(_, outcome)| matches!(outcome, Outcome::Delivered))
+        .map(|(attempt, _)| attempt.row.id)
+        .collect();
+    outbox.delivered(ids).await;
 }
 
 /// The embedded host: side effects one by one (rare), then every event in one transaction.
@@ -428,9 +446,14 @@ async fn deliver_embedded(
         }
     }
     match embedded.save_deliveries(entries).await {
-        Ok(_) => done.extend(attempts.into_iter().map(|a| (a, Outcome::Delivered))),
+        Ok(_) => {
+            let from = done.len();
+            done.extend(attempts.into_iter().map(|a| (a, Outcome::Delivered)));
+            mark_delivered(outbox, &done[from..]).await;
+        }
         Err(HostError::InvalidArgument(_)) => {
             // One bad event must not hold back the rest: save them one at a time.
+            let from = done.len();
             for mut attempt in attempts {
                 let outcome = match log_entry(target, outbox, &mut attempt).await {
                     Ok(entry) => match embedded.save_deliveries(vec![entry]).await {
@@ -441,6 +464,7 @@ async fn deliver_embedded(
                 };
                 done.push((attempt, outcome));
             }
+            mark_delivered(outbox, &done[from..]).await;
         }
         Err(e) => {
             let why = e.to_string();
@@ -507,18 +531,23 @@ fn delivery_key(row: &Pending) -> String {
     format!("outbox/{}/{}", row.received.received_ms, row.id)
 }
 
-/// A remote host: one Dispatch per row, `concurrency` at a time.
+/// A remote host: one Dispatch per row, `concurrency` at a time. Each delivered row is marked
+/// in the outbox as soon as its call returns (with the others answered by then: one change),
+/// so a stop or a crash later in the batch does not send it again. After `stop` no call is
+/// started; the calls answered by then are kept, those still waiting are dropped (their rows
+/// are delivered again at the next start: at least once).
 async fn deliver_concurrently(
     target: &Target,
     outbox: &Outbox,
     batch: Vec<Attempt>,
     concurrency: usize,
+    stop: &CancellationToken,
 ) -> Vec<(Attempt, Outcome)> {
     let mut done = Vec::with_capacity(batch.len());
     let mut running = JoinSet::new();
     let mut queue = batch.into_iter();
     loop {
-        while running.len() < concurrency.max(1) {
+        while running.len() < concurrency.max(1) && !stop.is_cancelled() {
             let Some(mut attempt) = queue.next() else {
                 break;
             };
@@ -538,15 +567,38 @@ async fn deliver_concurrently(
                 (attempt, outcome.unwrap_or_else(|failed| failed))
             });
         }
-        match running.join_next().await {
-            Some(Ok(result)) => done.push(result),
-            Some(Err(e)) => {
-                // Cancelled (the runtime is shutting down): the row is read again at the next
-                // start. Panics do not get here.
-                tracing::error!(error = %e, "an event delivery task failed");
+        let joined = tokio::select! {
+            joined = running.join_next() => joined,
+            () = stop.cancelled() => None,
+        };
+        let Some(joined) = joined else {
+            // Done, or stopping: keep the calls answered meanwhile too.
+            let from = done.len();
+            while let Some(joined) = running.try_join_next() {
+                keep(&mut done, joined);
             }
-            None => return done,
+            mark_delivered(outbox, &done[from..]).await;
+            return done;
+        };
+        let from = done.len();
+        keep(&mut done, joined);
+        while let Some(joined) = running.try_join_next() {
+            keep(&mut done, joined);
         }
+        mark_delivered(outbox, &done[from..]).await;
+    }
+}
+
+/// Adds a finished delivery task's result to `done`.
+fn keep(
+    done: &mut Vec<(Attempt, Outcome)>,
+    joined: Result<(Attempt, Outcome), tokio::task::JoinError>,
+) {
+    match joined {
+        Ok(result) => done.push(result),
+        // Cancelled (the runtime is shutting down): the row is read again at the next start.
+        // Panics do not get here.
+        Err(e) => tracing::error!(error = %e, "an event delivery task failed"),
     }
 }
 
@@ -674,6 +726,8 @@ mod tests {
         taken: Mutex<Vec<Event>>,
         /// Attempts at poisoned events.
         poisoned: Mutex<u32>,
+        /// Events whose body contains this text are never answered (a call left hanging).
+        stall: Mutex<Option<String>>,
     }
 
     #[async_trait]
@@ -700,6 +754,10 @@ mod tests {
 
         async fn dispatch(&self, event: Event) -> Result<String, HostError> {
             let text = format!("{:?}", event.data);
+            let stall = self.stall.lock().unwrap().clone();
+            if stall.is_some_and(|stall| text.contains(stall.as_str())) {
+                std::future::pending::<()>().await;
+            }
             // Copied out, so an error function that panics does not poison the lock.
             let poison = self.poison.lock().unwrap().clone();
             if let Some((poison, error)) = poison
@@ -900,6 +958,54 @@ mod tests {
         })
         .await;
         stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_stop_mid_batch_keeps_the_deliveries_the_host_answered_and_starts_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        for n in 0..3 {
+            outbox.record(record(n)).await.unwrap();
+        }
+        let host = Arc::new(FakeHost::default());
+        // Row 0 is taken, row 1's call hangs (the batch never ends), row 2 waits for a slot.
+        *host.stall.lock().unwrap() = Some("row-1".into());
+        let stop = CancellationToken::new();
+        let forwarder = tokio::spawn(run(
+            outbox.clone(),
+            target(host.clone(), None),
+            Arc::new(Counters::new(&crate::metrics::Metrics::new())),
+            ForwarderSettings {
+                concurrency: 1,
+                ..ForwarderSettings::default()
+            },
+            stop.clone(),
+        ));
+        eventually("row 0 taken", async || host.taken_bodies().len() == 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), forwarder)
+            .await
+            .expect("the forwarder ends on stop")
+            .unwrap();
+        // What a shutdown does after the forwarder ended: the outbox commits what it holds.
+        outbox.close().await;
+        let db = rusqlite::Connection::open(dir.path().join(crate::webhook::outbox::OUTBOX_FILE))
+            .unwrap();
+        let left: Vec<String> = db
+            .prepare("SELECT body FROM outbox ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(|b| String::from_utf8(b.unwrap()).unwrap())
+            .collect();
+        assert_eq!(left.len(), 2, "only the answered row is gone: {left:?}");
+        assert!(left[0].contains("row-1") && left[1].contains("row-2"));
+        assert_eq!(
+            host.taken_bodies().len(),
+            1,
+            "no call started after the stop"
+        );
     }
 
     #[tokio::test]
