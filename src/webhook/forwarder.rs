@@ -8,7 +8,9 @@
 //!
 //! Three kinds of failure, three answers:
 //! - the host is unavailable (down, overloaded, or refusing our credentials): nothing can be
-//!   delivered, so the same rows are retried with exponential back-off, and nothing new is read;
+//!   delivered, so the rows are held and each round, with exponential back-off, sends the host
+//!   a single probe (alternately the oldest held row and one new row); the held rows go again
+//!   once the host answers a probe;
 //! - the host says the event itself is invalid: retried a few times (`max_attempts`), then
 //!   moved to the outbox's dead letters;
 //! - the host failed on it (`INTERNAL`, `UNKNOWN`: what AutoKitteh answers for a database or
@@ -219,8 +221,11 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut cursor = 0i64;
-    // Rows the host was unavailable for: the next batch, after the back-off.
-    let mut unavailable: Vec<Attempt> = Vec::new();
+    // Rows the host was unavailable for, oldest first: while any are held the host is taken
+    // to be down, and each round only probes it.
+    let mut held: Vec<Attempt> = Vec::new();
+    // Whether the next probe is a new row (when there is one) rather than the oldest held.
+    let mut probe_new = false;
     // Rows the host failed on or called invalid, each waiting until it is due.
     let mut waiting: Vec<Attempt> = Vec::new();
     let mut backoff = settings.backoff_start;
@@ -231,21 +236,25 @@ pub async fn run(
             return;
         }
         let now = Instant::now();
-        // While the host is unavailable, the rows it could not take are tried again with one
-        // new row: if the host takes that one, the others' trouble is their own (an event too
-        // large for the host, say), and they wait on their own back-off instead of holding
-        // back every event after them.
-        let host_down = !unavailable.is_empty();
-        let mut batch = std::mem::take(&mut unavailable);
-        let (due, later): (Vec<Attempt>, Vec<Attempt>) =
-            waiting.into_iter().partition(|a| a.due <= now);
-        waiting = later;
-        batch.extend(due);
+        // While the host is down, a round sends it one event, a probe, and nothing else (an
+        // overloaded host gets one call per back-off, not a batch): alternately the oldest
+        // held row and a new one. Once the host answers a probe (takes it, or refuses that
+        // event), the held rows go again with the next round; if the host then takes others
+        // but not them, their trouble is their own (an event too large for the host, say), and
+        // they wait on their own back-off instead of holding back every event after them.
+        let host_down = !held.is_empty();
+        let mut batch = Vec::new();
+        if !host_down {
+            let (due, later): (Vec<Attempt>, Vec<Attempt>) =
+                waiting.into_iter().partition(|a| a.due <= now);
+            waiting = later;
+            batch.extend(due);
+        }
         let waiting_bytes: usize = waiting.iter().map(|a| a.row.received.body.len()).sum();
         let room = if waiting_bytes >= settings.max_waiting_bytes {
             0
         } else if host_down {
-            usize::from(batch.len() < settings.batch_rows)
+            usize::from(probe_new && held.len() < settings.batch_rows)
         } else {
             settings
                 .batch_rows
@@ -262,7 +271,7 @@ pub async fn run(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reading the event outbox failed");
-                    if batch.is_empty() {
+                    if batch.is_empty() && !host_down {
                         if sleep_or_stop(backoff, &stop).await {
                             return;
                         }
@@ -270,6 +279,12 @@ pub async fn run(
                         continue;
                     }
                 }
+            }
+        }
+        if host_down {
+            probe_new = !probe_new;
+            if batch.is_empty() {
+                batch.push(held.remove(0));
             }
         }
         if batch.is_empty() {
@@ -309,7 +324,8 @@ pub async fn run(
                 }
                 Outcome::Unavailable(why) if !host_answered => {
                     why_unavailable.get_or_insert(why);
-                    unavailable.push(attempt);
+                    let at = held.partition_point(|a| a.row.id < attempt.row.id);
+                    held.insert(at, attempt);
                     continue;
                 }
                 Outcome::Invalid(why) => why,
@@ -341,6 +357,13 @@ pub async fn run(
             }
         }
         counters.delivered.inc_by(delivered);
+        if host_answered && !held.is_empty() {
+            // The host answered a probe: it is up, and the held rows go with the next round.
+            for mut attempt in held.drain(..) {
+                attempt.due = now;
+                waiting.push(attempt);
+            }
+        }
         if last_checkpoint.elapsed() >= Duration::from_millis(500) {
             last_checkpoint = Instant::now();
             outbox.checkpoint().await;
@@ -352,12 +375,12 @@ pub async fn run(
                 tracing::warn!(error = %why, attempts = failures, waiting = waiting.len(), "the host engine failed to take events; each is retried on its own back-off");
             }
         }
-        if unavailable.is_empty() {
+        if held.is_empty() {
             backoff = settings.backoff_start;
         } else {
             counters.retries.inc();
             if let Some(why) = why_unavailable {
-                tracing::warn!(error = %why, pending = unavailable.len(), retry_in = ?backoff, "host engine unavailable; will retry");
+                tracing::warn!(error = %why, pending = held.len(), retry_in = ?backoff, "host engine unavailable; will retry");
             }
             if sleep_or_stop(backoff, &stop).await {
                 return;
@@ -1006,6 +1029,52 @@ mod tests {
             1,
             "no call started after the stop"
         );
+    }
+
+    #[tokio::test]
+    async fn a_host_that_is_down_gets_one_probe_per_back_off_and_the_held_rows_once_it_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        for n in 0..20 {
+            outbox.record(record(n)).await.unwrap();
+        }
+        let host = Arc::new(FakeHost::default());
+        // Every event is answered UNAVAILABLE (an overloaded host).
+        *host.poison.lock().unwrap() = Some(("row-".into(), HostError::Unavailable));
+        let counters = Arc::new(Counters::new(&crate::metrics::Metrics::new()));
+        let stop = CancellationToken::new();
+        tokio::spawn(run(
+            outbox.clone(),
+            target(host.clone(), None),
+            counters.clone(),
+            ForwarderSettings {
+                backoff_start: Duration::from_millis(5),
+                backoff_max: Duration::from_millis(20),
+                ..ForwarderSettings::default()
+            },
+            stop.clone(),
+        ));
+        eventually("ten rounds while the host is down", async || {
+            counters.retries.get() >= 10
+        })
+        .await;
+        let calls = u64::from(*host.poisoned.lock().unwrap());
+        let rounds = counters.retries.get();
+        // The first round tried all 20; each later one a single probe (one round may be under
+        // way, its call counted but not yet its round).
+        assert!(
+            calls <= 20 + rounds,
+            "{calls} calls in {rounds} rounds while the host was down"
+        );
+        *host.poison.lock().unwrap() = None;
+        eventually("all 20 delivered once a probe is taken", async || {
+            host.taken_bodies().len() >= 20
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(host.taken_bodies().len(), 20, "each delivered once");
+        assert_eq!(counters.dead_letters.get(), 0);
+        stop.cancel();
     }
 
     #[tokio::test]
