@@ -643,9 +643,14 @@ async fn prepare(
             let cid = ConnectionId::parse(&row.destination)
                 .map_err(|e| Outcome::Invalid(e.to_string()))?;
             let user = deauthorized_user(&row.received.body);
-            let deauthorized = deauthorize(&*target.host, &cid, user.as_deref())
-                .await
-                .map_err(classify)?;
+            let deauthorized = deauthorize(
+                &*target.host,
+                &cid,
+                user.as_deref(),
+                row.received.received_ms,
+            )
+            .await
+            .map_err(classify)?;
             // Marked before anything else is awaited: a shutdown cancels this mid-way.
             row.side_effect_done = true;
             outbox.side_effect_done(row.id).await;
@@ -663,6 +668,9 @@ async fn prepare(
     }
     Ok(event)
 }
+
+/// How long Zoom's access tokens live (`expires_in` is 3599 or 3600 seconds).
+const ZOOM_TOKEN_LIFETIME_MS: i64 = 3_600_000;
 
 /// `payload.user_id` of an `app_deauthorized` body: the Zoom user who removed the app.
 fn deauthorized_user(body: &[u8]) -> Option<String> {
@@ -684,20 +692,34 @@ fn deauthorized_user(body: &[u8]) -> Option<String> {
 /// Forgets a connection's OAuth tokens and marks it broken; both steps can be repeated. A
 /// connection that belongs to another Zoom user than `user` (when both are known) is left as
 /// it is: on an account where several users authorized the app, one user removing it does
-/// not end the others' authorizations. True if the connection was deauthorized.
+/// not end the others' authorizations. So is one whose tokens were issued after the event was
+/// received (`received_ms`): Zoom refuses refreshes once the app is removed, so those come
+/// from a reconnect made while the event waited for the host. True if the connection was
+/// deauthorized.
 async fn deauthorize(
     host: &dyn HostEngine,
     cid: &ConnectionId,
     user: Option<&str>,
+    received_ms: i64,
 ) -> Result<bool, HostError> {
-    if let Some(user) = user {
-        let stored = host.get_vars(cid, &[vars::USER_ID.to_string()]).await?;
-        if let Some(own) = crate::connection::value_of(&stored, vars::USER_ID)
-            && own != user
-        {
-            tracing::info!(connection_id = %cid, "app removed in Zoom by another user of the account: connection left as it is");
-            return Ok(false);
-        }
+    let stored = host
+        .get_vars(cid, &[vars::USER_ID, vars::OAUTH_EXPIRY].map(String::from))
+        .await?;
+    if let Some(user) = user
+        && let Some(own) = crate::connection::value_of(&stored, vars::USER_ID)
+        && own != user
+    {
+        tracing::info!(connection_id = %cid, "app removed in Zoom by another user of the account: connection left as it is");
+        return Ok(false);
+    }
+    // Zoom's access tokens live an hour: one expiring more than an hour after the event
+    // arrived was issued after it.
+    if let Some(expiry) = crate::connection::value_of(&stored, vars::OAUTH_EXPIRY)
+        .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
+        && expiry.timestamp_millis() - ZOOM_TOKEN_LIFETIME_MS > received_ms
+    {
+        tracing::info!(connection_id = %cid, "app removed in Zoom before the connection's current tokens were issued (reconnected since): connection left as it is");
+        return Ok(false);
     }
     let tokens = [
         vars::OAUTH_ACCESS_TOKEN,
@@ -1258,9 +1280,10 @@ mod tests {
             host.set_vars(cid, setup).await.unwrap();
         }
         host.delete_vars(&deleted, &[]).await.unwrap();
-        assert!(!deauthorize(&host, &deleted, None).await.unwrap());
+        let now = crate::db::now_ms();
+        assert!(!deauthorize(&host, &deleted, None, now).await.unwrap());
         assert!(host.get_vars(&deleted, &[]).await.unwrap().is_empty());
-        assert!(deauthorize(&host, &kept, None).await.unwrap());
+        assert!(deauthorize(&host, &kept, None, now).await.unwrap());
         let left = host.get_vars(&kept, &[]).await.unwrap();
         let left = crate::host::names_and_values(&left);
         assert_eq!(
@@ -1269,6 +1292,44 @@ mod tests {
                 (vars::AUTH_TYPE, "oauthDefault"),
                 (vars::CONNECTION_ERROR, DEAUTHORIZED_MESSAGE)
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn app_deauthorized_received_before_a_reconnect_leaves_the_new_tokens_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = std::sync::Arc::new(crate::crypto::Keys::from_material(&[7; 32]));
+        let host = crate::host::embedded::EmbeddedHost::open(dir.path(), keys).unwrap();
+        let received = chrono::Utc::now() - chrono::Duration::minutes(10);
+        let connection = |issued: chrono::DateTime<chrono::Utc>| {
+            let expiry = (issued + chrono::Duration::seconds(3599))
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            vec![
+                Var::plain(vars::AUTH_TYPE, "oauthDefault"),
+                Var::secret(vars::OAUTH_ACCESS_TOKEN, "access"),
+                Var::secret(vars::OAUTH_REFRESH_TOKEN, "refresh"),
+                Var::plain(vars::OAUTH_EXPIRY, &expiry),
+            ]
+        };
+        // Reconnected 5 minutes after the event arrived: left as it is.
+        let reconnected = ConnectionId::generate();
+        let fresh = connection(received + chrono::Duration::minutes(5));
+        host.set_vars(&reconnected, fresh).await.unwrap();
+        let at = received.timestamp_millis();
+        assert!(!deauthorize(&host, &reconnected, None, at).await.unwrap());
+        let left = host.get_vars(&reconnected, &[]).await.unwrap();
+        assert!(crate::connection::value_of(&left, vars::OAUTH_REFRESH_TOKEN).is_some());
+        assert!(crate::connection::value_of(&left, vars::CONNECTION_ERROR).is_none());
+        // Tokens issued (or refreshed) before the event: removed.
+        let stale = ConnectionId::generate();
+        let old = connection(received - chrono::Duration::minutes(20));
+        host.set_vars(&stale, old).await.unwrap();
+        assert!(deauthorize(&host, &stale, None, at).await.unwrap());
+        let left = host.get_vars(&stale, &[]).await.unwrap();
+        assert!(crate::connection::value_of(&left, vars::OAUTH_REFRESH_TOKEN).is_none());
+        assert_eq!(
+            crate::connection::value_of(&left, vars::CONNECTION_ERROR),
+            Some(DEAUTHORIZED_MESSAGE)
         );
     }
 }

@@ -227,9 +227,12 @@ async fn wait_for_stored(app: &TestApp, n: usize) -> Vec<Event> {
     }
 }
 
-/// Creates an `oauthDefault` connection of `account` in the embedded host.
+/// Creates an `oauthDefault` connection of `account` in the embedded host, its token issued
+/// half an hour ago (Zoom's live an hour).
 async fn default_connection(app: &TestApp, account: &str) -> String {
     let cid = ConnectionId::generate().to_string();
+    let expiry = (chrono::Utc::now() + chrono::Duration::minutes(30))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     app.vars()
         .set(vars::SetRequest {
             vars: vec![
@@ -237,7 +240,7 @@ async fn default_connection(app: &TestApp, account: &str) -> String {
                 var(&cid, "account_id", account, false),
                 var(&cid, "oauth_access_token", "access-token-1", true),
                 var(&cid, "oauth_refresh_token", "refresh-token-1", true),
-                var(&cid, "oauth_expiry", "2030-01-01T00:00:00Z", false),
+                var(&cid, "oauth_expiry", &expiry, false),
             ],
         })
         .await
