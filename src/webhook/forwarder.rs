@@ -133,6 +133,22 @@ enum Outcome {
     Invalid(String),
     /// The host failed on the event.
     Failed(String),
+    /// This service cannot make an event of the row (refused like [`Outcome::Invalid`]); says
+    /// nothing of the host.
+    Unconvertible(String),
+    /// Handling the row panicked here (retried like [`Outcome::Failed`]); says nothing of the
+    /// host.
+    Panicked(String),
+}
+
+impl Outcome {
+    /// Whether the host engine itself answered: only then is it known to be up.
+    fn is_the_host_s(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Delivered | Outcome::Invalid(_) | Outcome::Failed(_)
+        )
+    }
 }
 
 /// Runs [`run`] on a thread of its own, at a lower CPU priority (nice 10) than the threads
@@ -313,9 +329,7 @@ pub async fn run(
         let mut why_unavailable = None;
         let mut why_failed = None;
         let now = Instant::now();
-        let host_answered = results
-            .iter()
-            .any(|(_, outcome)| !matches!(outcome, Outcome::Unavailable(_)));
+        let host_answered = results.iter().any(|(_, outcome)| outcome.is_the_host_s());
         for (mut attempt, outcome) in results {
             let why = match outcome {
                 Outcome::Delivered => {
@@ -328,10 +342,10 @@ pub async fn run(
                     held.insert(at, attempt);
                     continue;
                 }
-                Outcome::Invalid(why) => why,
+                Outcome::Invalid(why) | Outcome::Unconvertible(why) => why,
                 // The host took or judged other events of this round: it is up, and this
-                // event is what it cannot take.
-                Outcome::Unavailable(why) | Outcome::Failed(why) => {
+                // event is what it cannot take (or this service failed on it).
+                Outcome::Unavailable(why) | Outcome::Failed(why) | Outcome::Panicked(why) => {
                     attempt.first_failed.get_or_insert(now);
                     why
                 }
@@ -523,7 +537,7 @@ async fn log_entry(
 async fn unwind_to_failure<T>(work: impl Future<Output = T>) -> Result<T, Outcome> {
     caught(work)
         .await
-        .map_err(|why| Outcome::Failed(format!("delivering the event panicked: {why}")))
+        .map_err(|why| Outcome::Panicked(format!("delivering the event panicked: {why}")))
 }
 
 /// `work`'s output, or what it panicked with (logged).
@@ -637,11 +651,11 @@ async fn prepare(
 ) -> Result<Event, Outcome> {
     let row = &mut attempt.row;
     let event = normalize::event(&row.received, &row.destination)
-        .map_err(|e| Outcome::Invalid(e.to_string()))?;
+        .map_err(|e| Outcome::Unconvertible(e.to_string()))?;
     if row.received.event_type == APP_DEAUTHORIZED && !attempt.side_effect_saved {
         if !row.side_effect_done {
             let cid = ConnectionId::parse(&row.destination)
-                .map_err(|e| Outcome::Invalid(e.to_string()))?;
+                .map_err(|e| Outcome::Unconvertible(e.to_string()))?;
             let user = deauthorized_user(&row.received.body);
             let deauthorized = deauthorize(
                 &*target.host,
@@ -963,6 +977,22 @@ mod tests {
         })
         .await;
         stop.cancel();
+    }
+
+    #[test]
+    fn only_the_host_s_own_answers_say_it_is_up() {
+        let from_host = [
+            Outcome::Delivered,
+            Outcome::Invalid("refused".into()),
+            Outcome::Failed("failed".into()),
+        ];
+        assert!(from_host.iter().all(Outcome::is_the_host_s));
+        let not = [
+            Outcome::Unavailable("down".into()),
+            Outcome::Unconvertible("too deep".into()),
+            Outcome::Panicked("a bug".into()),
+        ];
+        assert!(!not.iter().any(Outcome::is_the_host_s));
     }
 
     #[tokio::test]
