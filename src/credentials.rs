@@ -244,13 +244,24 @@ impl Credentials {
         }
     }
 
-    /// The app was removed in Zoom and `cid`'s tokens were deleted: every token known for it is
-    /// dead, including one not yet saved. Forgets them all (waiting for a token request in
-    /// flight), so the next caller reads the connection, and its `connection_error`, again.
-    pub async fn deauthorized(&self, cid: &ConnectionId) {
-        if let Some(slot) = self.existing_slot(cid) {
-            *slot.lock().await = Slot::default();
+    /// Runs `change`, which ends `cid`'s authorization in the host engine (true if it did; the
+    /// app was removed in Zoom), with no token request of `cid` in flight, then forgets every
+    /// token known for it, including one not yet saved, so the next caller reads the
+    /// connection, and its `connection_error`, again. A
+    /// refresh Zoom answered just before the app was removed is saved before `change`, not
+    /// after it: its tokens cannot come back once `change` has removed them.
+    pub async fn deauthorize_with<E>(
+        &self,
+        cid: &ConnectionId,
+        change: impl std::future::Future<Output = Result<bool, E>>,
+    ) -> Result<bool, E> {
+        let slot = self.slot(cid);
+        let mut slot = slot.lock().await;
+        let deauthorized = change.await?;
+        if deauthorized {
+            *slot = Slot::default();
         }
+        Ok(deauthorized)
     }
 
     /// `cid`'s stored variables were changed by someone else (VarsService, the host engine):

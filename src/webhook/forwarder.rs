@@ -657,20 +657,22 @@ async fn prepare(
             let cid = ConnectionId::parse(&row.destination)
                 .map_err(|e| Outcome::Unconvertible(e.to_string()))?;
             let user = deauthorized_user(&row.received.body);
-            let deauthorized = deauthorize(
+            // With no refresh of the connection in flight, which could save its tokens again
+            // after they were removed.
+            let change = deauthorize(
                 &*target.host,
                 &cid,
                 user.as_deref(),
                 row.received.received_ms,
-            )
-            .await
-            .map_err(classify)?;
+            );
+            target
+                .credentials
+                .deauthorize_with(&cid, change)
+                .await
+                .map_err(classify)?;
             // Marked before anything else is awaited: a shutdown cancels this mid-way.
             row.side_effect_done = true;
             outbox.side_effect_done(row.id).await;
-            if deauthorized {
-                target.credentials.deauthorized(&cid).await;
-            }
         }
         // Not delivered before the mark is saved: a failed commit's changes go again with
         // the next one, and meanwhile `side_effect_done` keeps this process from repeating

@@ -795,3 +795,68 @@ async fn a_refresh_answered_as_plain_text_without_a_token_type_still_saves_the_r
     let stored = snapshot(&app, &cid).await;
     assert_eq!(value_of(&stored, "oauth_token_type").unwrap().0, "bearer");
 }
+
+#[tokio::test]
+async fn app_deauthorized_while_a_refresh_is_in_flight_leaves_no_tokens_behind() {
+    use crate::webhooks::{ACCOUNT, SECRET, fixture, post_until_recorded};
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("ZOOM_SECRET_TOKEN", SECRET.into()));
+    let app = app_with(&zoom, env).await;
+    let cid = ConnectionId::generate().to_string();
+    let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "oauthDefault", false),
+                var(&cid, "oauth_refresh_token", &refresh, true),
+                var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+                var(&cid, "account_id", ACCOUNT, false),
+            ],
+        })
+        .await
+        .unwrap();
+    // Zoom rotates at once and its answer takes a second to come back; the app is removed
+    // meanwhile.
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_secs(1);
+    let testing = tokio::spawn({
+        let mut client = app.integrations();
+        let cid = cid.clone();
+        async move {
+            client
+                .test_connection(TestConnectionRequest {
+                    integration_id: zoom_id(),
+                    connection_id: cid,
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    post_until_recorded(
+        &app.http_client,
+        &app.url("/zoom/event"),
+        SECRET,
+        &fixture("app_deauthorized"),
+    )
+    .await;
+    testing.await.unwrap().unwrap();
+    // Once the event is handled, whatever order the two took: no tokens, marked broken.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stored = snapshot(&app, &cid).await;
+        if value_of(&stored, "connection_error").is_some() {
+            assert_eq!(value_of(&stored, "oauth_refresh_token"), None, "{stored:?}");
+            assert_eq!(value_of(&stored, "oauth_access_token"), None, "{stored:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not deauthorized: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And they stay gone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored = snapshot(&app, &cid).await;
+    assert_eq!(value_of(&stored, "oauth_refresh_token"), None, "{stored:?}");
+}
