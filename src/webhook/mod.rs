@@ -604,8 +604,27 @@ async fn handle(
         return Ok(accepted("unrouted"));
     }
     // The head's parse skips the rest without checking it closely; what the forwarder could not
-    // turn into an event must be refused now, not answered 200 and never delivered.
-    normalize::top_level_fields(&body).map_err(WebhookError::NotAnEvent)?;
+    // turn into an event must be refused now, not answered 200 and never delivered. A large
+    // body's values (up to 100,000 of them) are built on the blocking pool, as its signature
+    // was checked, not on the threads that answer Zoom.
+    let body = if body.len() <= VERIFY_INLINE {
+        normalize::top_level_fields(&body).map_err(WebhookError::NotAnEvent)?;
+        body
+    } else {
+        let check = tokio::task::spawn_blocking(move || {
+            let converted = normalize::top_level_fields(&body).map(drop);
+            (converted, body)
+        });
+        let (converted, body) = tokio::time::timeout_at(answer_by, check)
+            .await
+            .map_err(|_| WebhookError::Busy)?
+            .map_err(|e| {
+                tracing::error!(error = %e, "a webhook's conversion check failed");
+                WebhookError::Internal
+            })?;
+        converted.map_err(WebhookError::NotAnEvent)?;
+        body
+    };
 
     let mut memo = HashMap::with_capacity(MEMO_HEADERS.len() + 1);
     memo.insert("account_id".to_string(), account_id.to_string());
