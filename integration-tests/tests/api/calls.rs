@@ -387,16 +387,27 @@ async fn api_calls_any_path_with_query_and_body_and_returns_status_and_body() {
 
 #[tokio::test]
 async fn a_rate_limit_with_retry_after_one_second_is_waited_out_and_succeeds() {
+    rate_limit_waited_out("1").await;
+}
+
+#[tokio::test]
+async fn a_per_second_rate_limit_without_retry_after_is_retried_a_second_later() {
+    // An empty Retry-After stands for none at all.
+    rate_limit_waited_out("").await;
+}
+
+/// A 429 with `retry_after` is waited out for a second and the call then succeeds.
+async fn rate_limit_waited_out(retry_after: &str) {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
     let cid = connected(&app, &zoom).await;
-    zoom.rate_limit_next("1", "QPS");
+    zoom.rate_limit_next(retry_after, "QPS");
     let started = Instant::now();
     let user = ok(call(&app, &cid, "get_user", vec![], vec![]).await);
     assert_eq!(user["id"], USER_ID);
     assert!(
         started.elapsed() >= Duration::from_secs(1),
-        "waited per Retry-After"
+        "waited a second"
     );
     assert_eq!(zoom.state.lock().unwrap().api_requests.len(), 2);
 }
@@ -429,22 +440,6 @@ async fn a_rate_limit_longer_than_the_callers_deadline_allows_is_reported_at_onc
         "Zoom's own message: {error}"
     );
     assert_eq!(zoom.state.lock().unwrap().api_requests.len(), 1, "no retry");
-}
-
-#[tokio::test]
-async fn a_per_second_rate_limit_without_retry_after_is_retried_a_second_later() {
-    let zoom = FakeZoom::start().await;
-    let app = app_with(&zoom, zoom.env()).await;
-    let cid = connected(&app, &zoom).await;
-    zoom.rate_limit_next("", "QPS");
-    let started = Instant::now();
-    let user = ok(call(&app, &cid, "get_user", vec![], vec![]).await);
-    assert_eq!(user["id"], USER_ID);
-    assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "waited a second"
-    );
-    assert_eq!(zoom.state.lock().unwrap().api_requests.len(), 2);
 }
 
 #[tokio::test]
@@ -923,9 +918,7 @@ async fn app_deauthorized_stops_the_cached_token_being_used_on_a_remote_host_too
 async fn a_call_through_a_connection_the_remote_host_no_longer_knows_says_it_does_not_exist() {
     let zoom = FakeZoom::start().await;
     let host = crate::fake_host::FakeHost::start().await;
-    let mut env = zoom.env();
-    env.push(("HOST_ENGINE_URL", host.url()));
-    let app = app_with(&zoom, env).await;
+    let app = crate::connection_setup::app_with_remote_host(&zoom, &host).await;
     let cid = ConnectionId::generate().to_string();
     host.state.lock().unwrap().unknown.push(cid.clone());
 

@@ -21,6 +21,16 @@ pub(crate) async fn app_with(zoom: &FakeZoom, env: Vec<(&'static str, String)>) 
     app
 }
 
+/// The service set up for `zoom`, with `host` as its remote host engine.
+pub(crate) async fn app_with_remote_host(
+    zoom: &FakeZoom,
+    host: &crate::fake_host::FakeHost,
+) -> TestApp {
+    let mut env = zoom.env();
+    env.push(("HOST_ENGINE_URL", host.url()));
+    app_with(zoom, env).await
+}
+
 async fn app_and_zoom() -> (TestApp, FakeZoom, UserAgent) {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
@@ -688,9 +698,7 @@ async fn a_connection_the_remote_host_no_longer_knows_gets_not_found() {
     let host = crate::fake_host::FakeHost::start().await;
     let cid = ConnectionId::generate().to_string();
     host.state.lock().unwrap().unknown.push(cid.clone());
-    let mut env = zoom.env();
-    env.push(("HOST_ENGINE_URL", host.url()));
-    let app = app_with(&zoom, env).await;
+    let app = app_with_remote_host(&zoom, &host).await;
     let agent = UserAgent::new(&app.url(""));
     let done = submit(
         &app,
@@ -727,9 +735,7 @@ async fn a_remote_host_briefly_failing_deletes_gets_the_whole_setup_and_one_fail
             state.vars.insert((cid.clone(), name.into()), v);
         }
     }
-    let mut env = zoom.env();
-    env.push(("HOST_ENGINE_URL", host.url()));
-    let app = app_with(&zoom, env).await;
+    let app = app_with_remote_host(&zoom, &host).await;
     let agent = UserAgent::new(&app.url(""));
     let setup = async |secret_token: &str| {
         let form = [

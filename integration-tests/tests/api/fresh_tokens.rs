@@ -742,9 +742,7 @@ async fn a_connection_deleted_while_its_token_is_refreshed_stays_deleted() {
 async fn a_connection_deleted_in_a_remote_host_while_its_token_is_refreshed_stays_deleted() {
     let zoom = FakeZoom::start().await;
     let host = crate::fake_host::FakeHost::start().await;
-    let mut env = zoom.env();
-    env.push(("HOST_ENGINE_URL", host.url()));
-    let app = app_with(&zoom, env).await;
+    let app = crate::connection_setup::app_with_remote_host(&zoom, &host).await;
     let cid = ConnectionId::generate().to_string();
     let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
     for (name, value, secret) in [
