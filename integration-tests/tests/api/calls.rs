@@ -20,7 +20,7 @@ use crate::helpers::{TestApp, var, zoom_id};
 use crate::webhooks::{ACCOUNT, SECRET, fixture, post_until_recorded};
 
 /// A working default-app connection: its access token is one the fake Zoom issued.
-async fn connected(app: &TestApp, zoom: &FakeZoom) -> String {
+pub(crate) async fn connected(app: &TestApp, zoom: &FakeZoom) -> String {
     let cid = ConnectionId::generate().to_string();
     let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
     app.vars()
@@ -86,6 +86,32 @@ async fn call(
         })
         .await
         .expect("Call answers, whatever Zoom says")
+        .into_inner()
+}
+
+/// [`call`] by a caller that waits `timeout` (its `grpc-timeout`), which must be answered
+/// before then, not cut off.
+async fn call_within(
+    app: &TestApp,
+    cid: &str,
+    name: &str,
+    kwargs: Vec<(&str, pb::Value)>,
+    timeout: Duration,
+) -> CallResponse {
+    let mut request = tonic::Request::new(CallRequest {
+        integration_id: zoom_id(),
+        function: Some(function(name, cid)),
+        kwargs: kwargs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect::<HashMap<_, _>>(),
+        ..Default::default()
+    });
+    request.set_timeout(timeout);
+    app.integrations()
+        .call(request)
+        .await
+        .expect("answered before the deadline, not cut off by it")
         .into_inner()
 }
 
@@ -419,19 +445,8 @@ async fn a_rate_limit_longer_than_the_callers_deadline_allows_is_reported_at_onc
     let cid = connected(&app, &zoom).await;
     // Retry-After 2 s plus a second for the retry and one for its answer do not fit in 2.5 s.
     zoom.rate_limit_next("2", "QPS");
-    let mut request = tonic::Request::new(CallRequest {
-        integration_id: zoom_id(),
-        function: Some(function("get_user", &cid)),
-        ..Default::default()
-    });
-    request.set_timeout(Duration::from_millis(2500));
     let started = Instant::now();
-    let response = app
-        .integrations()
-        .call(request)
-        .await
-        .expect("answered before the deadline, not cut off by it")
-        .into_inner();
+    let response = call_within(&app, &cid, "get_user", vec![], Duration::from_millis(2500)).await;
     assert!(started.elapsed() < Duration::from_secs(2), "did not wait");
     let error = err(response);
     assert_eq!(error["status"], 429);
@@ -449,19 +464,8 @@ async fn a_retry_zoom_is_slow_to_answer_gives_the_rate_limit_before_the_callers_
     let cid = connected(&app, &zoom).await;
     zoom.rate_limit_next("1", "QPS");
     zoom.state.lock().unwrap().api_delay = Duration::from_secs(10);
-    let mut request = tonic::Request::new(CallRequest {
-        integration_id: zoom_id(),
-        function: Some(function("get_user", &cid)),
-        ..Default::default()
-    });
-    request.set_timeout(Duration::from_secs(4));
     let started = Instant::now();
-    let response = app
-        .integrations()
-        .call(request)
-        .await
-        .expect("answered before the deadline, not cut off by it")
-        .into_inner();
+    let response = call_within(&app, &cid, "get_user", vec![], Duration::from_secs(4)).await;
     let took = started.elapsed();
     assert!(
         (Duration::from_millis(2500)..Duration::from_millis(3900)).contains(&took),
@@ -476,19 +480,8 @@ async fn a_retry_zoom_is_slow_to_answer_gives_the_rate_limit_before_the_callers_
 
     // A retried POST that Zoom has not answered may have been done: not a rate limit.
     zoom.rate_limit_next("1", "QPS");
-    let mut request = tonic::Request::new(CallRequest {
-        integration_id: zoom_id(),
-        function: Some(function("create_meeting", &cid)),
-        kwargs: [("topic".to_string(), text("once"))].into(),
-        ..Default::default()
-    });
-    request.set_timeout(Duration::from_secs(4));
-    let response = app
-        .integrations()
-        .call(request)
-        .await
-        .expect("answered before the deadline")
-        .into_inner();
+    let kwargs = vec![("topic", text("once"))];
+    let response = call_within(&app, &cid, "create_meeting", kwargs, Duration::from_secs(4)).await;
     let error = err(response);
     assert!(error.get("status").is_none(), "{error}");
     assert!(

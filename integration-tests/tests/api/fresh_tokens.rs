@@ -801,16 +801,10 @@ async fn app_deauthorized_while_a_refresh_is_in_flight_leaves_no_tokens_behind()
     let mut env = zoom.env();
     env.push(("ZOOM_SECRET_TOKEN", SECRET.into()));
     let app = app_with(&zoom, env).await;
-    let cid = ConnectionId::generate().to_string();
-    let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    let cid = crate::calls::connected(&app, &zoom).await;
     app.vars()
         .set(vars::SetRequest {
-            vars: vec![
-                var(&cid, "auth_type", "oauthDefault", false),
-                var(&cid, "oauth_refresh_token", &refresh, true),
-                var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
-                var(&cid, "account_id", ACCOUNT, false),
-            ],
+            vars: vec![var(&cid, "account_id", ACCOUNT, false)],
         })
         .await
         .unwrap();
