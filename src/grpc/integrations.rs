@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::AppState;
 use crate::connection::{
-    AuthType, StatusCode, connection_status, init_required, public_config, status,
+    AuthType, StatusCode, connection_status, init_required, public_config, status, vars,
 };
 use crate::credentials::{CredentialError, Credentials};
 use crate::error::ApiError;
@@ -75,6 +75,26 @@ impl IntegrationsApi {
             Ok(message) => status(StatusCode::Ok, message),
             Err(e) => status(StatusCode::Error, e.to_string()),
         })
+    }
+
+    /// A fresh access token for `Configure`'s config: AutoKitteh puts a connection's config
+    /// into its sessions as `<connection>__<key>`, and its Python SDK (`zoom_client`) sends
+    /// `<connection>__oauth_access_token` to Zoom. The refresh token is never handed out: a
+    /// workflow refreshing with it would rotate it away from this service. None when there is
+    /// no token to be had; the session's calls of this integration's functions then say why.
+    async fn token_for_workflow(&self, cid: &ConnectionId) -> Option<crate::credentials::Access> {
+        let token = tokio::time::timeout(self.request_timeout, self.credentials.access_token(cid));
+        match token.await {
+            Ok(Ok(access)) => Some(access),
+            Ok(Err(e)) => {
+                tracing::info!(connection_id = %cid, error = %e, "configured a connection without an access token");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(connection_id = %cid, "configured a connection without an access token: none came in time");
+                None
+            }
+        }
     }
 
     async fn connection_vars(
@@ -164,8 +184,24 @@ impl IntegrationsService for IntegrationsApi {
             .connection_vars(&req.integration_id, &req.connection_id)
             .await?;
         let cid = ConnectionId::parse(&req.connection_id).map_err(ApiError::from)?;
+        let mut config: std::collections::HashMap<String, String> =
+            public_config(&vars).into_iter().collect();
+        if connection_status(&vars).code() == StatusCode::Ok
+            && let Some(access) = self.token_for_workflow(&cid).await
+        {
+            config.insert(
+                vars::OAUTH_ACCESS_TOKEN.into(),
+                access.token.expose().to_string(),
+            );
+            config.insert(
+                vars::OAUTH_EXPIRY.into(),
+                access
+                    .expires_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            );
+        }
         Ok(Response::new(ConfigureResponse {
-            config: public_config(&vars).into_iter().collect(),
+            config,
             values: crate::functions::configured(&crate::ids::INTEGRATION_ID, Some(&cid)),
         }))
     }

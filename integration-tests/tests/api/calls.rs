@@ -260,6 +260,56 @@ async fn named_functions_manage_meetings_and_return_zoom_values_losslessly() {
 }
 
 #[tokio::test]
+async fn configure_gives_sessions_a_fresh_access_token_for_sdk_clients_but_never_the_refresh_token()
+{
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    // Stored expired: the token handed out is refreshed first.
+    let cid = connected(&app, &zoom).await;
+    let configure = |connection_id: String| {
+        let mut client = app.integrations();
+        async move {
+            client
+                .configure(ConfigureRequest {
+                    integration_id: zoom_id(),
+                    connection_id,
+                })
+                .await
+        }
+    };
+    let config = configure(cid.clone()).await.unwrap().into_inner().config;
+    let token = &config["oauth_access_token"];
+    assert!(zoom.access_token_is_live(token), "{config:?}");
+    let expiry = chrono::DateTime::parse_from_rfc3339(&config["oauth_expiry"]).unwrap();
+    assert!(expiry > chrono::Utc::now() + chrono::Duration::minutes(5));
+    assert!(!config.contains_key("oauth_refresh_token"), "{config:?}");
+    assert_eq!(config["auth_type"], "oauthDefault");
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
+
+    // The next session gets the same token, without another refresh.
+    let again = configure(cid).await.unwrap().into_inner().config;
+    assert_eq!(&again["oauth_access_token"], token);
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
+
+    // A connection not set up, or one Zoom refuses, is configured without a token.
+    let new = ConnectionId::generate().to_string();
+    let config = configure(new).await.unwrap().into_inner().config;
+    assert!(config.is_empty(), "{config:?}");
+    let dead = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&dead, "auth_type", "oauthDefault", false),
+                var(&dead, "oauth_refresh_token", "never-issued", true),
+            ],
+        })
+        .await
+        .unwrap();
+    let config = configure(dead).await.unwrap().into_inner().config;
+    assert!(!config.contains_key("oauth_access_token"), "{config:?}");
+}
+
+#[tokio::test]
 async fn configure_hands_out_the_functions_as_values_that_call_through_their_connection() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;

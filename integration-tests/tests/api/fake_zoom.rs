@@ -237,6 +237,15 @@ impl FakeZoom {
     }
 
     /// Token requests of one grant type.
+    pub fn access_token_is_live(&self, token: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .access_tokens
+            .iter()
+            .any(|t| t == token)
+    }
+
     pub fn token_requests_of(&self, grant_type: &str) -> usize {
         self.token_requests()
             .iter()
