@@ -90,6 +90,25 @@ pub fn is_destination_id(s: &str) -> bool {
     is_typeid(s, "con") || is_typeid(s, "trg")
 }
 
+/// Whether `s` is a well-formed integration id (`int_` and 26 lower-case base32 characters).
+pub fn is_integration_id(s: &str) -> bool {
+    is_typeid(s, "int")
+}
+
+/// Whether `s` is a well-formed event id (`evt_` and 26 lower-case base32 characters).
+pub fn is_event_id(s: &str) -> bool {
+    is_typeid(s, "evt")
+}
+
+/// Whether `s` is a symbol as AutoKitteh names things (`^[a-zA-Z_]\w*$`).
+pub fn is_symbol(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 fn is_typeid(s: &str, prefix: &str) -> bool {
     let Some(suffix) = s
         .strip_prefix(prefix)

@@ -35,7 +35,10 @@ pub fn descriptor(config: &Config) -> Integration {
                 "https://developers.zoom.us/docs/api/webhooks/".into(),
             ),
         ]),
-        connection_url: CONNECTION_PATH.into(),
+        // Absolute: a host engine sends browsers here from its own site.
+        connection_url: config
+            .public_url(CONNECTION_PATH)
+            .unwrap_or_else(|| CONNECTION_PATH.into()),
         module: Some(crate::functions::module()),
         connection_capabilities: Some(Capabilities {
             supports_connection_test: true,

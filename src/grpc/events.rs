@@ -106,6 +106,13 @@ impl EventsService for EventsApi {
         if req.event_id.is_empty() {
             return Err(ApiError::InvalidArgument("event_id is required".into()).into());
         }
+        if !crate::ids::is_event_id(&req.event_id) {
+            return Err(ApiError::InvalidArgument(format!(
+                "event_id {:?} is malformed: expected evt_ and 26 lower-case base32 characters",
+                crate::ids::truncate(&req.event_id, 64)
+            ))
+            .into());
+        }
         let event = self
             .host
             .get_event(&req.event_id)

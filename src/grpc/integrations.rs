@@ -135,9 +135,9 @@ pub(crate) fn check_integration(integration_id: &str) -> Result<(), ApiError> {
 impl IntegrationsService for IntegrationsApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let req = request.into_inner();
-        let key = match (req.integration_id.is_empty(), req.name.is_empty()) {
-            (false, true) => req.integration_id,
-            (true, false) => req.name,
+        let (key, by_name) = match (req.integration_id.is_empty(), req.name.is_empty()) {
+            (false, true) => (req.integration_id, false),
+            (true, false) => (req.name, true),
             _ => {
                 return Err(ApiError::InvalidArgument(
                     "exactly one of integration_id and name is required".into(),
@@ -145,15 +145,22 @@ impl IntegrationsService for IntegrationsApi {
                 .into());
             }
         };
-        if !is_this_integration(&key) {
-            return Err(ApiError::NotFound(format!(
-                "unknown integration {:?}",
+        let well_formed = if by_name {
+            crate::ids::is_symbol(&key)
+        } else {
+            crate::ids::is_integration_id(&key)
+        };
+        if !well_formed {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} {:?} is malformed",
+                if by_name { "name" } else { "integration_id" },
                 crate::ids::truncate(&key, 64)
             ))
             .into());
         }
+        // As AutoKitteh answers: another integration is not an error, just none.
         Ok(Response::new(GetResponse {
-            integration: Some(self.descriptor.clone()),
+            integration: is_this_integration(&key).then(|| self.descriptor.clone()),
         }))
     }
 

@@ -35,7 +35,7 @@ async fn get_and_list_describe_the_zoom_integration() {
     assert_eq!(by_id.unique_name, "zoom");
     assert_eq!(by_id.display_name, "Zoom");
     assert!(!by_id.description.is_empty());
-    assert_eq!(by_id.connection_url, "/zoom/");
+    assert_eq!(by_id.connection_url, app.url("/zoom/"));
     assert_eq!(by_id.logo_url, app.url("/zoom/logo.svg"));
     let caps = by_id.connection_capabilities.unwrap();
     assert!(
@@ -183,15 +183,39 @@ async fn malformed_requests_get_clear_grpc_errors() {
         Code::InvalidArgument,
         "exactly one",
     );
+    // Another integration is none, as AutoKitteh answers; a malformed name or id is refused.
+    for other in [
+        GetRequest {
+            name: "slack".into(),
+            ..Default::default()
+        },
+        GetRequest {
+            integration_id: "int_3kth00s1ac0000000000000000".into(),
+            ..Default::default()
+        },
+    ] {
+        let answer = client.get(other).await.unwrap().into_inner();
+        assert_eq!(answer.integration, None);
+    }
     assert_status(
         client
             .get(GetRequest {
-                name: "slack".into(),
+                name: "no such name!".into(),
                 ..Default::default()
             })
             .await,
-        Code::NotFound,
-        "slack",
+        Code::InvalidArgument,
+        "name",
+    );
+    assert_status(
+        client
+            .get(GetRequest {
+                integration_id: "zoom".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "integration_id",
     );
     assert_status(
         client
@@ -297,6 +321,16 @@ async fn malformed_requests_get_clear_grpc_errors() {
             .await,
         Code::NotFound,
         "no event",
+    );
+    assert_status(
+        events_client
+            .get(events::GetRequest {
+                event_id: "evt_../../etc".into(),
+                json_values: false,
+            })
+            .await,
+        Code::InvalidArgument,
+        "malformed",
     );
     assert_status(
         events_client
