@@ -703,33 +703,21 @@ impl HostEngine for EmbeddedHost {
             check_var_name(name)?;
         }
         let (name, value) = (name.to_string(), value.to_string());
-        self.with_db(move |conn, keys| {
+        // As AutoKitteh's: a value matches non-secret variables only, so the answer is no
+        // oracle for guessing a secret.
+        self.with_db(move |conn, _keys| {
             let mut stmt = conn.prepare_cached(
-                "SELECT DISTINCT scope_id, name, value, is_secret FROM vars
-                 WHERE ?1 = '' OR name = ?1 ORDER BY scope_id",
+                "SELECT DISTINCT scope_id FROM vars
+                 WHERE (?1 = '' OR name = ?1)
+                   AND (?2 = '' OR (is_secret = 0 AND value = CAST(?2 AS BLOB)))
+                 ORDER BY scope_id",
             )?;
-            let rows = stmt.query_map([name.as_str()], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, Vec<u8>>(2)?,
-                    row.get::<_, bool>(3)?,
-                ))
+            let rows = stmt.query_map([name.as_str(), value.as_str()], |row| {
+                row.get::<_, String>(0)
             })?;
             let mut ids: Vec<ConnectionId> = Vec::new();
-            for row in rows {
-                let (scope, var_name, stored, is_secret) = row?;
-                let Ok(id) = ConnectionId::parse(&scope) else {
-                    continue;
-                };
-                let matches = value.is_empty()
-                    || if is_secret {
-                        keys.open(&stored, &seal_context(&id, &var_name))
-                            .is_ok_and(|v| v == value.as_bytes())
-                    } else {
-                        stored == value.as_bytes()
-                    };
-                if matches && ids.last() != Some(&id) {
+            for scope in rows {
+                if let Ok(id) = ConnectionId::parse(&scope?) {
                     ids.push(id);
                 }
             }
@@ -1094,7 +1082,9 @@ mod tests {
             host.find_connections("account_id", "acc-2").await.unwrap(),
             vec![b.clone()]
         );
-        assert_eq!(host.find_connections("tok", "x").await.unwrap().len(), 2);
+        // Secrets match no value: the answer must not confirm a guessed secret.
+        assert!(host.find_connections("tok", "x").await.unwrap().is_empty());
+        assert_eq!(host.find_connections("tok", "").await.unwrap().len(), 2);
         assert_eq!(host.find_connections("", "").await.unwrap().len(), 2);
         assert!(
             host.find_connections("account_id", "nope")
