@@ -1,5 +1,6 @@
 //! The gRPC server: one struct per service, assembled here.
 
+pub mod connect;
 pub mod events;
 pub mod integrations;
 pub mod setup_links;
@@ -44,6 +45,8 @@ pub async fn serve(
     let integrations = integrations::IntegrationsApi::new(&state);
     let mut router =
         Server::builder()
+            // HTTP/1.1 too: Connect clients (AutoKitteh's `ak` CLI and Go SDK) use it.
+            .accept_http1(true)
             .timeout(state.config.request_timeout)
             .concurrency_limit_per_connection(state.config.max_concurrent_requests)
             // Past the limit a call is answered RESOURCE_EXHAUSTED at once instead of queueing
@@ -55,6 +58,7 @@ pub async fn serve(
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             // Callers' mistakes (INVALID_ARGUMENT, NOT_FOUND) are not our failures: log every
             // outcome at debug; internal errors are logged where they are mapped (error.rs).
+            .layer(connect::ConnectLayer)
             .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(
                 tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
             ))

@@ -27,6 +27,7 @@ pub const TEST_SECRET_KEY: &str = "integration-test key material, not for produc
 /// A running service.
 pub struct TestApp {
     pub http: SocketAddr,
+    pub grpc: SocketAddr,
     _owned_dir: Option<TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -84,6 +85,7 @@ pub async fn spawn_app_in(data_dir: &Path, env: &[(&str, &str)]) -> TestApp {
         .connect_lazy();
     TestApp {
         http,
+        grpc,
         _owned_dir: None,
         stop: Some(stop),
         task: Some(task),

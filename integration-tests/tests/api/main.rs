@@ -10,6 +10,7 @@ mod webdriver;
 mod bounds;
 mod browser;
 mod calls;
+mod connect_protocol;
 mod connection_setup;
 mod embedded_host;
 mod faults;

@@ -1,0 +1,169 @@
+//! The gRPC port answers the Connect protocol's unary calls (`application/proto` over
+//! HTTP/1.1), as AutoKitteh's own clients make them by default.
+
+use prost::Message;
+use zoom_integration::ids::ConnectionId;
+use zoom_integration::proto::autokitteh::events::v1 as events;
+use zoom_integration::proto::autokitteh::integrations::v1 as integrations;
+use zoom_integration::proto::autokitteh::vars::v1 as vars;
+
+use crate::helpers::{TestApp, spawn_app, var};
+
+/// A Connect unary call of `method` (`package.Service/Method`) with `message`.
+async fn connect_call(
+    app: &TestApp,
+    method: &str,
+    message: &impl Message,
+) -> (reqwest::StatusCode, String, Vec<u8>) {
+    let response = app
+        .http_client
+        .post(format!("http://{}/{method}", app.grpc))
+        .header("content-type", "application/proto")
+        .header("connect-protocol-version", "1")
+        .header("connect-timeout-ms", "5000")
+        .body(message.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (
+        status,
+        content_type,
+        response.bytes().await.unwrap().to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn connect_clients_get_the_same_answers_as_grpc_clients() {
+    let app = spawn_app().await;
+    let cid = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![var(&cid, "account_id", "acc-1", false)],
+        })
+        .await
+        .unwrap();
+
+    let (status, content_type, body) = connect_call(
+        &app,
+        "autokitteh.vars.v1.VarsService/Get",
+        &vars::GetRequest {
+            scope_id: cid.clone(),
+            names: vec!["account_id".into()],
+        },
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type, "application/proto");
+    let got = vars::GetResponse::decode(body.as_slice()).unwrap();
+    assert_eq!(got.vars.len(), 1);
+    assert_eq!(got.vars[0].value, "acc-1");
+
+    let (status, _, body) = connect_call(
+        &app,
+        "autokitteh.integrations.v1.IntegrationsService/Get",
+        &integrations::GetRequest {
+            name: "zoom".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = integrations::GetResponse::decode(body.as_slice()).unwrap();
+    assert_eq!(got.integration.unwrap().unique_name, "zoom");
+
+    // An answer with no fields is an empty body, still a success.
+    let (status, _, body) = connect_call(
+        &app,
+        "autokitteh.vars.v1.VarsService/Delete",
+        &vars::DeleteRequest {
+            scope_id: cid.clone(),
+            names: vec!["account_id".into()],
+        },
+    )
+    .await;
+    assert_eq!((status.as_u16(), body.len()), (200, 0));
+}
+
+#[tokio::test]
+async fn connect_errors_carry_connects_code_and_status_and_unsupported_forms_are_refused() {
+    let app = spawn_app().await;
+    let (status, content_type, body) = connect_call(
+        &app,
+        "autokitteh.events.v1.EventsService/Get",
+        &events::GetRequest {
+            event_id: "evt_../../etc".into(),
+            json_values: false,
+        },
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(content_type, "application/json");
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["code"], "invalid_argument");
+    assert!(
+        error["message"].as_str().unwrap().contains("malformed"),
+        "{error}"
+    );
+
+    let (status, _, body) = connect_call(
+        &app,
+        "autokitteh.events.v1.EventsService/Get",
+        &events::GetRequest {
+            event_id: "evt_01jf3xabcdefghjkmnpqrstvwx".into(),
+            json_values: false,
+        },
+    )
+    .await;
+    assert_eq!(status, 404);
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["code"], "not_found");
+
+    // JSON messages and compressed bodies are not served, and say so.
+    for (content_type, encoding) in [
+        ("application/json", None),
+        ("application/proto", Some("gzip")),
+    ] {
+        let mut request = app
+            .http_client
+            .post(format!(
+                "http://{}/autokitteh.vars.v1.VarsService/Get",
+                app.grpc
+            ))
+            .header("content-type", content_type)
+            .header("connect-protocol-version", "1")
+            .body("{}");
+        if let Some(encoding) = encoding {
+            request = request.header("content-encoding", encoding);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 415, "{content_type} {encoding:?}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["code"], "unimplemented");
+    }
+
+    // A request past the limit is refused before it is decoded.
+    let response = app
+        .http_client
+        .post(format!(
+            "http://{}/autokitteh.vars.v1.VarsService/Get",
+            app.grpc
+        ))
+        .header("content-type", "application/proto")
+        .body(vec![
+            0u8;
+            zoom_integration::grpc::connect::MAX_CONNECT_REQUEST_BYTES
+                + 1
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let error: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(error["code"], "resource_exhausted");
+}
