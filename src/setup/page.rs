@@ -26,16 +26,18 @@ legend { font-weight: 600; margin-bottom: .5rem; }
 .choice:has(input:checked) { border-color: var(--blue); background: #f3f7ff; }
 .choice:has(input:disabled) { cursor: not-allowed; color: var(--muted); }
 .choice small { display: block; color: var(--muted); margin-left: 1.6rem; }
-.field { display: none; margin-bottom: .9rem; }
+.field { margin-bottom: .9rem; }
 .field label { display: block; font-weight: 600; margin-bottom: .25rem; }
 .field input { width: 100%; padding: .5rem .6rem; border: 1px solid var(--line); border-radius: 6px; font: inherit; }
 .field small { color: var(--muted); }
-form:has(#auth-oauthPrivate:checked) .for-private,
-form:has(#auth-serverToServer:checked) .for-s2s { display: block; }
 button { font: inherit; font-weight: 600; color: #fff; background: var(--blue); border: 0; border-radius: 8px; padding: .6rem 1.2rem; cursor: pointer; }
-#save { display: none; }
-form:has(#auth-serverToServer:checked) #save { display: inline-block; }
-form:has(#auth-serverToServer:checked) #start { display: none; }
+@supports selector(:has(*)) {
+  .field, #save { display: none; }
+  form:has(#auth-oauthPrivate:checked) .for-private,
+  form:has(#auth-serverToServer:checked) .for-s2s { display: block; }
+  form:has(#auth-serverToServer:checked) #save { display: inline-block; }
+  form:has(#auth-serverToServer:checked) #start { display: none; }
+}
 .message { font-size: 1.05rem; }
 .message.error { color: var(--bad); }
 a { color: var(--blue); }
@@ -168,16 +170,16 @@ impl ConnectionPage<'_> {
              <fieldset><legend>Authentication type</legend>{c1}{c2}{c3}</fieldset>\
              <div class=\"field for-s2s\"><label for=\"account_id\">Account ID</label>\
              <input id=\"account_id\" name=\"account_id\" maxlength=\"128\" value=\"{account_id}\">\
-             <small>Required. From the app's page in the Zoom App Marketplace.</small></div>\
+             <small>Server-to-Server apps only, required. From the app's page in the Zoom App Marketplace.</small></div>\
              <div class=\"field for-private for-s2s\"><label for=\"client_id\">Client ID</label>\
              <input id=\"client_id\" name=\"client_id\" maxlength=\"128\" value=\"{client_id}\">\
-             <small>Required.</small></div>\
+             <small>Private and Server-to-Server apps, required.</small></div>\
              <div class=\"field for-private for-s2s\"><label for=\"client_secret\">Client secret</label>\
              <input id=\"client_secret\" name=\"client_secret\" type=\"password\" maxlength=\"512\">\
-             <small>Required. Stored encrypted; never shown again.</small></div>\
+             <small>Private and Server-to-Server apps, required. Stored encrypted; never shown again.</small></div>\
              <div class=\"field for-private for-s2s\"><label for=\"secret_token\">Secret token</label>\
              <input id=\"secret_token\" name=\"secret_token\" type=\"password\" maxlength=\"512\">\
-             <small>Optional: needed to receive the app's events (webhooks). Left empty, the one saved for this app (same client ID) is kept.</small></div>\
+             <small>Private and Server-to-Server apps, optional: needed to receive the app's events (webhooks). Left empty, the one saved for this app (same client ID) is kept.</small></div>\
              <button type=\"submit\" id=\"start\">Start OAuth Flow</button>\
              <button type=\"submit\" id=\"save\">Save</button>\
              </form>",
