@@ -132,7 +132,7 @@ async fn connection_page(
         Some(kind) => kind,
         None => AuthType::OAuthDefault,
     };
-    Ok(ConnectionPage {
+    let mut page = ConnectionPage {
         target: &target,
         status,
         selected,
@@ -141,7 +141,15 @@ async fn connection_page(
         client_id: get(vars::PRIVATE_CLIENT_ID),
     }
     .render()
-    .into_response())
+    .into_response();
+    // Its form's requests must name it (`Origin`, `Referer`): with no referrer at all, a
+    // browser without `Sec-Fetch-Site` sends `Origin: null`, which counts as another site.
+    // Other sites still get nothing, so its grant stays here.
+    page.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    Ok(page)
 }
 
 /// `GET` or `POST /zoom/save`: checks the form, then starts OAuth or saves a
@@ -167,6 +175,9 @@ async fn save(
         Err(e) => return SetupError::from(e).into_response(),
     };
     let target = form.target;
+    if let Some(page) = interpose(&state, &headers, &target) {
+        return page;
+    }
     let from_other_site = sent_by_another_site(&headers, &state.config);
     if let Err(e) = authorize(&state, &target, peer, from_other_site) {
         return e.into_response();
@@ -205,6 +216,9 @@ async fn start(
         Ok(target) => target,
         Err(e) => return SetupError::from(e).into_response(),
     };
+    if let Some(page) = interpose(&state, &headers, &target) {
+        return page;
+    }
     let from_other_site = sent_by_another_site(&headers, &state.config);
     if let Err(e) = authorize(&state, &target, peer, from_other_site) {
         return e.into_response();
@@ -515,8 +529,30 @@ fn finish(state: &AppState, target: &Target, message: &str) -> Response {
 
 /// `/oauth/start/zoom?cid=…&origin=…&grant=…`; all three are checked to be letters, digits,
 /// `_` or `.`.
+/// With signed links, a request another site's page sent does not start a flow or save a
+/// setup, grant or not: it is sent to the connection page, which names the connection, and
+/// only that page's own form goes on. A grant is a bearer token; without this, whoever holds
+/// one could link someone else's browser to its flow and bind their Zoom account to the
+/// grant's connection (Zoom skips consent for an app the user already added). With
+/// `SETUP_ACCESS=loopback` such requests are refused instead ([`authorize`]).
+fn interpose(state: &AppState, headers: &HeaderMap, target: &Target) -> Option<Response> {
+    let signed = state.config.setup_access == crate::config::SetupAccess::Signed;
+    (signed && from_another_sites_page(headers, &state.config)).then(|| {
+        let mut response = Redirect::to(&target_path(CONNECTION_PATH, target)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    })
+}
+
 fn start_path(target: &Target) -> String {
-    let mut path = format!("{START_PATH}?cid={}&origin={}", target.cid, target.origin);
+    target_path(START_PATH, target)
+}
+
+/// `path` with the target's query.
+fn target_path(path: &str, target: &Target) -> String {
+    let mut path = format!("{path}?cid={}&origin={}", target.cid, target.origin);
     if let Some(grant) = &target.grant {
         path.push_str(&format!("&grant={grant}"));
     }
@@ -551,9 +587,12 @@ fn authorize(
 /// counts as another site's: DNS rebinding (another site's name pointed at 127.0.0.1) makes a
 /// browser call that site's requests same-origin.
 fn sent_by_another_site(headers: &HeaderMap, config: &crate::config::Config) -> bool {
-    if for_another_sites_name(headers, config) {
-        return true;
-    }
+    for_another_sites_name(headers, config) || from_another_sites_page(headers, config)
+}
+
+/// Whether the browser says another site's page sent this request (see
+/// [`sent_by_another_site`]), whatever the `Host`: a proxy in front may rewrite that.
+fn from_another_sites_page(headers: &HeaderMap, config: &crate::config::Config) -> bool {
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     // A navigation carries no `Origin`; its `Referer` names the page (at least its origin,
     // unless the page asked for no referrer, and then it is not trusted).

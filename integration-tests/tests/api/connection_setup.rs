@@ -1184,3 +1184,43 @@ async fn zoom_issuing_no_refresh_token_fails_the_flow_and_leaves_the_connection_
     assert_error_page(&visit, StatusCode::BAD_GATEWAY, "no refresh token");
     assert_eq!(snapshot(&app, &cid).await, before);
 }
+
+#[tokio::test]
+async fn pages_run_no_script_frame_or_cache_and_only_the_connection_page_names_itself_to_its_own_site()
+ {
+    let (app, _zoom, _agent) = app_and_zoom().await;
+    let cid = ConnectionId::generate().to_string();
+    let header = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let page = app
+        .http_client
+        .get(app.url(&format!("/zoom/?cid={cid}&origin=web")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    // Its form's requests carry its origin, which old browsers without Sec-Fetch-Site only
+    // send with a referrer policy that allows it; other sites still get nothing.
+    assert_eq!(header(&page, "referrer-policy"), "same-origin");
+    let redirect = app
+        .http_client
+        .get(app.url("/oauth/redirect/zoom?code=one-time&state=forged"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redirect.status(), StatusCode::BAD_REQUEST);
+    // Its URL holds Zoom's one-time code: no page it links to may learn it.
+    assert_eq!(header(&redirect, "referrer-policy"), "no-referrer");
+    for response in [&page, &redirect] {
+        let csp = header(response, "content-security-policy");
+        assert!(csp.starts_with("default-src 'none'"), "{csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert!(!csp.contains("script-src"), "{csp}");
+        assert_eq!(header(response, "x-frame-options"), "DENY");
+        assert_eq!(header(response, "cache-control"), "no-store");
+    }
+}

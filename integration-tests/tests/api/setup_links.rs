@@ -294,3 +294,90 @@ async fn in_loopback_mode_a_page_reached_under_another_site_s_name_needs_a_link(
     assert_eq!(get(&own, &page).await, StatusCode::OK);
     assert_eq!(get("localhost", &page).await, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_link_followed_from_another_site_s_page_shows_the_connection_page_and_starts_nothing() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("SETUP_ACCESS", "signed".into()));
+    env.push(("HOST_UI_URL", "https://ui.example.com".into()));
+    let app = app_with(&zoom, env).await;
+    let cid = ConnectionId::generate().to_string();
+    let grant = grant_of(&link(&app, &cid, "web").await);
+    let target = format!("cid={cid}&origin=web&grant={grant}");
+    let start = app.url(&format!("/oauth/start/zoom?{target}"));
+    let location = |r: &reqwest::Response| {
+        r.headers()
+            .get("location")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+
+    // Another site's page links the victim's browser to the grant's flow: it lands on the
+    // connection page, with no flow started.
+    let followed = app
+        .http_client
+        .get(&start)
+        .header("sec-fetch-site", "cross-site")
+        .header("referer", "https://evil.example/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(followed.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&followed), format!("/zoom/?{target}"));
+    assert!(followed.headers().get("set-cookie").is_none());
+    let s2s_form = [
+        ("cid", cid.as_str()),
+        ("origin", "web"),
+        ("grant", grant.as_str()),
+        ("auth_type", "serverToServer"),
+        ("account_id", S2S_ACCOUNT_ID),
+        ("client_id", S2S_CLIENT_ID),
+        ("client_secret", S2S_CLIENT_SECRET),
+    ];
+    let posted = app
+        .http_client
+        .post(app.url("/zoom/save"))
+        .header("sec-fetch-site", "cross-site")
+        .header("origin", "https://evil.example")
+        .form(&s2s_form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&posted), format!("/zoom/?{target}"));
+    assert!(snapshot(&app, &cid).await.is_empty(), "nothing saved");
+    assert_eq!(zoom.token_requests_of("account_credentials"), 0);
+
+    // The host's own UI may start a flow at once, and the page's own form goes on.
+    let from_ui = app
+        .http_client
+        .get(&start)
+        .header("sec-fetch-site", "cross-site")
+        .header("referer", "https://ui.example.com/connections")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        location(&from_ui).starts_with(&zoom.oauth_url()),
+        "{}",
+        location(&from_ui)
+    );
+    let posted = app
+        .http_client
+        .post(app.url("/zoom/save"))
+        .header("sec-fetch-site", "same-origin")
+        .header("origin", app.url("").trim_end_matches('/'))
+        .form(&s2s_form)
+        .send()
+        .await
+        .unwrap();
+    // Saved, and the browser sent back to the host's UI.
+    assert!(location(&posted).starts_with("https://ui.example.com"));
+    assert_eq!(
+        value_of(&snapshot(&app, &cid).await, "auth_type")
+            .unwrap()
+            .0,
+        "serverToServer"
+    );
+}
