@@ -26,4 +26,6 @@ ENV HTTP_ADDR=0.0.0.0:9980 \
 VOLUME ["/data"]
 EXPOSE 9980 9981
 USER 65532:65532
+# No shell or curl here: the binary probes its own /healthz (HTTP_ADDR, 0.0.0.0 as loopback).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["/usr/local/bin/zoom-integration","healthcheck"]
 ENTRYPOINT ["/usr/local/bin/zoom-integration"]

@@ -1,7 +1,9 @@
-//! The command line: `--help`, `--version`, `setup-link`, `redrive-dead-letters`, or (no
-//! arguments) serve until SIGTERM.
+//! The command line: `--help`, `--version`, `setup-link`, `redrive-dead-letters`,
+//! `healthcheck`, or (no arguments) serve until SIGTERM.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
@@ -25,6 +27,7 @@ pub fn main() -> ExitCode {
         }
         Some("setup-link") => return setup_link(&args[1..]),
         Some("redrive-dead-letters") if args.len() == 1 => return redrive_dead_letters(),
+        Some("healthcheck") if args.len() == 1 => return healthcheck(),
         Some(other) => {
             eprintln!(
                 "zoom-integration: unknown argument {:?}; see --help",
@@ -107,6 +110,110 @@ fn redrive_dead_letters() -> ExitCode {
             eprintln!("zoom-integration: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// How long `healthcheck` waits for the whole answer's status line, connecting included.
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `healthcheck`: `GET /healthz` on the configured `HTTP_ADDR`, for a container's
+/// `HEALTHCHECK` (the runtime image has no shell or curl). Exit 0 on a 200 and 1 on anything
+/// else, a configuration error included: Docker reads 1 as unhealthy and reserves 2.
+fn healthcheck() -> ExitCode {
+    let addr = match Config::http_addr_from_env() {
+        Ok(addr) => probe_address(addr),
+        Err(err) => {
+            eprintln!("zoom-integration: unhealthy: configuration error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match get_status(addr, "/healthz", HEALTHCHECK_TIMEOUT) {
+        Ok(200) => {
+            println!("zoom-integration: healthy: GET http://{addr}/healthz answered 200");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            eprintln!("zoom-integration: unhealthy: GET http://{addr}/healthz answered {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("zoom-integration: unhealthy: GET http://{addr}/healthz: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where to reach a listener bound to `addr`: an unspecified address (every interface) is
+/// reached on loopback.
+fn probe_address(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// The status code of a plain HTTP/1.1 `GET path` to `addr`, all within `timeout`.
+fn get_status(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    use std::io::{Error, ErrorKind, Read, Write};
+    let deadline = Instant::now() + timeout;
+    let timed_out = || {
+        Error::new(
+            ErrorKind::TimedOut,
+            format!("no answer within {} s", timeout.as_secs_f32()),
+        )
+    };
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+            .ok_or_else(timed_out)
+    };
+    // A read or write past its timeout fails with WouldBlock on Unix.
+    let in_time = |e: Error| match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => timed_out(),
+        _ => e,
+    };
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(in_time)?;
+    stream.set_write_timeout(Some(left()?))?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .map_err(in_time)?;
+    let mut head = Vec::new();
+    let mut chunk = [0; 256];
+    let line_end = loop {
+        if let Some(end) = head.windows(2).position(|w| w == b"\r\n") {
+            break end;
+        }
+        if head.len() > 1024 {
+            return Err(Error::new(ErrorKind::InvalidData, "no HTTP status line"));
+        }
+        stream.set_read_timeout(Some(left()?))?;
+        match stream.read(&mut chunk).map_err(in_time)? {
+            0 => {
+                return Err(Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the connection closed before an answer",
+                ));
+            }
+            n => head.extend_from_slice(&chunk[..n]),
+        }
+    };
+    // `HTTP/1.1 200 OK`
+    let line = String::from_utf8_lossy(&head[..line_end]);
+    let mut parts = line.split(' ');
+    match (parts.next(), parts.next().map(str::parse::<u16>)) {
+        (Some(version), Some(Ok(status))) if version.starts_with("HTTP/1.") => Ok(status),
+        _ => Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("not an HTTP answer: {:?}", crate::ids::truncate(&line, 64)),
+        )),
     }
 }
 
@@ -206,5 +313,65 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_interface_is_probed_on_loopback() {
+        let probe = |a: &str| probe_address(a.parse().unwrap()).to_string();
+        assert_eq!(probe("0.0.0.0:9980"), "127.0.0.1:9980");
+        assert_eq!(probe("[::]:9980"), "[::1]:9980");
+        assert_eq!(probe("10.1.2.3:9980"), "10.1.2.3:9980");
+        assert_eq!(probe("[fe80::1]:1"), "[fe80::1]:1");
+    }
+
+    /// A listener that answers one connection with `answer`, after reading its request.
+    fn answering(answer: &'static [u8]) -> SocketAddr {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0; 1024];
+            let n = conn.read(&mut request).unwrap();
+            assert!(request[..n].starts_with(b"GET /healthz HTTP/1.1\r\n"));
+            let _ = conn.write_all(answer);
+        });
+        addr
+    }
+
+    #[test]
+    fn the_status_line_gives_the_status() {
+        let timeout = Duration::from_secs(2);
+        let ok = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}");
+        assert_eq!(get_status(ok, "/healthz", timeout).unwrap(), 200);
+        let busy = answering(b"HTTP/1.1 503 Service Unavailable\r\n\r\n");
+        assert_eq!(get_status(busy, "/healthz", timeout).unwrap(), 503);
+        let garbage = answering(b"SSH-2.0-OpenSSH\r\n");
+        let err = get_status(garbage, "/healthz", timeout).unwrap_err();
+        assert!(err.to_string().contains("not an HTTP answer"), "{err}");
+        let closed = answering(b"");
+        let err = get_status(closed, "/healthz", timeout).unwrap_err();
+        assert!(err.to_string().contains("closed before an answer"), "{err}");
+    }
+
+    #[test]
+    fn a_listener_that_never_answers_times_out() {
+        // Connections queue in the backlog: connected, never answered.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let started = Instant::now();
+        let err = get_status(
+            silent.local_addr().unwrap(),
+            "/healthz",
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(err.to_string().contains("no answer within 0.3 s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

@@ -367,39 +367,35 @@ struct Raw {
 impl Config {
     /// Loads the configuration from this process's environment (and `CONFIG_FILE`, if set).
     pub fn from_env() -> Result<Self, ConfigError> {
-        let mut env = Vec::new();
-        for (key, value) in std::env::vars_os() {
-            let Some(key) = key.to_str() else { continue };
-            let Some(var) = VARIABLES.iter().find(|v| v.name == key) else {
-                continue;
-            };
-            let value = value
-                .into_string()
-                .map_err(|_| ConfigError::new(var.name, "is not valid UTF-8"))?;
-            env.push((var.name.to_string(), value));
-        }
-        Self::load(env)
+        Self::load(own_env()?)
     }
 
     /// Loads the configuration from the given environment pairs, reading `CONFIG_FILE` if it
     /// is among them. Variables the service does not know are ignored.
     pub fn load(env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        // An empty value means "unset", as container platforms often pass them: it neither
-        // counts nor hides the same key in CONFIG_FILE.
-        let mut merged: BTreeMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| VARIABLES.iter().any(|var| var.name == k))
-            .collect();
-        merged.retain(|_, v| !v.trim().is_empty());
-        if let Some(path) = merged.remove("CONFIG_FILE") {
-            for (key, value) in read_yaml(&checked_text("CONFIG_FILE", path)?)? {
-                merged.entry(key).or_insert(value);
-            }
-        }
-        merged.retain(|_, v| !v.trim().is_empty());
-        let raw: Raw = envy::from_iter(merged)
+        let raw: Raw = envy::from_iter(merge(env)?)
             .map_err(|e| ConfigError::new("CONFIG_FILE", format!("cannot be read: {e}")))?;
         Self::from_raw(raw)
+    }
+
+    /// `HTTP_ADDR` alone, from this process's environment and `CONFIG_FILE` as
+    /// [`Config::from_env`] reads it: what `healthcheck` needs, without refusing settings it
+    /// does not use.
+    pub fn http_addr_from_env() -> Result<SocketAddr, ConfigError> {
+        Self::load_http_addr(own_env()?)
+    }
+
+    /// [`Config::http_addr_from_env`] from the given environment pairs.
+    pub fn load_http_addr(
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<SocketAddr, ConfigError> {
+        let merged = merge(env)?;
+        parse_socket_addr(
+            "HTTP_ADDR",
+            merged
+                .get("HTTP_ADDR")
+                .map_or(DEFAULT_HTTP_ADDR, String::as_str),
+        )
     }
 
     fn from_raw(raw: Raw) -> Result<Self, ConfigError> {
@@ -523,7 +519,7 @@ impl Config {
             )?,
             http_addr: parse_socket_addr(
                 "HTTP_ADDR",
-                raw.http_addr.as_deref().unwrap_or("0.0.0.0:9980"),
+                raw.http_addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR),
             )?,
             grpc_addr: parse_socket_addr(
                 "GRPC_ADDR",
@@ -614,6 +610,9 @@ impl Config {
              zoom-integration redrive-dead-letters\n                                   \
              with the service stopped: move the webhooks the host refused for good back\n                                   \
              into the outbox, to be delivered on the next start\n       \
+             zoom-integration healthcheck\n                                   \
+             GET /healthz on HTTP_ADDR (0.0.0.0 and [::] as loopback) within 2 s: exit 0\n                                   \
+             on 200, else 1 (for a container's HEALTHCHECK)\n       \
              zoom-integration --help     this text\n       \
              zoom-integration --version  the version\n\n\
              Configuration (environment; CONFIG_FILE may give the same keys in lower case, the environment wins):\n",
@@ -627,6 +626,46 @@ impl Config {
         }
         out
     }
+}
+
+/// `HTTP_ADDR` when unset.
+const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9980";
+
+/// The variables of this process's environment the service knows.
+fn own_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut env = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let Some(var) = VARIABLES.iter().find(|v| v.name == key) else {
+            continue;
+        };
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError::new(var.name, "is not valid UTF-8"))?;
+        env.push((var.name.to_string(), value));
+    }
+    Ok(env)
+}
+
+/// The known variables of `env` merged over `CONFIG_FILE`'s, if it names one: the
+/// environment wins, and an empty value counts as unset.
+fn merge(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    // An empty value means "unset", as container platforms often pass them: it neither
+    // counts nor hides the same key in CONFIG_FILE.
+    let mut merged: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| VARIABLES.iter().any(|var| var.name == k))
+        .collect();
+    merged.retain(|_, v| !v.trim().is_empty());
+    if let Some(path) = merged.remove("CONFIG_FILE") {
+        for (key, value) in read_yaml(&checked_text("CONFIG_FILE", path)?)? {
+            merged.entry(key).or_insert(value);
+        }
+    }
+    merged.retain(|_, v| !v.trim().is_empty());
+    Ok(merged)
 }
 
 /// A whole number of seconds within `range`, or `default` when unset.
@@ -1170,6 +1209,33 @@ mod tests {
         .unwrap();
         assert_eq!(c.webhook_address.as_deref(), Some("from-yaml.example.com"));
         assert_eq!(c.http_addr, "127.0.0.1:7000".parse().unwrap());
+    }
+
+    #[test]
+    fn http_addr_alone_is_read_as_the_whole_configuration_reads_it() {
+        let file = yaml_file("http_addr: 127.0.0.1:7000\nlog_format: not-a-format\n");
+        let from_yaml = env(&[("CONFIG_FILE", file.path().to_str().unwrap())]);
+        assert_eq!(
+            Config::load_http_addr(from_yaml).unwrap(),
+            "127.0.0.1:7000".parse().unwrap(),
+            "a setting it does not use is not checked"
+        );
+        let both = env(&[
+            ("CONFIG_FILE", file.path().to_str().unwrap()),
+            ("HTTP_ADDR", "[::]:8000"),
+        ]);
+        assert_eq!(
+            Config::load_http_addr(both).unwrap(),
+            "[::]:8000".parse().unwrap(),
+            "environment wins"
+        );
+        assert_eq!(
+            Config::load_http_addr(env(&[("HTTP_ADDR", " ")])).unwrap(),
+            Config::load(env(&[])).unwrap().http_addr,
+            "same default"
+        );
+        let err = Config::load_http_addr(env(&[("HTTP_ADDR", "nowhere")])).unwrap_err();
+        assert_eq!(err.variable, "HTTP_ADDR");
     }
 
     #[test]

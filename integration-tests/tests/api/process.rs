@@ -239,6 +239,57 @@ async fn sigterm_stops_both_servers_gracefully() {
     );
 }
 
+#[tokio::test]
+async fn healthcheck_exits_0_while_the_service_serves_and_1_when_nothing_answers() {
+    let healthcheck = |http_addr: &str| {
+        let mut cmd = service();
+        cmd.arg("healthcheck").env("HTTP_ADDR", http_addr);
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), cmd.output())
+                .await
+                .expect("a healthcheck ends within its timeout")
+                .unwrap()
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, http, _) = start_service(&[("DATA_DIR", dir.path().to_str().unwrap())]).await;
+    let port = http.rsplit(':').next().unwrap();
+    // Its own address, and every interface as the image configures it (probed on loopback).
+    for addr in [http.clone(), format!("0.0.0.0:{port}")] {
+        let out = healthcheck(&addr).await;
+        assert_eq!(out.status.code(), Some(0), "{addr}: {out:?}");
+        let said = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+        assert!(said.contains("healthy") && said.contains("200"), "{said}");
+    }
+
+    // A listener that takes connections but never answers: unhealthy after 2 s.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let started = std::time::Instant::now();
+    let out = healthcheck(&silent.local_addr().unwrap().to_string()).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let said = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        said.contains("unhealthy") && said.contains("no answer within 2 s"),
+        "{said}"
+    );
+    drop(silent);
+
+    // The service stopped: nothing listens on its port any more.
+    child.kill().await.unwrap();
+    let out = healthcheck(&http).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+    assert!(said.contains("unhealthy"), "{said}");
+    assert!(out.stdout.is_empty());
+
+    // A configuration it cannot read is unhealthy too, never Docker's reserved 2 or 64.
+    let out = healthcheck("not-an-address").await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
 /// Sends `signal` (a name `kill` knows) to `child`.
 fn send_signal(child: &tokio::process::Child, signal: &str) {
     let pid = child.id().unwrap().to_string();
