@@ -10,7 +10,8 @@ use zoom_integration::ids::ConnectionId;
 use crate::fake_host::FakeHost;
 use crate::helpers::{http_client, spawn_app_with, var};
 use crate::process::{
-    start_service_with_file_limit, start_service_with_log, start_service_with_open_files_limit,
+    send_signal, start_service_with_file_limit, start_service_with_log,
+    start_service_with_open_files_limit,
 };
 use crate::webhooks::{ACCOUNT, SECRET, now, post_to, post_until_recorded};
 
@@ -168,14 +169,7 @@ async fn sigterm_under_load_finishes_what_it_answered_and_loses_nothing() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    send_signal(&child, libc::SIGTERM);
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .expect("stops within the shutdown timeout")

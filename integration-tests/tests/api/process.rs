@@ -214,12 +214,7 @@ async fn sigterm_stops_both_servers_gracefully() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("sh")
-        .args(["-c", &format!("kill -TERM {pid}")])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    send_signal(&child, libc::SIGTERM);
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .expect("stops within 10 s of SIGTERM")
@@ -290,14 +285,13 @@ async fn healthcheck_exits_0_while_the_service_serves_and_1_when_nothing_answers
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
 
-/// Sends `signal` (a name `kill` knows) to `child`.
-fn send_signal(child: &tokio::process::Child, signal: &str) {
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+/// Sends `signal` (`libc::SIGTERM`, …) to `child`; no `kill` command is needed (slim
+/// images have none).
+pub fn send_signal(child: &tokio::process::Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id().expect("the child is running")).unwrap();
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let sent = unsafe { libc::kill(pid, signal) };
+    assert_eq!(sent, 0, "kill: {}", std::io::Error::last_os_error());
 }
 
 #[tokio::test]
@@ -325,13 +319,13 @@ async fn a_second_sigterm_ends_a_shutdown_still_waiting_for_a_request_at_once() 
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    send_signal(&child, "TERM");
+    send_signal(&child, libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the first SIGTERM waits for the request"
     );
-    send_signal(&child, "TERM");
+    send_signal(&child, libc::SIGTERM);
     let exit = tokio::time::timeout(Duration::from_secs(2), child.wait())
         .await
         .expect("a second SIGTERM ends it at once")
@@ -354,11 +348,7 @@ async fn dead_letters_are_driven_back_only_while_the_service_is_stopped() {
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("is in use by another process"), "{said}");
 
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("sh")
-        .args(["-c", &format!("kill -TERM {pid}")])
-        .status()
-        .unwrap();
+    send_signal(&child, libc::SIGTERM);
     child.wait().await.unwrap();
     // A dead letter, as the forwarder leaves one after the host kept refusing it.
     let cid = zoom_integration::ids::ConnectionId::generate().to_string();
