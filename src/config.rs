@@ -280,7 +280,7 @@ pub struct Config {
     pub default_app: Option<OAuthApp>,
     /// `ZOOM_SECRET_TOKEN`: the default app's webhook secret token.
     pub zoom_secret_token: Option<Secret>,
-    /// `ZOOM_OAUTH_URL`: base of `/oauth/authorize`, `/oauth/token`, `/oauth/revoke`.
+    /// `ZOOM_OAUTH_URL`: base of `/oauth/authorize` and `/oauth/token` (`/oauth/revoke` is not used).
     pub zoom_oauth_url: BaseUrl,
     /// `ZOOM_API_URL`: base of the REST API.
     pub zoom_api_url: BaseUrl,
