@@ -3,8 +3,9 @@
 //! `axum::serve` gives hyper no timer, which switches off hyper's header read timeout: a
 //! connection that sends half a request line, or sits idle between requests, would stay open
 //! forever, and enough of them exhaust the process's file descriptors. Here every connection
-//! must deliver a request's headers within [`header_read_timeout`] (from its first byte, and
-//! idle keep-alive connections included), and at most [`MAX_CONNECTIONS`] are open at once
+//! must deliver a request's headers within [`header_read_timeout`] (timed from when hyper
+//! starts waiting for them: the connection's start, or right after the previous response, so
+//! idle keep-alive connections are included), and at most [`MAX_CONNECTIONS`] are open at once
 //! (more wait in the kernel's backlog). It speaks HTTP/1.1 only: telling HTTP/1 from HTTP/2
 //! waits for bytes with no time limit, and an idle HTTP/2 connection that answers pings is
 //! never closed, so either would let idle sockets hold every connection. Zoom, browsers and
