@@ -104,7 +104,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "MAX_CONCURRENT_REQUESTS",
         default: Some("1024"),
-        meaning: "requests served at once per server (HTTP, and per gRPC connection); more are answered 503 (gRPC: RESOURCE_EXHAUSTED) at once",
+        meaning: "requests served at once (1-100000) by /zoom/event, as many by the other HTTP routes (probes have small pools of their own), and per gRPC connection; more are answered 503 (gRPC: RESOURCE_EXHAUSTED) at once",
     },
     Variable {
         name: "REQUEST_TIMEOUT",
@@ -304,7 +304,8 @@ pub struct Config {
     /// `HOST_UI_URL`: the host engine's web UI, where a finished connection setup returns
     /// when the host asked for it (`origin` = `web` or `dash`); `None` shows our own page.
     pub host_ui_url: Option<BaseUrl>,
-    /// `MAX_CONCURRENT_REQUESTS`: requests served at once (HTTP server; gRPC per connection).
+    /// `MAX_CONCURRENT_REQUESTS`: requests served at once by each of the two HTTP pools
+    /// (`/zoom/event`, and the rest but the probes), and per gRPC connection.
     pub max_concurrent_requests: usize,
     /// `REQUEST_TIMEOUT`: how long one HTTP or gRPC request may take.
     pub request_timeout: std::time::Duration,

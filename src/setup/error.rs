@@ -9,7 +9,8 @@ use super::state::StateError;
 use crate::host::HostError;
 use crate::zoom::ZoomError;
 
-/// A failed step of connection setup. Nothing is saved when one of these happens.
+/// A failed step of connection setup. Nothing is saved when one of these happens, except
+/// that a failed save on a remote host may have landed in part (its set before its delete).
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// The form or query is wrong.

@@ -314,7 +314,7 @@ pub enum WebhookError {
     #[error("body could not be read")]
     BodyRead,
     /// The body is JSON enough for its head, but could not become an event (text that is not
-    /// UTF-8, an unpaired surrogate escape, nesting deeper than 128).
+    /// UTF-8, an unpaired surrogate escape, nesting deeper than 32).
     #[error("body cannot become an event: {0}")]
     NotAnEvent(#[source] normalize::NormalizeError),
     /// The body did not arrive in time.
