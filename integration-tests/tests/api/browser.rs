@@ -24,7 +24,7 @@ fn artifact(name: &str) -> std::path::PathBuf {
 }
 
 /// chromedriver, or `None` (the test is skipped, and says so) where it is not installed;
-/// under `CI=true` a missing chromedriver fails the test instead.
+/// when `CI` is set (to any value) a missing chromedriver fails the test instead.
 fn chromedriver_unless_skipped() -> Option<std::path::PathBuf> {
     let found = find_chromedriver();
     if found.is_none() {
