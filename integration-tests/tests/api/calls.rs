@@ -23,12 +23,16 @@ use crate::webhooks::{ACCOUNT, SECRET, fixture, post_until_recorded};
 pub(crate) async fn connected(app: &TestApp, zoom: &FakeZoom) -> String {
     let cid = ConnectionId::generate().to_string();
     let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    // Expired a minute ago: the first call refreshes it, and the token keep-alive's pass at
+    // start (which refreshes connections idle for days) leaves it alone, however late it runs.
+    let expired = (chrono::Utc::now() - chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     app.vars()
         .set(vars::SetRequest {
             vars: vec![
                 var(&cid, "auth_type", "oauthDefault", false),
                 var(&cid, "oauth_refresh_token", &refresh, true),
-                var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+                var(&cid, "oauth_expiry", &expired, false),
             ],
         })
         .await
