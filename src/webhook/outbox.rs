@@ -19,6 +19,11 @@
 //!
 //! Rows leave the outbox when the forwarder has delivered them, or move to `dead_letters`
 //! when the host engine refused them for good; those changes ride along with the next group.
+//!
+//! The database also keeps the connections webhook routing knows are set up (see
+//! [`crate::webhook::routing`]): with a remote host, which lists only the active ones, they are
+//! how a restarted service still knows a connection of a project not deployed yet. They change
+//! when a connection does, never per webhook, and ride along with the next group too.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -89,6 +94,12 @@ const MIGRATIONS: &[&str] = &[
     // window the service runs with now (a raised WEBHOOK_REPLAY_WINDOW kept keys only until
     // the old window's end). Rows from before have none, and keep their `expires_ms`.
     "ALTER TABLE dedupe_keys ADD COLUMN anchor_ms INTEGER;",
+    // 7: the connections this service knows are set up, with their `auth_type`: a remote
+    // host lists only the active ones, and those the routing index keeps after a restart.
+    "CREATE TABLE known_connections (
+        connection_id TEXT PRIMARY KEY,
+        auth_type     TEXT NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// Knobs of the outbox; the defaults suit production and tests alike.
@@ -298,6 +309,11 @@ enum Change {
     Failed { id: i64, error: String },
     /// A row whose side effect in the host is done.
     SideEffectDone(i64),
+    /// A connection set up with this `auth_type`, or (`None`) no longer set up.
+    Known {
+        connection_id: String,
+        auth_type: Option<String>,
+    },
 }
 
 /// The outcome of one group's commit, which all its requests wait for.
@@ -687,6 +703,28 @@ impl Outbox {
     /// delivery retried after a restart does not do it again.
     pub async fn side_effect_done(&self, id: i64) {
         self.change(Change::SideEffectDone(id));
+    }
+
+    /// Notes that `connection_id` is set up with `auth_type`, or (`None`) is no longer set up,
+    /// with the next group; [`Self::known_connections`] reads them back after a restart.
+    /// Called when a connection changes, never per webhook.
+    pub fn know_connection(&self, connection_id: &str, auth_type: Option<&str>) {
+        self.change(Change::Known {
+            connection_id: connection_id.to_string(),
+            auth_type: auth_type.map(String::from),
+        });
+    }
+
+    /// The connections [`Self::know_connection`] noted as set up, with their `auth_type`, in
+    /// id order. Reads on this thread: for start-up, before requests arrive.
+    pub fn known_connections(&self) -> rusqlite::Result<Vec<(String, String)>> {
+        let reader = lock(&self.shared.reader);
+        let conn = reader.as_ref().ok_or(rusqlite::Error::InvalidQuery)?;
+        let mut stmt = conn.prepare(
+            "SELECT connection_id, auth_type FROM known_connections ORDER BY connection_id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
     }
 
     fn change(&self, change: Change) {
@@ -1134,6 +1172,12 @@ impl Writer {
             )?;
             let mut mark =
                 tx.prepare_cached("UPDATE outbox SET side_effect_done = 1 WHERE id = ?1")?;
+            let mut know = tx.prepare_cached(
+                "INSERT OR REPLACE INTO known_connections (connection_id, auth_type)
+                 VALUES (?1, ?2)",
+            )?;
+            let mut forget =
+                tx.prepare_cached("DELETE FROM known_connections WHERE connection_id = ?1")?;
             for change in &group.changes {
                 match change {
                     Change::Delivered(ids) => {
@@ -1156,6 +1200,18 @@ impl Writer {
                     }
                     Change::SideEffectDone(id) => {
                         mark.execute([id])?;
+                    }
+                    Change::Known {
+                        connection_id,
+                        auth_type: Some(auth_type),
+                    } => {
+                        know.execute([connection_id, auth_type])?;
+                    }
+                    Change::Known {
+                        connection_id,
+                        auth_type: None,
+                    } => {
+                        forget.execute([connection_id])?;
                     }
                 }
             }
@@ -1388,6 +1444,34 @@ mod tests {
         outbox.failed(pending[2].id, "refused".into()).await;
         outbox.flush().await;
         assert_eq!(outbox.counts().await.unwrap(), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn known_connections_are_kept_in_order_of_their_changes_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+            assert!(outbox.known_connections().unwrap().is_empty());
+            outbox.know_connection("con_b", Some("oauthDefault"));
+            outbox.know_connection("con_a", Some("oauthPrivate"));
+            outbox.know_connection("con_c", Some("serverToServer"));
+            // Changed, then gone: the last change of each stays.
+            outbox.know_connection("con_b", Some("serverToServer"));
+            outbox.know_connection("con_c", None);
+            outbox.know_connection("con_never", None);
+            // Closing commits what was handed over.
+            outbox.close().await;
+        }
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        let known = outbox.known_connections().unwrap();
+        let known: Vec<(&str, &str)> = known
+            .iter()
+            .map(|(cid, auth)| (cid.as_str(), auth.as_str()))
+            .collect();
+        assert_eq!(
+            known,
+            [("con_a", "oauthPrivate"), ("con_b", "serverToServer")]
+        );
     }
 
     #[tokio::test]
