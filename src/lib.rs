@@ -127,7 +127,15 @@ impl AppState {
                 config.setup_access,
             )),
             credentials: Arc::new(Credentials::new(
-                host.clone(),
+                // A remote host lists only active connections: the keep-alive task also
+                // refreshes the others routing knows are set up.
+                match &embedded {
+                    Some(_) => host.clone(),
+                    None => Arc::new(webhook::routing::ListingKnown::new(
+                        host.clone(),
+                        webhooks.routing.clone(),
+                    )),
+                },
                 zoom_oauth.clone(),
                 config.default_app.clone(),
                 metrics.clone(),

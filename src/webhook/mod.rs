@@ -166,17 +166,29 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// Opens the outbox in `DATA_DIR`, under `lock` (the caller's lock on it), and creates an
-    /// empty routing index.
+    /// Opens the outbox in `DATA_DIR`, under `lock` (the caller's lock on it), and creates a
+    /// routing index, not loaded yet. With a remote host the index keeps the connections it
+    /// knows in the outbox's database, and starts from those kept there.
     pub fn open(
         config: &Config,
         metrics: &Metrics,
         lock: DataDirLock,
     ) -> Result<Self, outbox::OpenError> {
         let settings = Settings::from_config(config);
+        let outbox = Outbox::open_locked(&config.data_dir, lock, settings.outbox.clone())?;
+        let mut routing = RoutingIndex::new(config.zoom_secret_token.clone());
+        // The embedded host lists every connection: nothing to remember.
+        if config.host_engine_url.is_some() {
+            routing = routing.remembering_in(outbox.clone()).map_err(|source| {
+                outbox::OpenError::Database {
+                    path: config.data_dir.join(outbox::OUTBOX_FILE),
+                    source,
+                }
+            })?;
+        }
         Ok(Self {
-            routing: Arc::new(RoutingIndex::new(config.zoom_secret_token.clone())),
-            outbox: Outbox::open_locked(&config.data_dir, lock, settings.outbox.clone())?,
+            routing: Arc::new(routing),
+            outbox,
             counters: Arc::new(Counters::new(metrics)),
             body_budget: Arc::new(Semaphore::new(kib(settings.body_budget) as usize)),
             heavy_checks: Arc::new(Semaphore::new(

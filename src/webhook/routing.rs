@@ -8,8 +8,16 @@
 //! Requests read an immutable snapshot (`Arc`), so they never wait for a reload. The index is
 //! loaded at start, reloaded periodically, and updated for one connection by
 //! [`RoutingIndex::reload_connection`] whenever a connection is saved.
+//!
+//! A remote AutoKitteh host lists only its active connections (org-level ones, and those of
+//! projects with an active deployment), so the listing is not the set of connections: the
+//! index also keeps every connection it has read as set up, reads those again at each full
+//! reload whether listed or not, and lets one go only when a read of it shows it deleted.
+//! With a remote host that set is kept in the outbox's database, so a restart still knows the
+//! connections set up here, and [`ListingKnown`] adds it to the listing the token keep-alive
+//! task reads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +25,7 @@ use crate::connection::{AuthType, vars};
 use crate::host::{HostEngine, HostError};
 use crate::ids::ConnectionId;
 use crate::secret::Secret;
+use crate::webhook::outbox::Outbox;
 use crate::webhook::verify::Verifier;
 
 /// How one connection is routed.
@@ -162,6 +171,9 @@ struct Table {
     /// Connections with no route whose last read failed (the host answered, but not for
     /// them), with when their reads started failing: retried every [`UNREAD_RETRY`].
     unread: HashMap<ConnectionId, Instant>,
+    /// Every connection whose last applied read showed it set up, routed or not, with its
+    /// `auth_type`: a full reload reads each of them again, listed by the host or not.
+    known: HashMap<ConnectionId, String>,
 }
 
 impl Table {
@@ -181,6 +193,8 @@ pub struct RoutingIndex {
     default_secret: Option<Secret>,
     table: Mutex<Table>,
     snapshot: RwLock<Option<Arc<Snapshot>>>,
+    /// Where the known connections are kept across restarts (with a remote host).
+    store: Option<Outbox>,
 }
 
 /// The variables routing reads.
@@ -202,7 +216,41 @@ impl RoutingIndex {
             default_secret,
             table: Mutex::new(Table::default()),
             snapshot: RwLock::new(None),
+            store: None,
         }
+    }
+
+    /// This index, keeping the connections it knows are set up in `outbox`'s database and
+    /// starting from those kept there: for a remote host, which does not list them all. They
+    /// are read at the first load like the listed ones.
+    pub fn remembering_in(mut self, outbox: Outbox) -> rusqlite::Result<Self> {
+        let table = self.table.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (cid, auth_type) in outbox.known_connections()? {
+            match ConnectionId::parse(&cid) {
+                Ok(cid) => {
+                    table.known.insert(cid, auth_type);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a malformed connection id kept in the event outbox")
+                }
+            }
+        }
+        self.store = Some(outbox);
+        Ok(self)
+    }
+
+    /// The connections known to be set up with `auth_type` (any, when empty), listed by the
+    /// host or not.
+    pub fn known(&self, auth_type: &str) -> Vec<ConnectionId> {
+        let mut known: Vec<ConnectionId> = self
+            .lock()
+            .known
+            .iter()
+            .filter(|(_, a)| auth_type.is_empty() || a.as_str() == auth_type)
+            .map(|(cid, _)| cid.clone())
+            .collect();
+        known.sort();
+        known
     }
 
     /// The current snapshot, or `None` until the first load completed.
@@ -213,13 +261,31 @@ impl RoutingIndex {
             .clone()
     }
 
-    /// Reads every connection from the host engine and replaces the index. On failure the
-    /// index keeps what it had.
+    /// Reads every connection from the host engine (those it lists, and those this index
+    /// knows of that it does not) and replaces the index. On failure the index keeps what it
+    /// had.
     pub async fn reload_all(&self, host: &dyn HostEngine) -> Result<(), HostError> {
         let started_at = self.lock().version;
-        let ids = host.find_connections(vars::AUTH_TYPE, "").await?;
+        let listed = host.find_connections(vars::AUTH_TYPE, "").await?;
+        // A remote host lists only active connections: one set up in a project not deployed
+        // yet is read on its own, and keeps its route until a read shows it deleted.
+        let ids: Vec<ConnectionId> = {
+            let table = self.lock();
+            let mut seen: HashSet<&ConnectionId> = listed.iter().collect();
+            let unlisted: Vec<ConnectionId> = table
+                .known
+                .keys()
+                .chain(table.routes.keys())
+                .chain(table.unread.keys())
+                .filter(|cid| seen.insert(cid))
+                .cloned()
+                .collect();
+            listed.iter().cloned().chain(unlisted).collect()
+        };
         let mut routes = HashMap::new();
         let mut unread = HashMap::new();
+        // What the reads showed: set up (with the `auth_type`), or not (`None`).
+        let mut read = Vec::new();
         for chunk in ids.chunks(16) {
             let reads = chunk
                 .iter()
@@ -234,7 +300,10 @@ impl RoutingIndex {
                     // A connection routed before keeps its route through a failure of its own
                     // (a remote host's INTERNAL for one read): dropping it would answer its
                     // webhooks 200 "unrouted" until the next reload, and Zoom never resends those.
-                    Err(HostError::NotFound(_)) => continue,
+                    Err(HostError::NotFound(_)) => {
+                        read.push((cid.clone(), None));
+                        continue;
+                    }
                     Err(e) => {
                         let (previous, since) = {
                             let table = self.lock();
@@ -256,6 +325,7 @@ impl RoutingIndex {
                         continue;
                     }
                 };
+                read.push((cid.clone(), auth_type_of(&found)));
                 if let Some(route) = self.route_of(cid, &found) {
                     routes.insert(cid.clone(), route);
                 }
@@ -263,6 +333,11 @@ impl RoutingIndex {
         }
         let mut table = self.lock();
         // Connections saved while this reload ran keep what their own reload found.
+        for (cid, auth_type) in read {
+            if table.changed_at.get(&cid).is_none_or(|v| *v <= started_at) {
+                self.know(&mut table, &cid, auth_type);
+            }
+        }
         let newer: Vec<(ConnectionId, Option<Route>)> = table
             .changed_at
             .iter()
@@ -314,6 +389,7 @@ impl RoutingIndex {
                 let unread = match e {
                     // Deleted meanwhile: nothing to wait for, and nothing to route to.
                     HostError::NotFound(_) => {
+                        self.know(&mut table, cid, None);
                         let was_unread = table.unread.remove(cid).is_some();
                         table.routes.remove(cid).is_some() || was_unread
                     }
@@ -339,6 +415,7 @@ impl RoutingIndex {
             return Ok(());
         }
         table.changed_at.insert(cid.clone(), asked);
+        self.know(&mut table, cid, auth_type_of(&found));
         let read_again = table.unread.remove(cid).is_some();
         let changed = match route {
             Some(route) => table.routes.insert(cid.clone(), route.clone()) != Some(route),
@@ -377,6 +454,21 @@ impl RoutingIndex {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies what a read showed of `cid`: set up with `auth_type`, or (`None`) not set up
+    /// (deleted). Under the table's lock, so the store sees the changes in the order applied.
+    fn know(&self, table: &mut Table, cid: &ConnectionId, auth_type: Option<String>) {
+        let changed = match auth_type {
+            Some(auth_type) => {
+                table.known.insert(cid.clone(), auth_type.clone()) != Some(auth_type)
+            }
+            None => table.known.remove(cid).is_some(),
+        };
+        if changed && let Some(store) = &self.store {
+            let auth_type = table.known.get(cid).map(String::as_str);
+            store.know_connection(cid.as_str(), auth_type);
+        }
     }
 
     fn route_of(&self, cid: &ConnectionId, found: &[crate::host::Var]) -> Option<Route> {
@@ -466,6 +558,100 @@ impl RoutingIndex {
                 .map(|since| *since + UNSETTLED_FOR),
         };
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
+    }
+}
+
+/// A connection's `auth_type` among the variables read of it: set when it is set up.
+fn auth_type_of(found: &[crate::host::Var]) -> Option<String> {
+    crate::connection::value_of(found, vars::AUTH_TYPE)
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+}
+
+/// A host engine whose listing of connections by `auth_type` also names those `routing` knows
+/// are set up: a remote AutoKitteh host lists only active ones (org-level, or of a project
+/// with an active deployment), and the token keep-alive task must also refresh the others.
+/// Everything else goes to the host as it is.
+pub struct ListingKnown {
+    host: Arc<dyn HostEngine>,
+    routing: Arc<RoutingIndex>,
+}
+
+impl ListingKnown {
+    /// `host`, listing `routing`'s known connections too.
+    pub fn new(host: Arc<dyn HostEngine>, routing: Arc<RoutingIndex>) -> Self {
+        Self { host, routing }
+    }
+}
+
+#[async_trait::async_trait]
+impl HostEngine for ListingKnown {
+    fn kind(&self) -> &'static str {
+        self.host.kind()
+    }
+
+    async fn get_vars(
+        &self,
+        scope: &ConnectionId,
+        names: &[String],
+    ) -> Result<Vec<crate::host::Var>, HostError> {
+        self.host.get_vars(scope, names).await
+    }
+
+    async fn set_vars(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<crate::host::Var>,
+    ) -> Result<(), HostError> {
+        self.host.set_vars(scope, vars).await
+    }
+
+    async fn delete_vars(&self, scope: &ConnectionId, names: &[String]) -> Result<(), HostError> {
+        self.host.delete_vars(scope, names).await
+    }
+
+    async fn replace_vars(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<crate::host::Var>,
+        remove: &[String],
+    ) -> Result<(), HostError> {
+        self.host.replace_vars(scope, vars, remove).await
+    }
+
+    async fn replace_vars_if_set_up(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<crate::host::Var>,
+        remove: &[String],
+    ) -> Result<(), HostError> {
+        self.host.replace_vars_if_set_up(scope, vars, remove).await
+    }
+
+    async fn find_connections(
+        &self,
+        name: &str,
+        value: &str,
+    ) -> Result<Vec<ConnectionId>, HostError> {
+        let mut found = self.host.find_connections(name, value).await?;
+        if name == vars::AUTH_TYPE {
+            let listed: HashSet<ConnectionId> = found.iter().cloned().collect();
+            let known = self.routing.known(value);
+            found.extend(known.into_iter().filter(|cid| !listed.contains(cid)));
+        }
+        Ok(found)
+    }
+
+    async fn dispatch(
+        &self,
+        event: crate::proto::autokitteh::events::v1::Event,
+    ) -> Result<String, HostError> {
+        self.host.dispatch(event).await
+    }
+
+    async fn check(&self) -> Result<(), HostError> {
+        self.host.check().await
     }
 }
 
@@ -566,6 +752,9 @@ mod tests {
         hold_find: std::sync::atomic::AtomicBool,
         find_started: tokio::sync::Notify,
         find_release: tokio::sync::Notify,
+        /// Connections the listing leaves out, as a remote host does those of projects with
+        /// no active deployment; reading them still works.
+        inactive: std::sync::Mutex<Vec<ConnectionId>>,
     }
 
     impl TestHost {
@@ -580,6 +769,7 @@ mod tests {
                 hold_find: false.into(),
                 find_started: tokio::sync::Notify::new(),
                 find_release: tokio::sync::Notify::new(),
+                inactive: std::sync::Mutex::new(Vec::new()),
             }
         }
     }
@@ -632,7 +822,10 @@ mod tests {
                 self.find_started.notify_one();
                 self.find_release.notified().await;
             }
-            self.inner.find_connections(name, value).await
+            let mut found = self.inner.find_connections(name, value).await?;
+            let inactive = self.inactive.lock().unwrap();
+            found.retain(|cid| !inactive.contains(cid));
+            Ok(found)
         }
         async fn dispatch(
             &self,
@@ -643,6 +836,140 @@ mod tests {
         async fn check(&self) -> Result<(), HostError> {
             Ok(())
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_host_does_not_list_keeps_its_route_until_a_read_shows_it_deleted() {
+        let (_dir, inner, a, b) = two_on_one_account().await;
+        let host = TestHost::over(inner);
+        *host.inactive.lock().unwrap() = vec![a.clone(), b.clone()];
+        let index = RoutingIndex::new(Some(Secret::new("default-secret")));
+        index.reload_all(&host).await.unwrap();
+        assert!(routed_by_default(&index, "acc-A").is_empty(), "none listed");
+
+        // Both set up through this service: each reloaded on its own.
+        for cid in [&a, &b] {
+            index.reload_connection(&host, cid).await.unwrap();
+        }
+        let mut both = vec![a.clone(), b.clone()];
+        both.sort();
+        assert_eq!(routed_by_default(&index, "acc-A"), both);
+        assert_eq!(index.known("oauthDefault"), both);
+        // Still not listed: the full reload reads them on their own and keeps them.
+        index.reload_all(&host).await.unwrap();
+        assert_eq!(routed_by_default(&index, "acc-A"), both);
+        // One the host cannot read just now keeps its route too.
+        *host.failing.lock().unwrap() = Some(a.clone());
+        index.reload_all(&host).await.unwrap();
+        assert_eq!(routed_by_default(&index, "acc-A"), both);
+        *host.failing.lock().unwrap() = None;
+
+        // Deleted: its variables are gone (the embedded host answers none), or the host no
+        // longer knows it (NOT_FOUND). Each read as such loses its route and is forgotten.
+        host.inner.delete_vars(&b, &[]).await.unwrap();
+        index.reload_all(&host).await.unwrap();
+        assert_eq!(routed_by_default(&index, "acc-A"), std::slice::from_ref(&a));
+        assert_eq!(index.known(""), std::slice::from_ref(&a));
+        *host.missing.lock().unwrap() = Some(a.clone());
+        index.reload_all(&host).await.unwrap();
+        assert!(routed_by_default(&index, "acc-A").is_empty());
+        assert!(index.known("").is_empty());
+    }
+
+    #[tokio::test]
+    async fn known_connections_are_kept_in_the_outbox_and_read_again_after_a_restart() {
+        use crate::webhook::outbox::OutboxSettings;
+        let (_dir, inner, a, b) = two_on_one_account().await;
+        let host = TestHost::over(inner);
+        *host.inactive.lock().unwrap() = vec![a.clone(), b.clone()];
+        let outbox_dir = tempfile::tempdir().unwrap();
+        let restarted = || {
+            let outbox = Outbox::open(outbox_dir.path(), OutboxSettings::default()).unwrap();
+            let index = RoutingIndex::new(Some(Secret::new("default-secret")))
+                .remembering_in(outbox.clone())
+                .unwrap();
+            (outbox, index)
+        };
+
+        let (outbox, index) = restarted();
+        index.reload_all(&host).await.unwrap();
+        index.reload_connection(&host, &a).await.unwrap();
+        assert_eq!(routed_by_default(&index, "acc-A"), std::slice::from_ref(&a));
+        outbox.close().await;
+        drop((outbox, index));
+
+        // Known before the first load: what the keep-alive task lists at start.
+        let (outbox, index) = restarted();
+        assert_eq!(index.known("oauthDefault"), std::slice::from_ref(&a));
+        assert!(index.known("oauthPrivate").is_empty());
+        index.reload_all(&host).await.unwrap();
+        assert_eq!(
+            routed_by_default(&index, "acc-A"),
+            std::slice::from_ref(&a),
+            "routed after a restart, though not listed (and b, never read, is not)"
+        );
+        // Deleted: forgotten, in the outbox too.
+        host.inner.delete_vars(&a, &[]).await.unwrap();
+        index.reload_all(&host).await.unwrap();
+        assert!(routed_by_default(&index, "acc-A").is_empty());
+        outbox.close().await;
+        drop((outbox, index));
+        let (_outbox, index) = restarted();
+        assert!(index.known("").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_keep_alive_listing_names_the_known_connections_the_host_does_not_list() {
+        let (_dir, inner, a, b) = two_on_one_account().await;
+        let private = ConnectionId::generate();
+        inner
+            .set_vars(&private, vec![Var::plain("auth_type", "oauthPrivate")])
+            .await
+            .unwrap();
+        let host = Arc::new(TestHost::over(inner));
+        *host.inactive.lock().unwrap() = vec![a.clone(), private.clone()];
+        let index = Arc::new(RoutingIndex::new(Some(Secret::new("default-secret"))));
+        for cid in [&a, &private] {
+            index.reload_connection(&*host, cid).await.unwrap();
+        }
+        let listing = ListingKnown::new(host.clone(), index.clone());
+        let sorted = |mut ids: Vec<ConnectionId>| {
+            ids.sort();
+            ids
+        };
+        assert_eq!(
+            sorted(
+                listing
+                    .find_connections("auth_type", "oauthDefault")
+                    .await
+                    .unwrap()
+            ),
+            sorted(vec![a.clone(), b.clone()]),
+            "each once, and only of that auth_type"
+        );
+        assert_eq!(
+            listing
+                .find_connections("auth_type", "oauthPrivate")
+                .await
+                .unwrap(),
+            std::slice::from_ref(&private)
+        );
+        assert_eq!(
+            listing
+                .find_connections("auth_type", "")
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        // Listings by other variables are the host's own.
+        assert_eq!(
+            listing
+                .find_connections("account_id", "acc-A")
+                .await
+                .unwrap(),
+            std::slice::from_ref(&b)
+        );
     }
 
     #[tokio::test]
