@@ -331,6 +331,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `RUST_LOG`: the log filter directive.
     pub log_filter: String,
+    /// How often webhook routing reads every connection from the host engine again: 60 s.
+    /// Not a variable (operators have no reason to change it); tests shorten it.
+    pub routing_reload: std::time::Duration,
 }
 
 /// Every variable as text, exactly as operators gave it; envy fills it from the merged sources.
@@ -586,6 +589,7 @@ impl Config {
                 })?;
                 filter
             },
+            routing_reload: std::time::Duration::from_secs(60),
         })
     }
 

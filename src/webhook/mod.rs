@@ -85,7 +85,7 @@ impl Settings {
                 ..OutboxSettings::default()
             },
             forwarder: forwarder::ForwarderSettings::default(),
-            reload_interval: Duration::from_secs(60),
+            reload_interval: config.routing_reload,
             body_budget: 64 << 20,
         }
     }

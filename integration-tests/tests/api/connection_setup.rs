@@ -80,12 +80,12 @@ fn page_url(app: &TestApp, cid: &str) -> String {
     app.url(&format!("/zoom/?cid={cid}&origin=test"))
 }
 
-async fn submit(app: &TestApp, agent: &UserAgent, form: &[(&str, &str)]) -> Visit {
+pub(crate) async fn submit(app: &TestApp, agent: &UserAgent, form: &[(&str, &str)]) -> Visit {
     agent.post_form(&app.url("/zoom/save"), form).await
 }
 
 /// Presses Allow (or Deny) on the fake Zoom's consent page and follows the way back.
-async fn consent(agent: &UserAgent, page: &Visit, allow: bool) -> Visit {
+pub(crate) async fn consent(agent: &UserAgent, page: &Visit, allow: bool) -> Visit {
     assert_eq!(page.status, StatusCode::OK, "consent page: {}", page.body);
     let link = page.link(if allow { "allow" } else { "deny" });
     agent.get(link.as_str()).await

@@ -29,6 +29,12 @@ pub struct FakeHostState {
     /// The `authorization` header of every call.
     pub authorization: Vec<Option<String>>,
     pub find_requests: Vec<pb::FindActiveConnectionIDsRequest>,
+    /// The scope of every Get.
+    pub get_scopes: Vec<String>,
+    /// While set, FindActiveConnectionIDs names only these connections, as AutoKitteh names
+    /// only org-level connections and those of projects with an active deployment; Get still
+    /// answers for every connection.
+    pub active: Option<Vec<String>>,
     /// While set, Dispatch answers UNAVAILABLE (a host that is up but cannot take events).
     pub refuse_dispatch: bool,
     /// Every Dispatch waits this long first (a slow host).
@@ -166,7 +172,8 @@ impl VarsService for Svc {
                 "scope_id: value length must be at least 1",
             ));
         }
-        let state = self.0.lock().unwrap();
+        let mut state = self.0.lock().unwrap();
+        state.get_scopes.push(req.scope_id.clone());
         if state.stopped {
             return Err(Status::unavailable("the fake host is going away"));
         }
@@ -227,6 +234,12 @@ impl VarsService for Svc {
             .filter(|v| req.name.is_empty() || v.name == req.name)
             .filter(|v| req.value.is_empty() || v.value == req.value)
             .map(|v| v.scope_id.clone())
+            .filter(|id| {
+                state
+                    .active
+                    .as_ref()
+                    .is_none_or(|active| active.contains(id))
+            })
             .collect();
         ids.dedup();
         Ok(Response::new(pb::FindActiveConnectionIDsResponse {

@@ -50,6 +50,16 @@ pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
 
 /// The service on an existing data directory (to test restarts).
 pub async fn spawn_app_in(data_dir: &Path, env: &[(&str, &str)]) -> TestApp {
+    spawn_app_configured(data_dir, env, |_| {}).await
+}
+
+/// [`spawn_app_in`], with `configure` applied to the configuration loaded from `env` (for
+/// settings that are not variables, such as how often routing reloads).
+pub async fn spawn_app_configured(
+    data_dir: &Path,
+    env: &[(&str, &str)],
+    configure: impl FnOnce(&mut Config),
+) -> TestApp {
     zoom_integration::zoom::init_tls();
     let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -67,7 +77,8 @@ pub async fn spawn_app_in(data_dir: &Path, env: &[(&str, &str)]) -> TestApp {
         ("SETUP_ACCESS".into(), "loopback".into()),
     ];
     pairs.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let config = Config::load(pairs).expect("test configuration is valid");
+    let mut config = Config::load(pairs).expect("test configuration is valid");
+    configure(&mut config);
     zoom_integration::telemetry::init(config.log_format, "warn");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(zoom_integration::run(

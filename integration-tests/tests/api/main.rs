@@ -15,6 +15,7 @@ mod connection_setup;
 mod embedded_host;
 mod faults;
 mod fresh_tokens;
+mod inactive_connections;
 mod integrations_api;
 mod metrics;
 mod process;
