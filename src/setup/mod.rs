@@ -537,7 +537,7 @@ fn finish(state: &AppState, target: &Target, message: &str) -> Response {
 /// `SETUP_ACCESS=loopback` such requests are refused instead ([`authorize`]).
 fn interpose(state: &AppState, headers: &HeaderMap, target: &Target) -> Option<Response> {
     let signed = state.config.setup_access == crate::config::SetupAccess::Signed;
-    (signed && from_another_sites_page(headers, &state.config)).then(|| {
+    (signed && from_another_sites_page(headers, &state.config, true)).then(|| {
         let mut response = Redirect::to(&target_path(CONNECTION_PATH, target)).into_response();
         response
             .headers_mut()
@@ -587,28 +587,44 @@ fn authorize(
 /// counts as another site's: DNS rebinding (another site's name pointed at 127.0.0.1) makes a
 /// browser call that site's requests same-origin.
 fn sent_by_another_site(headers: &HeaderMap, config: &crate::config::Config) -> bool {
-    for_another_sites_name(headers, config) || from_another_sites_page(headers, config)
+    for_another_sites_name(headers, config) || from_another_sites_page(headers, config, false)
 }
 
 /// Whether the browser says another site's page sent this request (see
 /// [`sent_by_another_site`]), whatever the `Host`: a proxy in front may rewrite that.
-fn from_another_sites_page(headers: &HeaderMap, config: &crate::config::Config) -> bool {
+///
+/// `strict` (for what a grant lets in) also counts as another site's a request the browser
+/// calls `same-site` (a sibling subdomain's page) or `none` (a link opened from outside any
+/// page: an e-mail, a chat app), unless it names a page of ours.
+fn from_another_sites_page(
+    headers: &HeaderMap,
+    config: &crate::config::Config,
+    strict: bool,
+) -> bool {
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     // A navigation carries no `Origin`; its `Referer` names the page (at least its origin,
     // unless the page asked for no referrer, and then it is not trusted).
     let claimed = text(header::ORIGIN).or_else(|| text(header::REFERER));
+    let same_origin =
+        |a: &str, url: &url::Url| url::Url::parse(a).is_ok_and(|a| a.origin() == url.origin());
     let trusted = |url: &url::Url| {
         is_local(url)
-            || config.host_ui_url.as_ref().is_some_and(|ui| {
-                url::Url::parse(ui.as_str()).is_ok_and(|ui| ui.origin() == url.origin())
-            })
+            || config
+                .host_ui_url
+                .as_ref()
+                .is_some_and(|ui| same_origin(ui.as_str(), url))
+            // This service's own pages, under its public address.
+            || config
+                .public_url("/")
+                .is_some_and(|public| same_origin(&public, url))
     };
     // `Origin: null` (a sandboxed frame, a file) names no page we trust.
     let trusted_sender = claimed
         .and_then(|c| url::Url::parse(c).ok())
         .is_some_and(|url| trusted(&url));
     match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        Some("same-origin" | "same-site" | "none") => false,
+        Some("same-origin") => false,
+        Some("same-site" | "none") if !strict => false,
         Some(_) => !trusted_sender,
         None => claimed.is_some() && !trusted_sender,
     }
@@ -712,6 +728,54 @@ mod tests {
             "origin",
             "http://localhost:9980"
         )]));
+    }
+
+    #[test]
+    fn this_services_public_pages_are_ours_and_a_grant_needs_a_page_of_ours_or_a_same_origin_request()
+     {
+        let config = crate::config::Config::load([
+            (
+                "HOST_UI_URL".to_string(),
+                "https://ui.example.com".to_string(),
+            ),
+            (
+                "WEBHOOK_ADDRESS".to_string(),
+                "zoom.example.com".to_string(),
+            ),
+        ])
+        .unwrap();
+        let check = |pairs: &[(&'static str, &str)], strict: bool| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(*name, HeaderValue::from_str(value).unwrap());
+            }
+            from_another_sites_page(&headers, &config, strict)
+        };
+        // A browser without Sec-Fetch-Site posting the page's own form, at the public address.
+        for strict in [false, true] {
+            assert!(!check(&[("origin", "https://zoom.example.com")], strict));
+            assert!(check(
+                &[("origin", "https://zoom.example.com.evil")],
+                strict
+            ));
+            assert!(!check(&[("sec-fetch-site", "same-origin")], strict));
+        }
+        // A link opened from an e-mail (`none`) or a sibling subdomain's page (`same-site`)
+        // passes the loopback check, but not a grant's.
+        for site in ["none", "same-site"] {
+            assert!(!check(&[("sec-fetch-site", site)], false), "{site}");
+            assert!(check(&[("sec-fetch-site", site)], true), "{site}");
+            assert!(
+                !check(
+                    &[
+                        ("sec-fetch-site", site),
+                        ("referer", "https://ui.example.com/x")
+                    ],
+                    true
+                ),
+                "{site}"
+            );
+        }
     }
 
     #[test]
