@@ -59,6 +59,14 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        if from_a_browser(request.headers()) {
+            let refused = "this port serves host engines and tools, not browsers";
+            let response = match connect_kind(&request) {
+                Some(_) => error(StatusCode::FORBIDDEN, "permission_denied", refused),
+                None => tonic::Status::permission_denied(refused).into_http(),
+            };
+            return Box::pin(async move { Ok(response) });
+        }
         let Some(kind) = connect_kind(&request) else {
             let call = self.inner.call(request);
             return Box::pin(async move { Ok(call.await?.map(Body::new)) });
@@ -100,6 +108,18 @@ where
             Ok(connect_response(response).await)
         })
     }
+}
+
+/// Whether a browser sent this request: browsers add `Origin` to every cross-origin request
+/// and to every POST, and `Sec-Fetch-*` to everything; gRPC and Connect clients send neither.
+/// The port has no authentication of its own and speaks HTTP/1.1 for Connect, so a web page
+/// could otherwise reach it: with DNS rebinding (its site's name pointed at this address) even
+/// as same-origin, reading what `VarsService` and `Configure` answer.
+fn from_a_browser(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::ORIGIN)
+        || headers
+            .keys()
+            .any(|name| name.as_str().starts_with("sec-fetch-"))
 }
 
 enum ConnectKind {

@@ -7,7 +7,7 @@ use zoom_integration::proto::autokitteh::events::v1 as events;
 use zoom_integration::proto::autokitteh::integrations::v1 as integrations;
 use zoom_integration::proto::autokitteh::vars::v1 as vars;
 
-use crate::helpers::{TestApp, spawn_app, var};
+use crate::helpers::{TestApp, spawn_app, var, zoom_id};
 
 /// A Connect unary call of `method` (`package.Service/Method`) with `message`.
 async fn connect_call(
@@ -166,4 +166,63 @@ async fn connect_errors_carry_connects_code_and_status_and_unsupported_forms_are
     assert_eq!(response.status(), 429);
     let error: serde_json::Value = response.json().await.unwrap();
     assert_eq!(error["code"], "resource_exhausted");
+}
+
+#[tokio::test]
+async fn browsers_are_refused_on_the_grpc_port_whatever_they_send() {
+    let app = spawn_app().await;
+    let url = format!(
+        "http://{}/autokitteh.vars.v1.VarsService/FindActiveConnectionIDs",
+        app.grpc
+    );
+    let body = vars::FindActiveConnectionIDsRequest {
+        integration_id: zoom_id(),
+        name: "auth_type".into(),
+        value: String::new(),
+    }
+    .encode_to_vec();
+    // A page's fetch, same-origin by DNS rebinding or not, as Connect and as gRPC-ish bytes.
+    for (name, value) in [
+        ("origin", "http://evil.example:9981"),
+        ("sec-fetch-site", "same-origin"),
+        ("sec-fetch-mode", "cors"),
+    ] {
+        let refused = app
+            .http_client
+            .post(&url)
+            .header("content-type", "application/proto")
+            .header(name, value)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 403, "{name}");
+        let error: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(error["code"], "permission_denied");
+        let framed = vec![0u8; 5];
+        let refused = app
+            .http_client
+            .post(&url)
+            .header("content-type", "text/plain")
+            .header(name, value)
+            .body(framed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            refused.headers().get("grpc-status").unwrap(),
+            &(tonic::Code::PermissionDenied as i32).to_string(),
+            "{name}"
+        );
+    }
+    // The same call from a client that is not a browser is answered.
+    let answered = app
+        .http_client
+        .post(&url)
+        .header("content-type", "application/proto")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 200);
 }
