@@ -83,16 +83,23 @@ where
                 ));
             }
             let (parts, body) = request.into_parts();
-            let message = match Limited::new(body, MAX_CONNECT_REQUEST_BYTES)
-                .collect()
-                .await
+            // IntegrationsService's own, smaller limit applies before the body is read.
+            let limit = if parts
+                .uri
+                .path()
+                .starts_with("/autokitteh.integrations.v1.IntegrationsService/")
             {
+                super::MAX_CALL_REQUEST_BYTES
+            } else {
+                MAX_CONNECT_REQUEST_BYTES
+            };
+            let message = match Limited::new(body, limit).collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return Ok(error(
                         StatusCode::TOO_MANY_REQUESTS,
                         "resource_exhausted",
-                        &format!("the request is larger than {MAX_CONNECT_REQUEST_BYTES} bytes"),
+                        &format!("the request is larger than {limit} bytes"),
                     ));
                 }
                 Err(_) => {

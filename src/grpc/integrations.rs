@@ -83,7 +83,10 @@ impl IntegrationsApi {
     /// workflow refreshing with it would rotate it away from this service. None when there is
     /// no token to be had; the session's calls of this integration's functions then say why.
     async fn token_for_workflow(&self, cid: &ConnectionId) -> Option<crate::credentials::Access> {
-        let token = tokio::time::timeout(self.request_timeout, self.credentials.access_token(cid));
+        // Well within the call's own timeout, which began earlier: a token slow to come must
+        // leave the session its config, not fail the whole call (the refresh goes on).
+        let token =
+            tokio::time::timeout(self.request_timeout / 3, self.credentials.access_token(cid));
         match token.await {
             Ok(Ok(access)) => Some(access),
             Ok(Err(e)) => {

@@ -314,6 +314,28 @@ async fn configure_gives_sessions_a_fresh_access_token_for_sdk_clients_but_never
 }
 
 #[tokio::test]
+async fn configure_answers_without_a_token_when_zoom_is_too_slow_to_give_one() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("REQUEST_TIMEOUT", "3".into()));
+    let app = app_with(&zoom, env).await;
+    let cid = connected(&app, &zoom).await;
+    zoom.state.lock().unwrap().token_delay = Duration::from_secs(4);
+    let configured = app
+        .integrations()
+        .configure(ConfigureRequest {
+            integration_id: zoom_id(),
+            connection_id: cid,
+        })
+        .await
+        .expect("answered within the call's timeout")
+        .into_inner();
+    assert_eq!(configured.config["auth_type"], "oauthDefault");
+    assert!(!configured.config.contains_key("oauth_access_token"));
+    assert!(!configured.values.is_empty());
+}
+
+#[tokio::test]
 async fn configure_hands_out_the_functions_as_values_that_call_through_their_connection() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;

@@ -166,6 +166,27 @@ async fn connect_errors_carry_connects_code_and_status_and_unsupported_forms_are
     assert_eq!(response.status(), 429);
     let error: serde_json::Value = response.json().await.unwrap();
     assert_eq!(error["code"], "resource_exhausted");
+    // IntegrationsService's smaller limit holds before its body is read whole.
+    let response = app
+        .http_client
+        .post(format!(
+            "http://{}/autokitteh.integrations.v1.IntegrationsService/Call",
+            app.grpc
+        ))
+        .header("content-type", "application/proto")
+        .body(vec![
+            0u8;
+            zoom_integration::grpc::MAX_CALL_REQUEST_BYTES + 1
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let error: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        error["message"].as_str().unwrap().contains("262144 bytes"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
