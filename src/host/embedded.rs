@@ -706,15 +706,26 @@ impl HostEngine for EmbeddedHost {
         // As AutoKitteh's: a value matches non-secret variables only, so the answer is no
         // oracle for guessing a secret.
         self.with_db(move |conn, _keys| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT DISTINCT scope_id FROM vars
-                 WHERE (?1 = '' OR name = ?1)
-                   AND (?2 = '' OR (is_secret = 0 AND value = CAST(?2 AS BLOB)))
-                 ORDER BY scope_id",
-            )?;
-            let rows = stmt.query_map([name.as_str(), value.as_str()], |row| {
-                row.get::<_, String>(0)
-            })?;
+            // One statement per shape, so a named search uses the (name, value) index.
+            let (sql, params): (&str, Vec<&dyn rusqlite::ToSql>) =
+                match (name.is_empty(), value.is_empty()) {
+                    (true, _) => (
+                        "SELECT DISTINCT scope_id FROM vars ORDER BY scope_id",
+                        vec![],
+                    ),
+                    (false, true) => (
+                        "SELECT DISTINCT scope_id FROM vars WHERE name = ?1 ORDER BY scope_id",
+                        vec![&name],
+                    ),
+                    (false, false) => (
+                        "SELECT DISTINCT scope_id FROM vars
+                         WHERE name = ?1 AND value = CAST(?2 AS BLOB) AND is_secret = 0
+                         ORDER BY scope_id",
+                        vec![&name, &value],
+                    ),
+                };
+            let mut stmt = conn.prepare_cached(sql)?;
+            let rows = stmt.query_map(params.as_slice(), |row| row.get::<_, String>(0))?;
             let mut ids: Vec<ConnectionId> = Vec::new();
             for scope in rows {
                 if let Ok(id) = ConnectionId::parse(&scope?) {
