@@ -1,5 +1,6 @@
 //! The gRPC server: one struct per service, assembled here.
 
+pub mod bounds;
 pub mod connect;
 pub mod events;
 pub mod integrations;
@@ -47,18 +48,14 @@ pub async fn serve(
         Server::builder()
             // HTTP/1.1 too: Connect clients (AutoKitteh's `ak` CLI and Go SDK) use it.
             .accept_http1(true)
-            .timeout(state.config.request_timeout)
-            .concurrency_limit_per_connection(state.config.max_concurrent_requests)
-            // Past the limit a call is answered RESOURCE_EXHAUSTED at once instead of queueing
-            // behind the slow ones (tonic's default buffers it).
-            .load_shed(true)
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             // A peer that stops answering pings is closed, as on the HTTP port's clients.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Outermost, so Connect clients get every answer below in their protocol.
+            .layer(connect::ConnectLayer)
             // Callers' mistakes (INVALID_ARGUMENT, NOT_FOUND) are not our failures: log every
             // outcome at debug; internal errors are logged where they are mapped (error.rs).
-            .layer(connect::ConnectLayer)
             .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(
                 tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
             ))
@@ -69,6 +66,12 @@ pub async fn serve(
                     metrics: metrics.clone(),
                 }
             }))
+            // Past the limit a call is answered RESOURCE_EXHAUSTED at once instead of queueing
+            // behind the slow ones; inside the latency layer, so refusals and timeouts count.
+            .layer(bounds::BoundsLayer::new(
+                state.config.max_concurrent_requests,
+                state.config.request_timeout,
+            ))
             .add_service(health)
             .add_service(
                 IntegrationsServiceServer::new(integrations)
@@ -223,7 +226,11 @@ where
 /// unit: `H`, `M`, `S`, `m`, `u` or `n`); `None` when it set none or the header is malformed
 /// (tonic's server applies the same header, so a malformed one bounds nothing there either).
 pub(crate) fn caller_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` header's value as a duration (see [`caller_timeout`]).
+pub(crate) fn grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }

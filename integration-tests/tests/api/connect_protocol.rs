@@ -247,3 +247,49 @@ async fn browsers_are_refused_on_the_grpc_port_whatever_they_send() {
         .unwrap();
     assert_eq!(answered.status(), 200);
 }
+
+#[tokio::test]
+async fn connect_callers_past_the_limit_or_their_deadline_get_connect_errors() {
+    let zoom = crate::fake_zoom::FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("MAX_CONCURRENT_REQUESTS", "1".into()));
+    let app = crate::connection_setup::app_with(&zoom, env).await;
+    let cid = crate::calls::connected(&app, &zoom).await;
+    // A call held inside the service: a refresh whose answer takes a second to come back.
+    zoom.state.lock().unwrap().refresh_answer_delay = std::time::Duration::from_secs(1);
+    let test = integrations::TestConnectionRequest {
+        integration_id: zoom_id(),
+        connection_id: cid,
+    };
+    let held = {
+        let (app_http, grpc, test) = (app.http_client.clone(), app.grpc, test.clone());
+        tokio::spawn(async move {
+            app_http
+                .post(format!(
+                    "http://{grpc}/autokitteh.integrations.v1.IntegrationsService/TestConnection"
+                ))
+                .header("content-type", "application/proto")
+                .header("connect-timeout-ms", "300")
+                .body(test.encode_to_vec())
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, content_type, body) = connect_call(
+        &app,
+        "autokitteh.integrations.v1.IntegrationsService/TestConnection",
+        &test,
+    )
+    .await;
+    assert_eq!((status.as_u16(), content_type.as_str()), (429, "application/json"));
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["code"], "resource_exhausted");
+
+    // The held call's own deadline (connect-timeout-ms) ends it, in Connect's terms.
+    let held = held.await.unwrap();
+    assert_eq!(held.status(), 499);
+    let error: serde_json::Value = held.json().await.unwrap();
+    assert_eq!(error["code"], "canceled");
+}
