@@ -13,8 +13,11 @@ use axum::http::{Request, Response};
 use tokio::sync::Semaphore;
 use tonic::body::Body;
 
-/// Bounds every call: at most `max_calls` at once (past it, RESOURCE_EXHAUSTED at once
-/// instead of a queue) and at most `timeout`, or the caller's shorter `grpc-timeout` (past
+/// The prefix of `grpc.health.v1.Health`'s methods.
+const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+
+/// Bounds every call: at most `max_calls` at once, health checks apart (past it,
+/// RESOURCE_EXHAUSTED at once instead of a queue) and at most `timeout`, or the caller's shorter `grpc-timeout` (past
 /// it, CANCELLED, as tonic answers a server-side timeout).
 #[derive(Debug, Clone)]
 pub struct BoundsLayer {
@@ -68,11 +71,18 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            let refused = tonic::Status::resource_exhausted(
-                "too many calls at once (MAX_CONCURRENT_REQUESTS): try again shortly",
-            );
-            return Box::pin(async move { Ok(refused.into_http()) });
+        // Health checks answer from memory and are never refused: a port busy with slow
+        // calls must not make a probe take the process for dead.
+        let permit = if request.uri().path().starts_with(HEALTH_PATH) {
+            None
+        } else {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                let refused = tonic::Status::resource_exhausted(
+                    "too many calls at once (MAX_CONCURRENT_REQUESTS): try again shortly",
+                );
+                return Box::pin(async move { Ok(refused.into_http()) });
+            };
+            Some(permit)
         };
         let timeout = request
             .headers()

@@ -283,7 +283,10 @@ async fn connect_callers_past_the_limit_or_their_deadline_get_connect_errors() {
         &test,
     )
     .await;
-    assert_eq!((status.as_u16(), content_type.as_str()), (429, "application/json"));
+    assert_eq!(
+        (status.as_u16(), content_type.as_str()),
+        (429, "application/json")
+    );
     let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(error["code"], "resource_exhausted");
 
