@@ -3,11 +3,14 @@
 //! One [`Credentials`] per process hands out access tokens. Per connection it keeps a slot
 //! behind an async mutex, so at most one refresh (or Server-to-Server token request) is in
 //! flight per connection and every concurrent caller waits for that one and then uses its
-//! result. Zoom rotates refresh tokens (the old one dies at once), so a refreshed pair is saved
-//! to the host engine before anyone uses it; if saving fails, the pair stays in memory and is
-//! saved before the next use, never thrown away. A refresh Zoom answers with `invalid_grant`
-//! marks the connection broken ("re-authorization required"), and no further token requests
-//! are made for it until it is set up again.
+//! result. Zoom rotates refresh tokens (the old one dies at once), so a refreshed pair is kept
+//! in memory as soon as Zoom answers and saved to the host engine before anyone uses it; if
+//! saving fails, the pair stays in memory and is saved before the next use or by a background
+//! retry ([`Credentials::retry_unsaved`]), whichever comes first. It is saved only over the
+//! refresh token it was refreshed from: one stored meanwhile by someone else (another process
+//! refreshed, the owner connected again) is the live one, and ours is dropped. A refresh Zoom
+//! answers with `invalid_grant` marks the connection broken ("re-authorization required"), and
+//! no further token requests are made for it until it is set up again.
 //!
 //! Whatever talks to Zoom or the host engine runs as a task of its own that holds the slot, not
 //! in the caller: a caller that goes away (its deadline passed, it disconnected) cannot stop a
@@ -56,6 +59,16 @@ const ROTATION_WAITS: [Duration; 4] = [
 /// How often saving refreshed tokens is tried before giving up for this call.
 const SAVE_ATTEMPTS: u32 = 3;
 
+/// How often the background retry looks for refreshed tokens not yet saved.
+const UNSAVED_TICK: Duration = Duration::from_secs(1);
+
+/// The first wait before the background retry saves a connection's refreshed tokens again;
+/// it doubles with each failure up to [`UNSAVED_MAX_WAIT`].
+const UNSAVED_FIRST_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest wait between background attempts to save one connection's refreshed tokens.
+const UNSAVED_MAX_WAIT: Duration = Duration::from_secs(60);
+
 /// An access token ready to use.
 #[derive(Debug, Clone)]
 pub struct Access {
@@ -87,14 +100,51 @@ pub enum CredentialError {
 #[derive(Default)]
 struct Slot {
     cached: Option<Access>,
-    /// Refreshed token variables not yet saved to the host engine.
-    unsaved: Option<Vec<Var>>,
+    /// A refreshed pair not yet saved to the host engine.
+    unsaved: Option<Unsaved>,
     /// Set once Zoom refused the refresh token; cleared by [`Credentials::set_up_again`], by
     /// an announced change, or once the host shows the connection set up again.
     broken: Option<Broken>,
     /// The last access token Zoom answered 401 to: never handed out again, even while the
     /// stored expiry says it is fresh.
     rejected: Option<Secret>,
+}
+
+/// Refreshed token variables not yet saved to the host engine, and what they may be saved over.
+#[derive(Clone)]
+struct Unsaved {
+    vars: Vec<Var>,
+    /// The refresh token the refresh sent (Zoom has rotated it away).
+    from: String,
+    /// The pair's own refresh token.
+    to: String,
+    /// When the background retry tries again.
+    retry_at: tokio::time::Instant,
+    /// How long it waits after that attempt, should it fail too.
+    wait: Duration,
+}
+
+impl Unsaved {
+    fn new(token: &Token, from: &str) -> Self {
+        let to = token
+            .refresh_token
+            .as_ref()
+            .map_or(from, |t| t.expose())
+            .to_string();
+        Self {
+            vars: crate::setup::token_vars(token),
+            from: from.to_string(),
+            to,
+            retry_at: tokio::time::Instant::now() + UNSAVED_FIRST_WAIT,
+            wait: UNSAVED_FIRST_WAIT,
+        }
+    }
+
+    /// Puts the next background attempt off, longer each time.
+    fn failed(&mut self) {
+        self.wait = (self.wait * 2).min(UNSAVED_MAX_WAIT);
+        self.retry_at = tokio::time::Instant::now() + self.wait;
+    }
 }
 
 /// A connection this process saw Zoom refuse the refresh token of.
@@ -126,6 +176,8 @@ struct Source {
     oauth: ZoomOAuth,
     default_app: Option<OAuthApp>,
     metrics: Arc<Metrics>,
+    /// The connections whose slot may hold tokens not yet saved, for the background retry.
+    unsaved: Arc<Mutex<std::collections::HashSet<ConnectionId>>>,
 }
 
 impl Credentials {
@@ -142,6 +194,7 @@ impl Credentials {
                 oauth,
                 default_app,
                 metrics,
+                unsaved: Arc::default(),
             },
             slots: Mutex::default(),
             tasks: tokio_util::task::TaskTracker::new(),
@@ -172,19 +225,72 @@ impl Credentials {
             .map(|(cid, slot)| (cid.clone(), slot.clone()))
             .collect();
         for (cid, slot) in slots {
-            let Ok(mut slot) = slot.try_lock() else {
+            // Not `try_lock`: the background retry may have been stopped halfway through a
+            // save, and a slot it held must not be skipped for that.
+            let Ok(mut slot) = tokio::time::timeout_at(deadline, slot.lock()).await else {
+                tracing::error!(
+                    connection_id = %cid,
+                    "a token request still holds the connection at shutdown; refreshed tokens it holds may be lost"
+                );
                 continue;
             };
             let Some(unsaved) = slot.unsaved.clone() else {
                 continue;
             };
-            let saved = tokio::time::timeout_at(deadline, self.source.save(&cid, unsaved)).await;
+            let saved = tokio::time::timeout_at(deadline, self.source.save(&cid, &unsaved)).await;
             match saved {
-                Ok(Ok(()) | Err(CredentialError::NotSetUp)) => slot.unsaved = None,
+                Ok(Ok(_) | Err(CredentialError::NotSetUp)) => slot.unsaved = None,
                 Ok(Err(_)) | Err(_) => tracing::error!(
                     connection_id = %cid,
                     "refreshed tokens could not be saved before shutdown: the connection must be authorized again"
                 ),
+            }
+        }
+    }
+
+    /// Until `stop`, saves refreshed tokens whose save failed, each connection's on its own
+    /// back-off (from [`UNSAVED_FIRST_WAIT`], doubling up to [`UNSAVED_MAX_WAIT`]), so they
+    /// reach the host engine even if no caller uses the connection again. A connection in use
+    /// is left to its user, which saves them before anything else.
+    pub async fn retry_unsaved(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(UNSAVED_TICK) => {}
+            }
+            // Stopping halfway through a save is safe: the tokens stay in their slot until
+            // saved, and shutdown tries once more (`finish`).
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.retry_unsaved_pass() => {}
+            }
+        }
+    }
+
+    /// One pass of [`Self::retry_unsaved`]: tries the connections whose back-off is over.
+    async fn retry_unsaved_pass(&self) {
+        let cids: Vec<ConnectionId> = self.source.unsaved_cids();
+        for cid in cids {
+            let Some(slot) = self.existing_slot(&cid) else {
+                self.source.forget_unsaved(&cid);
+                continue;
+            };
+            let Ok(mut slot) = slot.try_lock() else {
+                continue;
+            };
+            let Some(unsaved) = slot.unsaved.as_mut() else {
+                self.source.forget_unsaved(&cid);
+                continue;
+            };
+            if unsaved.retry_at > tokio::time::Instant::now() {
+                continue;
+            }
+            match self.source.save(&cid, unsaved).await {
+                Ok(_) | Err(CredentialError::NotSetUp) => {
+                    slot.unsaved = None;
+                    self.source.forget_unsaved(&cid);
+                }
+                Err(_) => unsaved.failed(),
             }
         }
     }
@@ -493,11 +599,15 @@ impl Source {
         force: bool,
     ) -> Result<Access, CredentialError> {
         if let Some(unsaved) = slot.unsaved.clone() {
-            let saved = self.save(cid, unsaved).await;
-            if matches!(saved, Ok(()) | Err(CredentialError::NotSetUp)) {
-                slot.unsaved = None;
+            match self.save(cid, &unsaved).await {
+                Ok(_) => slot.unsaved = None,
+                Err(e) => {
+                    if matches!(e, CredentialError::NotSetUp) {
+                        slot.unsaved = None;
+                    }
+                    return Err(e);
+                }
             }
-            saved?;
         }
         if let Some(access) = slot
             .cached
@@ -507,7 +617,35 @@ impl Source {
             return Ok(access.clone());
         }
         slot.cached = None;
+        // A pair another process (or a new setup) stored while ours was refreshed is read
+        // again, once; it was just written, so it is not refreshed again even for keep-alive.
+        let mut superseded = false;
+        let access = loop {
+            match self.fetch(&mut slot, cid, force && !superseded).await? {
+                Some(access) => break access,
+                None if !superseded => superseded = true,
+                None => {
+                    return Err(HostError::Unavailable(
+                        "the connection's tokens changed while they were refreshed, try again"
+                            .into(),
+                    )
+                    .into());
+                }
+            }
+        };
+        slot.cached = Some(access.clone());
+        Ok(access)
+    }
 
+    /// Reads `cid`'s credentials from the host engine and hands out the stored token, or
+    /// refreshes or requests one. `None`: a refresh was made but its pair not saved, since
+    /// another refresh token was stored meanwhile; that one is to be read again.
+    async fn fetch(
+        &self,
+        slot: &mut Slot,
+        cid: &ConnectionId,
+        force: bool,
+    ) -> Result<Option<Access>, CredentialError> {
         let names: Vec<String> = [
             vars::AUTH_TYPE,
             vars::OAUTH_ACCESS_TOKEN,
@@ -634,13 +772,23 @@ impl Source {
                             }
                         };
                         // The old refresh token is dead now: the new pair must reach the host
-                        // engine before it is used, and must not be lost if that fails.
-                        let vars = crate::setup::token_vars(&token);
-                        match self.save(cid, vars.clone()).await {
-                            Ok(()) => {}
-                            Err(e @ CredentialError::NotSetUp) => return Err(e),
+                        // engine before it is used, and must not be lost if that fails, so it
+                        // is kept before the save starts.
+                        let unsaved = Unsaved::new(&token, &refresh);
+                        slot.unsaved = Some(unsaved.clone());
+                        match self.save(cid, &unsaved).await {
+                            Ok(saved) => {
+                                slot.unsaved = None;
+                                if !saved {
+                                    return Ok(None);
+                                }
+                            }
+                            Err(e @ CredentialError::NotSetUp) => {
+                                slot.unsaved = None;
+                                return Err(e);
+                            }
                             Err(e) => {
-                                slot.unsaved = Some(vars);
+                                self.remember_unsaved(cid);
                                 return Err(e);
                             }
                         }
@@ -650,21 +798,32 @@ impl Source {
                 }
             }
         };
-        slot.cached = Some(access.clone());
-        Ok(access)
+        Ok(Some(access))
     }
 
-    /// Saves token variables, retrying a host engine that is briefly unavailable.
-    /// A connection deleted meanwhile gets nothing (`NotSetUp`): the tokens are dropped.
-    async fn save(&self, cid: &ConnectionId, vars: Vec<Var>) -> Result<(), CredentialError> {
+    /// Saves a refreshed pair, retrying a host engine that is briefly unavailable, and only
+    /// over the refresh token it was refreshed from (or itself, saved already): `Ok(false)`
+    /// when another one is stored, by a process that refreshed too or a new setup, whose
+    /// tokens are the live ones (ours are dropped). A connection deleted meanwhile gets
+    /// nothing (`NotSetUp`): the tokens are dropped.
+    async fn save(&self, cid: &ConnectionId, unsaved: &Unsaved) -> Result<bool, CredentialError> {
         let mut attempt = 1;
         loop {
             match self
                 .host
-                .replace_vars_if_set_up(cid, vars.clone(), &[])
+                .replace_vars_if_current(
+                    cid,
+                    unsaved.vars.clone(),
+                    vars::OAUTH_REFRESH_TOKEN,
+                    &[&unsaved.from, &unsaved.to],
+                )
                 .await
             {
-                Ok(()) => return Ok(()),
+                Ok(true) => return Ok(true),
+                Ok(false) => {
+                    tracing::info!(connection_id = %cid, "another refresh token was stored while this one was refreshed (another process refreshed, or the connection was set up again); the refreshed tokens are dropped");
+                    return Ok(false);
+                }
                 Err(HostError::NotFound(_)) => {
                     tracing::info!(connection_id = %cid, "the connection was deleted while its token was refreshed; the new tokens are dropped");
                     return Err(CredentialError::NotSetUp);
@@ -680,6 +839,24 @@ impl Source {
                 }
             }
         }
+    }
+
+    /// Lets the background retry know that `cid`'s slot holds tokens not yet saved.
+    fn remember_unsaved(&self, cid: &ConnectionId) {
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|e| e.into_inner());
+        unsaved.insert(cid.clone());
+    }
+
+    /// `cid`'s slot holds no tokens to save (any more).
+    fn forget_unsaved(&self, cid: &ConnectionId) {
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|e| e.into_inner());
+        unsaved.remove(cid);
+    }
+
+    /// The connections whose slot may hold tokens not yet saved.
+    fn unsaved_cids(&self) -> Vec<ConnectionId> {
+        let unsaved = self.unsaved.lock().unwrap_or_else(|e| e.into_inner());
+        unsaved.iter().cloned().collect()
     }
 
     /// The refresh token the host engine holds now, if it can be read.

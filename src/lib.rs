@@ -171,7 +171,7 @@ impl AppState {
 /// How long shutdown waits for token refreshes in flight, after the servers have stopped.
 const CREDENTIALS_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long shutdown waits, all together, for the background tasks (forwarder, routing
-/// refresher, change follower) to stop.
+/// refresher, change follower, retry of unsaved tokens) to stop.
 const BACKGROUND_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long shutdown waits for the outbox's last commit (delivery marks; webhooks were all
 /// answered by then): past it, those events are delivered again after the next start.
@@ -252,6 +252,11 @@ pub async fn run(
         state.credentials.clone(),
         stop.clone(),
     );
+    // Refreshed tokens whose save failed are saved again in the background; in `background`,
+    // so it has stopped (and let go of the slot it was saving) before `finish` saves the rest.
+    background.push(tokio::spawn(
+        state.credentials.clone().retry_unsaved(stop.clone()),
+    ));
     // Variables written through VarsService (or by hand) must not leave a token cached for
     // what they replaced or deleted.
     if let Some(embedded) = &state.embedded {

@@ -317,23 +317,25 @@ impl EmbeddedHost {
         &self.path
     }
 
-    /// Runs `f`, which changes the variables of `scopes`, like [`Self::with_db`], and announces
-    /// the change once `f` has committed it. The announcement is sent from the blocking thread:
-    /// a caller that goes away meanwhile (cancelled, timed out) cannot stop a committed change
-    /// from being announced.
-    async fn change_vars<F>(&self, scopes: Vec<ConnectionId>, f: F) -> Result<(), HostError>
+    /// Runs `f`, which changes the variables of `scopes` and answers whether it did, like
+    /// [`Self::with_db`], and announces the change once `f` has committed it. The announcement
+    /// is sent from the blocking thread: a caller that goes away meanwhile (cancelled, timed
+    /// out) cannot stop a committed change from being announced.
+    async fn change_vars<F>(&self, scopes: Vec<ConnectionId>, f: F) -> Result<bool, HostError>
     where
-        F: FnOnce(&mut Connection, &Keys) -> Result<(), HostError> + Send + 'static,
+        F: FnOnce(&mut Connection, &Keys) -> Result<bool, HostError> + Send + 'static,
     {
         let changes = self.changes.clone();
         self.with_db(move |conn, keys| {
-            f(conn, keys)?;
+            if !f(conn, keys)? {
+                return Ok(false);
+            }
             let scopes: std::collections::BTreeSet<ConnectionId> = scopes.into_iter().collect();
             for scope in scopes {
                 // No receiver is not an error: nobody is interested yet.
                 let _ = changes.send(scope);
             }
-            Ok(())
+            Ok(true)
         })
         .await
     }
@@ -372,9 +374,10 @@ impl EmbeddedHost {
                 }
             }
             tx.commit()?;
-            Ok(())
+            Ok(true)
         })
-        .await
+        .await?;
+        Ok(())
     }
 
     /// Appends `event` to the event log, giving it an id, a creation time and a sequence
@@ -488,16 +491,16 @@ impl EmbeddedHost {
         .await
     }
 
-    /// Sets `vars` on `scope` and deletes those named `remove` in one transaction; with
-    /// `if_set_up`, only while `scope` has an `auth_type`, checked in that same transaction:
-    /// a delete either came first and is seen, or comes after and removes these too.
+    /// Sets `vars` on `scope` and deletes those named `remove` in one transaction, if
+    /// `condition` holds, checked in that same transaction: a delete either came first and is
+    /// seen, or comes after and removes these too. Answers whether it wrote.
     async fn replace(
         &self,
         scope: &ConnectionId,
         vars: Vec<Var>,
         remove: &[String],
-        if_set_up: bool,
-    ) -> Result<(), HostError> {
+        condition: Condition,
+    ) -> Result<bool, HostError> {
         for var in &vars {
             check_var(var)?;
         }
@@ -509,7 +512,7 @@ impl EmbeddedHost {
         self.change_vars(vec![scope.clone()], move |conn, keys| {
             let now = crate::db::now_ms();
             let tx = conn.transaction()?;
-            if if_set_up {
+            if !matches!(condition, Condition::None) {
                 let set_up: bool = tx.query_row(
                     "SELECT EXISTS (SELECT 1 FROM vars
                      WHERE scope_id = ?1 AND name = ?2 AND length(value) > 0)",
@@ -518,6 +521,30 @@ impl EmbeddedHost {
                 )?;
                 if !set_up {
                     return Err(super::not_set_up(&scope));
+                }
+            }
+            if let Condition::SetUpAndHolds { name, current } = &condition {
+                let stored = tx
+                    .query_row(
+                        "SELECT value, is_secret FROM vars WHERE scope_id = ?1 AND name = ?2",
+                        params![scope.as_str(), name],
+                        |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?)),
+                    )
+                    .optional()?;
+                let stored = match stored {
+                    None => None,
+                    Some((sealed, true)) => Some(
+                        keys.open(&sealed, &seal_context(&scope, name))
+                            .map_err(|_| HostError::Undecryptable {
+                                scope: scope.to_string(),
+                                name: name.clone(),
+                            })?,
+                    ),
+                    Some((plain, false)) => Some(plain),
+                };
+                let holds = stored.is_some_and(|v| current.iter().any(|c| c.as_bytes() == v));
+                if !holds {
+                    return Ok(false);
                 }
             }
             {
@@ -529,7 +556,7 @@ impl EmbeddedHost {
             }
             upsert_vars(&tx, keys, &scope, &vars, now)?;
             tx.commit()?;
-            Ok(())
+            Ok(true)
         })
         .await
     }
@@ -666,9 +693,10 @@ impl HostEngine for EmbeddedHost {
                 drop(stmt);
             }
             tx.commit()?;
-            Ok(())
+            Ok(true)
         })
-        .await
+        .await?;
+        Ok(())
     }
 
     async fn replace_vars(
@@ -677,7 +705,8 @@ impl HostEngine for EmbeddedHost {
         vars: Vec<Var>,
         remove: &[String],
     ) -> Result<(), HostError> {
-        self.replace(scope, vars, remove, false).await
+        self.replace(scope, vars, remove, Condition::None).await?;
+        Ok(())
     }
 
     async fn replace_vars_if_set_up(
@@ -686,7 +715,23 @@ impl HostEngine for EmbeddedHost {
         vars: Vec<Var>,
         remove: &[String],
     ) -> Result<(), HostError> {
-        self.replace(scope, vars, remove, true).await
+        self.replace(scope, vars, remove, Condition::SetUp).await?;
+        Ok(())
+    }
+
+    async fn replace_vars_if_current(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<Var>,
+        name: &str,
+        current: &[&str],
+    ) -> Result<bool, HostError> {
+        check_var_name(name)?;
+        let condition = Condition::SetUpAndHolds {
+            name: name.to_string(),
+            current: current.iter().map(|c| c.to_string()).collect(),
+        };
+        self.replace(scope, vars, &[], condition).await
     }
 
     async fn find_connections(
@@ -748,6 +793,16 @@ impl HostEngine for EmbeddedHost {
         })
         .await
     }
+}
+
+/// When [`EmbeddedHost::replace`] writes.
+enum Condition {
+    /// Always.
+    None,
+    /// While the connection has an `auth_type`.
+    SetUp,
+    /// While the connection has an `auth_type` and its variable `name` holds one of `current`.
+    SetUpAndHolds { name: String, current: Vec<String> },
 }
 
 /// What a sealed variable is bound to: moving it to another connection or name breaks it.

@@ -168,6 +168,34 @@ pub trait HostEngine: Send + Sync + 'static {
         self.replace_vars(scope, vars, remove).await
     }
 
+    /// [`replace_vars_if_set_up`](Self::replace_vars_if_set_up) (without removing anything),
+    /// and only while the variable `name` holds one of `current`; answers `Ok(false)`, having
+    /// written nothing, when it holds something else or nothing. A refreshed token pair is
+    /// saved this way, so it never lands over a refresh token stored by someone else
+    /// meanwhile. The default reads, then writes.
+    async fn replace_vars_if_current(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<Var>,
+        name: &str,
+        current: &[&str],
+    ) -> Result<bool, HostError> {
+        use crate::connection::{value_of, vars::AUTH_TYPE};
+        let names = [AUTH_TYPE.to_string(), name.to_string()];
+        let found = self.get_vars(scope, &names).await?;
+        if value_of(&found, AUTH_TYPE).is_none() {
+            return Err(not_set_up(scope));
+        }
+        if !value_of(&found, name).is_some_and(|v| current.contains(&v)) {
+            return Ok(false);
+        }
+        // A remote host has no compare-and-set: a value stored by someone else between the
+        // read above and this write (one round trip) is overwritten. The window is narrow,
+        // and the alternative, never saving, would lose a rotated refresh token for sure.
+        self.replace_vars(scope, vars, &[]).await?;
+        Ok(true)
+    }
+
     /// Connections of this integration with a variable `name` (any, when empty) whose value is
     /// `value` (any, when empty). A remote AutoKitteh host names only the active ones: org-level
     /// connections and those of projects with an active deployment.
@@ -348,6 +376,66 @@ mod tests {
                 "{}",
                 host.kind()
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replace_if_current_writes_only_over_one_of_the_values_it_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = std::sync::Arc::new(crate::crypto::Keys::from_material(
+            b"host test key material, 32+ bytes",
+        ));
+        let embedded = embedded::EmbeddedHost::open(dir.path(), keys).unwrap();
+        let hosts: [&dyn HostEngine; 2] = [&embedded, &Defaults(embedded.clone())];
+        let auth_type = crate::connection::vars::AUTH_TYPE;
+        for host in hosts {
+            let cid = ConnectionId::generate();
+            let setup = vec![
+                Var::plain(auth_type, "oauthDefault"),
+                Var::secret("refresh", "r1"),
+            ];
+            host.set_vars(&cid, setup).await.unwrap();
+            let pair = |r: &str| vec![Var::plain("access", r), Var::secret("refresh", r)];
+            let kind = host.kind();
+            // Someone else stored r1's successor meanwhile: ours (from r0) is not written.
+            let written = host
+                .replace_vars_if_current(&cid, pair("r9"), "refresh", &["r0", "r9"])
+                .await;
+            assert!(!written.unwrap(), "{kind}");
+            let stored = host.get_vars(&cid, &[]).await.unwrap();
+            assert_eq!(
+                names_and_values(&stored),
+                [(auth_type, "oauthDefault"), ("refresh", "r1")],
+                "{kind}"
+            );
+            // Over the value it started from, or over itself (saved already), it is.
+            for current in ["r1", "r2"] {
+                let written = host
+                    .replace_vars_if_current(&cid, pair("r2"), "refresh", &[current, "r2"])
+                    .await;
+                assert!(written.unwrap(), "{kind}");
+            }
+            let stored = host.get_vars(&cid, &[]).await.unwrap();
+            assert_eq!(
+                names_and_values(&stored),
+                [
+                    ("access", "r2"),
+                    (auth_type, "oauthDefault"),
+                    ("refresh", "r2")
+                ],
+                "{kind}"
+            );
+            // Nothing stored under the name: not written either; deleted: not set up.
+            let written = host
+                .replace_vars_if_current(&cid, pair("r3"), "other", &["r2"])
+                .await;
+            assert!(!written.unwrap(), "{kind}");
+            host.delete_vars(&cid, &[]).await.unwrap();
+            let refused = host
+                .replace_vars_if_current(&cid, pair("r3"), "refresh", &["r2"])
+                .await;
+            assert!(matches!(refused, Err(HostError::NotFound(_))), "{kind}");
+            assert!(host.get_vars(&cid, &[]).await.unwrap().is_empty(), "{kind}");
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct FakeHostState {
     pub unknown: Vec<String>,
     /// How many of the next Delete calls answer UNAVAILABLE (a host briefly down).
     pub fail_deletes: u32,
+    /// While set, Set answers UNAVAILABLE (a host that reads but cannot write for now).
+    pub refuse_sets: bool,
     /// Set by `stop`: a connection still draining after the listener closed gets UNAVAILABLE
     /// from Dispatch and Get, as from a host that is going away, instead of quietly answering.
     pub stopped: bool,
@@ -148,6 +150,9 @@ impl VarsService for Svc {
     ) -> Result<Response<pb::SetResponse>, Status> {
         self.record(&request);
         let mut state = self.0.lock().unwrap();
+        if state.refuse_sets {
+            return Err(Status::unavailable("the fake host cannot write now"));
+        }
         let vars = request.into_inner().vars;
         if let Some(v) = vars.iter().find(|v| state.unknown.contains(&v.scope_id)) {
             return Err(Status::not_found(format!(

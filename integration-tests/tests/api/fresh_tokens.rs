@@ -852,3 +852,127 @@ async fn app_deauthorized_while_a_refresh_is_in_flight_leaves_no_tokens_behind()
     let stored = snapshot(&app, &cid).await;
     assert_eq!(value_of(&stored, "oauth_refresh_token"), None, "{stored:?}");
 }
+
+/// A default-app connection in the remote `host` whose access token expired a minute ago
+/// (recently used: the keep-alive task leaves it alone); returns its id and its (live) refresh
+/// token.
+fn expired_remote_connection(
+    host: &crate::fake_host::FakeHost,
+    zoom: &FakeZoom,
+) -> (String, String) {
+    let cid = ConnectionId::generate().to_string();
+    let refresh = zoom.issue_refresh_token(DEFAULT_CLIENT_ID);
+    let expiry = (chrono::Utc::now() - chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for (name, value, secret) in [
+        ("auth_type", "oauthDefault", false),
+        ("oauth_access_token", "access-expired", true),
+        ("oauth_refresh_token", refresh.as_str(), true),
+        ("oauth_expiry", expiry.as_str(), false),
+    ] {
+        host.put(var(&cid, name, value, secret));
+    }
+    (cid, refresh)
+}
+
+/// The value of `cid`'s variable `name` in the remote `host`.
+fn held_by(host: &crate::fake_host::FakeHost, cid: &str, name: &str) -> Option<String> {
+    let state = host.state.lock().unwrap();
+    state
+        .vars
+        .get(&(cid.to_string(), name.to_string()))
+        .map(|v| v.value.clone())
+}
+
+/// Refreshes `cid` through TestConnection while the remote `host` cannot write: Zoom rotates
+/// the refresh token, the new pair is not saved, and the call fails.
+async fn refresh_the_host_cannot_save(
+    app: &TestApp,
+    host: &crate::fake_host::FakeHost,
+    zoom: &FakeZoom,
+    cid: &str,
+    old_refresh: &str,
+) {
+    host.state.lock().unwrap().refuse_sets = true;
+    let failed = app
+        .integrations()
+        .test_connection(TestConnectionRequest {
+            integration_id: zoom_id(),
+            connection_id: cid.into(),
+        })
+        .await
+        .expect_err("the new pair could not be saved");
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    assert!(!zoom.refresh_token_is_live(old_refresh), "Zoom rotated it");
+    assert_eq!(
+        held_by(host, cid, "oauth_refresh_token").as_deref(),
+        Some(old_refresh)
+    );
+    host.state.lock().unwrap().refuse_sets = false;
+}
+
+#[tokio::test]
+async fn refreshed_tokens_the_host_could_not_save_are_saved_in_the_background_without_another_call()
+{
+    let zoom = FakeZoom::start().await;
+    let host = crate::fake_host::FakeHost::start().await;
+    let app = crate::connection_setup::app_with_remote_host(&zoom, &host).await;
+    let (cid, old_refresh) = expired_remote_connection(&host, &zoom);
+    refresh_the_host_cannot_save(&app, &host, &zoom, &cid, &old_refresh).await;
+
+    // Nobody uses the connection again; the host takes writes again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = held_by(&host, &cid, "oauth_refresh_token").unwrap();
+        if zoom.refresh_token_is_live(&held) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated refresh token was not saved"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
+}
+
+#[tokio::test]
+async fn refreshed_tokens_saved_late_do_not_overwrite_a_refresh_token_stored_meanwhile() {
+    let zoom = FakeZoom::start().await;
+    let host = crate::fake_host::FakeHost::start().await;
+    let app = crate::connection_setup::app_with_remote_host(&zoom, &host).await;
+    let (cid, old_refresh) = expired_remote_connection(&host, &zoom);
+    host.state.lock().unwrap().refuse_sets = true;
+    refresh_the_host_cannot_save(&app, &host, &zoom, &cid, &old_refresh).await;
+    // Meanwhile the owner connected again through another process, which saved its pair
+    // (not through Set, which the host refused until now).
+    let theirs = refresh_elsewhere(&zoom, &zoom.issue_refresh_token(DEFAULT_CLIENT_ID)).await;
+    let their_refresh = theirs["refresh_token"].as_str().unwrap().to_string();
+    for (name, value) in [
+        (
+            "oauth_access_token",
+            theirs["access_token"].as_str().unwrap(),
+        ),
+        ("oauth_refresh_token", their_refresh.as_str()),
+        ("oauth_expiry", "2099-01-01T00:00:00Z"),
+    ] {
+        host.put(var(&cid, name, value, name != "oauth_expiry"));
+    }
+
+    // The background retry and the next call both find another refresh token stored.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert_eq!(
+        held_by(&host, &cid, "oauth_refresh_token").as_deref(),
+        Some(their_refresh.as_str()),
+        "the new setup's refresh token stays"
+    );
+    assert_eq!(
+        zoom.token_requests_of("refresh_token"),
+        2,
+        "ours and theirs; none since"
+    );
+}
