@@ -35,6 +35,10 @@ pub mod vars {
     pub const USER_NAME: &str = "user_name";
     /// Set when the connection stopped working and needs to be set up again; the value says why.
     pub const CONNECTION_ERROR: &str = "connection_error";
+    /// Set while Zoom refuses the connection's token requests for a reason other than a dead
+    /// grant (a private app's client id or secret, say): the value says why. Token requests
+    /// go on (after a back-off); the next token Zoom issues, or a new setup, clears it.
+    pub const TOKEN_ERROR: &str = "token_error";
 
     /// Every variable that connection setup writes; a new setup replaces all of them, so
     /// nothing of an earlier authentication type is left behind.
@@ -52,6 +56,7 @@ pub mod vars {
         USER_ID,
         USER_NAME,
         CONNECTION_ERROR,
+        TOKEN_ERROR,
     ];
 
     /// Variables that are stored with `is_secret = true`.
@@ -175,6 +180,9 @@ pub fn connection_status(vars: &[Var]) -> Status {
             ),
         );
     }
+    if let Some(reason) = get(vars::TOKEN_ERROR) {
+        return status(StatusCode::Error, reason);
+    }
     status(StatusCode::Ok, format!("using {}", auth_type.describe()))
 }
 
@@ -223,6 +231,19 @@ mod tests {
                 Var::plain("connection_error", "deauthorized in Zoom: reconnect"),
             ]),
             (StatusCode::Error, "deauthorized in Zoom: reconnect".into())
+        );
+        assert_eq!(
+            code_of(&[
+                Var::plain("auth_type", "serverToServer"),
+                Var::plain(
+                    "token_error",
+                    "Zoom refused the private app's client id or secret"
+                ),
+            ]),
+            (
+                StatusCode::Error,
+                "Zoom refused the private app's client id or secret".into()
+            )
         );
     }
 

@@ -59,6 +59,14 @@ const ROTATION_WAITS: [Duration; 4] = [
 /// How often saving refreshed tokens is tried before giving up for this call.
 const SAVE_ATTEMPTS: u32 = 3;
 
+/// How long no token request is made for a connection after Zoom refused its app (a wrong
+/// client id or secret, say): callers get the same error meanwhile, unless the app changes.
+const REFUSAL_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How long no token request is made for a connection after Zoom's token endpoint answered it
+/// 429 (rate limited): callers get that answer meanwhile.
+const RATE_LIMIT_BACKOFF: Duration = Duration::from_secs(10);
+
 /// How often the background retry looks for refreshed tokens not yet saved.
 const UNSAVED_TICK: Duration = Duration::from_secs(1);
 
@@ -89,6 +97,11 @@ pub enum CredentialError {
     /// The connection is marked broken; the text says why.
     #[error("{0}")]
     Broken(String),
+    /// Zoom refuses the connection's token requests for a reason other than a dead grant (its
+    /// app's client id or secret, say); the text says why. They are made again after a
+    /// back-off, or at once when the app changes.
+    #[error("{0}")]
+    Refused(String),
     /// Zoom refused or failed.
     #[error(transparent)]
     Zoom(#[from] ZoomError),
@@ -108,6 +121,43 @@ struct Slot {
     /// The last access token Zoom answered 401 to: never handed out again, even while the
     /// stored expiry says it is fresh.
     rejected: Option<Secret>,
+    /// Zoom's last refusal of a token request, while its back-off lasts.
+    refusal: Option<Refusal>,
+}
+
+impl Slot {
+    /// What a token request with `app` gets without being made, while the back-off of Zoom's
+    /// last refusal lasts (of a refused app, only while `app` is the one refused).
+    fn refusal_for(&mut self, app: &OAuthApp) -> Option<CredentialError> {
+        let refusal = self.refusal.as_ref()?;
+        let over = refusal.until <= tokio::time::Instant::now()
+            || refusal.app.as_ref().is_some_and(|refused| refused != app);
+        if over {
+            self.refusal = None;
+            return None;
+        }
+        Some(match &refusal.answer {
+            Answer::Refused(message) => CredentialError::Refused(message.clone()),
+            Answer::Zoom(e) => CredentialError::Zoom(e.clone()),
+        })
+    }
+}
+
+/// Zoom's refusal of a connection's token request, remembered for a back-off.
+struct Refusal {
+    until: tokio::time::Instant,
+    /// The app Zoom refused; none for a rate limit, which holds whatever the app.
+    app: Option<OAuthApp>,
+    /// What callers get meanwhile.
+    answer: Answer,
+}
+
+/// What callers get while a [`Refusal`] lasts.
+enum Answer {
+    /// [`CredentialError::Refused`].
+    Refused(String),
+    /// Zoom's answer as it was ([`CredentialError::Zoom`]).
+    Zoom(ZoomError),
 }
 
 /// Refreshed token variables not yet saved to the host engine, and what they may be saved over.
@@ -656,6 +706,7 @@ impl Source {
             vars::PRIVATE_CLIENT_SECRET,
             vars::PRIVATE_ACCOUNT_ID,
             vars::CONNECTION_ERROR,
+            vars::TOKEN_ERROR,
         ]
         .iter()
         .map(|n| n.to_string())
@@ -690,12 +741,22 @@ impl Source {
                             .into(),
                     )
                 })?;
-                let token = self
-                    .oauth
-                    .account_credentials(&private_app()?, account_id)
-                    .await;
+                let app = private_app()?;
+                if let Some(refused) = slot.refusal_for(&app) {
+                    return Err(refused);
+                }
+                let token = self.oauth.account_credentials(&app, account_id).await;
                 self.count("account_credentials", &token);
-                let token = token?;
+                let token_error = get(vars::TOKEN_ERROR);
+                let token = match token {
+                    Ok(token) => token,
+                    Err(e) => {
+                        return Err(self
+                            .refused(slot, cid, &app, auth_type, token_error, e)
+                            .await);
+                    }
+                };
+                self.refusal_over(slot, cid, token_error).await;
                 access_of(token, auth_type)
             }
             AuthType::OAuthDefault | AuthType::OAuthPrivate => {
@@ -731,6 +792,10 @@ impl Source {
                             }
                             _ => private_app()?,
                         };
+                        if let Some(refused) = slot.refusal_for(&app) {
+                            return Err(refused);
+                        }
+                        let token_error = get(vars::TOKEN_ERROR);
                         let mut refresh = refresh.to_string();
                         let mut tried_newer = false;
                         let token = loop {
@@ -768,9 +833,14 @@ impl Source {
                                         REAUTHORIZATION_REQUIRED.into(),
                                     ));
                                 }
-                                Err(e) => return Err(e.into()),
+                                Err(e) => {
+                                    return Err(self
+                                        .refused(slot, cid, &app, auth_type, token_error, e)
+                                        .await);
+                                }
                             }
                         };
+                        self.refusal_over(slot, cid, token_error).await;
                         // The old refresh token is dead now: the new pair must reach the host
                         // engine before it is used, and must not be lost if that fails, so it
                         // is kept before the save starts.
@@ -799,6 +869,70 @@ impl Source {
             }
         };
         Ok(Some(access))
+    }
+
+    /// Zoom failed a token request of `cid` made with `app`. A refusal other than a dead grant
+    /// (a wrong client id or secret, a disabled app) is remembered for [`REFUSAL_BACKOFF`] and
+    /// recorded as the connection's `token_error` (not again while it is stored), so its status
+    /// says so; a rate limit (429) is remembered for [`RATE_LIMIT_BACKOFF`]. Returns what the
+    /// caller gets; other failures pass as they are.
+    async fn refused(
+        &self,
+        slot: &mut Slot,
+        cid: &ConnectionId,
+        app: &OAuthApp,
+        auth_type: AuthType,
+        stored: Option<&str>,
+        error: ZoomError,
+    ) -> CredentialError {
+        let ZoomError::Rejected { status, reason } = &error else {
+            return error.into();
+        };
+        let now = tokio::time::Instant::now();
+        if *status == 429 {
+            tracing::warn!(connection_id = %cid, backoff = ?RATE_LIMIT_BACKOFF, "Zoom's token endpoint is rate limiting; no token request for this connection until the back-off ends");
+            slot.refusal = Some(Refusal {
+                until: now + RATE_LIMIT_BACKOFF,
+                app: None,
+                answer: Answer::Zoom(error.clone()),
+            });
+            return error.into();
+        }
+        let message = match (status, auth_type) {
+            (401, AuthType::OAuthDefault) => "Zoom refused the server's default OAuth app (ZOOM_CLIENT_ID, ZOOM_CLIENT_SECRET): the operator must correct them".to_string(),
+            (401, _) => "Zoom refused the private app's client id or secret: update them and connect again".to_string(),
+            _ => format!("Zoom refused the connection's token request ({status}): {reason}"),
+        };
+        tracing::warn!(connection_id = %cid, status, %reason, backoff = ?REFUSAL_BACKOFF, "Zoom refused a token request; none is made for this connection until the back-off ends or its app changes");
+        slot.refusal = Some(Refusal {
+            until: now + REFUSAL_BACKOFF,
+            app: Some(app.clone()),
+            answer: Answer::Refused(message.clone()),
+        });
+        if stored != Some(message.as_str()) {
+            let mark = vec![Var::plain(vars::TOKEN_ERROR, &message)];
+            match self.host.replace_vars_if_set_up(cid, mark, &[]).await {
+                Ok(()) | Err(HostError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(connection_id = %cid, error = %e, "cannot record Zoom's refusal in the connection's status");
+                }
+            }
+        }
+        CredentialError::Refused(message)
+    }
+
+    /// Zoom issued a token for `cid`: its last refusal is over, and so is the `token_error`
+    /// stored for it (`stored`), if any.
+    async fn refusal_over(&self, slot: &mut Slot, cid: &ConnectionId, stored: Option<&str>) {
+        slot.refusal = None;
+        if stored.is_some()
+            && let Err(e) = self
+                .host
+                .delete_vars(cid, &[vars::TOKEN_ERROR.to_string()])
+                .await
+        {
+            tracing::warn!(connection_id = %cid, error = %e, "cannot clear Zoom's earlier refusal from the connection's status");
+        }
     }
 
     /// Saves a refreshed pair, retrying a host engine that is briefly unavailable, and only

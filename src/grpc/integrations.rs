@@ -48,7 +48,7 @@ impl IntegrationsApi {
         let access = match self.credentials.access_token(cid).await {
             Ok(access) => access,
             Err(CredentialError::NotSetUp) => return Ok(init_required()),
-            Err(CredentialError::Broken(reason)) => {
+            Err(CredentialError::Broken(reason) | CredentialError::Refused(reason)) => {
                 return Ok(status(StatusCode::Error, reason));
             }
             Err(CredentialError::Zoom(e)) => return Ok(status(StatusCode::Error, e.to_string())),

@@ -41,7 +41,7 @@ pub fn http_client(config: &Config) -> anyhow::Result<reqwest::Client> {
 }
 
 /// What went wrong talking to Zoom. Messages never contain tokens, secrets or URLs.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ZoomError {
     /// Zoom refused the request (4xx); `reason` is Zoom's own explanation.
     #[error("Zoom refused the request ({status}): {reason}")]

@@ -71,7 +71,7 @@ fn text(s: &str) -> pb::Value {
     values::string(s)
 }
 
-async fn call(
+pub(crate) async fn call(
     app: &TestApp,
     cid: &str,
     name: &str,
@@ -124,7 +124,7 @@ fn ok(response: CallResponse) -> serde_json::Value {
     to_json(&response.value.expect("a value"))
 }
 
-fn err(response: CallResponse) -> serde_json::Value {
+pub(crate) fn err(response: CallResponse) -> serde_json::Value {
     assert!(response.value.is_none());
     to_json(
         &response

@@ -388,14 +388,19 @@ async fn token(
         .collect();
     let delay = state.lock().unwrap().token_delay;
     tokio::time::sleep(delay).await;
+    let param = |k: &str| form.get(k).or(query.get(k)).cloned().unwrap_or_default();
     if state.lock().unwrap().token_rate_limited {
+        state.lock().unwrap().token_requests.push(TokenRequest {
+            grant_type: param("grant_type"),
+            client_id: basic_auth(&headers).map(|c| c.0),
+            outcome: StatusCode::TOO_MANY_REQUESTS,
+        });
         return (
             StatusCode::TOO_MANY_REQUESTS,
             axum::Json(json!({ "code": 429, "message": "Too many requests. Try again later." })),
         )
             .into_response();
     }
-    let param = |k: &str| form.get(k).or(query.get(k)).cloned().unwrap_or_default();
     let grant_type = param("grant_type");
     let client = basic_auth(&headers);
     let response = issue(

@@ -976,3 +976,127 @@ async fn refreshed_tokens_saved_late_do_not_overwrite_a_refresh_token_stored_mea
         "ours and theirs; none since"
     );
 }
+
+/// A minute ago, as `oauth_expiry` takes it: expired, but recently used (the keep-alive task
+/// leaves it alone).
+fn a_minute_ago() -> String {
+    (chrono::Utc::now() - chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[tokio::test]
+async fn an_app_whose_secret_zoom_refuses_is_reported_in_its_status_and_not_asked_again_on_every_call()
+ {
+    use crate::calls::{call, err};
+    let zoom = FakeZoom::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = zoom.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app_in(dir.path(), &env).await;
+    let refused =
+        "Zoom refused the private app's client id or secret: update them and connect again";
+    // A private OAuth app and a Server-to-Server app whose secrets were changed in Zoom.
+    let (private, s2s) = (
+        ConnectionId::generate().to_string(),
+        ConnectionId::generate().to_string(),
+    );
+    let refresh = zoom.issue_refresh_token(PRIVATE_CLIENT_ID);
+    let old_secret = "a-secret-zoom-no-longer-takes";
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&private, "auth_type", "oauthPrivate", false),
+                var(&private, "private_client_id", PRIVATE_CLIENT_ID, false),
+                var(&private, "private_client_secret", old_secret, true),
+                var(&private, "oauth_refresh_token", &refresh, true),
+                var(&private, "oauth_expiry", &a_minute_ago(), false),
+                var(&s2s, "auth_type", "serverToServer", false),
+                var(&s2s, "private_account_id", S2S_ACCOUNT_ID, false),
+                var(&s2s, "private_client_id", S2S_CLIENT_ID, false),
+                var(&s2s, "private_client_secret", old_secret, true),
+            ],
+        })
+        .await
+        .unwrap();
+    for cid in [&private, &s2s] {
+        let (code, message) = test_connection(&app, cid).await;
+        assert_eq!((code, message.as_str()), (ConnStatus::Error, refused));
+        for _ in 0..3 {
+            let error = err(call(&app, cid, "get_user", vec![], vec![]).await);
+            assert!(
+                error["message"].as_str().unwrap().contains(refused),
+                "{error}"
+            );
+        }
+        let status = app.connection_status(cid).await.unwrap();
+        assert_eq!(
+            (status.code(), status.message.as_str()),
+            (ConnStatus::Error, refused)
+        );
+    }
+    assert_eq!(
+        zoom.token_requests_of("refresh_token"),
+        1,
+        "asked once, then not again during the back-off"
+    );
+    assert_eq!(zoom.token_requests_of("account_credentials"), 1);
+    // The grant is not dead: its refresh token is kept, the connection not marked broken.
+    let stored = snapshot(&app, &private).await;
+    assert_eq!(value_of(&stored, "oauth_refresh_token").unwrap().0, refresh);
+    assert_eq!(value_of(&stored, "connection_error"), None);
+
+    // The owner corrects the Server-to-Server app's secret: a token is asked for at once.
+    let correct = |cid: &str, secret: &str| vars::SetRequest {
+        vars: vec![var(cid, "private_client_secret", secret, true)],
+    };
+    app.vars()
+        .set(correct(&s2s, S2S_CLIENT_SECRET))
+        .await
+        .unwrap();
+    let (code, message) = test_connection(&app, &s2s).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    let status = app.connection_status(&s2s).await.unwrap();
+    assert_eq!(status.code(), ConnStatus::Ok, "{}", status.message);
+
+    // After a restart the private app's status still says what is wrong, until it is corrected.
+    app.stop().await.unwrap();
+    let app = spawn_app_in(dir.path(), &env).await;
+    let status = app.connection_status(&private).await.unwrap();
+    assert_eq!(
+        (status.code(), status.message.as_str()),
+        (ConnStatus::Error, refused)
+    );
+    app.vars()
+        .set(correct(&private, PRIVATE_CLIENT_SECRET))
+        .await
+        .unwrap();
+    let (code, message) = test_connection(&app, &private).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    let status = app.connection_status(&private).await.unwrap();
+    assert_eq!(status.code(), ConnStatus::Ok, "{}", status.message);
+}
+
+#[tokio::test]
+async fn a_rate_limited_token_endpoint_is_not_asked_again_until_its_back_off_ends() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "serverToServer", false),
+                var(&cid, "private_account_id", S2S_ACCOUNT_ID, false),
+                var(&cid, "private_client_id", S2S_CLIENT_ID, false),
+                var(&cid, "private_client_secret", S2S_CLIENT_SECRET, true),
+            ],
+        })
+        .await
+        .unwrap();
+    zoom.state.lock().unwrap().token_rate_limited = true;
+    for _ in 0..5 {
+        let (code, message) = test_connection(&app, &cid).await;
+        assert_eq!(code, ConnStatus::Error);
+        assert!(message.contains("(429)"), "{message}");
+    }
+    assert_eq!(zoom.token_requests_of("account_credentials"), 1);
+}
