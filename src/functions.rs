@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use crate::credentials::{CredentialError, Credentials};
+use crate::credentials::{Access, CredentialError, Credentials};
 use crate::host::HostError;
 use crate::ids::ConnectionId;
 use crate::proto::autokitteh::values::v1 as pb;
@@ -408,6 +408,14 @@ fn segment(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
 }
 
+/// A call that did not reach Zoom or got no answer, as the call's failure.
+fn call_error(e: CallError) -> CallFailure {
+    match e {
+        CallError::BadPath(e) => CallFailure::new(e.to_string()),
+        CallError::Zoom(e) => CallFailure::new(e.to_string()),
+    }
+}
+
 /// Runs the functions of [`FUNCTIONS`] through a connection.
 pub struct Functions {
     credentials: std::sync::Arc<Credentials>,
@@ -418,6 +426,37 @@ impl Functions {
     /// Functions using `credentials` and `api`.
     pub fn new(credentials: std::sync::Arc<Credentials>, api: ZoomApi) -> Self {
         Self { credentials, api }
+    }
+
+    /// A token for a call through `cid`, or the call's failure.
+    async fn access_token(&self, cid: &ConnectionId) -> Result<Access, CallFailure> {
+        self.credentials
+            .access_token(cid)
+            .await
+            .map_err(|e| match e {
+                CredentialError::Host(e @ HostError::Undecryptable { .. }) => {
+                    tracing::error!(error = %e, "stored data is corrupt");
+                    CallFailure::new(format!(
+                        "the connection cannot be used: {}",
+                        e.with_way_out()
+                    ))
+                }
+                CredentialError::Host(HostError::NotFound(_)) => {
+                    CallFailure::new("the connection does not exist (anymore)")
+                }
+                CredentialError::Host(HostError::InvalidArgument(message)) => {
+                    CallFailure::new(format!("the host engine refused the connection: {message}"))
+                }
+                CredentialError::Host(e @ HostError::Unavailable(_)) => {
+                    tracing::warn!(connection_id = %cid, error = %e, "cannot read the connection for a call");
+                    CallFailure::new("the host engine is unavailable: try again later")
+                }
+                CredentialError::Host(e) => {
+                    tracing::error!(connection_id = %cid, error = %e, "cannot read the connection for a call");
+                    CallFailure::new("the connection could not be read (the error is in this service's log)")
+                }
+                other => CallFailure::new(format!("the connection cannot be used: {other}")),
+            })
     }
 
     /// Calls `name` with `args` and `kwargs` through connection `cid`, for a caller that
@@ -514,53 +553,38 @@ impl Functions {
 
         // Refuse a bad path before a token is fetched for it.
         crate::zoom::api::check_path(&path).map_err(|e| CallFailure::new(e.to_string()))?;
-        let access = self
-            .credentials
-            .access_token(cid)
-            .await
-            .map_err(|e| match e {
-                CredentialError::Host(e @ HostError::Undecryptable { .. }) => {
-                    tracing::error!(error = %e, "stored data is corrupt");
-                    CallFailure::new(format!(
-                        "the connection cannot be used: {}",
-                        e.with_way_out()
-                    ))
-                }
-                CredentialError::Host(HostError::NotFound(_)) => {
-                    CallFailure::new("the connection does not exist (anymore)")
-                }
-                CredentialError::Host(HostError::InvalidArgument(message)) => {
-                    CallFailure::new(format!("the host engine refused the connection: {message}"))
-                }
-                CredentialError::Host(e @ HostError::Unavailable(_)) => {
-                    tracing::warn!(connection_id = %cid, error = %e, "cannot read the connection for a call");
-                    CallFailure::new("the host engine is unavailable: try again later")
-                }
-                CredentialError::Host(e) => {
-                    tracing::error!(connection_id = %cid, error = %e, "cannot read the connection for a call");
-                    CallFailure::new("the connection could not be read (the error is in this service's log)")
-                }
-                other => CallFailure::new(format!("the connection cannot be used: {other}")),
-            })?;
-        let answer = self
-            .api
-            .call(
-                &access.token,
-                method,
-                &path,
-                &query,
-                body.as_ref(),
-                deadline,
-            )
-            .await
-            .map_err(|e| match e {
-                CallError::BadPath(e) => CallFailure::new(e.to_string()),
-                CallError::Zoom(e) => CallFailure::new(e.to_string()),
-            })?;
+        let access = self.access_token(cid).await?;
+        let send = async |token: &crate::secret::Secret| {
+            self.api
+                .call(
+                    token,
+                    method.clone(),
+                    &path,
+                    &query,
+                    body.as_ref(),
+                    deadline,
+                )
+                .await
+                .map_err(call_error)
+        };
+        let mut answer = send(&access.token).await?;
         if answer.status == 401 {
-            // A token Zoom no longer accepts (revoked, or the app was deauthorized): read the
-            // connection again next time instead of reusing it.
+            // A token Zoom no longer accepts (revoked, or the app was deauthorized): never
+            // used again. Zoom carried out nothing it answered 401, so the request is sent
+            // once more, whatever its method, with a new token if one comes in time.
             self.credentials.reject(cid, &access.token).await;
+            let cutoff = deadline
+                .checked_sub(2 * crate::zoom::api::RETRY_MARGIN)
+                .unwrap_or(deadline);
+            if let Ok(renewed) = tokio::time::timeout_at(cutoff, self.access_token(cid)).await {
+                let renewed = renewed?;
+                if renewed.token != access.token {
+                    answer = send(&renewed.token).await?;
+                    if answer.status == 401 {
+                        self.credentials.reject(cid, &renewed.token).await;
+                    }
+                }
+            }
         }
         let body = if answer.body.iter().all(u8::is_ascii_whitespace) {
             values::nothing()

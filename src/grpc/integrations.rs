@@ -8,7 +8,7 @@ use crate::AppState;
 use crate::connection::{
     AuthType, StatusCode, connection_status, init_required, public_config, status, vars,
 };
-use crate::credentials::{CredentialError, Credentials};
+use crate::credentials::{Access, CredentialError, Credentials};
 use crate::error::ApiError;
 use crate::functions::Functions;
 use crate::host::{HostEngine, HostError};
@@ -45,19 +45,53 @@ impl IntegrationsApi {
 
     /// What `TestConnection` reports: whether Zoom accepts the connection's credentials.
     async fn test(&self, cid: &ConnectionId) -> Result<crate::connection::Status, ApiError> {
-        let access = match self.credentials.access_token(cid).await {
+        let access = match self.access(cid).await? {
             Ok(access) => access,
-            Err(CredentialError::NotSetUp) => return Ok(init_required()),
-            Err(CredentialError::Broken(reason) | CredentialError::Refused(reason)) => {
-                return Ok(status(StatusCode::Error, reason));
-            }
-            Err(CredentialError::Zoom(e)) => return Ok(status(StatusCode::Error, e.to_string())),
-            Err(CredentialError::Host(e @ HostError::Undecryptable { .. })) => {
-                return Ok(corrupt(&e));
-            }
-            Err(CredentialError::Host(e)) => return Err(e.into()),
+            Err(status) => return Ok(status),
         };
-        let result = match access.auth_type {
+        let mut result = self.try_token(&access).await;
+        if let Err(crate::zoom::ZoomError::Rejected { status: 401, .. }) = &result {
+            // Revoked or deauthorized: never used again, and the test is made once more with
+            // a new token, as a call is.
+            self.credentials.reject(cid, &access.token).await;
+            let renewed = match self.access(cid).await? {
+                Ok(renewed) => renewed,
+                Err(status) => return Ok(status),
+            };
+            if renewed.token != access.token {
+                result = self.try_token(&renewed).await;
+                if let Err(crate::zoom::ZoomError::Rejected { status: 401, .. }) = &result {
+                    self.credentials.reject(cid, &renewed.token).await;
+                }
+            }
+        }
+        Ok(match result {
+            Ok(message) => status(StatusCode::Ok, message),
+            Err(e) => status(StatusCode::Error, e.to_string()),
+        })
+    }
+
+    /// A token for `cid`, or the status that says why there is none.
+    async fn access(
+        &self,
+        cid: &ConnectionId,
+    ) -> Result<Result<Access, crate::connection::Status>, ApiError> {
+        Ok(Err(match self.credentials.access_token(cid).await {
+            Ok(access) => return Ok(Ok(access)),
+            Err(CredentialError::NotSetUp) => init_required(),
+            Err(CredentialError::Broken(reason) | CredentialError::Refused(reason)) => {
+                status(StatusCode::Error, reason)
+            }
+            Err(CredentialError::Zoom(e)) => status(StatusCode::Error, e.to_string()),
+            Err(CredentialError::Host(e @ HostError::Undecryptable { .. })) => corrupt(&e),
+            Err(CredentialError::Host(e)) => return Err(e.into()),
+        }))
+    }
+
+    /// What Zoom says of `access`: who it belongs to, or how many users a Server-to-Server
+    /// app's account lists.
+    async fn try_token(&self, access: &Access) -> Result<String, crate::zoom::ZoomError> {
+        match access.auth_type {
             AuthType::ServerToServer => self.zoom_api.count_users(&access.token).await.map(|n| {
                 format!("Server-to-Server app works: Zoom lists {n} users in its account")
             }),
@@ -66,15 +100,7 @@ impl IntegrationsApi {
                 .me(&access.token)
                 .await
                 .map(|user| format!("connected as {}", user.describe())),
-        };
-        if let Err(crate::zoom::ZoomError::Rejected { status: 401, .. }) = &result {
-            // Revoked or deauthorized: read the connection again next time.
-            self.credentials.reject(cid, &access.token).await;
         }
-        Ok(match result {
-            Ok(message) => status(StatusCode::Ok, message),
-            Err(e) => status(StatusCode::Error, e.to_string()),
-        })
     }
 
     /// A fresh access token for `Configure`'s config: AutoKitteh puts a connection's config

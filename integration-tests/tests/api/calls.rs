@@ -857,12 +857,12 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
 }
 
 #[tokio::test]
-async fn a_token_zoom_rejects_before_its_expiry_is_refreshed_on_the_next_call() {
+async fn a_token_zoom_rejects_before_its_expiry_is_refreshed_and_the_call_sent_again() {
     token_rejected_before_its_expiry(false).await;
 }
 
 #[tokio::test]
-async fn a_token_rejected_with_a_page_that_is_not_json_is_refreshed_on_the_next_call_too() {
+async fn a_token_rejected_with_a_page_that_is_not_json_is_refreshed_and_the_call_sent_again_too() {
     token_rejected_before_its_expiry(true).await;
 }
 
@@ -884,16 +884,34 @@ async fn token_rejected_before_its_expiry(as_html: bool) {
     assert_eq!(refreshes(), 1);
 
     // Zoom stops taking the access token (revoked) while its stored expiry is an hour away;
-    // the refresh token still works.
+    // the refresh token still works. Zoom did nothing with the request it answered 401, so
+    // even a POST is sent again, once, with the new token.
     zoom.revoke_access_tokens();
-    let first = err(call(&app, &cid, "get_user", vec![], vec![]).await);
-    assert_eq!(first["status"], 401, "{first}");
-    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    let meeting = ok(call(
+        &app,
+        &cid,
+        "create_meeting",
+        vec![],
+        vec![("topic", text("Sent twice, made once"))],
+    )
+    .await);
+    assert_eq!(meeting["topic"], "Sent twice, made once");
     assert_eq!(
         refreshes(),
         2,
         "the rejected token was refreshed, not read back and reused"
     );
+    let posts = zoom
+        .state
+        .lock()
+        .unwrap()
+        .api_requests
+        .iter()
+        .filter(|r| r.starts_with("POST "))
+        .count();
+    assert_eq!(posts, 2, "the 401 and the one sent again");
+    let list = ok(call(&app, &cid, "list_meetings", vec![], vec![]).await);
+    assert_eq!(list["total_records"], 1, "{list}");
     ok(call(&app, &cid, "get_user", vec![], vec![]).await);
     assert_eq!(refreshes(), 2, "the new token is used until it expires");
 }

@@ -489,13 +489,48 @@ async fn test_connection_reports_zoom_reason_and_init_required() {
         })
         .await
         .unwrap();
+    // Zoom's reason for refusing.
+    zoom.state.lock().unwrap().canned_answers.push_back((
+        axum::http::StatusCode::FORBIDDEN,
+        "application/json",
+        r#"{"code":124,"message":"No permission to read users."}"#.into(),
+    ));
     let (code, message) = test_connection(&app, &cid).await;
-    assert_eq!(code, ConnStatus::Error);
     assert_eq!(
-        message,
-        "Zoom refused the request (401): Invalid access token."
+        (code, message.as_str()),
+        (
+            ConnStatus::Error,
+            "Zoom refused the request (403): No permission to read users."
+        )
+    );
+    // A token Zoom refuses (401) and no refresh token to get another: the way out.
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(
+        (code, message.as_str()),
+        (
+            ConnStatus::Error,
+            "no OAuth refresh token is stored: reconnect"
+        )
     );
     assert!(zoom.token_requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_token_zoom_rejects_before_its_expiry_is_refreshed_and_the_connection_tested_again() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    assert_eq!(test_connection(&app, &cid).await.0, ConnStatus::Ok);
+    // Revoked in Zoom while its stored expiry is an hour away; the refresh token still works.
+    zoom.revoke_access_tokens();
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert_eq!(zoom.token_requests_of("refresh_token"), 2);
+    assert_eq!(
+        zoom.state.lock().unwrap().api_requests.len(),
+        3,
+        "the first test, the one Zoom refused and the one made again"
+    );
 }
 
 #[tokio::test]
