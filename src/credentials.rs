@@ -59,6 +59,10 @@ const ROTATION_WAITS: [Duration; 4] = [
 /// How often saving refreshed tokens is tried before giving up for this call.
 const SAVE_ATTEMPTS: u32 = 3;
 
+/// The least time a token must have left to be handed out after a new one could not be had
+/// (Zoom down or rate limiting): clocks differ, and the call takes time.
+const EXPIRY_SLACK: Duration = Duration::from_secs(10);
+
 /// How long no token request is made for a connection after Zoom refused its app (a wrong
 /// client id or secret, say): callers get the same error meanwhile, unless the app changes.
 const REFUSAL_BACKOFF: Duration = Duration::from_secs(30);
@@ -66,6 +70,11 @@ const REFUSAL_BACKOFF: Duration = Duration::from_secs(30);
 /// How long no token request is made for a connection after Zoom's token endpoint answered it
 /// 429 (rate limited): callers get that answer meanwhile.
 const RATE_LIMIT_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long no token request is made for a connection after Zoom's token endpoint failed
+/// (5xx, or no answer in time): callers meanwhile get that failure, or the token in hand while
+/// it works, instead of each waiting for Zoom in turn.
+const OUTAGE_BACKOFF: Duration = Duration::from_secs(5);
 
 /// How often the background retry looks for refreshed tokens not yet saved.
 const UNSAVED_TICK: Duration = Duration::from_secs(1);
@@ -146,7 +155,7 @@ impl Slot {
 /// Zoom's refusal of a connection's token request, remembered for a back-off.
 struct Refusal {
     until: tokio::time::Instant,
-    /// The app Zoom refused; none for a rate limit, which holds whatever the app.
+    /// The app Zoom refused; none for a rate limit or an outage, which hold whatever the app.
     app: Option<OAuthApp>,
     /// What callers get meanwhile.
     answer: Answer,
@@ -666,12 +675,13 @@ impl Source {
         {
             return Ok(access.clone());
         }
-        slot.cached = None;
+        let previous = slot.cached.take();
         // A pair another process (or a new setup) stored while ours was refreshed is read
         // again, once; it was just written, so it is not refreshed again even for keep-alive.
         let mut superseded = false;
         let access = loop {
-            match self.fetch(&mut slot, cid, force && !superseded).await? {
+            let force = force && !superseded;
+            match self.fetch(&mut slot, cid, force, previous.as_ref()).await? {
                 Some(access) => break access,
                 None if !superseded => superseded = true,
                 None => {
@@ -688,13 +698,15 @@ impl Source {
     }
 
     /// Reads `cid`'s credentials from the host engine and hands out the stored token, or
-    /// refreshes or requests one. `None`: a refresh was made but its pair not saved, since
-    /// another refresh token was stored meanwhile; that one is to be read again.
+    /// refreshes or requests one (`previous` is the token cached until now). `None`: a refresh
+    /// was made but its pair not saved, since another refresh token was stored meanwhile; that
+    /// one is to be read again.
     async fn fetch(
         &self,
         slot: &mut Slot,
         cid: &ConnectionId,
         force: bool,
+        previous: Option<&Access>,
     ) -> Result<Option<Access>, CredentialError> {
         let names: Vec<String> = [
             vars::AUTH_TYPE,
@@ -742,8 +754,11 @@ impl Source {
                     )
                 })?;
                 let app = private_app()?;
+                let usable = previous
+                    .filter(|a| !force && still_usable(&a.token, a.expires_at, slot))
+                    .cloned();
                 if let Some(refused) = slot.refusal_for(&app) {
-                    return Err(refused);
+                    return or_usable(cid, usable, refused);
                 }
                 let token = self.oauth.account_credentials(&app, account_id).await;
                 self.count("account_credentials", &token);
@@ -751,9 +766,10 @@ impl Source {
                 let token = match token {
                     Ok(token) => token,
                     Err(e) => {
-                        return Err(self
+                        let refused = self
                             .refused(slot, cid, &app, auth_type, token_error, e)
-                            .await);
+                            .await;
+                        return or_usable(cid, usable, refused);
                     }
                 };
                 self.refusal_over(slot, cid, token_error).await;
@@ -792,8 +808,22 @@ impl Source {
                             }
                             _ => private_app()?,
                         };
+                        // The stored token, should no new one be had while it still works.
+                        let usable = match (get(vars::OAUTH_ACCESS_TOKEN), stored_expiry) {
+                            (Some(token), Some(expires_at))
+                                if !force
+                                    && still_usable(&Secret::new(token), expires_at, slot) =>
+                            {
+                                Some(Access {
+                                    token: Secret::new(token),
+                                    auth_type,
+                                    expires_at,
+                                })
+                            }
+                            _ => None,
+                        };
                         if let Some(refused) = slot.refusal_for(&app) {
-                            return Err(refused);
+                            return or_usable(cid, usable, refused);
                         }
                         let token_error = get(vars::TOKEN_ERROR);
                         let mut refresh = refresh.to_string();
@@ -834,9 +864,10 @@ impl Source {
                                     ));
                                 }
                                 Err(e) => {
-                                    return Err(self
+                                    let refused = self
                                         .refused(slot, cid, &app, auth_type, token_error, e)
-                                        .await);
+                                        .await;
+                                    return or_usable(cid, usable, refused);
                                 }
                             }
                         };
@@ -874,8 +905,9 @@ impl Source {
     /// Zoom failed a token request of `cid` made with `app`. A refusal other than a dead grant
     /// (a wrong client id or secret, a disabled app) is remembered for [`REFUSAL_BACKOFF`] and
     /// recorded as the connection's `token_error` (not again while it is stored), so its status
-    /// says so; a rate limit (429) is remembered for [`RATE_LIMIT_BACKOFF`]. Returns what the
-    /// caller gets; other failures pass as they are.
+    /// says so; a rate limit (429) is remembered for [`RATE_LIMIT_BACKOFF`], and Zoom failing
+    /// (5xx, too slow) for [`OUTAGE_BACKOFF`]. Returns what the caller gets; other failures
+    /// pass as they are.
     async fn refused(
         &self,
         slot: &mut Slot,
@@ -885,10 +917,19 @@ impl Source {
         stored: Option<&str>,
         error: ZoomError,
     ) -> CredentialError {
+        let now = tokio::time::Instant::now();
+        if matches!(error, ZoomError::Unavailable(_) | ZoomError::Timeout) {
+            tracing::warn!(connection_id = %cid, error = %error, backoff = ?OUTAGE_BACKOFF, "Zoom's token endpoint failed; no token request for this connection until the back-off ends");
+            slot.refusal = Some(Refusal {
+                until: now + OUTAGE_BACKOFF,
+                app: None,
+                answer: Answer::Zoom(error.clone()),
+            });
+            return error.into();
+        }
         let ZoomError::Rejected { status, reason } = &error else {
             return error.into();
         };
-        let now = tokio::time::Instant::now();
         if *status == 429 {
             tracing::warn!(connection_id = %cid, backoff = ?RATE_LIMIT_BACKOFF, "Zoom's token endpoint is rate limiting; no token request for this connection until the back-off ends");
             slot.refusal = Some(Refusal {
@@ -1049,6 +1090,36 @@ impl Source {
 /// What token requests and setups get once shutdown has begun.
 fn stopping() -> HostError {
     HostError::Unavailable("this service is stopping, try again".into())
+}
+
+/// What a caller gets when no new token can be had: `usable`, the token in hand, if `error` is
+/// passing (Zoom down, too slow, or rate limiting) and there is such a token; else `error`.
+fn or_usable(
+    cid: &ConnectionId,
+    usable: Option<Access>,
+    error: CredentialError,
+) -> Result<Option<Access>, CredentialError> {
+    match (usable, &error) {
+        (
+            Some(access),
+            CredentialError::Zoom(
+                e @ (ZoomError::Unavailable(_)
+                | ZoomError::Timeout
+                | ZoomError::Rejected { status: 429, .. }),
+            ),
+        ) => {
+            tracing::warn!(connection_id = %cid, error = %e, expires_at = %access.expires_at, "no new token can be had for now; using the current one until it expires");
+            Ok(Some(access))
+        }
+        _ => Err(error),
+    }
+}
+
+/// Whether `token`, expiring at `expires_at`, can still be handed out when no new one can be
+/// had: it has not expired (with [`EXPIRY_SLACK`] to spare) and Zoom did not reject it.
+fn still_usable(token: &Secret, expires_at: DateTime<Utc>, slot: &Slot) -> bool {
+    let slack = chrono::Duration::from_std(EXPIRY_SLACK).unwrap_or_default();
+    expires_at - Utc::now() > slack && slot.rejected.as_ref() != Some(token)
 }
 
 fn fresh(expires_at: DateTime<Utc>) -> bool {
@@ -1269,5 +1340,37 @@ mod tests {
         assert!(saved.is_err());
         let access = credentials.access_token(&cid).await.unwrap();
         assert_eq!(access.token.expose(), "new-access");
+    }
+
+    #[tokio::test]
+    async fn a_server_to_server_token_with_minutes_left_is_still_used_while_zoom_cannot_be_reached()
+    {
+        let (_dir, host, credentials) = credentials().await;
+        let cid = ConnectionId::generate();
+        let setup = vec![
+            Var::plain(vars::AUTH_TYPE, "serverToServer"),
+            Var::plain(vars::PRIVATE_ACCOUNT_ID, "account"),
+            Var::plain(vars::PRIVATE_CLIENT_ID, "client"),
+            Var::secret(vars::PRIVATE_CLIENT_SECRET, "secret"),
+        ];
+        host.set_vars(&cid, setup).await.unwrap();
+        let in_hand = |left: chrono::Duration| Access {
+            token: Secret::new("in-hand"),
+            auth_type: AuthType::ServerToServer,
+            expires_at: Utc::now() + left,
+        };
+        credentials.slot(&cid).lock().await.cached = Some(in_hand(chrono::Duration::minutes(2)));
+        let access = credentials.access_token(&cid).await.unwrap();
+        assert_eq!(access.token.expose(), "in-hand");
+        // Seconds from expiring: not handed out.
+        credentials.slot(&cid).lock().await.cached = Some(in_hand(chrono::Duration::seconds(5)));
+        let refused = credentials.access_token(&cid).await;
+        assert!(
+            matches!(
+                refused,
+                Err(CredentialError::Zoom(ZoomError::Unavailable(_)))
+            ),
+            "{refused:?}"
+        );
     }
 }

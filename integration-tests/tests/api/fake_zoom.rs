@@ -93,6 +93,8 @@ pub struct FakeZoomState {
     pub token_delay: Duration,
     /// While set, the token endpoint answers 429 (Zoom's rate limit).
     pub token_rate_limited: bool,
+    /// While set, the token endpoint answers 503 (Zoom's OAuth server down).
+    pub token_unavailable: bool,
     /// A refresh waits this long after Zoom rotated the token, before the answer leaves (an
     /// answer slow on its way back).
     pub refresh_answer_delay: Duration,
@@ -389,6 +391,14 @@ async fn token(
     let delay = state.lock().unwrap().token_delay;
     tokio::time::sleep(delay).await;
     let param = |k: &str| form.get(k).or(query.get(k)).cloned().unwrap_or_default();
+    if state.lock().unwrap().token_unavailable {
+        state.lock().unwrap().token_requests.push(TokenRequest {
+            grant_type: param("grant_type"),
+            client_id: basic_auth(&headers).map(|c| c.0),
+            outcome: StatusCode::SERVICE_UNAVAILABLE,
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable").into_response();
+    }
     if state.lock().unwrap().token_rate_limited {
         state.lock().unwrap().token_requests.push(TokenRequest {
             grant_type: param("grant_type"),

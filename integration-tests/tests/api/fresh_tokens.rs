@@ -1135,3 +1135,40 @@ async fn a_rate_limited_token_endpoint_is_not_asked_again_until_its_back_off_end
     }
     assert_eq!(zoom.token_requests_of("account_credentials"), 1);
 }
+
+/// Sets `cid`'s stored `oauth_expiry` to `from_now` from now, and waits for the embedded host's
+/// announcement to reach the token cache.
+async fn expiring_in(app: &TestApp, cid: &str, from_now: chrono::Duration) {
+    let expiry = (chrono::Utc::now() + from_now).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![var(cid, "oauth_expiry", &expiry, false)],
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn while_the_token_endpoint_is_down_a_token_with_minutes_left_is_still_used() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    assert_eq!(test_connection(&app, &cid).await.0, ConnStatus::Ok);
+    // Two minutes left: within the margin a token is refreshed before. Zoom's OAuth server is
+    // down, its API is not.
+    expiring_in(&app, &cid, chrono::Duration::minutes(2)).await;
+    zoom.state.lock().unwrap().token_unavailable = true;
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert_eq!(
+        zoom.token_requests_of("refresh_token"),
+        2,
+        "a refresh was tried, and failed"
+    );
+    // A token that has expired is not handed out.
+    expiring_in(&app, &cid, chrono::Duration::minutes(-1)).await;
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Error);
+    assert!(message.contains("Zoom is unavailable"), "{message}");
+}
