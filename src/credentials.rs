@@ -38,8 +38,14 @@ use crate::secret::Secret;
 use crate::zoom::ZoomError;
 use crate::zoom::oauth::{Token, ZoomOAuth};
 
-/// Tokens with less than this left are refreshed before use.
+/// Tokens with less than this left are refreshed before use (or with less than half their
+/// lifetime left, when they live shorter than twice this).
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// No token is requested for a connection within this long of the last one obtained for it,
+/// as long as that one works: a token Zoom says lives a second, or not at all, would otherwise
+/// make every call request one (rotating an OAuth connection's refresh token each time).
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(3);
 
 /// The `connection_error` of a connection whose refresh token Zoom no longer accepts.
 pub const REAUTHORIZATION_REQUIRED: &str = "re-authorization required";
@@ -132,9 +138,31 @@ struct Slot {
     rejected: Option<Secret>,
     /// Zoom's last refusal of a token request, while its back-off lasts.
     refusal: Option<Refusal>,
+    /// How long before they expire tokens are refreshed: [`REFRESH_MARGIN`], or half the
+    /// lifetime of the last token obtained if that is shorter.
+    margin: Option<Duration>,
+    /// When the last token was obtained (see [`MIN_REFRESH_INTERVAL`]).
+    obtained_at: Option<tokio::time::Instant>,
 }
 
 impl Slot {
+    /// Whether a token expiring at `expires_at` is handed out without asking for a new one:
+    /// more than the margin is left, or a token was obtained moments ago.
+    fn fresh(&self, expires_at: DateTime<Utc>) -> bool {
+        let margin = self.margin.unwrap_or(REFRESH_MARGIN);
+        expires_at - Utc::now() > chrono::Duration::from_std(margin).unwrap_or_default()
+            || self
+                .obtained_at
+                .is_some_and(|at| at.elapsed() < MIN_REFRESH_INTERVAL)
+    }
+
+    /// A token expiring at `expires_at` was obtained just now.
+    fn obtained(&mut self, expires_at: DateTime<Utc>) {
+        let lifetime = (expires_at - Utc::now()).to_std().unwrap_or_default();
+        self.margin = Some(REFRESH_MARGIN.min(lifetime / 2));
+        self.obtained_at = Some(tokio::time::Instant::now());
+    }
+
     /// What a token request with `app` gets without being made, while the back-off of Zoom's
     /// last refusal lasts (of a refused app, only while `app` is the one refused).
     fn refusal_for(&mut self, app: &OAuthApp) -> Option<CredentialError> {
@@ -493,7 +521,7 @@ impl Credentials {
                     s.unsaved.is_some()
                         || s.broken.is_some()
                         || s.rejected.is_some()
-                        || s.cached.as_ref().is_some_and(|a| fresh(a.expires_at))
+                        || s.cached.as_ref().is_some_and(|a| s.fresh(a.expires_at))
                 })
         });
         before - slots.len()
@@ -619,7 +647,7 @@ impl Credentials {
         if let Some(access) = slot
             .cached
             .as_ref()
-            .filter(|a| !force && slot.unsaved.is_none() && fresh(a.expires_at))
+            .filter(|a| !force && slot.unsaved.is_none() && slot.fresh(a.expires_at))
         {
             return Ok(access.clone());
         }
@@ -671,7 +699,7 @@ impl Source {
         if let Some(access) = slot
             .cached
             .as_ref()
-            .filter(|a| !force && fresh(a.expires_at))
+            .filter(|a| !force && slot.fresh(a.expires_at))
         {
             return Ok(access.clone());
         }
@@ -773,6 +801,7 @@ impl Source {
                     }
                 };
                 self.refusal_over(slot, cid, token_error).await;
+                slot.obtained(token.expires_at);
                 access_of(token, auth_type)
             }
             AuthType::OAuthDefault | AuthType::OAuthPrivate => {
@@ -782,7 +811,7 @@ impl Source {
                 match (get(vars::OAUTH_ACCESS_TOKEN), stored_expiry) {
                     (Some(token), Some(expires_at))
                         if !force
-                            && fresh(expires_at)
+                            && slot.fresh(expires_at)
                             && slot.rejected.as_ref().is_none_or(|r| r.expose() != token) =>
                     {
                         Access {
@@ -872,6 +901,7 @@ impl Source {
                             }
                         };
                         self.refusal_over(slot, cid, token_error).await;
+                        slot.obtained(token.expires_at);
                         // The old refresh token is dead now: the new pair must reach the host
                         // engine before it is used, and must not be lost if that fails, so it
                         // is kept before the save starts.
@@ -1120,10 +1150,6 @@ fn or_usable(
 fn still_usable(token: &Secret, expires_at: DateTime<Utc>, slot: &Slot) -> bool {
     let slack = chrono::Duration::from_std(EXPIRY_SLACK).unwrap_or_default();
     expires_at - Utc::now() > slack && slot.rejected.as_ref() != Some(token)
-}
-
-fn fresh(expires_at: DateTime<Utc>) -> bool {
-    expires_at - Utc::now() > chrono::Duration::from_std(REFRESH_MARGIN).unwrap_or_default()
 }
 
 fn access_of(token: Token, auth_type: AuthType) -> Access {

@@ -297,12 +297,16 @@ fn token_answer(
     }
 }
 
-/// `expires_in` as a number of seconds, or as text holding one; anything else counts as
-/// absent (the default lifetime).
+/// `expires_in` as a number of seconds, or as text holding one; a negative one counts as 0
+/// (a token already expired), anything else as absent (the default lifetime).
 fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let seconds = |n: f64| (n.is_finite()).then(|| n.max(0.0) as u64);
     Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Number(n) => n.as_u64(),
-        serde_json::Value::String(s) => s.trim().parse().ok(),
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| n.as_f64().and_then(seconds)),
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            s.parse().ok().or_else(|| s.parse().ok().and_then(seconds))
+        }
         _ => None,
     })
 }
@@ -440,6 +444,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_negative_or_zero_expires_in_counts_as_a_token_already_expired() {
+        for expires_in in ["-5", "\"-5\"", "-0.5", "0", "\"0\""] {
+            let body = format!(r#"{{"access_token":"a2","expires_in":{expires_in}}}"#);
+            let token = answer(200, &body, Some("r1")).unwrap();
+            let lifetime = token.expires_at - Utc::now();
+            assert!(lifetime.num_seconds() <= 0, "{expires_in}: {lifetime}");
+        }
+        // Fractions are whole seconds; what is not a number at all is Zoom's hour.
+        let token = answer(200, r#"{"access_token":"a2","expires_in":59.9}"#, None).unwrap();
+        assert!((58..=59).contains(&(token.expires_at - Utc::now()).num_seconds()));
+        let token = answer(200, r#"{"access_token":"a2","expires_in":"soon"}"#, None).unwrap();
+        assert!((token.expires_at - Utc::now()).num_seconds() > 3500);
     }
 
     #[test]

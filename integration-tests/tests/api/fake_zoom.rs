@@ -77,7 +77,9 @@ pub struct FakeZoomState {
     /// Live refresh tokens and the client each belongs to; each works once (rotation).
     refresh_tokens: HashMap<String, String>,
     /// `expires_in` of Server-to-Server tokens.
-    pub s2s_expires_in: u64,
+    pub s2s_expires_in: i64,
+    /// `expires_in` of OAuth tokens (code exchanges and refreshes).
+    pub oauth_expires_in: i64,
     /// Answers for the next API requests: 429 with (`Retry-After`, `X-RateLimit-Type`).
     pub rate_limits: std::collections::VecDeque<(String, String)>,
     /// Answers for the next API requests (after any rate limit), whatever they ask:
@@ -130,6 +132,7 @@ impl FakeZoom {
         let addr = listener.local_addr().unwrap();
         let mut state = FakeZoomState {
             s2s_expires_in: 3599,
+            oauth_expires_in: 3599,
             ..FakeZoomState::default()
         };
         for (id, secret, account) in [
@@ -592,7 +595,7 @@ fn tokens(s: &mut FakeZoomState, client_id: &str) -> Response {
             "access_token": access,
             "token_type": "bearer",
             "refresh_token": refresh,
-            "expires_in": 3599,
+            "expires_in": s.oauth_expires_in,
             "scope": "user:read:user meeting:read:meeting",
             "api_url": "https://api.zoom.us",
         })),

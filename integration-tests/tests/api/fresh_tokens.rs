@@ -443,8 +443,8 @@ async fn server_to_server_tokens_are_cached_and_renewed_before_they_expire() {
     }
     assert_eq!(zoom.token_requests_of("account_credentials"), 1, "cached");
 
-    // A token with just over the refresh margin left is renewed once the margin is reached.
-    zoom.state.lock().unwrap().s2s_expires_in = 302;
+    // A token living 8 s is renewed halfway through its life (the 5 minutes do not fit).
+    zoom.state.lock().unwrap().s2s_expires_in = 8;
     let fresh = ConnectionId::generate().to_string();
     app.vars()
         .set(vars::SetRequest {
@@ -460,7 +460,7 @@ async fn server_to_server_tokens_are_cached_and_renewed_before_they_expire() {
     assert_eq!(test_connection(&app, &fresh).await.0, ConnStatus::Ok);
     assert_eq!(test_connection(&app, &fresh).await.0, ConnStatus::Ok);
     assert_eq!(zoom.token_requests_of("account_credentials"), 2);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     assert_eq!(test_connection(&app, &fresh).await.0, ConnStatus::Ok);
     assert_eq!(
         zoom.token_requests_of("account_credentials"),
@@ -1153,10 +1153,11 @@ async fn expiring_in(app: &TestApp, cid: &str, from_now: chrono::Duration) {
 async fn while_the_token_endpoint_is_down_a_token_with_minutes_left_is_still_used() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
-    let (cid, _) = expired_connection(&app, &zoom).await;
-    assert_eq!(test_connection(&app, &cid).await.0, ConnStatus::Ok);
-    // Two minutes left: within the margin a token is refreshed before. Zoom's OAuth server is
-    // down, its API is not.
+    let (cid, refresh) = expired_connection(&app, &zoom).await;
+    // A pair Zoom issued earlier, with two minutes left: within the margin a token is
+    // refreshed before. Zoom's OAuth server is down, its API is not.
+    let pair = refresh_elsewhere(&zoom, &refresh).await;
+    save_pair(app.vars(), &cid, &pair).await;
     expiring_in(&app, &cid, chrono::Duration::minutes(2)).await;
     zoom.state.lock().unwrap().token_unavailable = true;
     let (code, message) = test_connection(&app, &cid).await;
@@ -1164,11 +1165,57 @@ async fn while_the_token_endpoint_is_down_a_token_with_minutes_left_is_still_use
     assert_eq!(
         zoom.token_requests_of("refresh_token"),
         2,
-        "a refresh was tried, and failed"
+        "theirs, and ours, which failed"
     );
     // A token that has expired is not handed out.
     expiring_in(&app, &cid, chrono::Duration::minutes(-1)).await;
     let (code, message) = test_connection(&app, &cid).await;
     assert_eq!(code, ConnStatus::Error);
     assert!(message.contains("Zoom is unavailable"), "{message}");
+}
+
+/// A Server-to-Server connection with the fake Zoom's app.
+async fn server_to_server_connection(app: &TestApp) -> String {
+    let cid = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "serverToServer", false),
+                var(&cid, "private_account_id", S2S_ACCOUNT_ID, false),
+                var(&cid, "private_client_id", S2S_CLIENT_ID, false),
+                var(&cid, "private_client_secret", S2S_CLIENT_SECRET, true),
+            ],
+        })
+        .await
+        .unwrap();
+    cid
+}
+
+#[tokio::test]
+async fn tokens_living_less_than_the_refresh_margin_are_not_requested_again_on_every_call() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    // OAuth tokens said to live two minutes: refreshed a minute before they expire.
+    zoom.state.lock().unwrap().oauth_expires_in = 120;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    for _ in 0..5 {
+        let (code, message) = test_connection(&app, &cid).await;
+        assert_eq!(code, ConnStatus::Ok, "{message}");
+    }
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
+    // Server-to-Server tokens said to live a minute, no time at all, or less: within seconds of
+    // one, no other is requested.
+    for expires_in in [60, 0, -5] {
+        zoom.state.lock().unwrap().s2s_expires_in = expires_in;
+        let cid = server_to_server_connection(&app).await;
+        for _ in 0..5 {
+            let (code, message) = test_connection(&app, &cid).await;
+            assert_eq!(code, ConnStatus::Ok, "{expires_in}: {message}");
+        }
+    }
+    assert_eq!(
+        zoom.token_requests_of("account_credentials"),
+        3,
+        "one for each connection"
+    );
 }
