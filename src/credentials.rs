@@ -156,8 +156,10 @@ impl Slot {
                 .is_some_and(|at| at.elapsed() < MIN_REFRESH_INTERVAL)
     }
 
-    /// A token expiring at `expires_at` was obtained just now.
+    /// A token expiring at `expires_at` was obtained just now (so a token Zoom rejected
+    /// earlier is not the one in use any more).
     fn obtained(&mut self, expires_at: DateTime<Utc>) {
+        self.rejected = None;
         let lifetime = (expires_at - Utc::now()).to_std().unwrap_or_default();
         self.margin = Some(REFRESH_MARGIN.min(lifetime / 2));
         self.obtained_at = Some(tokio::time::Instant::now());
@@ -656,11 +658,31 @@ impl Credentials {
         if self.tasks.is_closed() {
             return Err(stopping().into());
         }
-        let (source, cid) = (self.source.clone(), cid.clone());
-        self.tasks
-            .spawn(async move { source.obtain(slot, &cid, force).await })
+        let (source, id) = (self.source.clone(), cid.clone());
+        let obtained = self
+            .tasks
+            .spawn(async move { source.obtain(slot, &id, force).await })
             .await
-            .map_err(|e| HostError::Internal(format!("the token task failed: {e}")))?
+            .map_err(|e| HostError::Internal(format!("the token task failed: {e}")))?;
+        if let Err(CredentialError::NotSetUp) = &obtained {
+            self.forget_unused(cid);
+        }
+        obtained
+    }
+
+    /// Forgets `cid`'s slot, which belongs to a connection not set up (a deleted one, a
+    /// mistyped id), unless someone is using it or it holds tokens to save: nothing else in it
+    /// matters for such a connection, and every id ever asked for would otherwise keep one until
+    /// the hourly [`Self::forget_idle`].
+    fn forget_unused(&self, cid: &ConnectionId) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the map's lock nobody can take a new handle on the slot.
+        let unused = slots.get(cid).is_some_and(|slot| {
+            Arc::strong_count(slot) == 1 && slot.try_lock().is_ok_and(|s| s.unsaved.is_none())
+        });
+        if unused {
+            slots.remove(cid);
+        }
     }
 }
 
@@ -808,6 +830,15 @@ impl Source {
                 let stored_expiry = get(vars::OAUTH_EXPIRY)
                     .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
                     .map(|e| e.with_timezone(&Utc));
+                // A token Zoom rejected matters only while it is the one stored.
+                let stored_token = get(vars::OAUTH_ACCESS_TOKEN);
+                if slot
+                    .rejected
+                    .as_ref()
+                    .is_some_and(|r| Some(r.expose()) != stored_token)
+                {
+                    slot.rejected = None;
+                }
                 match (get(vars::OAUTH_ACCESS_TOKEN), stored_expiry) {
                     (Some(token), Some(expires_at))
                         if !force
@@ -1299,12 +1330,12 @@ mod tests {
         let (used, unknown) = (ConnectionId::generate(), ConnectionId::generate());
         host.set_vars(&used, new_setup("access")).await.unwrap();
         credentials.access_token(&used).await.unwrap();
+        let held = credentials.slot(&unknown);
         assert!(matches!(
             credentials.access_token(&unknown).await,
             Err(CredentialError::NotSetUp)
         ));
         assert_eq!(credentials.cached_connections(), 2);
-        let held = credentials.slot(&unknown);
         assert_eq!(credentials.forget_idle(), 0, "a slot in use is kept");
         drop(held);
         assert_eq!(credentials.forget_idle(), 1);
@@ -1398,5 +1429,41 @@ mod tests {
             ),
             "{refused:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_not_set_up_keeps_no_slot_once_nobody_uses_it() {
+        let (_dir, host, credentials) = credentials().await;
+        let (unknown, deleted) = (ConnectionId::generate(), ConnectionId::generate());
+        assert!(matches!(
+            credentials.access_token(&unknown).await,
+            Err(CredentialError::NotSetUp)
+        ));
+        assert_eq!(credentials.cached_connections(), 0, "a mistyped id");
+        // A connection whose token Zoom rejected, deleted since.
+        host.set_vars(&deleted, new_setup("access")).await.unwrap();
+        let access = credentials.access_token(&deleted).await.unwrap();
+        credentials.reject(&deleted, &access.token).await;
+        host.delete_vars(&deleted, &[]).await.unwrap();
+        assert!(matches!(
+            credentials.access_token(&deleted).await,
+            Err(CredentialError::NotSetUp)
+        ));
+        assert_eq!(credentials.cached_connections(), 0, "a deleted one");
+    }
+
+    #[tokio::test]
+    async fn a_rejected_token_is_forgotten_once_another_is_stored() {
+        let (_dir, host, credentials) = credentials().await;
+        let cid = ConnectionId::generate();
+        host.set_vars(&cid, new_setup("revoked")).await.unwrap();
+        let access = credentials.access_token(&cid).await.unwrap();
+        credentials.reject(&cid, &access.token).await;
+        // Set up again elsewhere: the host has a new token, and nobody tells us.
+        host.set_vars(&cid, new_setup("new-access")).await.unwrap();
+        let access = credentials.access_token(&cid).await.unwrap();
+        assert_eq!(access.token.expose(), "new-access");
+        let slot = credentials.slot(&cid);
+        assert!(slot.lock().await.rejected.is_none());
     }
 }
