@@ -27,6 +27,9 @@ pub mod vars {
     pub const OAUTH_EXPIRY: &str = "oauth_expiry";
     /// Usually `bearer`.
     pub const OAUTH_TOKEN_TYPE: &str = "oauth_token_type";
+    /// Default-app connections: the client id of the default app (`ZOOM_CLIENT_ID`) that
+    /// issued the tokens; only that app can refresh them.
+    pub const OAUTH_CLIENT_ID: &str = "oauth_client_id";
     /// The Zoom account the connection belongs to; routes webhooks.
     pub const ACCOUNT_ID: &str = "account_id";
     /// The Zoom user who authorized the connection.
@@ -52,6 +55,7 @@ pub mod vars {
         OAUTH_REFRESH_TOKEN,
         OAUTH_EXPIRY,
         OAUTH_TOKEN_TYPE,
+        OAUTH_CLIENT_ID,
         ACCOUNT_ID,
         USER_ID,
         USER_NAME,

@@ -764,6 +764,7 @@ impl Source {
             vars::OAUTH_REFRESH_TOKEN,
             vars::OAUTH_EXPIRY,
             vars::OAUTH_TOKEN_TYPE,
+            vars::OAUTH_CLIENT_ID,
             vars::PRIVATE_CLIENT_ID,
             vars::PRIVATE_CLIENT_SECRET,
             vars::PRIVATE_ACCOUNT_ID,
@@ -859,12 +860,23 @@ impl Source {
                         })?;
                         let app = match auth_type {
                             AuthType::OAuthDefault => {
-                                self.default_app.clone().ok_or_else(|| {
+                                let app = self.default_app.clone().ok_or_else(|| {
                                     CredentialError::Broken(
                                         "the default OAuth app is no longer configured on this server"
                                             .into(),
                                     )
-                                })?
+                                })?;
+                                // Another app's refresh would be refused as a dead grant, and
+                                // the refresh token, live for the app that issued it, dropped.
+                                if let Some(issuer) = get(vars::OAUTH_CLIENT_ID)
+                                    && issuer != app.client_id
+                                {
+                                    return Err(CredentialError::Broken(format!(
+                                        "the connection was authorized with default OAuth app {}, not the one configured now (ZOOM_CLIENT_ID): connect again, or configure that app",
+                                        crate::ids::truncate(issuer, 64)
+                                    )));
+                                }
+                                app
                             }
                             _ => private_app()?,
                         };

@@ -377,7 +377,12 @@ async fn complete_flow(
             Some(PrivateApp { app, secret_token }),
         ),
     };
-    let vars = oauth_vars(auth_type, private.as_ref(), &token, &user);
+    let mut vars = oauth_vars(auth_type, private.as_ref(), &token, &user);
+    if private.is_none() {
+        // Only this app can refresh the tokens: should the operator configure another one,
+        // the connection is told apart instead of its refresh token being spent on it.
+        vars.push(Var::plain(vars::OAUTH_CLIENT_ID, &credentials.client_id));
+    }
     save_connection(state, &flow.target.cid, vars).await?;
     tracing::info!(connection_id = %flow.target.cid, %auth_type, "connection set up");
     Ok(finish(

@@ -166,6 +166,11 @@ async fn the_default_app_flow_saves_the_token_and_the_zoom_user() {
         "expiry {expiry} s from now"
     );
     assert!(value_of(&stored, "private_client_secret").is_none());
+    assert_eq!(
+        value_of(&stored, "oauth_client_id"),
+        Some((DEFAULT_CLIENT_ID.into(), false)),
+        "the app that issued the tokens"
+    );
 
     let requests = zoom.token_requests();
     assert_eq!(requests.len(), 1);
@@ -1103,7 +1108,7 @@ async fn with_a_host_ui_the_browser_returns_where_the_host_asks() {
     );
     assert_eq!(
         snapshot(&app, &cid).await.len(),
-        8,
+        9,
         "saved before going back to the host"
     );
 }

@@ -1219,3 +1219,64 @@ async fn tokens_living_less_than_the_refresh_margin_are_not_requested_again_on_e
         "one for each connection"
     );
 }
+
+#[tokio::test]
+async fn a_connection_of_another_default_app_than_the_configured_one_is_refused_and_kept_for_it() {
+    let zoom = FakeZoom::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = zoom.env();
+    let first: Vec<(&str, &str)> = first.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app_in(dir.path(), &first).await;
+    zoom.register_redirect_uri(app.url("/oauth/redirect/zoom"));
+    let cid = ConnectionId::generate().to_string();
+    let agent = crate::user_agent::UserAgent::new(&app.url(""));
+    let consent = agent
+        .get(&app.url(&format!("/oauth/start/zoom?cid={cid}")))
+        .await;
+    let done = agent.get(consent.link("allow").as_str()).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    let stored = snapshot(&app, &cid).await;
+    assert_eq!(
+        value_of(&stored, "oauth_client_id"),
+        Some((DEFAULT_CLIENT_ID.to_string(), false)),
+        "the app that issued the tokens"
+    );
+    let refresh = value_of(&stored, "oauth_refresh_token").unwrap().0;
+    // Its access token has expired.
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![var(&cid, "oauth_expiry", &a_minute_ago(), false)],
+        })
+        .await
+        .unwrap();
+    app.stop().await.unwrap();
+
+    // The operator configures another default app.
+    let mut second = first.clone();
+    second.retain(|(k, _)| !k.starts_with("ZOOM_CLIENT_"));
+    second.extend([
+        ("ZOOM_CLIENT_ID", "anotherClientId"),
+        ("ZOOM_CLIENT_SECRET", "another-client-secret"),
+    ]);
+    let app = spawn_app_in(dir.path(), &second).await;
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Error);
+    assert!(
+        message.contains(DEFAULT_CLIENT_ID) && message.contains("ZOOM_CLIENT_ID"),
+        "{message}"
+    );
+    assert_eq!(
+        zoom.token_requests_of("refresh_token"),
+        0,
+        "Zoom is not asked"
+    );
+    let stored = snapshot(&app, &cid).await;
+    assert_eq!(value_of(&stored, "connection_error"), None);
+    assert_eq!(value_of(&stored, "oauth_refresh_token").unwrap().0, refresh);
+    app.stop().await.unwrap();
+
+    // Back with the app that issued them, the connection works as before.
+    let app = spawn_app_in(dir.path(), &first).await;
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+}
