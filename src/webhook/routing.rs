@@ -629,6 +629,18 @@ impl HostEngine for ListingKnown {
         self.host.replace_vars_if_set_up(scope, vars, remove).await
     }
 
+    async fn replace_vars_if_current(
+        &self,
+        scope: &ConnectionId,
+        vars: Vec<crate::host::Var>,
+        name: &str,
+        current: &[&str],
+    ) -> Result<bool, HostError> {
+        self.host
+            .replace_vars_if_current(scope, vars, name, current)
+            .await
+    }
+
     async fn find_connections(
         &self,
         name: &str,
