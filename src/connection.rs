@@ -190,6 +190,25 @@ pub fn connection_status(vars: &[Var]) -> Status {
     status(StatusCode::Ok, format!("using {}", auth_type.describe()))
 }
 
+/// Why a connection set up with the default OAuth app cannot use the one configured now
+/// (`configured`: its client id, if any), if it cannot: none is configured, or the tokens were
+/// issued to another app (`oauth_client_id`), whose refresh token this one would see refused.
+pub fn default_app_mismatch(vars: &[Var], configured: Option<&str>) -> Option<String> {
+    if value_of(vars, vars::AUTH_TYPE) != Some(AuthType::OAuthDefault.as_str()) {
+        return None;
+    }
+    let Some(configured) = configured else {
+        return Some("the default OAuth app is no longer configured on this server".into());
+    };
+    let issuer = value_of(vars, vars::OAUTH_CLIENT_ID)?;
+    (issuer != configured).then(|| {
+        format!(
+            "the connection was authorized with default OAuth app {}, not the one configured now (ZOOM_CLIENT_ID): connect again, or configure that app",
+            crate::ids::truncate(issuer, 64)
+        )
+    })
+}
+
 /// The connection's non-secret settings, by variable name.
 pub fn public_config(vars: &[Var]) -> BTreeMap<String, String> {
     vars.iter()

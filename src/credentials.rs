@@ -147,7 +147,8 @@ struct Slot {
 
 impl Slot {
     /// Whether a token expiring at `expires_at` is handed out without asking for a new one:
-    /// more than the margin is left, or a token was obtained moments ago.
+    /// more than the margin is left, or a token was obtained moments ago (one Zoom said lives
+    /// no time at all is used for those moments rather than asked for on every call).
     fn fresh(&self, expires_at: DateTime<Utc>) -> bool {
         let margin = self.margin.unwrap_or(REFRESH_MARGIN);
         expires_at - Utc::now() > chrono::Duration::from_std(margin).unwrap_or_default()
@@ -868,13 +869,11 @@ impl Source {
                                 })?;
                                 // Another app's refresh would be refused as a dead grant, and
                                 // the refresh token, live for the app that issued it, dropped.
-                                if let Some(issuer) = get(vars::OAUTH_CLIENT_ID)
-                                    && issuer != app.client_id
-                                {
-                                    return Err(CredentialError::Broken(format!(
-                                        "the connection was authorized with default OAuth app {}, not the one configured now (ZOOM_CLIENT_ID): connect again, or configure that app",
-                                        crate::ids::truncate(issuer, 64)
-                                    )));
+                                if let Some(why) = crate::connection::default_app_mismatch(
+                                    &stored,
+                                    Some(&app.client_id),
+                                ) {
+                                    return Err(CredentialError::Broken(why));
                                 }
                                 app
                             }
@@ -948,7 +947,13 @@ impl Source {
                         // The old refresh token is dead now: the new pair must reach the host
                         // engine before it is used, and must not be lost if that fails, so it
                         // is kept before the save starts.
-                        let unsaved = Unsaved::new(&token, &refresh);
+                        let mut unsaved = Unsaved::new(&token, &refresh);
+                        if auth_type == AuthType::OAuthDefault {
+                            // Connections set up before the issuer was recorded learn it here.
+                            unsaved
+                                .vars
+                                .push(Var::plain(vars::OAUTH_CLIENT_ID, &app.client_id));
+                        }
                         slot.unsaved = Some(unsaved.clone());
                         match self.save(cid, &unsaved).await {
                             Ok(saved) => {

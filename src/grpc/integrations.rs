@@ -27,6 +27,8 @@ pub struct IntegrationsApi {
     functions: Functions,
     /// `REQUEST_TIMEOUT`: the longest a call may take, whatever its caller allows.
     request_timeout: std::time::Duration,
+    /// `ZOOM_CLIENT_ID`, the default app's, if configured.
+    default_client_id: Option<String>,
 }
 
 impl IntegrationsApi {
@@ -40,6 +42,11 @@ impl IntegrationsApi {
             zoom_api: state.zoom_api.clone(),
             functions: Functions::new(state.credentials.clone(), state.zoom_api.clone()),
             request_timeout: state.config.request_timeout,
+            default_client_id: state
+                .config
+                .default_app
+                .as_ref()
+                .map(|app| app.client_id.clone()),
         }
     }
 
@@ -114,6 +121,12 @@ impl IntegrationsApi {
         let token =
             tokio::time::timeout(self.request_timeout / 3, self.credentials.access_token(cid));
         match token.await {
+            // Not one about to expire (handed out while Zoom's OAuth server is down): the
+            // session would start with a token that dies in its first call.
+            Ok(Ok(access)) if access.expires_at - chrono::Utc::now() < MIN_TOKEN_LEFT => {
+                tracing::info!(connection_id = %cid, "configured a connection without an access token: the only one to be had is about to expire");
+                None
+            }
             Ok(Ok(access)) => Some(access),
             Ok(Err(e)) => {
                 tracing::info!(connection_id = %cid, error = %e, "configured a connection without an access token");
@@ -136,6 +149,9 @@ impl IntegrationsApi {
         Ok(self.host.get_vars(&cid, &[]).await?)
     }
 }
+
+/// The least time a token `Configure` hands a session must have left.
+const MIN_TOKEN_LEFT: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 
 /// The status of a connection whose stored secret no longer decrypts: the owner must set it
 /// up again (retrying cannot help, so it is not an error of the call).
@@ -222,7 +238,14 @@ impl IntegrationsService for IntegrationsApi {
         let cid = ConnectionId::parse(&req.connection_id).map_err(ApiError::from)?;
         let mut config: std::collections::HashMap<String, String> =
             public_config(&vars).into_iter().collect();
-        if connection_status(&vars).code() == StatusCode::Ok
+        // A `token_error` does not keep the token back: asking is what clears it once the
+        // app is fixed, and a session start is when someone is waiting for one.
+        let without_token_error: Vec<_> = vars
+            .iter()
+            .filter(|v| v.name != vars::TOKEN_ERROR)
+            .cloned()
+            .collect();
+        if connection_status(&without_token_error).code() == StatusCode::Ok
             && let Some(access) = self.token_for_workflow(&cid).await
         {
             config.insert(
@@ -269,7 +292,15 @@ impl IntegrationsService for IntegrationsApi {
                 .connection_vars(&req.integration_id, &req.connection_id)
                 .await
             {
-                Ok(vars) => connection_status(&vars),
+                Ok(vars) => match crate::connection::default_app_mismatch(
+                    &vars,
+                    self.default_client_id.as_deref(),
+                ) {
+                    Some(why) if connection_status(&vars).code() == StatusCode::Ok => {
+                        status(StatusCode::Error, why)
+                    }
+                    _ => connection_status(&vars),
+                },
                 Err(ApiError::DataLoss(message)) => status(StatusCode::Error, message),
                 Err(e) => return Err(e.into()),
             }

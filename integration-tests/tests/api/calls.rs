@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use zoom_integration::connection::StatusCode as ConnStatus;
 use zoom_integration::ids::ConnectionId;
 use zoom_integration::proto::autokitteh::integrations::v1::{
     CallRequest, CallResponse, ConfigureRequest, GetRequest,
@@ -311,6 +312,58 @@ async fn configure_gives_sessions_a_fresh_access_token_for_sdk_clients_but_never
         .unwrap();
     let config = configure(dead).await.unwrap().into_inner().config;
     assert!(!config.contains_key("oauth_access_token"), "{config:?}");
+}
+
+#[tokio::test]
+async fn configure_asks_for_a_token_despite_a_recorded_token_error_which_a_new_token_clears() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    // Recorded while the app's secret was wrong; the operator has fixed it since.
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![var(&cid, "token_error", "Zoom refused the app", false)],
+        })
+        .await
+        .unwrap();
+    let status = app.connection_status(&cid).await.unwrap();
+    assert_eq!(status.code(), ConnStatus::Error);
+    let config = app
+        .integrations()
+        .configure(ConfigureRequest {
+            integration_id: zoom_id(),
+            connection_id: cid.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config;
+    assert!(
+        zoom.access_token_is_live(&config["oauth_access_token"]),
+        "{config:?}"
+    );
+    let status = app.connection_status(&cid).await.unwrap();
+    assert_eq!(status.code(), ConnStatus::Ok, "{}", status.message);
+}
+
+#[tokio::test]
+async fn configure_gives_no_token_about_to_expire() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    zoom.state.lock().unwrap().oauth_expires_in = 30;
+    let config = app
+        .integrations()
+        .configure(ConfigureRequest {
+            integration_id: zoom_id(),
+            connection_id: cid,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config;
+    assert!(!config.contains_key("oauth_access_token"), "{config:?}");
+    assert_eq!(config["auth_type"], "oauthDefault");
 }
 
 #[tokio::test]

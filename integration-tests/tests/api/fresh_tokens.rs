@@ -1259,6 +1259,14 @@ async fn a_connection_of_another_default_app_than_the_configured_one_is_refused_
         ("ZOOM_CLIENT_SECRET", "another-client-secret"),
     ]);
     let app = spawn_app_in(dir.path(), &second).await;
+    // Its status says so before anything is tried, and so does a test.
+    let status = app.connection_status(&cid).await.unwrap();
+    assert_eq!(status.code(), ConnStatus::Error);
+    assert!(
+        status.message.contains(DEFAULT_CLIENT_ID),
+        "{}",
+        status.message
+    );
     let (code, message) = test_connection(&app, &cid).await;
     assert_eq!(code, ConnStatus::Error);
     assert!(
@@ -1279,4 +1287,25 @@ async fn a_connection_of_another_default_app_than_the_configured_one_is_refused_
     let app = spawn_app_in(dir.path(), &first).await;
     let (code, message) = test_connection(&app, &cid).await;
     assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert_eq!(
+        app.connection_status(&cid).await.unwrap().code(),
+        ConnStatus::Ok
+    );
+}
+
+#[tokio::test]
+async fn a_default_app_connection_set_up_before_its_issuer_was_recorded_learns_it_on_refresh() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    assert_eq!(
+        value_of(&snapshot(&app, &cid).await, "oauth_client_id"),
+        None
+    );
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert_eq!(
+        value_of(&snapshot(&app, &cid).await, "oauth_client_id"),
+        Some((DEFAULT_CLIENT_ID.to_string(), false))
+    );
 }

@@ -10,7 +10,7 @@ use zoom_integration::proto::autokitteh::events::v1 as events;
 use zoom_integration::proto::autokitteh::integrations::v1::*;
 use zoom_integration::proto::autokitteh::vars::v1 as vars;
 
-use crate::helpers::{spawn_app, var, zoom_id};
+use crate::helpers::{spawn_app, spawn_app_with, var, zoom_id};
 
 #[tokio::test]
 async fn get_and_list_describe_the_zoom_integration() {
@@ -72,7 +72,11 @@ async fn status_of(app: &crate::helpers::TestApp, cid: &str) -> (StatusCode, Str
 
 #[tokio::test]
 async fn connection_status_follows_the_stored_variables() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(&[
+        ("ZOOM_CLIENT_ID", "default-client"),
+        ("ZOOM_CLIENT_SECRET", "default-secret"),
+    ])
+    .await;
     let cid = ConnectionId::generate().to_string();
 
     assert_eq!(status_of(&app, "").await.0, StatusCode::InitRequired);
@@ -91,6 +95,26 @@ async fn connection_status_follows_the_stored_variables() {
     let (code, message) = status_of(&app, &cid).await;
     assert_eq!(code, StatusCode::Ok);
     assert!(message.contains("default OAuth app"), "{message}");
+    // Issued to another default app than the one configured: unusable here.
+    set(vec![var(&cid, "oauth_client_id", "another-client", false)]).await;
+    let (code, message) = status_of(&app, &cid).await;
+    assert_eq!(code, StatusCode::Error);
+    assert!(message.contains("another-client"), "{message}");
+    // On a server with no default app at all, likewise.
+    let bare = spawn_app().await;
+    let mut bare_vars = bare.vars();
+    bare_vars
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "oauthDefault", false),
+                var(&cid, "oauth_refresh_token", "refresh-1", true),
+            ],
+        })
+        .await
+        .unwrap();
+    let (code, message) = status_of(&bare, &cid).await;
+    assert_eq!(code, StatusCode::Error);
+    assert!(message.contains("no longer configured"), "{message}");
 
     set(vec![var(&cid, "auth_type", "serverToServer", false)]).await;
     let (code, message) = status_of(&app, &cid).await;

@@ -248,8 +248,14 @@ async fn default_connection(app: &TestApp, account: &str) -> String {
     cid
 }
 
+/// The service with the default app's secret token, and the default app its connections use.
 async fn app_with_secret() -> TestApp {
-    spawn_app_with(&[("ZOOM_SECRET_TOKEN", SECRET)]).await
+    spawn_app_with(&[
+        ("ZOOM_SECRET_TOKEN", SECRET),
+        ("ZOOM_CLIENT_ID", "default-client"),
+        ("ZOOM_CLIENT_SECRET", "default-secret"),
+    ])
+    .await
 }
 
 fn meeting_started(n: u64) -> Vec<u8> {
