@@ -421,18 +421,7 @@ async fn a_refresh_token_rotated_and_saved_by_another_process_meanwhile_does_not
 async fn server_to_server_tokens_are_cached_and_renewed_before_they_expire() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
-    let cid = ConnectionId::generate().to_string();
-    app.vars()
-        .set(vars::SetRequest {
-            vars: vec![
-                var(&cid, "auth_type", "serverToServer", false),
-                var(&cid, "private_account_id", S2S_ACCOUNT_ID, false),
-                var(&cid, "private_client_id", S2S_CLIENT_ID, false),
-                var(&cid, "private_client_secret", S2S_CLIENT_SECRET, true),
-            ],
-        })
-        .await
-        .unwrap();
+    let cid = server_to_server_connection(&app).await;
     for _ in 0..5 {
         let (code, message) = test_connection(&app, &cid).await;
         assert_eq!(code, ConnStatus::Ok, "{message}");
@@ -1115,18 +1104,7 @@ async fn an_app_whose_secret_zoom_refuses_is_reported_in_its_status_and_not_aske
 async fn a_rate_limited_token_endpoint_is_not_asked_again_until_its_back_off_ends() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
-    let cid = ConnectionId::generate().to_string();
-    app.vars()
-        .set(vars::SetRequest {
-            vars: vec![
-                var(&cid, "auth_type", "serverToServer", false),
-                var(&cid, "private_account_id", S2S_ACCOUNT_ID, false),
-                var(&cid, "private_client_id", S2S_CLIENT_ID, false),
-                var(&cid, "private_client_secret", S2S_CLIENT_SECRET, true),
-            ],
-        })
-        .await
-        .unwrap();
+    let cid = server_to_server_connection(&app).await;
     zoom.state.lock().unwrap().token_rate_limited = true;
     for _ in 0..5 {
         let (code, message) = test_connection(&app, &cid).await;
