@@ -311,13 +311,20 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_name_both_set_and_removed_keeps_its_new_value_in_every_host() {
+    /// An embedded host in a temporary directory (kept as long as the first value lives), for
+    /// the tests to compare with [`Defaults`] over it.
+    fn embedded_host() -> (tempfile::TempDir, embedded::EmbeddedHost) {
         let dir = tempfile::tempdir().unwrap();
         let keys = std::sync::Arc::new(crate::crypto::Keys::from_material(
             b"host test key material, 32+ bytes",
         ));
         let embedded = embedded::EmbeddedHost::open(dir.path(), keys).unwrap();
+        (dir, embedded)
+    }
+
+    #[tokio::test]
+    async fn a_name_both_set_and_removed_keeps_its_new_value_in_every_host() {
+        let (_dir, embedded) = embedded_host();
         let hosts: [&dyn HostEngine; 2] = [&embedded, &Defaults(embedded.clone())];
         for host in hosts {
             let cid = ConnectionId::generate();
@@ -339,11 +346,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_conditional_replace_writes_nothing_on_a_connection_no_longer_set_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = std::sync::Arc::new(crate::crypto::Keys::from_material(
-            b"host test key material, 32+ bytes",
-        ));
-        let embedded = embedded::EmbeddedHost::open(dir.path(), keys).unwrap();
+        let (_dir, embedded) = embedded_host();
         let hosts: [&dyn HostEngine; 2] = [&embedded, &Defaults(embedded.clone())];
         let auth_type = crate::connection::vars::AUTH_TYPE;
         for host in hosts {
@@ -381,11 +384,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replace_if_current_writes_only_over_one_of_the_values_it_was_given() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = std::sync::Arc::new(crate::crypto::Keys::from_material(
-            b"host test key material, 32+ bytes",
-        ));
-        let embedded = embedded::EmbeddedHost::open(dir.path(), keys).unwrap();
+        let (_dir, embedded) = embedded_host();
         let hosts: [&dyn HostEngine; 2] = [&embedded, &Defaults(embedded.clone())];
         let auth_type = crate::connection::vars::AUTH_TYPE;
         for host in hosts {
