@@ -125,6 +125,22 @@ fn stored(host: &FakeHost, cid: &str, name: &str) -> bool {
         .contains_key(&(cid.to_string(), name.to_string()))
 }
 
+/// Posts a `event` webhook of the Server-to-Server app's account, signed with its secret, and
+/// checks it was recorded.
+async fn record_s2s_event(app: &TestApp, event: &str, id: &str) {
+    let body = json!({"event": event,
+                      "payload": {"account_id": S2S_ACCOUNT_ID, "object": {"id": id}}});
+    let (status, answer) = post_to(
+        &app.http_client,
+        &app.url("/zoom/event"),
+        "s2s-webhook-secret",
+        now(),
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!((status, answer["status"].as_str()), (200, Some("recorded")));
+}
+
 #[tokio::test]
 async fn a_connection_the_host_does_not_list_as_active_keeps_its_webhooks_after_a_reload() {
     let (zoom, host) = (FakeZoom::start().await, FakeHost::start().await);
@@ -144,17 +160,7 @@ async fn a_connection_the_host_does_not_list_as_active_keeps_its_webhooks_after_
     for secret in ["s2s-webhook-secret", "oauth-webhook-secret"] {
         assert_eq!(url_validation(&app, secret).await, (200, true), "{secret}");
     }
-    let body = json!({"event": "meeting.started",
-                      "payload": {"account_id": S2S_ACCOUNT_ID, "object": {"id": "1"}}});
-    let (status, answer) = post_to(
-        &app.http_client,
-        &app.url("/zoom/event"),
-        "s2s-webhook-secret",
-        now(),
-        body.to_string().as_bytes(),
-    )
-    .await;
-    assert_eq!((status, answer["status"].as_str()), (200, Some("recorded")));
+    record_s2s_event(&app, "meeting.started", "1").await;
     let sent = host.wait_for_dispatched(1, Duration::from_secs(10)).await;
     assert_eq!(sent[0].destination_id, s2s);
 
@@ -200,17 +206,7 @@ async fn a_connection_the_host_does_not_list_as_active_keeps_its_webhooks_after_
         url_validation(&app, "s2s-webhook-secret").await,
         (200, true)
     );
-    let body = json!({"event": "meeting.ended",
-                      "payload": {"account_id": S2S_ACCOUNT_ID, "object": {"id": "2"}}});
-    let (status, answer) = post_to(
-        &app.http_client,
-        &app.url("/zoom/event"),
-        "s2s-webhook-secret",
-        now(),
-        body.to_string().as_bytes(),
-    )
-    .await;
-    assert_eq!((status, answer["status"].as_str()), (200, Some("recorded")));
+    record_s2s_event(&app, "meeting.ended", "2").await;
     let sent = host.wait_for_dispatched(1, Duration::from_secs(10)).await;
     assert_eq!(sent[0].destination_id, cid);
 }
