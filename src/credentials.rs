@@ -1030,8 +1030,31 @@ impl Source {
         });
         if stored != Some(message.as_str()) {
             let mark = vec![Var::plain(vars::TOKEN_ERROR, &message)];
-            match self.host.replace_vars_if_set_up(cid, mark, &[]).await {
-                Ok(()) | Err(HostError::NotFound(_)) => {}
+            let recorded = match auth_type {
+                // The server's own app: every connection of it is refused alike.
+                AuthType::OAuthDefault => self
+                    .host
+                    .replace_vars_if_set_up(cid, mark, &[])
+                    .await
+                    .map(|()| true),
+                // Only over the app Zoom refused: a setup saved meanwhile (another process,
+                // the owner correcting the secret) must not be marked with its refusal.
+                _ => {
+                    self.host
+                        .replace_vars_if_current(
+                            cid,
+                            mark,
+                            vars::PRIVATE_CLIENT_SECRET,
+                            &[app.client_secret.expose()],
+                        )
+                        .await
+                }
+            };
+            match recorded {
+                Ok(true) | Err(HostError::NotFound(_)) => {}
+                Ok(false) => {
+                    tracing::info!(connection_id = %cid, "the connection's app changed while Zoom refused the old one; the refusal is not recorded");
+                }
                 Err(e) => {
                     tracing::warn!(connection_id = %cid, error = %e, "cannot record Zoom's refusal in the connection's status");
                 }

@@ -1287,3 +1287,51 @@ async fn a_default_app_connection_set_up_before_its_issuer_was_recorded_learns_i
         Some((DEFAULT_CLIENT_ID.to_string(), false))
     );
 }
+
+#[tokio::test]
+async fn a_refusal_of_an_app_replaced_meanwhile_is_not_recorded_on_the_new_one() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = ConnectionId::generate().to_string();
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![
+                var(&cid, "auth_type", "serverToServer", false),
+                var(&cid, "private_account_id", S2S_ACCOUNT_ID, false),
+                var(&cid, "private_client_id", S2S_CLIENT_ID, false),
+                var(&cid, "private_client_secret", "a-secret-zoom-refuses", true),
+            ],
+        })
+        .await
+        .unwrap();
+    // Zoom takes its time to refuse the old secret; meanwhile the owner saves the right one
+    // (as another process of the same host engine would).
+    zoom.state.lock().unwrap().token_delay = Duration::from_millis(800);
+    let refused = tokio::spawn({
+        let app_grpc = app.integrations();
+        let cid = cid.clone();
+        async move {
+            let mut client = app_grpc;
+            client
+                .test_connection(TestConnectionRequest {
+                    integration_id: zoom_id(),
+                    connection_id: cid,
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![var(&cid, "private_client_secret", S2S_CLIENT_SECRET, true)],
+        })
+        .await
+        .unwrap();
+    let refused = refused.await.unwrap().unwrap().into_inner().status.unwrap();
+    assert_eq!(refused.code(), ConnStatus::Error, "{}", refused.message);
+    let stored = snapshot(&app, &cid).await;
+    assert_eq!(value_of(&stored, "token_error"), None, "{stored:?}");
+    zoom.state.lock().unwrap().token_delay = Duration::ZERO;
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+}
