@@ -269,9 +269,10 @@ impl RoutingIndex {
         let listed = host.find_connections(vars::AUTH_TYPE, "").await?;
         // A remote host lists only active connections: one set up in a project not deployed
         // yet is read on its own, and keeps its route until a read shows it deleted.
+        let listed_ids: HashSet<&ConnectionId> = listed.iter().collect();
         let ids: Vec<ConnectionId> = {
             let table = self.lock();
-            let mut seen: HashSet<&ConnectionId> = listed.iter().collect();
+            let mut seen = listed_ids.clone();
             let unlisted: Vec<ConnectionId> = table
                 .known
                 .keys()
@@ -293,8 +294,14 @@ impl RoutingIndex {
             for (cid, result) in join_all(reads).await {
                 let found = match result {
                     Ok(found) => found,
-                    // The host itself failed: keep the index as it is.
-                    Err(e @ (HostError::Unavailable(_) | HostError::Database(_))) => return Err(e),
+                    // The host itself failed: keep the index as it is. Not for one it did not
+                    // list, though: a remembered connection its host refuses for good (a
+                    // project deleted, another HOST_ENGINE_TOKEN) would stop every reload.
+                    Err(e @ (HostError::Unavailable(_) | HostError::Database(_)))
+                        if listed_ids.contains(cid) =>
+                    {
+                        return Err(e);
+                    }
                     // One connection that cannot be read (deleted meanwhile, a variable that
                     // does not decrypt) must not keep every other one from its webhooks.
                     // A connection routed before keeps its route through a failure of its own
@@ -754,6 +761,8 @@ mod tests {
     struct TestHost {
         inner: EmbeddedHost,
         failing: std::sync::Mutex<Option<ConnectionId>>,
+        /// Reading this one's variables answers as a host refusing us does (Unavailable).
+        refusing: std::sync::Mutex<Option<ConnectionId>>,
         /// Reading this one's variables answers NOT_FOUND (deleted).
         missing: std::sync::Mutex<Option<ConnectionId>>,
         hold_next: std::sync::atomic::AtomicBool,
@@ -774,6 +783,7 @@ mod tests {
             Self {
                 inner,
                 failing: std::sync::Mutex::new(None),
+                refusing: std::sync::Mutex::new(None),
                 missing: std::sync::Mutex::new(None),
                 hold_next: false.into(),
                 read: tokio::sync::Notify::new(),
@@ -801,6 +811,9 @@ mod tests {
             }
             if self.failing.lock().unwrap().as_ref() == Some(scope) {
                 return Err(HostError::Remote("Internal: database hiccup".into()));
+            }
+            if self.refusing.lock().unwrap().as_ref() == Some(scope) {
+                return Err(HostError::Unavailable("PermissionDenied: no access".into()));
             }
             let found = self.inner.get_vars(scope, names).await;
             if self
@@ -875,6 +888,28 @@ mod tests {
         index.reload_all(&host).await.unwrap();
         assert_eq!(routed_by_default(&index, "acc-A"), both);
         *host.failing.lock().unwrap() = None;
+        // So does one it refuses us (as an unavailable host answers), and the reload goes on
+        // for the others: a listed connection saved elsewhere meanwhile is routed.
+        *host.refusing.lock().unwrap() = Some(a.clone());
+        let listed = ConnectionId::generate();
+        host.inner
+            .set_vars(
+                &listed,
+                vec![
+                    Var::plain("auth_type", "oauthDefault"),
+                    Var::plain("account_id", "acc-listed"),
+                ],
+            )
+            .await
+            .unwrap();
+        index.reload_all(&host).await.unwrap();
+        assert_eq!(routed_by_default(&index, "acc-A"), both);
+        assert_eq!(
+            routed_by_default(&index, "acc-listed"),
+            std::slice::from_ref(&listed)
+        );
+        *host.refusing.lock().unwrap() = None;
+        host.inner.delete_vars(&listed, &[]).await.unwrap();
 
         // Deleted: its variables are gone (the embedded host answers none), or the host no
         // longer knows it (NOT_FOUND). Each read as such loses its route and is forgotten.
