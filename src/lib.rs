@@ -165,6 +165,19 @@ impl AppState {
         {
             tracing::warn!(error = %e, %connection_id, "cannot refresh webhook routing for a changed connection; the periodic reload will");
         }
+        // With a remote host, routing remembers the connections set up here in the outbox's
+        // database (the host may not list them): have that committed before the owner is told
+        // the setup is done, so a crash right after cannot forget it.
+        if self.embedded.is_none()
+            && tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                self.webhooks.outbox.flushed(),
+            )
+            .await
+            .map_or(true, |committed| committed.is_err())
+        {
+            tracing::warn!(%connection_id, "the outbox has not committed what routing knows of a changed connection yet; it is kept in memory and committed with the next group");
+        }
     }
 }
 
