@@ -668,8 +668,10 @@ fn is_local(url: &url::Url) -> bool {
 mod tests {
     use super::*;
 
-    fn sent_by_another_site_with(pairs: &[(&'static str, &str)]) -> bool {
-        let config = crate::config::Config::load([
+    /// A configuration with the host's UI at `ui.example.com` and this service at
+    /// `zoom.example.com`.
+    fn config() -> crate::config::Config {
+        crate::config::Config::load([
             (
                 "HOST_UI_URL".to_string(),
                 "https://ui.example.com".to_string(),
@@ -679,12 +681,19 @@ mod tests {
                 "zoom.example.com".to_string(),
             ),
         ])
-        .unwrap();
+        .unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         for (name, value) in pairs {
             headers.insert(*name, HeaderValue::from_str(value).unwrap());
         }
-        sent_by_another_site(&headers, &config)
+        headers
+    }
+
+    fn sent_by_another_site_with(pairs: &[(&'static str, &str)]) -> bool {
+        sent_by_another_site(&headers(pairs), &config())
     }
 
     #[test]
@@ -738,23 +747,9 @@ mod tests {
     #[test]
     fn this_services_public_pages_are_ours_and_a_grant_needs_a_page_of_ours_or_a_same_origin_request()
      {
-        let config = crate::config::Config::load([
-            (
-                "HOST_UI_URL".to_string(),
-                "https://ui.example.com".to_string(),
-            ),
-            (
-                "WEBHOOK_ADDRESS".to_string(),
-                "zoom.example.com".to_string(),
-            ),
-        ])
-        .unwrap();
+        let config = config();
         let check = |pairs: &[(&'static str, &str)], strict: bool| {
-            let mut headers = HeaderMap::new();
-            for (name, value) in pairs {
-                headers.insert(*name, HeaderValue::from_str(value).unwrap());
-            }
-            from_another_sites_page(&headers, &config, strict)
+            from_another_sites_page(&headers(pairs), &config, strict)
         };
         // A browser without Sec-Fetch-Site posting the page's own form, at the public address.
         for strict in [false, true] {
