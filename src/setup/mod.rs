@@ -600,7 +600,10 @@ fn sent_by_another_site(headers: &HeaderMap, config: &crate::config::Config) -> 
 ///
 /// `strict` (for what a grant lets in) also counts as another site's a request the browser
 /// calls `same-site` (a sibling subdomain's page) or `none` (a link opened from outside any
-/// page: an e-mail, a chat app), unless it names a page of ours.
+/// page: an e-mail, a chat app), unless it names a page of ours; and, from a browser without
+/// `Sec-Fetch-Site` (Safari before 16.4, old webviews), a page load that names no page at all
+/// (a link from a page that sends no referrer, or from outside any page). Scripts and curl
+/// still pass: they load no pages.
 fn from_another_sites_page(
     headers: &HeaderMap,
     config: &crate::config::Config,
@@ -631,8 +634,20 @@ fn from_another_sites_page(
         Some("same-origin") => false,
         Some("same-site" | "none") if !strict => false,
         Some(_) => !trusted_sender,
+        None if strict && claimed.is_none() => loads_a_page(headers),
         None => claimed.is_some() && !trusted_sender,
     }
+}
+
+/// Whether a request looks like a browser loading a page: it asks for HTML, or for an upgrade
+/// to HTTPS (which browsers send with every navigation).
+fn loads_a_page(headers: &HeaderMap) -> bool {
+    headers.contains_key("upgrade-insecure-requests")
+        || headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.to_ascii_lowercase().contains("text/html"))
 }
 
 /// Whether the request's `Host` is neither a name of this machine nor `WEBHOOK_ADDRESS`'s
@@ -759,6 +774,23 @@ mod tests {
                 strict
             ));
             assert!(!check(&[("sec-fetch-site", "same-origin")], strict));
+        }
+        // A browser without Sec-Fetch-Site loading a page that names no page of ours (a link
+        // with rel=noreferrer, or from an e-mail) is let in by the loopback check only; a
+        // script asking for no page is let in by both.
+        for navigation in [
+            &[("upgrade-insecure-requests", "1")][..],
+            &[("accept", "text/html,application/xhtml+xml,*/*;q=0.8")][..],
+        ] {
+            assert!(!check(navigation, false), "{navigation:?}");
+            assert!(check(navigation, true), "{navigation:?}");
+            let mut from_ours = navigation.to_vec();
+            from_ours.push(("referer", "https://zoom.example.com/zoom/connection?cid=x"));
+            assert!(!check(&from_ours, true), "{navigation:?}");
+        }
+        for strict in [false, true] {
+            assert!(!check(&[], strict));
+            assert!(!check(&[("accept", "*/*")], strict));
         }
         // A link opened from an e-mail (`none`) or a sibling subdomain's page (`same-site`)
         // passes the loopback check, but not a grant's.
