@@ -31,6 +31,24 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Whether an optional secret is there, for hand-written `Debug`s of types that keep one as
+/// plain text (a form as sent, a query): `Some([redacted])` or `None`.
+pub(crate) fn presence(value: &Option<String>) -> &'static str {
+    match value {
+        Some(_) => "Some([redacted])",
+        None => "None",
+    }
+}
+
+/// A `Debug` value printing `text` as is (no quotes), for [`presence`] and the like.
+pub(crate) struct Raw(pub &'static str);
+
+impl fmt::Debug for Raw {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

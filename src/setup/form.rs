@@ -6,7 +6,7 @@ use serde::Deserialize;
 use crate::config::OAuthApp;
 use crate::connection::AuthType;
 use crate::ids::ConnectionId;
-use crate::secret::Secret;
+use crate::secret::{Raw, Secret, presence};
 
 /// The longest id accepted (account id, client id).
 pub const MAX_ID_LEN: usize = 128;
@@ -16,7 +16,8 @@ pub const MAX_SECRET_LEN: usize = 512;
 pub const MAX_ORIGIN_LEN: usize = 32;
 
 /// The form as sent: every field optional text, so that a missing field gets our message.
-#[derive(Debug, Default, Deserialize)]
+/// `Debug` hides the grant and the secret fields.
+#[derive(Default, Deserialize)]
 pub struct RawForm {
     cid: Option<String>,
     origin: Option<String>,
@@ -28,16 +29,42 @@ pub struct RawForm {
     secret_token: Option<String>,
 }
 
-/// `cid` and `origin`, as the page and `/oauth/start/zoom` take them.
-#[derive(Debug, Default, Deserialize)]
+impl std::fmt::Debug for RawForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawForm")
+            .field("cid", &self.cid)
+            .field("origin", &self.origin)
+            .field("grant", &Raw(presence(&self.grant)))
+            .field("auth_type", &self.auth_type)
+            .field("account_id", &self.account_id)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &Raw(presence(&self.client_secret)))
+            .field("secret_token", &Raw(presence(&self.secret_token)))
+            .finish()
+    }
+}
+
+/// `cid` and `origin`, as the page and `/oauth/start/zoom` take them. `Debug` hides the grant.
+#[derive(Default, Deserialize)]
 pub struct RawTarget {
     cid: Option<String>,
     origin: Option<String>,
     grant: Option<String>,
 }
 
+impl std::fmt::Debug for RawTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawTarget")
+            .field("cid", &self.cid)
+            .field("origin", &self.origin)
+            .field("grant", &Raw(presence(&self.grant)))
+            .finish()
+    }
+}
+
 /// Which connection is being set up, and where the host wants the browser at the end.
-#[derive(Debug, Clone)]
+/// `Debug` hides the grant.
+#[derive(Clone)]
 pub struct Target {
     /// The connection.
     pub cid: ConnectionId,
@@ -45,6 +72,16 @@ pub struct Target {
     pub origin: String,
     /// The signed setup link's grant, if the request carried one (see [`super::links`]).
     pub grant: Option<String>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("cid", &self.cid)
+            .field("origin", &self.origin)
+            .field("grant", &Raw(presence(&self.grant)))
+            .finish()
+    }
 }
 
 /// A private app's fields.
@@ -226,6 +263,31 @@ fn optional_secret_field(label: &str, value: Option<String>) -> Result<Option<St
 mod tests {
     use super::*;
 
+    #[test]
+    fn debug_output_names_no_grant_or_secret() {
+        let raw = form(&[
+            ("grant", "GRANT-VALUE"),
+            ("client_id", "client-id"),
+            ("client_secret", "CLIENT-SECRET-VALUE"),
+            ("secret_token", "SECRET-TOKEN-VALUE"),
+        ]);
+        let target = RawTarget {
+            cid: raw.cid.clone(),
+            origin: None,
+            grant: Some("GRANT-VALUE".into()),
+        };
+        let checked = Target {
+            cid: ConnectionId::generate(),
+            origin: "web".into(),
+            grant: Some("GRANT-VALUE".into()),
+        };
+        let printed = format!("{raw:?} {target:?} {checked:?}");
+        for secret in ["GRANT-VALUE", "CLIENT-SECRET-VALUE", "SECRET-TOKEN-VALUE"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("client-id") && printed.contains("Some([redacted])"));
+    }
+
     fn form(pairs: &[(&str, &str)]) -> RawForm {
         let mut f = RawForm {
             cid: Some(ConnectionId::generate().to_string()),
@@ -236,6 +298,7 @@ mod tests {
             match *k {
                 "cid" => f.cid = v,
                 "origin" => f.origin = v,
+                "grant" => f.grant = v,
                 "auth_type" => f.auth_type = v,
                 "account_id" => f.account_id = v,
                 "client_id" => f.client_id = v,

@@ -41,8 +41,8 @@ pub enum LinkError {
     CrossSite,
 }
 
-/// A signed link and when it stops working.
-#[derive(Debug, Clone)]
+/// A signed link and when it stops working. `Debug` hides the grant and the URL carrying it.
+#[derive(Clone)]
 pub struct Link {
     /// The `grant` parameter.
     pub grant: String,
@@ -50,6 +50,17 @@ pub struct Link {
     pub url: Option<String>,
     /// Expiry, seconds since the Unix epoch.
     pub expires_at: u64,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::secret::Raw;
+        f.debug_struct("Link")
+            .field("grant", &Raw("[redacted]"))
+            .field("url", &Raw(crate::secret::presence(&self.url)))
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 /// Issues and checks setup links.
@@ -157,6 +168,16 @@ mod tests {
             ("SECRET_KEY".to_string(), "k".repeat(32)),
         ])
         .unwrap()
+    }
+
+    #[test]
+    fn a_links_debug_output_names_neither_its_grant_nor_its_url() {
+        let link =
+            links(600, SetupAccess::Signed).issue(&config(), &ConnectionId::generate(), "web");
+        let printed = format!("{link:?}");
+        assert!(link.url.is_some());
+        assert!(!printed.contains(&link.grant), "{printed}");
+        assert!(!printed.contains("zoom.example.com"), "{printed}");
     }
 
     #[test]

@@ -278,13 +278,25 @@ fn credentials(state: &AppState, app: &FlowApp) -> Result<OAuthApp, SetupError> 
     }
 }
 
-/// What Zoom sends the browser back with.
-#[derive(Debug, Default, Deserialize)]
+/// What Zoom sends the browser back with. `Debug` hides the code and the state.
+#[derive(Default, Deserialize)]
 struct RedirectQuery {
     code: Option<String>,
     state: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
+}
+
+impl std::fmt::Debug for RedirectQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::secret::{Raw, presence};
+        f.debug_struct("RedirectQuery")
+            .field("code", &Raw(presence(&self.code)))
+            .field("state", &Raw(presence(&self.state)))
+            .field("error", &self.error)
+            .field("error_description", &self.error_description)
+            .finish()
+    }
 }
 
 /// `GET /oauth/redirect/zoom`: checks `state`, exchanges the code, learns who authorized,
@@ -709,6 +721,19 @@ mod tests {
 
     fn sent_by_another_site_with(pairs: &[(&'static str, &str)]) -> bool {
         sent_by_another_site(&headers(pairs), &config())
+    }
+
+    #[test]
+    fn zooms_redirect_query_prints_neither_code_nor_state() {
+        let query = RedirectQuery {
+            code: Some("CODE-VALUE".into()),
+            state: Some("STATE-VALUE".into()),
+            error: Some("access_denied".into()),
+            error_description: None,
+        };
+        let printed = format!("{query:?}");
+        assert!(!printed.contains("CODE-VALUE") && !printed.contains("STATE-VALUE"));
+        assert!(printed.contains("access_denied"), "{printed}");
     }
 
     #[test]

@@ -64,8 +64,8 @@ pub struct Flow {
     pub verifier: Secret,
 }
 
-/// A started flow: the `state` for Zoom and the cookie for the browser.
-#[derive(Debug)]
+/// A started flow: the `state` for Zoom and the cookie for the browser. `Debug` hides the
+/// state and the cookie's value.
 pub struct Started {
     /// The signed `state` parameter.
     pub state: String,
@@ -73,6 +73,16 @@ pub struct Started {
     pub cookie_name: String,
     /// Cookie value (random; only its hash is kept).
     pub cookie_value: String,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started")
+            .field("state", &crate::secret::Raw("[redacted]"))
+            .field("cookie_name", &self.cookie_name)
+            .field("cookie_value", &crate::secret::Raw("[redacted]"))
+            .finish()
+    }
 }
 
 /// A flow taken back by the browser that started it.
@@ -311,6 +321,15 @@ mod tests {
 
     fn cookie(started: &Started) -> String {
         format!("other=1; {}={}", started.cookie_name, started.cookie_value)
+    }
+
+    #[test]
+    fn a_started_flows_debug_output_names_neither_its_state_nor_its_cookie() {
+        let started = flows(600).start(flow()).unwrap();
+        let printed = format!("{started:?}");
+        assert!(!printed.contains(&started.state), "{printed}");
+        assert!(!printed.contains(&started.cookie_value), "{printed}");
+        assert!(printed.contains(&started.cookie_name), "{printed}");
     }
 
     #[test]

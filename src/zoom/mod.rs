@@ -80,8 +80,8 @@ impl ZoomError {
 }
 
 /// A response from Zoom read into memory (at most [`MAX_RESPONSE_BYTES`], or
-/// [`MAX_API_RESPONSE_BYTES`] from the REST API).
-#[derive(Debug)]
+/// [`MAX_API_RESPONSE_BYTES`] from the REST API). `Debug` shows the body's length only: the
+/// token endpoint's carries tokens.
 pub struct RawResponse {
     /// Its status.
     pub status: StatusCode,
@@ -89,6 +89,15 @@ pub struct RawResponse {
     pub headers: reqwest::header::HeaderMap,
     /// Its body.
     pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for RawResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawResponse")
+            .field("status", &self.status)
+            .field("body_bytes", &self.body.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Sends `request`, reads the whole answer (bounded), and turns 5xx answers into
@@ -197,5 +206,22 @@ pub fn error_reason(status: StatusCode, body: &[u8]) -> String {
     match reason {
         Some(r) => crate::ids::truncate(&r, 200),
         None => format!("HTTP {status}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_responses_debug_output_leaves_out_its_body() {
+        let response = RawResponse {
+            status: StatusCode::OK,
+            headers: reqwest::header::HeaderMap::new(),
+            body: br#"{"access_token":"TOKEN-VALUE"}"#.to_vec(),
+        };
+        let printed = format!("{response:?}");
+        assert!(!printed.contains("TOKEN-VALUE"), "{printed}");
+        assert!(printed.contains("200"), "{printed}");
     }
 }
