@@ -206,12 +206,12 @@ where
                     ),
                 Err(_) => "TransportError".to_string(),
             };
-            // tonic answers UNIMPLEMENTED for paths no service serves (none of ours does):
-            // one label for all of them, so callers cannot add series at will.
+            // tonic answers UNIMPLEMENTED for paths no service serves (with a remote host,
+            // the embedded host's services too): one label for all of them.
             let method = if code == "Unimplemented" {
                 "unknown"
             } else {
-                method.as_str()
+                method_label(&method)
             };
             metrics
                 .grpc_requests
@@ -220,6 +220,39 @@ where
             response
         })
     }
+}
+
+/// Every method this port can serve (VarsService and EventsService with the embedded host
+/// only), as its request path.
+const METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/autokitteh.integrations.v1.IntegrationsService/Get",
+    "/autokitteh.integrations.v1.IntegrationsService/List",
+    "/autokitteh.integrations.v1.IntegrationsService/Configure",
+    "/autokitteh.integrations.v1.IntegrationsService/TestConnection",
+    "/autokitteh.integrations.v1.IntegrationsService/GetConnectionStatus",
+    "/autokitteh.integrations.v1.IntegrationsService/GetConnectionConfig",
+    "/autokitteh.integrations.v1.IntegrationsService/Call",
+    "/zoomintegration.v1.SetupLinksService/Create",
+    "/autokitteh.vars.v1.VarsService/Set",
+    "/autokitteh.vars.v1.VarsService/Get",
+    "/autokitteh.vars.v1.VarsService/Delete",
+    "/autokitteh.vars.v1.VarsService/FindActiveConnectionIDs",
+    "/autokitteh.events.v1.EventsService/Save",
+    "/autokitteh.events.v1.EventsService/Get",
+    "/autokitteh.events.v1.EventsService/List",
+];
+
+/// The metrics label of a call to `path`: the path for a method of ours, else `unknown`. A
+/// call refused before it reaches a service (too many at once, timed out) may name any path:
+/// labelling those as sent would let callers add series at will.
+fn method_label(path: &str) -> &str {
+    METHODS
+        .iter()
+        .find(|m| **m == path)
+        .copied()
+        .unwrap_or("unknown")
 }
 
 /// The time the caller allows a call, from its `grpc-timeout` header (1 to 8 digits and a
@@ -253,6 +286,62 @@ pub(crate) fn grpc_timeout(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `/package.Service/Method` of every rpc of `service` in the proto file at `path`.
+    fn proto_methods(path: &str, service: &str) -> Vec<String> {
+        let text =
+            std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let package = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("package "))
+            .unwrap()
+            .trim_end_matches(';');
+        let body = text.split(&format!("service {service} {{")).nth(1).unwrap();
+        let body = &body[..body.find('}').unwrap()];
+        body.lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| format!("/{package}.{service}/{}", &l[..l.find('(').unwrap()].trim()))
+            .collect()
+    }
+
+    #[test]
+    fn every_served_method_has_its_own_label_and_any_other_path_is_unknown() {
+        let served = [
+            (
+                "proto/autokitteh/integrations/v1/svc.proto",
+                "IntegrationsService",
+            ),
+            (
+                "proto/zoomintegration/v1/setup_links.proto",
+                "SetupLinksService",
+            ),
+            ("proto/autokitteh/vars/v1/svc.proto", "VarsService"),
+            ("proto/autokitteh/events/v1/svc.proto", "EventsService"),
+        ];
+        let mut expected: Vec<String> = served
+            .iter()
+            .flat_map(|(path, service)| proto_methods(path, service))
+            .chain([
+                "/grpc.health.v1.Health/Check".into(),
+                "/grpc.health.v1.Health/Watch".into(),
+            ])
+            .collect();
+        let mut listed: Vec<String> = METHODS.iter().map(|m| m.to_string()).collect();
+        expected.sort();
+        listed.sort();
+        assert_eq!(listed, expected);
+        for method in METHODS {
+            assert_eq!(method_label(method), *method);
+        }
+        for made_up in [
+            "/x/1",
+            "/autokitteh.integrations.v1.IntegrationsService/Nope",
+            "/autokitteh.dispatcher.v1.DispatcherService/Dispatch",
+            "",
+        ] {
+            assert_eq!(method_label(made_up), "unknown");
+        }
+    }
 
     fn timeout_of(header: &str) -> Option<Duration> {
         let mut metadata = tonic::metadata::MetadataMap::new();
