@@ -131,6 +131,17 @@ const DISPATCH_NOT_FOUND: &str = "not_found";
 /// than becoming a dead letter within a minute.
 fn map_dispatch_status(status: Status) -> HostError {
     if status.code() == Code::InvalidArgument {
+        // Its authorization refusing us ("save event: unauthorized"): nothing is delivered
+        // until HOST_ENGINE_TOKEN is fixed, so events wait rather than become dead letters.
+        let message = status.message().trim();
+        if ["unauthorized", "unauthenticated"]
+            .iter()
+            .any(|refusal| message == *refusal || message.ends_with(&format!(": {refusal}")))
+        {
+            return HostError::Unavailable(format!(
+                "InvalidArgument: {message} (check HOST_ENGINE_TOKEN)"
+            ));
+        }
         if status.message().trim() == DISPATCH_NOT_FOUND {
             return HostError::NotFound(format!(
                 "the host engine has no such destination connection ({})",
@@ -140,6 +151,22 @@ fn map_dispatch_status(status: Status) -> HostError {
         if !status.message().starts_with("validation error") {
             return HostError::Remote(format!("InvalidArgument: {}", status.message()));
         }
+    }
+    map_status(status)
+}
+
+/// VarsService.Set's statuses. AutoKitteh answers `INVALID_ARGUMENT` "integration id … not
+/// found" when the connection does not exist (its database finds no connection to take the
+/// integration id from): that is the connection missing, not the request malformed.
+fn map_set_status(status: Status) -> HostError {
+    let message = status.message().trim();
+    if status.code() == Code::InvalidArgument
+        && message.starts_with("integration id")
+        && message.ends_with("not found")
+    {
+        return HostError::NotFound(format!(
+            "the host engine has no such connection ({message})"
+        ));
     }
     map_status(status)
 }
@@ -195,7 +222,7 @@ impl HostEngine for RemoteHost {
             .clone()
             .set(pb::SetRequest { vars })
             .await
-            .map_err(map_status)?;
+            .map_err(map_set_status)?;
         Ok(())
     }
 
@@ -358,6 +385,38 @@ mod tests {
         assert!(matches!(
             map_dispatch_status(Status::unavailable("down")),
             HostError::Unavailable(_)
+        ));
+    }
+
+    #[test]
+    fn a_dispatch_the_hosts_authorization_refused_waits_for_the_token_to_be_fixed() {
+        for refused in ["save event: unauthorized", "unauthenticated"] {
+            match map_dispatch_status(Status::invalid_argument(refused)) {
+                HostError::Unavailable(m) => {
+                    assert!(
+                        m.contains(refused) && m.contains("HOST_ENGINE_TOKEN"),
+                        "{m}"
+                    )
+                }
+                other => panic!("{refused:?} became {other:?}"),
+            }
+        }
+        assert!(matches!(
+            map_dispatch_status(Status::invalid_argument("save event: unauthorized user x")),
+            HostError::Remote(_)
+        ));
+    }
+
+    #[test]
+    fn setting_variables_of_a_connection_the_host_does_not_have_is_not_found() {
+        // AutoKitteh prints the missing connection's (empty) integration id.
+        match map_set_status(Status::invalid_argument("integration id  not found")) {
+            HostError::NotFound(m) => assert!(m.contains("integration id"), "{m}"),
+            other => panic!("became {other:?}"),
+        }
+        assert!(matches!(
+            map_set_status(Status::invalid_argument("var #0: invalid name")),
+            HostError::InvalidArgument(_)
         ));
     }
 

@@ -80,6 +80,12 @@ async fn variables_survive_a_restart_and_secrets_stay_sealed_on_disk() {
         .unwrap();
     let left = app.stored_vars(&cid, &["oauth_refresh_token"]).await;
     assert!(left.is_empty());
+    // An empty Set changes nothing and succeeds, as AutoKitteh's does.
+    app.vars()
+        .set(vars::SetRequest { vars: vec![] })
+        .await
+        .expect("an empty set is OK");
+    assert_eq!(app.stored_vars(&cid, &[]).await.len(), 3);
 }
 
 #[tokio::test]
