@@ -55,6 +55,10 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
 /// The waits between looks for a refresh token newer than one Zoom refused (3 s in all),
 /// before the connection is marked broken.
+/// How many refresh tokens found stored in place of a refused one a refresh tries in turn
+/// before the connection counts as broken (each rotated elsewhere while it was being tried).
+const MAX_NEWER_TRIED: u32 = 3;
+
 const ROTATION_WAITS: [Duration; 4] = [
     Duration::ZERO,
     Duration::from_millis(500),
@@ -898,7 +902,8 @@ impl Source {
                         }
                         let token_error = get(vars::TOKEN_ERROR);
                         let mut refresh = refresh.to_string();
-                        let mut tried_newer = false;
+                        // Refresh tokens found rotated elsewhere and tried in turn.
+                        let mut newer_tried = 0;
                         let token = loop {
                             // The span names the connection in what the token client logs
                             // (an answer it took but could not read).
@@ -914,14 +919,26 @@ impl Source {
                                     // Another process on the same host engine (a rolling
                                     // deploy) may have rotated it and saved the new one
                                     // meanwhile: that one is live, not the connection dead.
-                                    if !tried_newer
+                                    if newer_tried == 0
                                         && let Some(newer) =
                                             self.newer_refresh_token(cid, &refresh).await
                                     {
                                         tracing::info!(connection_id = %cid, "the refresh token was rotated elsewhere meanwhile; refreshing with the new one");
-                                        tried_newer = true;
+                                        newer_tried += 1;
                                         refresh = newer;
                                         continue;
+                                    }
+                                    if !self.mark_broken(cid, &refresh).await {
+                                        // Stored between our last read and the mark.
+                                        if newer_tried < MAX_NEWER_TRIED
+                                            && let Some(newer) =
+                                                self.stored_refresh_token(cid).await
+                                            && newer != refresh
+                                        {
+                                            newer_tried += 1;
+                                            refresh = newer;
+                                            continue;
+                                        }
                                     }
                                     tracing::warn!(connection_id = %cid, %reason, "Zoom refused the refresh token; the connection needs re-authorization");
                                     slot.broken = Some(Broken {
@@ -929,7 +946,6 @@ impl Source {
                                         refused: refresh,
                                         checked: tokio::time::Instant::now(),
                                     });
-                                    self.mark_broken(cid).await;
                                     return Err(CredentialError::Broken(
                                         REAUTHORIZATION_REQUIRED.into(),
                                     ));
@@ -1044,6 +1060,7 @@ impl Source {
                         .replace_vars_if_current(
                             cid,
                             mark,
+                            &[],
                             vars::PRIVATE_CLIENT_SECRET,
                             &[app.client_secret.expose()],
                         )
@@ -1090,6 +1107,7 @@ impl Source {
                 .replace_vars_if_current(
                     cid,
                     unsaved.vars.clone(),
+                    &[],
                     vars::OAUTH_REFRESH_TOKEN,
                     &[&unsaved.from, &unsaved.to],
                 )
@@ -1170,12 +1188,23 @@ impl Source {
         None
     }
 
-    /// Marks the connection broken in the host engine and drops its dead tokens.
-    async fn mark_broken(&self, cid: &ConnectionId) {
+    /// Marks the connection broken in the host engine and drops its dead tokens, unless another
+    /// refresh token than `refused` is stored by then (`false`: that one may be live).
+    async fn mark_broken(&self, cid: &ConnectionId, refused: &str) -> bool {
         let dead = [vars::OAUTH_ACCESS_TOKEN, vars::OAUTH_REFRESH_TOKEN].map(String::from);
         let marker = vec![Var::plain(vars::CONNECTION_ERROR, REAUTHORIZATION_REQUIRED)];
-        match self.host.replace_vars_if_set_up(cid, marker, &dead).await {
-            Ok(()) => {}
+        // Only over the refused refresh token: a live pair stored meanwhile (another process
+        // refreshed, a new setup) must not be deleted with it.
+        match self
+            .host
+            .replace_vars_if_current(cid, marker, &dead, vars::OAUTH_REFRESH_TOKEN, &[refused])
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(connection_id = %cid, "another refresh token was stored while Zoom refused this one; the connection is not marked broken");
+                return false;
+            }
             // Deleted meanwhile: a mark would leave a variable behind on a connection gone.
             Err(HostError::NotFound(_)) => {
                 tracing::info!(connection_id = %cid, "the connection was deleted; nothing to mark broken");
@@ -1185,6 +1214,7 @@ impl Source {
                 tracing::error!(connection_id = %cid, error = %e, "cannot mark the connection broken");
             }
         }
+        true
     }
 }
 
@@ -1306,7 +1336,7 @@ mod tests {
         }
         host.delete_vars(&deleted, &[]).await.unwrap();
         for cid in [&kept, &deleted] {
-            credentials.source.mark_broken(cid).await;
+            assert!(credentials.source.mark_broken(cid, "refresh").await);
         }
         assert!(host.get_vars(&deleted, &[]).await.unwrap().is_empty());
         let left = host.get_vars(&kept, &[]).await.unwrap();
@@ -1316,6 +1346,31 @@ mod tests {
             names,
             [vars::AUTH_TYPE, vars::CONNECTION_ERROR, vars::OAUTH_EXPIRY]
         );
+    }
+
+    #[tokio::test]
+    async fn a_refused_refresh_token_replaced_meanwhile_marks_nothing_and_deletes_nothing() {
+        let (_dir, host, credentials) = credentials().await;
+        let cid = ConnectionId::generate();
+        let mut live = new_setup("live-access");
+        live[2] = Var::secret(vars::OAUTH_REFRESH_TOKEN, "live-refresh");
+        host.set_vars(&cid, live).await.unwrap();
+        assert!(!credentials.source.mark_broken(&cid, "refresh").await);
+        let left = host.get_vars(&cid, &[]).await.unwrap();
+        let value = |name: &str| {
+            left.iter()
+                .find(|v| v.name == name)
+                .map(|v| v.value.clone())
+        };
+        assert_eq!(
+            value(vars::OAUTH_REFRESH_TOKEN).as_deref(),
+            Some("live-refresh")
+        );
+        assert_eq!(
+            value(vars::OAUTH_ACCESS_TOKEN).as_deref(),
+            Some("live-access")
+        );
+        assert_eq!(value(vars::CONNECTION_ERROR), None);
     }
 
     #[tokio::test]

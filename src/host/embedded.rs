@@ -723,6 +723,7 @@ impl HostEngine for EmbeddedHost {
         &self,
         scope: &ConnectionId,
         vars: Vec<Var>,
+        remove: &[String],
         name: &str,
         current: &[&str],
     ) -> Result<bool, HostError> {
@@ -731,7 +732,7 @@ impl HostEngine for EmbeddedHost {
             name: name.to_string(),
             current: current.iter().map(|c| c.to_string()).collect(),
         };
-        self.replace(scope, vars, &[], condition).await
+        self.replace(scope, vars, remove, condition).await
     }
 
     async fn find_connections(

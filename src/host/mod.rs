@@ -168,15 +168,17 @@ pub trait HostEngine: Send + Sync + 'static {
         self.replace_vars(scope, vars, remove).await
     }
 
-    /// [`replace_vars_if_set_up`](Self::replace_vars_if_set_up) (without removing anything),
-    /// and only while the variable `name` holds one of `current`; answers `Ok(false)`, having
-    /// written nothing, when it holds something else or nothing. A refreshed token pair is
-    /// saved this way, so it never lands over a refresh token stored by someone else
-    /// meanwhile. The default reads, then writes.
+    /// [`replace_vars_if_set_up`](Self::replace_vars_if_set_up), only while the variable
+    /// `name` holds one of `current`; answers `Ok(false)`, having written nothing, when it
+    /// holds something else or nothing. A refreshed token pair is saved this way, so it never
+    /// lands over a refresh token stored by someone else meanwhile, and a refused one's
+    /// tokens are removed this way, so a live pair stored meanwhile stays. The default reads,
+    /// then writes.
     async fn replace_vars_if_current(
         &self,
         scope: &ConnectionId,
         vars: Vec<Var>,
+        remove: &[String],
         name: &str,
         current: &[&str],
     ) -> Result<bool, HostError> {
@@ -192,7 +194,7 @@ pub trait HostEngine: Send + Sync + 'static {
         // A remote host has no compare-and-set: a value stored by someone else between the
         // read above and this write (one round trip) is overwritten. The window is narrow,
         // and the alternative, never saving, would lose a rotated refresh token for sure.
-        self.replace_vars(scope, vars, &[]).await?;
+        self.replace_vars(scope, vars, remove).await?;
         Ok(true)
     }
 
@@ -398,7 +400,7 @@ mod tests {
             let kind = host.kind();
             // Someone else stored r1's successor meanwhile: ours (from r0) is not written.
             let written = host
-                .replace_vars_if_current(&cid, pair("r9"), "refresh", &["r0", "r9"])
+                .replace_vars_if_current(&cid, pair("r9"), &[], "refresh", &["r0", "r9"])
                 .await;
             assert!(!written.unwrap(), "{kind}");
             let stored = host.get_vars(&cid, &[]).await.unwrap();
@@ -410,7 +412,7 @@ mod tests {
             // Over the value it started from, or over itself (saved already), it is.
             for current in ["r1", "r2"] {
                 let written = host
-                    .replace_vars_if_current(&cid, pair("r2"), "refresh", &[current, "r2"])
+                    .replace_vars_if_current(&cid, pair("r2"), &[], "refresh", &[current, "r2"])
                     .await;
                 assert!(written.unwrap(), "{kind}");
             }
@@ -424,14 +426,29 @@ mod tests {
                 ],
                 "{kind}"
             );
+            // Removing goes by the same condition.
+            let dead = ["access".to_string(), "refresh".to_string()];
+            let mark = || vec![Var::plain("connection_error", "broken")];
+            for (over, removed) in [("r1", false), ("r2", true)] {
+                let written = host
+                    .replace_vars_if_current(&cid, mark(), &dead, "refresh", &[over])
+                    .await;
+                assert_eq!(written.unwrap(), removed, "{kind}");
+            }
+            let stored = host.get_vars(&cid, &[]).await.unwrap();
+            assert_eq!(
+                names_and_values(&stored),
+                [(auth_type, "oauthDefault"), ("connection_error", "broken")],
+                "{kind}"
+            );
             // Nothing stored under the name: not written either; deleted: not set up.
             let written = host
-                .replace_vars_if_current(&cid, pair("r3"), "other", &["r2"])
+                .replace_vars_if_current(&cid, pair("r3"), &[], "other", &["broken"])
                 .await;
             assert!(!written.unwrap(), "{kind}");
             host.delete_vars(&cid, &[]).await.unwrap();
             let refused = host
-                .replace_vars_if_current(&cid, pair("r3"), "refresh", &["r2"])
+                .replace_vars_if_current(&cid, pair("r3"), &[], "refresh", &["r2"])
                 .await;
             assert!(matches!(refused, Err(HostError::NotFound(_))), "{kind}");
             assert!(host.get_vars(&cid, &[]).await.unwrap().is_empty(), "{kind}");

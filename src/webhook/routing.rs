@@ -640,11 +640,12 @@ impl HostEngine for ListingKnown {
         &self,
         scope: &ConnectionId,
         vars: Vec<crate::host::Var>,
+        remove: &[String],
         name: &str,
         current: &[&str],
     ) -> Result<bool, HostError> {
         self.host
-            .replace_vars_if_current(scope, vars, name, current)
+            .replace_vars_if_current(scope, vars, remove, name, current)
             .await
     }
 
