@@ -113,7 +113,15 @@ pub struct ZoomOAuth {
     http: reqwest::Client,
     base: BaseUrl,
     redirect_uri: Option<String>,
+    /// How long a refresh may take (see [`MIN_REFRESH_TIMEOUT`]).
+    refresh_timeout: Duration,
 }
+
+/// The least time a refresh is given, whatever `ZOOM_HTTP_TIMEOUT` says: Zoom rotates the
+/// refresh token when it takes the request, so a refresh given up on before its answer
+/// arrives loses the new token, and with it the connection. Still within the default
+/// `SHUTDOWN_TIMEOUT`, which a refresh in flight holds the shutdown for.
+pub const MIN_REFRESH_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl ZoomOAuth {
     /// A client of `ZOOM_OAUTH_URL`, redirecting browsers back to the contract's redirect URI.
@@ -122,6 +130,7 @@ impl ZoomOAuth {
             http,
             base: config.zoom_oauth_url.clone(),
             redirect_uri: config.oauth_redirect_uri(),
+            refresh_timeout: config.zoom_http_timeout.max(MIN_REFRESH_TIMEOUT),
         }
     }
 
@@ -192,10 +201,13 @@ impl ZoomOAuth {
         app: &OAuthApp,
         refresh_token: &Secret,
     ) -> Result<Token, ZoomError> {
-        let request = self.token_endpoint(app).form(&[
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token.expose()),
-        ]);
+        let request = self
+            .token_endpoint(app)
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token.expose()),
+            ])
+            .timeout(self.refresh_timeout);
         self.token(request, Some(refresh_token)).await
     }
 

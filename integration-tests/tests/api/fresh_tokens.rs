@@ -173,6 +173,22 @@ async fn a_caller_giving_up_during_a_refresh_does_not_lose_the_rotated_refresh_t
 }
 
 #[tokio::test]
+async fn a_refresh_answered_later_than_zoom_http_timeout_still_keeps_the_rotated_token() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("ZOOM_HTTP_TIMEOUT", "1".into()));
+    let app = app_with(&zoom, env).await;
+    let (cid, old_refresh) = expired_connection(&app, &zoom).await;
+    // Zoom rotates the token at once and answers after 1.5 s, past the 1 s other requests get.
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_millis(1500);
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    assert!(!zoom.refresh_token_is_live(&old_refresh), "Zoom rotated it");
+    live_stored_refresh_token(&app, &zoom, &cid).await;
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
+}
+
+#[tokio::test]
 async fn a_shutdown_during_a_refresh_waits_for_the_rotated_refresh_token_to_be_saved() {
     let zoom = FakeZoom::start().await;
     let dir = tempfile::tempdir().unwrap();
