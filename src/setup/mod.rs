@@ -479,7 +479,9 @@ pub fn token_vars(token: &Token) -> Vec<Var> {
 
 /// Replaces every variable connection setup manages with `vars`, in one change. A private
 /// app set up again without its secret token (the field is never shown filled in) keeps the
-/// one saved for the same app (same client id); another app's is removed.
+/// one saved for the same app (same client id), if it still decrypts; another app's, or one
+/// that does not decrypt (setting the connection up again is what its error says to do), is
+/// removed.
 async fn save_connection(
     state: &AppState,
     cid: &crate::ids::ConnectionId,
@@ -507,7 +509,14 @@ async fn save_connection(
                 if crate::connection::value_of(&stored, vars::PRIVATE_CLIENT_ID)
                     == Some(client_id.as_str())
                 {
-                    keep = Some(vars::PRIVATE_SECRET_TOKEN);
+                    let token = [vars::PRIVATE_SECRET_TOKEN.to_string()];
+                    match host.get_vars(&id, &token).await {
+                        Ok(_) => keep = Some(vars::PRIVATE_SECRET_TOKEN),
+                        Err(HostError::Undecryptable { .. }) => {
+                            tracing::warn!(connection_id = %id, "the stored webhook secret token does not decrypt; it is removed (enter it again to route webhooks)");
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             let remove: Vec<String> = vars::MANAGED

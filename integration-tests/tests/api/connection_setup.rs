@@ -870,6 +870,51 @@ async fn setting_a_private_app_up_again_without_its_secret_token_keeps_the_one_s
 }
 
 #[tokio::test]
+async fn setting_a_private_app_up_again_drops_a_saved_secret_token_that_no_longer_decrypts() {
+    let zoom = FakeZoom::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = zoom.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = crate::helpers::spawn_app_in(dir.path(), &env).await;
+    let agent = UserAgent::new(&app.url(""));
+    let cid = existing_connection(&app).await;
+    let setup = async |secret_token: &str| {
+        let done = submit(
+            &app,
+            &agent,
+            &[
+                ("cid", &cid),
+                ("auth_type", "serverToServer"),
+                ("account_id", S2S_ACCOUNT_ID),
+                ("client_id", S2S_CLIENT_ID),
+                ("client_secret", S2S_CLIENT_SECRET),
+                ("secret_token", secret_token),
+            ],
+        )
+        .await;
+        assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    };
+    setup("token-1").await;
+    // Corruption on disk: the sealed secret token's bytes change under the service.
+    let db = rusqlite::Connection::open(dir.path().join("zoom-integration.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE vars SET value = x'00112233445566778899aabbccddeeff00112233445566778899'
+             WHERE scope_id = ?1 AND name = 'private_secret_token'",
+            [&cid],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    // Set up again as the error says, the field left empty (it is never shown filled in):
+    // the unreadable token goes, and every variable reads again.
+    setup("").await;
+    let stored = snapshot(&app, &cid).await;
+    assert_eq!(value_of(&stored, "private_secret_token"), None);
+    assert!(value_of(&stored, "private_client_secret").is_some());
+}
+
+#[tokio::test]
 async fn server_to_server_with_a_wrong_account_id_shows_zoom_reason_and_saves_nothing() {
     let (app, _zoom, agent) = app_and_zoom().await;
     let cid = existing_connection(&app).await;
