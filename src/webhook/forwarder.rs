@@ -242,6 +242,9 @@ pub async fn run(
     let mut held: Vec<Attempt> = Vec::new();
     // Whether the next probe is a new row (when there is one) rather than the oldest held.
     let mut probe_new = false;
+    // Turns through the held rows after the oldest, for the probes no new row can be (none
+    // left, or no room for more): one row the host keeps refusing must not be every probe.
+    let mut probe_turn = 0usize;
     // Rows the host failed on or called invalid, each waiting until it is due.
     let mut waiting: Vec<Attempt> = Vec::new();
     let mut backoff = settings.backoff_start;
@@ -266,7 +269,12 @@ pub async fn run(
             waiting = later;
             batch.extend(due);
         }
-        let waiting_bytes: usize = waiting.iter().map(|a| a.row.received.body.len()).sum();
+        // Held rows count too: while the host is down, each round may add a new one.
+        let waiting_bytes: usize = waiting
+            .iter()
+            .chain(&held)
+            .map(|a| a.row.received.body.len())
+            .sum();
         let room = if waiting_bytes >= settings.max_waiting_bytes {
             0
         } else if host_down {
@@ -298,10 +306,17 @@ pub async fn run(
             }
         }
         if host_down {
-            probe_new = !probe_new;
             if batch.is_empty() {
-                batch.push(held.remove(0));
+                // The oldest held row, or on a new row's turn, another one in turn.
+                let at = if probe_new && held.len() > 1 {
+                    probe_turn = probe_turn.wrapping_add(1);
+                    1 + probe_turn % (held.len() - 1)
+                } else {
+                    0
+                };
+                batch.push(held.remove(at));
             }
+            probe_new = !probe_new;
         }
         if batch.is_empty() {
             // A safety net only: commits wake the forwarder.
@@ -1129,6 +1144,47 @@ mod tests {
         assert_eq!(host.taken_bodies().len(), 20, "each delivered once");
         assert_eq!(counters.dead_letters.get(), 0);
         stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_held_row_the_host_keeps_refusing_does_not_stop_the_probes_of_the_others() {
+        // Held rows filling the batch (no room for a new one), then with no new row left.
+        for (rows, batch_rows) in [(20, 4), (3, 512)] {
+            let dir = tempfile::tempdir().unwrap();
+            let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+            for n in 0..rows {
+                outbox.record(record(n)).await.unwrap();
+            }
+            let host = Arc::new(FakeHost::default());
+            *host.poison.lock().unwrap() = Some(("row-".into(), HostError::Unavailable));
+            let counters = Arc::new(Counters::new(&crate::metrics::Metrics::new()));
+            let stop = CancellationToken::new();
+            tokio::spawn(run(
+                outbox.clone(),
+                target(host.clone(), None),
+                counters.clone(),
+                ForwarderSettings {
+                    backoff_start: Duration::from_millis(5),
+                    backoff_max: Duration::from_millis(10),
+                    row_backoff_max: Duration::from_millis(20),
+                    batch_rows,
+                    ..ForwarderSettings::default()
+                },
+                stop.clone(),
+            ));
+            eventually("a few rounds while the host is down", async || {
+                counters.retries.get() >= 5
+            })
+            .await;
+            // The host is back, but stays unavailable for the oldest row alone.
+            *host.poison.lock().unwrap() = Some(("row-0\"".into(), HostError::Unavailable));
+            eventually("every other row delivered", async || {
+                host.taken_bodies().len() == rows as usize - 1
+            })
+            .await;
+            assert!(!host.taken_bodies().iter().any(|b| b.contains("row-0\"")));
+            stop.cancel();
+        }
     }
 
     #[tokio::test]
