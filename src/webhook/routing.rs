@@ -165,8 +165,12 @@ struct Table {
     /// older read of the same connection that ends later is ignored.
     changed_at: HashMap<ConnectionId, u64>,
     /// The version the last applied full reload started at: a single read started before
-    /// that is older than what the full reload found.
+    /// that is older than what the full reload found, for the connections it read.
     reloaded_at: u64,
+    /// The connections the last applied full reload read (set up or deleted). A connection it
+    /// did not read (not listed and not known yet: just set up in a project not deployed) or
+    /// could not read keeps what a single read started before it finds.
+    full_read: HashSet<ConnectionId>,
     loaded: bool,
     /// Connections with no route whose last read failed (the host answered, but not for
     /// them), with when their reads started failing: retried every [`UNREAD_RETRY`].
@@ -181,7 +185,8 @@ impl Table {
     /// reload or a later read of it already applied (two saves in a row: the first one's
     /// read may end after the second's), so its outcome must not be applied.
     fn superseded(&self, cid: &ConnectionId, asked: u64) -> bool {
-        asked <= self.reloaded_at || self.changed_at.get(cid).is_some_and(|v| *v > asked)
+        (asked <= self.reloaded_at && self.full_read.contains(cid))
+            || self.changed_at.get(cid).is_some_and(|v| *v > asked)
     }
 }
 
@@ -339,6 +344,7 @@ impl RoutingIndex {
             }
         }
         let mut table = self.lock();
+        table.full_read = read.iter().map(|(cid, _)| cid.clone()).collect();
         // Connections saved while this reload ran keep what their own reload found.
         for (cid, auth_type) in read {
             if table.changed_at.get(&cid).is_none_or(|v| *v <= started_at) {
@@ -1115,6 +1121,43 @@ mod tests {
             std::slice::from_ref(&cid)
         );
         assert!(routed_by_default(&index, "acc-old").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_reload_that_did_not_read_a_new_connection_does_not_overrule_its_own_read() {
+        let (_dir, inner) = host().await;
+        let host = Arc::new(TestHost::over(inner));
+        let index = Arc::new(RoutingIndex::new(Some(Secret::new("default-secret"))));
+        index.reload_all(&*host).await.unwrap();
+        // Set up in a project not deployed: the host does not list it.
+        let cid = ConnectionId::generate();
+        *host.inactive.lock().unwrap() = vec![cid.clone()];
+        host.set_vars(
+            &cid,
+            vec![
+                Var::plain("auth_type", "oauthDefault"),
+                Var::plain("account_id", "acc-A"),
+            ],
+        )
+        .await
+        .unwrap();
+        // Its own reload reads it and is held; a full reload starts and ends meanwhile.
+        host.hold_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let own = tokio::spawn({
+            let (index, host, cid) = (index.clone(), host.clone(), cid.clone());
+            async move { index.reload_connection(&*host, &cid).await }
+        });
+        host.read.notified().await;
+        index.reload_all(&*host).await.unwrap();
+        host.release.notify_one();
+        own.await.unwrap().unwrap();
+
+        assert_eq!(
+            routed_by_default(&index, "acc-A"),
+            std::slice::from_ref(&cid)
+        );
+        assert_eq!(index.known(""), std::slice::from_ref(&cid));
     }
 
     #[tokio::test]
