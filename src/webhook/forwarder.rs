@@ -671,15 +671,10 @@ async fn prepare(
         if !row.side_effect_done {
             let cid = ConnectionId::parse(&row.destination)
                 .map_err(|e| Outcome::Unconvertible(e.to_string()))?;
-            let user = deauthorized_user(&row.received.body);
+            let (user, at) = deauthorization(&row.received.body, row.received.received_ms);
             // With no refresh of the connection in flight, which could save its tokens again
             // after they were removed.
-            let change = deauthorize(
-                &*target.host,
-                &cid,
-                user.as_deref(),
-                row.received.received_ms,
-            );
+            let change = deauthorize(&*target.host, &cid, user.as_deref(), at);
             target
                 .credentials
                 .deauthorize_with(&cid, change)
@@ -703,35 +698,64 @@ async fn prepare(
 /// How long Zoom's access tokens live (`expires_in` is 3599 or 3600 seconds).
 const ZOOM_TOKEN_LIFETIME_MS: i64 = 3_600_000;
 
-/// `payload.user_id` of an `app_deauthorized` body: the Zoom user who removed the app.
-fn deauthorized_user(body: &[u8]) -> Option<String> {
+/// Who removed the app and when, from an `app_deauthorized` body: `payload.user_id`, and the
+/// earliest of `payload.deauthorization_time`, `payload.event_ts`, `event_ts` (Unix ms, as a
+/// number or as text) and `received_ms`, when it arrived here. The event may arrive late (Zoom
+/// retrying a 503, a restart), after the owner reconnected: what counts is when Zoom removed it.
+fn deauthorization(body: &[u8], received_ms: i64) -> (Option<String>, i64) {
     #[derive(serde::Deserialize)]
     struct Body {
         payload: Option<Payload>,
+        event_ts: Option<serde_json::Value>,
     }
     #[derive(serde::Deserialize)]
     struct Payload {
         user_id: Option<serde_json::Value>,
+        deauthorization_time: Option<serde_json::Value>,
+        event_ts: Option<serde_json::Value>,
     }
-    let body: Body = serde_json::from_slice(body).ok()?;
-    match body.payload?.user_id? {
-        serde_json::Value::String(user) if !user.is_empty() => Some(user),
+    let millis = |v: &serde_json::Value| match v {
+        serde_json::Value::Number(n) => n.as_i64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
         _ => None,
+    };
+    let Ok(body) = serde_json::from_slice::<Body>(body) else {
+        return (None, received_ms);
+    };
+    let mut at = body.event_ts.as_ref().and_then(millis);
+    let mut user = None;
+    if let Some(payload) = body.payload {
+        user = match payload.user_id {
+            Some(serde_json::Value::String(user)) if !user.is_empty() => Some(user),
+            _ => None,
+        };
+        let removed = payload
+            .deauthorization_time
+            .as_ref()
+            .and_then(|t| t.as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis());
+        for candidate in [removed, payload.event_ts.as_ref().and_then(millis)] {
+            at = match (at, candidate) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
     }
+    (user, at.map_or(received_ms, |at| at.min(received_ms)))
 }
 
 /// Forgets a connection's OAuth tokens and marks it broken; both steps can be repeated. A
 /// connection that belongs to another Zoom user than `user` (when both are known) is left as
 /// it is: on an account where several users authorized the app, one user removing it does
-/// not end the others' authorizations. So is one whose tokens were issued after the event was
-/// received (`received_ms`): Zoom refuses refreshes once the app is removed, so those come
-/// from a reconnect made while the event waited for the host. True if the connection was
-/// deauthorized.
+/// not end the others' authorizations. So is one whose tokens were issued after the app was
+/// removed (`removed_ms`, see [`deauthorization`]): Zoom refuses refreshes once the app is
+/// removed, so those come from a reconnect. True if the connection was deauthorized.
 async fn deauthorize(
     host: &dyn HostEngine,
     cid: &ConnectionId,
     user: Option<&str>,
-    received_ms: i64,
+    removed_ms: i64,
 ) -> Result<bool, HostError> {
     let stored = host
         .get_vars(cid, &[vars::USER_ID, vars::OAUTH_EXPIRY].map(String::from))
@@ -743,11 +767,11 @@ async fn deauthorize(
         tracing::info!(connection_id = %cid, "app removed in Zoom by another user of the account: connection left as it is");
         return Ok(false);
     }
-    // Zoom's access tokens live an hour: one expiring more than an hour after the event
-    // arrived was issued after it.
+    // Zoom's access tokens live an hour: one expiring more than an hour after the app was
+    // removed was issued after that.
     if let Some(expiry) = crate::connection::value_of(&stored, vars::OAUTH_EXPIRY)
         .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
-        && expiry.timestamp_millis() - ZOOM_TOKEN_LIFETIME_MS > received_ms
+        && expiry.timestamp_millis() - ZOOM_TOKEN_LIFETIME_MS > removed_ms
     {
         tracing::info!(connection_id = %cid, "app removed in Zoom before the connection's current tokens were issued (reconnected since): connection left as it is");
         return Ok(false);
@@ -1381,6 +1405,32 @@ mod tests {
                 (vars::CONNECTION_ERROR, DEAUTHORIZED_MESSAGE)
             ]
         );
+    }
+
+    #[test]
+    fn the_app_counts_as_removed_when_zoom_says_or_else_when_the_event_arrived() {
+        let sample =
+            include_bytes!("../../integration-tests/fixtures/zoom-samples/app_deauthorized.json");
+        let received = 1_700_000_000_000;
+        // deauthorization_time 2022-03-23T12:40:00.000Z, event_ts "1648039200000": the same.
+        assert_eq!(
+            deauthorization(sample, received),
+            (Some("tUo7WohjTs6ELvl9WR3JAA".into()), 1_648_039_200_000)
+        );
+        let late = br#"{"event":"app_deauthorized","event_ts":1700000000500,
+            "payload":{"deauthorization_time":"2023-11-14T22:13:00Z","user_id":""}}"#;
+        assert_eq!(
+            deauthorization(late, received + 60_000),
+            (None, 1_699_999_980_000)
+        );
+        // Nothing to go by, or times after the arrival: the arrival.
+        for body in [
+            &br#"{"event":"app_deauthorized","payload":{}}"#[..],
+            br#"{"event":"app_deauthorized","event_ts":"soon","payload":{"event_ts":9999999999999}}"#,
+            b"not json",
+        ] {
+            assert_eq!(deauthorization(body, received).1, received);
+        }
     }
 
     #[tokio::test]

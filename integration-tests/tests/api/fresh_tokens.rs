@@ -868,7 +868,7 @@ async fn app_deauthorized_while_a_refresh_is_in_flight_leaves_no_tokens_behind()
         &app.http_client,
         &app.url("/zoom/event"),
         SECRET,
-        &fixture("app_deauthorized"),
+        &crate::webhooks::app_deauthorized_now(),
     )
     .await;
     testing.await.unwrap().unwrap();

@@ -101,6 +101,24 @@ pub fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(fixture_dir().join(format!("{name}.json"))).unwrap()
 }
 
+/// The `app_deauthorized` sample as Zoom sends it: the app removed just now (the sample's
+/// own times are from 2022, before any token a test stores was issued).
+pub fn app_deauthorized_now() -> Vec<u8> {
+    app_deauthorized_at(chrono::Utc::now())
+}
+
+/// The `app_deauthorized` sample for an app removed at `now`.
+fn app_deauthorized_at(now: chrono::DateTime<chrono::Utc>) -> Vec<u8> {
+    let body = String::from_utf8(fixture("app_deauthorized")).unwrap();
+    assert!(body.contains("2022-03-23T12:40:00.000Z") && body.contains("1648039200000"));
+    body.replace(
+        "2022-03-23T12:40:00.000Z",
+        &now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    )
+    .replace("1648039200000", &now.timestamp_millis().to_string())
+    .into_bytes()
+}
+
 /// Every sample that is an event (not URL validation), by name.
 fn event_fixtures() -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(fixture_dir())
@@ -1089,14 +1107,16 @@ async fn app_deauthorized_clears_the_tokens_marks_the_connection_broken_and_is_f
         app.connection_status(&cid).await.unwrap().code(),
         StatusCode::Ok
     );
-    let body = fixture("app_deauthorized");
+    let body = app_deauthorized_now();
     post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
 
     let stored = wait_for_stored(&app, 1).await;
     assert_event_is(&stored[0], &body, &cid);
     // The string event_ts inside payload stays a string.
     let payload = zoom_integration::values::to_json(&stored[0].data["payload"]);
-    assert_eq!(payload["event_ts"], "1648039200000");
+    let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(payload["event_ts"].is_string());
+    assert_eq!(payload["event_ts"], sent["payload"]["event_ts"]);
 
     let names: BTreeSet<String> = app
         .stored_vars(&cid, &[])
@@ -1123,6 +1143,36 @@ async fn app_deauthorized_clears_the_tokens_marks_the_connection_broken_and_is_f
 }
 
 #[tokio::test]
+async fn an_app_deauthorized_arriving_after_a_reconnect_leaves_the_new_tokens_alone() {
+    let app = app_with_secret().await;
+    let cid = default_connection(&app, ACCOUNT).await;
+    // Reconnected a minute ago, after the app was removed five minutes ago; Zoom's event about
+    // the removal arrives only now (a retry after a 503, say).
+    let issued = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let expiry =
+        (issued + chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    app.vars()
+        .set(vars::SetRequest {
+            vars: vec![var(&cid, "oauth_expiry", &expiry, false)],
+        })
+        .await
+        .unwrap();
+    let body = app_deauthorized_at(chrono::Utc::now() - chrono::Duration::minutes(5));
+    post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
+
+    let stored = wait_for_stored(&app, 1).await;
+    assert_event_is(&stored[0], &body, &cid);
+    let names: BTreeSet<String> = app
+        .stored_vars(&cid, &[])
+        .await
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert!(names.contains("oauth_refresh_token"), "{names:?}");
+    assert!(!names.contains("connection_error"), "{names:?}");
+}
+
+#[tokio::test]
 async fn app_deauthorized_by_one_user_leaves_another_user_s_connection_on_the_account_alone() {
     let app = app_with_secret().await;
     // The fixture's user, and another user of the same account.
@@ -1139,7 +1189,7 @@ async fn app_deauthorized_by_one_user_leaves_another_user_s_connection_on_the_ac
             .await
             .unwrap();
     }
-    let body = fixture("app_deauthorized");
+    let body = app_deauthorized_now();
     post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
     // Both get the event (it is the account's); only the remover's connection is broken.
     wait_for_stored(&app, 2).await;
@@ -1198,7 +1248,7 @@ async fn retried_app_deauthorized_after_a_reconnect(first: FirstDispatch, restar
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let app = spawn_app_in(dir.path(), &env).await;
-    let body = fixture("app_deauthorized");
+    let body = app_deauthorized_now();
     post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
     let stored = |name: &str| {
         host.state
