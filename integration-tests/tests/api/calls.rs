@@ -18,7 +18,7 @@ use crate::connection_setup::app_with;
 use crate::fake_host::FakeHost;
 use crate::fake_zoom::*;
 use crate::helpers::{TestApp, var, zoom_id};
-use crate::webhooks::{ACCOUNT, SECRET, fixture, post_until_recorded};
+use crate::webhooks::{ACCOUNT, SECRET, app_deauthorized_now, post_until_recorded};
 
 /// A working default-app connection: its access token is one the fake Zoom issued.
 pub(crate) async fn connected(app: &TestApp, zoom: &FakeZoom) -> String {
@@ -1048,7 +1048,7 @@ async fn app_deauthorized_stops_the_cached_token_being_used_on_a_remote_host_too
     ok(call(&app, &cid, "get_user", vec![], vec![]).await);
 
     zoom.revoke_access_tokens();
-    let body = crate::webhooks::app_deauthorized_now();
+    let body = app_deauthorized_now();
     post_until_recorded(&app.http_client, &app.url("/zoom/event"), SECRET, &body).await;
     host.wait_for_dispatched(1, Duration::from_secs(10)).await;
     refused_without_reaching_zoom(&app, &zoom, &cid, "deauthorized in Zoom: reconnect").await;

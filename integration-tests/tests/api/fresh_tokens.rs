@@ -836,7 +836,7 @@ async fn a_refresh_answered_as_plain_text_without_a_token_type_still_saves_the_r
 
 #[tokio::test]
 async fn app_deauthorized_while_a_refresh_is_in_flight_leaves_no_tokens_behind() {
-    use crate::webhooks::{ACCOUNT, SECRET, fixture, post_until_recorded};
+    use crate::webhooks::{ACCOUNT, SECRET, app_deauthorized_now, post_until_recorded};
     let zoom = FakeZoom::start().await;
     let mut env = zoom.env();
     env.push(("ZOOM_SECRET_TOKEN", SECRET.into()));
@@ -868,7 +868,7 @@ async fn app_deauthorized_while_a_refresh_is_in_flight_leaves_no_tokens_behind()
         &app.http_client,
         &app.url("/zoom/event"),
         SECRET,
-        &crate::webhooks::app_deauthorized_now(),
+        &app_deauthorized_now(),
     )
     .await;
     testing.await.unwrap().unwrap();
