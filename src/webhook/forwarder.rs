@@ -932,6 +932,23 @@ mod tests {
         error: fn(String) -> HostError,
         give_up_after: Duration,
     ) -> Running {
+        let settings = ForwarderSettings {
+            backoff_start: Duration::from_millis(5),
+            row_backoff_max: Duration::from_millis(20),
+            max_attempts: 3,
+            give_up_after,
+            ..ForwarderSettings::default()
+        };
+        start_configured(rows, poison, error, settings).await
+    }
+
+    /// A forwarder with `settings` over a fresh outbox holding `rows`, `poison` poisoned.
+    async fn start_configured(
+        rows: std::ops::Range<u32>,
+        poison: &str,
+        error: fn(String) -> HostError,
+        settings: ForwarderSettings,
+    ) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
         for n in rows {
@@ -941,13 +958,6 @@ mod tests {
         *host.poison.lock().unwrap() = Some((poison.into(), error));
         let counters = Arc::new(Counters::new(&crate::metrics::Metrics::new()));
         let stop = CancellationToken::new();
-        let settings = ForwarderSettings {
-            backoff_start: Duration::from_millis(5),
-            row_backoff_max: Duration::from_millis(20),
-            max_attempts: 3,
-            give_up_after,
-            ..ForwarderSettings::default()
-        };
         tokio::spawn(run(
             outbox.clone(),
             target(host.clone(), None),
@@ -1126,27 +1136,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_host_that_is_down_gets_one_probe_per_back_off_and_the_held_rows_once_it_answers() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
-        for n in 0..20 {
-            outbox.record(record(n)).await.unwrap();
-        }
-        let host = Arc::new(FakeHost::default());
         // Every event is answered UNAVAILABLE (an overloaded host).
-        *host.poison.lock().unwrap() = Some(("row-".into(), HostError::Unavailable));
-        let counters = Arc::new(Counters::new(&crate::metrics::Metrics::new()));
-        let stop = CancellationToken::new();
-        tokio::spawn(run(
-            outbox.clone(),
-            target(host.clone(), None),
-            counters.clone(),
-            ForwarderSettings {
-                backoff_start: Duration::from_millis(5),
-                backoff_max: Duration::from_millis(20),
-                ..ForwarderSettings::default()
-            },
-            stop.clone(),
-        ));
+        let settings = ForwarderSettings {
+            backoff_start: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(20),
+            ..ForwarderSettings::default()
+        };
+        let (host, _outbox, counters, stop, _dir) =
+            start_configured(0..20, "row-", HostError::Unavailable, settings).await;
         eventually("ten rounds while the host is down", async || {
             counters.retries.get() >= 10
         })
@@ -1174,28 +1171,15 @@ mod tests {
     async fn a_held_row_the_host_keeps_refusing_does_not_stop_the_probes_of_the_others() {
         // Held rows filling the batch (no room for a new one), then with no new row left.
         for (rows, batch_rows) in [(20, 4), (3, 512)] {
-            let dir = tempfile::tempdir().unwrap();
-            let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
-            for n in 0..rows {
-                outbox.record(record(n)).await.unwrap();
-            }
-            let host = Arc::new(FakeHost::default());
-            *host.poison.lock().unwrap() = Some(("row-".into(), HostError::Unavailable));
-            let counters = Arc::new(Counters::new(&crate::metrics::Metrics::new()));
-            let stop = CancellationToken::new();
-            tokio::spawn(run(
-                outbox.clone(),
-                target(host.clone(), None),
-                counters.clone(),
-                ForwarderSettings {
-                    backoff_start: Duration::from_millis(5),
-                    backoff_max: Duration::from_millis(10),
-                    row_backoff_max: Duration::from_millis(20),
-                    batch_rows,
-                    ..ForwarderSettings::default()
-                },
-                stop.clone(),
-            ));
+            let settings = ForwarderSettings {
+                backoff_start: Duration::from_millis(5),
+                backoff_max: Duration::from_millis(10),
+                row_backoff_max: Duration::from_millis(20),
+                batch_rows,
+                ..ForwarderSettings::default()
+            };
+            let (host, _outbox, counters, stop, _dir) =
+                start_configured(0..rows, "row-", HostError::Unavailable, settings).await;
             eventually("a few rounds while the host is down", async || {
                 counters.retries.get() >= 5
             })
