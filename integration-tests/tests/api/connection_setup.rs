@@ -829,6 +829,25 @@ async fn zoom_token_endpoint_too_slow_times_out_and_saves_nothing() {
     assert_eq!(snapshot(&app, &cid).await, before);
 }
 
+/// Sets `cid` up with the fake Zoom's Server-to-Server app and `secret_token` (empty: none
+/// given) through the connection page's form, which must succeed.
+async fn set_up_server_to_server(app: &TestApp, agent: &UserAgent, cid: &str, secret_token: &str) {
+    let done = submit(
+        app,
+        agent,
+        &[
+            ("cid", cid),
+            ("auth_type", "serverToServer"),
+            ("account_id", S2S_ACCOUNT_ID),
+            ("client_id", S2S_CLIENT_ID),
+            ("client_secret", S2S_CLIENT_SECRET),
+            ("secret_token", secret_token),
+        ],
+    )
+    .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+}
+
 #[tokio::test]
 async fn setting_a_private_app_up_again_without_its_secret_token_keeps_the_one_saved_for_it() {
     let (app, _zoom, agent) = app_and_zoom().await;
@@ -845,20 +864,7 @@ async fn setting_a_private_app_up_again_without_its_secret_token_keeps_the_one_s
         .await
         .unwrap();
     let setup = async |secret_token: &str| {
-        let done = submit(
-            &app,
-            &agent,
-            &[
-                ("cid", &cid),
-                ("auth_type", "serverToServer"),
-                ("account_id", S2S_ACCOUNT_ID),
-                ("client_id", S2S_CLIENT_ID),
-                ("client_secret", S2S_CLIENT_SECRET),
-                ("secret_token", secret_token),
-            ],
-        )
-        .await;
-        assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+        set_up_server_to_server(&app, &agent, &cid, secret_token).await;
         value_of(&snapshot(&app, &cid).await, "private_secret_token").map(|(v, _)| v)
     };
     // Another app (another client id): its token does not belong to this one.
@@ -878,37 +884,11 @@ async fn setting_a_private_app_up_again_drops_a_saved_secret_token_that_no_longe
     let app = crate::helpers::spawn_app_in(dir.path(), &env).await;
     let agent = UserAgent::new(&app.url(""));
     let cid = existing_connection(&app).await;
-    let setup = async |secret_token: &str| {
-        let done = submit(
-            &app,
-            &agent,
-            &[
-                ("cid", &cid),
-                ("auth_type", "serverToServer"),
-                ("account_id", S2S_ACCOUNT_ID),
-                ("client_id", S2S_CLIENT_ID),
-                ("client_secret", S2S_CLIENT_SECRET),
-                ("secret_token", secret_token),
-            ],
-        )
-        .await;
-        assert_eq!(done.status, StatusCode::OK, "{}", done.body);
-    };
-    setup("token-1").await;
-    // Corruption on disk: the sealed secret token's bytes change under the service.
-    let db = rusqlite::Connection::open(dir.path().join("zoom-integration.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(5)).unwrap();
-    let changed = db
-        .execute(
-            "UPDATE vars SET value = x'00112233445566778899aabbccddeeff00112233445566778899'
-             WHERE scope_id = ?1 AND name = 'private_secret_token'",
-            [&cid],
-        )
-        .unwrap();
-    assert_eq!(changed, 1);
+    set_up_server_to_server(&app, &agent, &cid, "token-1").await;
+    crate::helpers::corrupt_stored_secret(dir.path(), &cid, "private_secret_token");
     // Set up again as the error says, the field left empty (it is never shown filled in):
     // the unreadable token goes, and every variable reads again.
-    setup("").await;
+    set_up_server_to_server(&app, &agent, &cid, "").await;
     let stored = snapshot(&app, &cid).await;
     assert_eq!(value_of(&stored, "private_secret_token"), None);
     assert!(value_of(&stored, "private_client_secret").is_some());

@@ -641,17 +641,7 @@ async fn a_stored_secret_that_no_longer_decrypts_is_reported_as_such_with_the_wa
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let app = spawn_app_in(dir.path(), &env).await;
     let (cid, _) = expired_connection(&app, &zoom).await;
-    // Corruption on disk: the sealed refresh token's bytes change under the service.
-    let db = rusqlite::Connection::open(dir.path().join("zoom-integration.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(5)).unwrap();
-    let changed = db
-        .execute(
-            "UPDATE vars SET value = x'00112233445566778899aabbccddeeff00112233445566778899'
-             WHERE scope_id = ?1 AND name = 'oauth_refresh_token'",
-            [&cid],
-        )
-        .unwrap();
-    assert_eq!(changed, 1);
+    crate::helpers::corrupt_stored_secret(dir.path(), &cid, "oauth_refresh_token");
     let says_what_and_how = |message: &str| {
         assert!(
             message.contains("oauth_refresh_token") && message.contains("cannot be decrypted"),

@@ -277,3 +277,18 @@ pub fn var(scope: &str, name: &str, value: &str, secret: bool) -> vars::Var {
         description: String::new(),
     }
 }
+
+/// Corrupts the sealed value of `name` of `cid` in the embedded database under `data_dir`, as
+/// a disk fault would: it no longer decrypts.
+pub fn corrupt_stored_secret(data_dir: &Path, cid: &str, name: &str) {
+    let db = rusqlite::Connection::open(data_dir.join("zoom-integration.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE vars SET value = x'00112233445566778899aabbccddeeff00112233445566778899'
+             WHERE scope_id = ?1 AND name = ?2",
+            [cid, name],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+}
