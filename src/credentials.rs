@@ -1357,19 +1357,9 @@ mod tests {
         host.set_vars(&cid, live).await.unwrap();
         assert!(!credentials.source.mark_broken(&cid, "refresh").await);
         let left = host.get_vars(&cid, &[]).await.unwrap();
-        let value = |name: &str| {
-            left.iter()
-                .find(|v| v.name == name)
-                .map(|v| v.value.clone())
-        };
-        assert_eq!(
-            value(vars::OAUTH_REFRESH_TOKEN).as_deref(),
-            Some("live-refresh")
-        );
-        assert_eq!(
-            value(vars::OAUTH_ACCESS_TOKEN).as_deref(),
-            Some("live-access")
-        );
+        let value = |name| crate::connection::value_of(&left, name);
+        assert_eq!(value(vars::OAUTH_REFRESH_TOKEN), Some("live-refresh"));
+        assert_eq!(value(vars::OAUTH_ACCESS_TOKEN), Some("live-access"));
         assert_eq!(value(vars::CONNECTION_ERROR), None);
     }
 

@@ -722,27 +722,27 @@ fn deauthorization(body: &[u8], received_ms: i64) -> (Option<String>, i64) {
     let Ok(body) = serde_json::from_slice::<Body>(body) else {
         return (None, received_ms);
     };
-    let mut at = body.event_ts.as_ref().and_then(millis);
-    let mut user = None;
+    let (mut user, mut removed, mut payload_ts) = (None, None, None);
     if let Some(payload) = body.payload {
         user = match payload.user_id {
             Some(serde_json::Value::String(user)) if !user.is_empty() => Some(user),
             _ => None,
         };
-        let removed = payload
+        removed = payload
             .deauthorization_time
             .as_ref()
             .and_then(|t| t.as_str())
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.timestamp_millis());
-        for candidate in [removed, payload.event_ts.as_ref().and_then(millis)] {
-            at = match (at, candidate) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
+        payload_ts = payload.event_ts.as_ref().and_then(millis);
     }
-    (user, at.map_or(received_ms, |at| at.min(received_ms)))
+    let top_ts = body.event_ts.as_ref().and_then(millis);
+    let at = [removed, payload_ts, top_ts, Some(received_ms)]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(received_ms);
+    (user, at)
 }
 
 /// Forgets a connection's OAuth tokens and marks it broken; both steps can be repeated. A
