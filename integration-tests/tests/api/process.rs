@@ -350,18 +350,23 @@ async fn dead_letters_are_driven_back_only_while_the_service_is_stopped() {
 
     send_signal(&child, libc::SIGTERM);
     child.wait().await.unwrap();
-    // A dead letter, as the forwarder leaves one after the host kept refusing it.
+    // A dead letter, as the forwarder leaves one after the host kept refusing it. Received
+    // now: an event older than EVENT_RETENTION_DAYS would be delivered and then trimmed from
+    // the event log by the trim that runs at start.
     let cid = zoom_integration::ids::ConnectionId::generate().to_string();
+    let received_ms = crate::webhooks::now() as i64 * 1000 - 1_000;
     let outbox = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
     outbox
         .execute(
             "INSERT INTO dead_letters
                  (destination, received_ms, event_type, memo, body, failed_ms, error)
-             VALUES (?1, 1700000000000, 'meeting.started', '{}', ?2, 1700000001000, 'refused')",
+             VALUES (?1, ?2, 'meeting.started', '{}', ?3, ?4, 'refused')",
             rusqlite::params![
                 cid,
+                received_ms,
                 br#"{"event":"meeting.started","payload":{"account_id":"a","object":{"id":"7"}}}"#
-                    .to_vec()
+                    .to_vec(),
+                received_ms + 500
             ],
         )
         .unwrap();
