@@ -542,12 +542,18 @@ impl Credentials {
     /// A token with at least [`REFRESH_MARGIN`] left, refreshing (once, for all concurrent
     /// callers) when needed.
     pub async fn access_token(&self, cid: &ConnectionId) -> Result<Access, CredentialError> {
-        self.obtain(cid, false).await
+        self.obtain(cid, None).await
     }
 
-    /// Refreshes an OAuth connection's tokens now, however fresh they are (keep-alive).
-    pub async fn refresh_now(&self, cid: &ConnectionId) -> Result<Access, CredentialError> {
-        self.obtain(cid, true).await
+    /// Refreshes an OAuth connection's tokens, however fresh, unless the stored ones were
+    /// obtained after `idle_since` (keep-alive: a caller may have refreshed them since the pass
+    /// read the connection, and a second refresh would be one Zoom did not need).
+    pub async fn refresh_if_idle(
+        &self,
+        cid: &ConnectionId,
+        idle_since: DateTime<Utc>,
+    ) -> Result<Access, CredentialError> {
+        self.obtain(cid, Some(idle_since)).await
     }
 
     /// Every `interval` (and once at start), refreshes the OAuth connections whose refresh
@@ -582,6 +588,9 @@ impl Credentials {
     /// the ones after it would otherwise never be kept alive while it stays unreadable.
     pub async fn keep_alive_pass(&self, max_idle: Duration) -> usize {
         let max_idle = chrono::Duration::from_std(max_idle).unwrap_or(chrono::Duration::MAX);
+        let idle_since = Utc::now()
+            .checked_sub_signed(max_idle)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let names = [vars::OAUTH_EXPIRY, vars::CONNECTION_ERROR].map(String::from);
         let mut refreshed = 0;
         for auth_type in [AuthType::OAuthDefault, AuthType::OAuthPrivate] {
@@ -609,18 +618,16 @@ impl Credentials {
                 if get(vars::CONNECTION_ERROR).is_some() {
                     continue;
                 }
-                // Zoom's access tokens live an hour, so the last refresh was an hour before
-                // the stored expiry.
                 let Some(last_refresh) = get(vars::OAUTH_EXPIRY)
                     .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
-                    .map(|e| e.with_timezone(&Utc) - chrono::Duration::hours(1))
+                    .map(|e| obtained_at(e.with_timezone(&Utc)))
                 else {
                     continue;
                 };
-                if Utc::now() - last_refresh < max_idle {
+                if last_refresh > idle_since {
                     continue;
                 }
-                match self.refresh_now(&cid).await {
+                match self.refresh_if_idle(&cid, idle_since).await {
                     Ok(_) => refreshed += 1,
                     Err(e) => {
                         tracing::warn!(connection_id = %cid, error = %e, "keep-alive refresh failed")
@@ -634,7 +641,12 @@ impl Credentials {
         refreshed
     }
 
-    async fn obtain(&self, cid: &ConnectionId, force: bool) -> Result<Access, CredentialError> {
+    /// A token for `cid` (see [`Source::obtain`] for `idle_since`).
+    async fn obtain(
+        &self,
+        cid: &ConnectionId,
+        idle_since: Option<DateTime<Utc>>,
+    ) -> Result<Access, CredentialError> {
         let mut slot = self.slot(cid).lock_owned().await;
         if let Some(broken) = &mut slot.broken {
             if broken.checked.elapsed() < BROKEN_RECHECK {
@@ -654,7 +666,7 @@ impl Credentials {
         if let Some(access) = slot
             .cached
             .as_ref()
-            .filter(|a| !force && slot.unsaved.is_none() && slot.fresh(a.expires_at))
+            .filter(|a| idle_since.is_none() && slot.unsaved.is_none() && slot.fresh(a.expires_at))
         {
             return Ok(access.clone());
         }
@@ -666,7 +678,7 @@ impl Credentials {
         let (source, id) = (self.source.clone(), cid.clone());
         let obtained = self
             .tasks
-            .spawn(async move { source.obtain(slot, &id, force).await })
+            .spawn(async move { source.obtain(slot, &id, idle_since).await })
             .await
             .map_err(|e| HostError::Internal(format!("the token task failed: {e}")))?;
         if let Err(CredentialError::NotSetUp) = &obtained {
@@ -706,11 +718,13 @@ impl Source {
     }
 
     /// Saves what was not saved, then reads, refreshes or requests a token, holding the slot.
+    /// With `idle_since` (keep-alive), an OAuth connection's tokens are refreshed however
+    /// fresh, unless those stored were obtained after it.
     async fn obtain(
         &self,
         mut slot: tokio::sync::OwnedMutexGuard<Slot>,
         cid: &ConnectionId,
-        force: bool,
+        idle_since: Option<DateTime<Utc>>,
     ) -> Result<Access, CredentialError> {
         if let Some(unsaved) = slot.unsaved.clone() {
             match self.save(cid, &unsaved).await {
@@ -726,7 +740,7 @@ impl Source {
         if let Some(access) = slot
             .cached
             .as_ref()
-            .filter(|a| !force && slot.fresh(a.expires_at))
+            .filter(|a| idle_since.is_none() && slot.fresh(a.expires_at))
         {
             return Ok(access.clone());
         }
@@ -735,8 +749,11 @@ impl Source {
         // again, once; it was just written, so it is not refreshed again even for keep-alive.
         let mut superseded = false;
         let access = loop {
-            let force = force && !superseded;
-            match self.fetch(&mut slot, cid, force, previous.as_ref()).await? {
+            let idle_since = idle_since.filter(|_| !superseded);
+            match self
+                .fetch(&mut slot, cid, idle_since, previous.as_ref())
+                .await?
+            {
                 Some(access) => break access,
                 None if !superseded => superseded = true,
                 None => {
@@ -755,12 +772,12 @@ impl Source {
     /// Reads `cid`'s credentials from the host engine and hands out the stored token, or
     /// refreshes or requests one (`previous` is the token cached until now). `None`: a refresh
     /// was made but its pair not saved, since another refresh token was stored meanwhile; that
-    /// one is to be read again.
+    /// one is to be read again. `idle_since`: as [`Source::obtain`]'s.
     async fn fetch(
         &self,
         slot: &mut Slot,
         cid: &ConnectionId,
-        force: bool,
+        idle_since: Option<DateTime<Utc>>,
         previous: Option<&Access>,
     ) -> Result<Option<Access>, CredentialError> {
         let names: Vec<String> = [
@@ -811,7 +828,7 @@ impl Source {
                 })?;
                 let app = private_app()?;
                 let usable = previous
-                    .filter(|a| !force && still_usable(&a.token, a.expires_at, slot))
+                    .filter(|a| idle_since.is_none() && still_usable(&a.token, a.expires_at, slot))
                     .cloned();
                 if let Some(refused) = slot.refusal_for(&app) {
                     return or_usable(cid, usable, refused);
@@ -836,6 +853,11 @@ impl Source {
                 let stored_expiry = get(vars::OAUTH_EXPIRY)
                     .and_then(|e| DateTime::parse_from_rfc3339(e).ok())
                     .map(|e| e.with_timezone(&Utc));
+                // Read under the slot's lock: a refresh made since keep-alive read the
+                // connection counts.
+                let force = idle_since.is_some_and(|since| {
+                    stored_expiry.is_none_or(|expiry| obtained_at(expiry) <= since)
+                });
                 // A token Zoom rejected matters only while it is the one stored.
                 let stored_token = get(vars::OAUTH_ACCESS_TOKEN);
                 if slot
@@ -1246,6 +1268,11 @@ fn or_usable(
     }
 }
 
+/// When an OAuth token stored with `expiry` was obtained: Zoom's access tokens live an hour.
+fn obtained_at(expiry: DateTime<Utc>) -> DateTime<Utc> {
+    expiry - chrono::Duration::hours(1)
+}
+
 /// Whether `token`, expiring at `expires_at`, can still be handed out when no new one can be
 /// had: it has not expired (with [`EXPIRY_SLACK`] to spare) and Zoom did not reject it.
 fn still_usable(token: &Secret, expires_at: DateTime<Utc>, slot: &Slot) -> bool {
@@ -1550,5 +1577,31 @@ mod tests {
         assert_eq!(access.token.expose(), "new-access");
         let slot = credentials.slot(&cid);
         assert!(slot.lock().await.rejected.is_none());
+    }
+
+    #[tokio::test]
+    async fn keep_alive_does_not_refresh_again_a_connection_refreshed_since_its_pass_read_it() {
+        let (_dir, host, credentials) = credentials().await;
+        let cid = ConnectionId::generate();
+        let idle_since = Utc::now() - chrono::Duration::days(30);
+        // Refreshed just now, by a caller, after the keep-alive pass found it idle: Zoom
+        // (unreachable here) is not asked again.
+        host.set_vars(&cid, new_setup("just-refreshed"))
+            .await
+            .unwrap();
+        let access = credentials.refresh_if_idle(&cid, idle_since).await.unwrap();
+        assert_eq!(access.token.expose(), "just-refreshed");
+
+        // Still idle: refreshed, which here stops at the default app this test has none of.
+        let long_ago = (idle_since - chrono::Duration::days(1) + chrono::Duration::hours(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        host.set_vars(&cid, vec![Var::plain(vars::OAUTH_EXPIRY, &long_ago)])
+            .await
+            .unwrap();
+        let refreshed = credentials.refresh_if_idle(&cid, idle_since).await;
+        assert!(
+            matches!(&refreshed, Err(CredentialError::Broken(why)) if why.contains("default OAuth app")),
+            "{refreshed:?}"
+        );
     }
 }
