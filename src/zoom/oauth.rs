@@ -243,8 +243,11 @@ impl ZoomOAuth {
         let request = request
             .build()
             .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
+        // Zoom issues the token after this, so it lives at least `expires_in` from now: a slow
+        // answer is not taken to have been issued later than it was.
+        let sent = Utc::now();
         let raw = send(&self.http, request).await?;
-        let token = token_answer(raw.status, &raw.body, refresh_token);
+        let token = token_answer(raw.status, &raw.body, refresh_token, sent);
         if refresh_token.is_some()
             && raw.status.is_success()
             && let Err(e) = &token
@@ -257,11 +260,13 @@ impl ZoomOAuth {
 }
 
 /// Zoom's answer to a token request, as tokens or as the error it stands for. `refresh_token`
-/// is the one a refresh sent: kept should the answer not rotate it.
+/// is the one a refresh sent: kept should the answer not rotate it. `sent`: when the request
+/// left, from which the token's lifetime counts.
 fn token_answer(
     status: reqwest::StatusCode,
     body: &[u8],
     refresh_token: Option<&Secret>,
+    sent: DateTime<Utc>,
 ) -> Result<Token, ZoomError> {
     #[derive(Deserialize)]
     struct Answer {
@@ -286,7 +291,7 @@ fn token_answer(
                 .filter(|t| !t.is_empty())
                 .map(Secret::new)
                 .or_else(|| refresh_token.cloned()),
-            expires_at: expires_at(answer.expires_in.map(Duration::from_secs)),
+            expires_at: expires_after(sent, answer.expires_in.map(Duration::from_secs)),
             token_type: answer.token_type.unwrap_or_else(|| "bearer".into()),
         });
     }
@@ -323,12 +328,8 @@ fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>
     })
 }
 
-/// When a token issued now with `expires_in` stops working: the lifetime is capped at
+/// When a token issued at `now` with `expires_in` stops working: the lifetime is capped at
 /// [`MAX_TOKEN_LIFETIME`], so no answer of Zoom's can overflow the date.
-fn expires_at(expires_in: Option<Duration>) -> DateTime<Utc> {
-    expires_after(Utc::now(), expires_in)
-}
-
 fn expires_after(now: DateTime<Utc>, expires_in: Option<Duration>) -> DateTime<Utc> {
     let lifetime = expires_in
         .unwrap_or(DEFAULT_TOKEN_LIFETIME)
@@ -351,6 +352,7 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             body.as_bytes(),
             refresh.as_ref(),
+            Utc::now(),
         )
     }
 

@@ -89,6 +89,8 @@ pub struct FakeZoomState {
     pub api_requests: Vec<String>,
     meetings: std::collections::BTreeMap<u64, serde_json::Value>,
     pub token_requests: Vec<TokenRequest>,
+    /// Token requests received, counted as they arrive (before [`Self::token_delay`]).
+    pub token_arrivals: usize,
     /// Whether an invalid access token gets an HTML page (a proxy's) instead of Zoom's JSON.
     pub unauthorized_as_html: bool,
     /// Every token request waits this long first (to test slow Zoom).
@@ -391,7 +393,11 @@ async fn token(
     let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
         .into_owned()
         .collect();
-    let delay = state.lock().unwrap().token_delay;
+    let delay = {
+        let mut s = state.lock().unwrap();
+        s.token_arrivals += 1;
+        s.token_delay
+    };
     tokio::time::sleep(delay).await;
     let param = |k: &str| form.get(k).or(query.get(k)).cloned().unwrap_or_default();
     if state.lock().unwrap().token_unavailable {

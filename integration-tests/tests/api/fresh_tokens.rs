@@ -14,7 +14,7 @@ use zoom_integration::proto::autokitteh::vars::v1::vars_service_client::VarsServ
 
 use crate::connection_setup::{app_with, snapshot, value_of};
 use crate::fake_zoom::*;
-use crate::helpers::{TestApp, spawn_app_in, spawn_app_with, var, zoom_id};
+use crate::helpers::{TestApp, eventually, spawn_app_in, spawn_app_with, var, zoom_id};
 
 /// A default-app connection whose access token expired an hour ago; returns its id and its
 /// (live) refresh token.
@@ -27,7 +27,7 @@ pub(crate) async fn expired_connection(app: &TestApp, zoom: &FakeZoom) -> (Strin
                 var(&cid, "auth_type", "oauthDefault", false),
                 var(&cid, "oauth_access_token", "access-long-expired", true),
                 var(&cid, "oauth_refresh_token", &refresh, true),
-                var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+                var(&cid, "oauth_expiry", &a_minute_ago(), false),
                 var(&cid, "oauth_token_type", "bearer", false),
                 var(&cid, "account_id", USER_ACCOUNT_ID, false),
             ],
@@ -95,10 +95,9 @@ async fn a_thousand_concurrent_calls_on_an_expired_connection_make_exactly_one_r
         "the stored refresh token is the new one"
     );
     assert!(!zoom.refresh_token_is_live(&old_refresh));
-    assert_ne!(
-        value_of(&stored, "oauth_expiry").unwrap().0,
-        "2026-01-01T00:00:00Z"
-    );
+    let expiry = value_of(&stored, "oauth_expiry").unwrap().0;
+    let expiry = chrono::DateTime::parse_from_rfc3339(&expiry).unwrap();
+    assert!(expiry > chrono::Utc::now(), "{expiry}");
 }
 
 #[tokio::test]
@@ -162,7 +161,10 @@ async fn a_caller_giving_up_during_a_refresh_does_not_lose_the_rotated_refresh_t
         .await
         .unwrap_err();
     assert_eq!(gave_up.code(), tonic::Code::Cancelled, "{gave_up:?}");
-    assert!(!zoom.refresh_token_is_live(&old_refresh), "Zoom rotated it");
+    eventually("Zoom rotated it", || {
+        !zoom.refresh_token_is_live(&old_refresh)
+    })
+    .await;
 
     // The refresh finished without its caller: the new token is saved.
     live_stored_refresh_token(&app, &zoom, &cid).await;
@@ -189,6 +191,27 @@ async fn a_refresh_answered_later_than_zoom_http_timeout_still_keeps_the_rotated
 }
 
 #[tokio::test]
+async fn a_token_s_lifetime_counts_from_when_its_request_left_not_from_its_late_answer() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let (cid, _) = expired_connection(&app, &zoom).await;
+    // Zoom issues the token (expires_in 3599) and its answer takes 4 s to come back.
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_secs(4);
+    let started = chrono::Utc::now();
+    let (code, message) = test_connection(&app, &cid).await;
+    assert_eq!(code, ConnStatus::Ok, "{message}");
+    let stored = snapshot(&app, &cid).await;
+    let expiry = value_of(&stored, "oauth_expiry").unwrap().0;
+    let lifetime = chrono::DateTime::parse_from_rfc3339(&expiry)
+        .unwrap()
+        .to_utc()
+        - started;
+    // Counted from the answer, it would be 3602 s or more (a busy machine may take a second
+    // or two to send the request).
+    assert!(lifetime.num_seconds() <= 3601, "{lifetime}");
+}
+
+#[tokio::test]
 async fn a_shutdown_during_a_refresh_waits_for_the_rotated_refresh_token_to_be_saved() {
     let zoom = FakeZoom::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -207,7 +230,10 @@ async fn a_shutdown_during_a_refresh_waits_for_the_rotated_refresh_token_to_be_s
         .test_connection(request)
         .await
         .unwrap_err();
-    assert!(!zoom.refresh_token_is_live(&old_refresh), "Zoom rotated it");
+    eventually("Zoom rotated it", || {
+        !zoom.refresh_token_is_live(&old_refresh)
+    })
+    .await;
     app.stop().await.unwrap();
 
     // Once stopped, the rotated token is saved: nothing was left running.
@@ -237,8 +263,10 @@ async fn setting_a_connection_up_again_during_a_refresh_keeps_the_new_setup() {
     });
     // While Zoom's answer to the refresh is on its way, the owner switches the connection to a
     // Server-to-Server app (Zoom answers that token request at once).
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(zoom.token_requests_of("refresh_token"), 1, "refreshing");
+    eventually("a refresh under way", || {
+        zoom.token_requests_of("refresh_token") == 1
+    })
+    .await;
     let saved = app
         .http_client
         .post(app.url("/zoom/save"))
@@ -414,7 +442,10 @@ async fn a_refresh_token_rotated_and_saved_by_another_process_meanwhile_does_not
                 .unwrap()
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("our refresh reached Zoom", || {
+        zoom.state.lock().unwrap().token_arrivals == 1
+    })
+    .await;
     zoom.state.lock().unwrap().token_delay = Duration::ZERO;
     let other = refresh_elsewhere(&zoom, &refresh).await;
     save_pair(app.vars(), &cid, &other).await;
@@ -778,7 +809,7 @@ async fn a_connection_deleted_in_a_remote_host_while_its_token_is_refreshed_stay
     for (name, value, secret) in [
         ("auth_type", "oauthDefault", false),
         ("oauth_refresh_token", refresh.as_str(), true),
-        ("oauth_expiry", "2026-01-01T00:00:00Z", false),
+        ("oauth_expiry", &a_minute_ago(), false),
     ] {
         host.put(var(&cid, name, value, secret));
     }
@@ -853,7 +884,10 @@ async fn app_deauthorized_while_a_refresh_is_in_flight_leaves_no_tokens_behind()
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the refresh reached Zoom", || {
+        zoom.token_requests_of("refresh_token") == 1
+    })
+    .await;
     post_until_recorded(
         &app.http_client,
         &app.url("/zoom/event"),
@@ -1008,8 +1042,8 @@ async fn refreshed_tokens_saved_late_do_not_overwrite_a_refresh_token_stored_mea
 }
 
 /// A minute ago, as `oauth_expiry` takes it: expired, but recently used (the keep-alive task
-/// leaves it alone).
-fn a_minute_ago() -> String {
+/// leaves it alone, however late its pass at start runs).
+pub(crate) fn a_minute_ago() -> String {
     (chrono::Utc::now() - chrono::Duration::minutes(1))
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
@@ -1326,7 +1360,10 @@ async fn a_refusal_of_an_app_replaced_meanwhile_is_not_recorded_on_the_new_one()
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the old secret's token request reached Zoom", || {
+        zoom.state.lock().unwrap().token_arrivals == 1
+    })
+    .await;
     app.vars()
         .set(vars::SetRequest {
             vars: vec![var(&cid, "private_client_secret", S2S_CLIENT_SECRET, true)],

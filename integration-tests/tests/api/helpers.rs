@@ -292,3 +292,13 @@ pub fn corrupt_stored_secret(data_dir: &Path, cid: &str, name: &str) {
         .unwrap();
     assert_eq!(changed, 1);
 }
+
+/// Waits until `done` holds, checking every 5 ms, for up to 20 s (however long a busy machine
+/// takes); panics with `what` past that.
+pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
