@@ -1037,7 +1037,12 @@ async fn app_deauthorized_stops_the_cached_token_being_used_on_a_remote_host_too
         var(&cid, "auth_type", "oauthDefault", false),
         var(&cid, "account_id", ACCOUNT, false),
         var(&cid, "oauth_refresh_token", &refresh, true),
-        var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+        var(
+            &cid,
+            "oauth_expiry",
+            &crate::fresh_tokens::a_minute_ago(),
+            false,
+        ),
     ] {
         host.put(v);
     }

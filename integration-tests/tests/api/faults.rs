@@ -66,7 +66,8 @@ async fn wait_for(host: &FakeHost, answered: &BTreeSet<i64>, within: Duration) {
 #[tokio::test]
 async fn a_slow_host_delays_delivery_but_not_the_answers_to_zoom() {
     let host = host_with_connection().await;
-    host.state.lock().unwrap().dispatch_delay = Duration::from_millis(300);
+    // Each delivery takes 2 s; an answer that waited for one would take as long.
+    host.state.lock().unwrap().dispatch_delay = Duration::from_secs(2);
     let app = spawn_app_with(&[
         ("HOST_ENGINE_URL", &host.url()),
         ("ZOOM_SECRET_TOKEN", SECRET),
@@ -85,7 +86,7 @@ async fn a_slow_host_delays_delivery_but_not_the_answers_to_zoom() {
         answered.insert(n as i64);
     }
     assert!(
-        slowest < Duration::from_millis(300),
+        slowest < Duration::from_secs(1),
         "answers waited for the host: {slowest:?}"
     );
     // Arrived: all 31.
@@ -141,7 +142,7 @@ async fn sigterm_under_load_finishes_what_it_answered_and_loses_nothing() {
     let client = http_client();
     post_until_recorded(&client, &url, SECRET, &body(0, 0)).await;
 
-    // Sent: four clients posting distinct webhooks as fast as they can; SIGTERM after 500 ms.
+    // Sent: four clients posting distinct webhooks as fast as they can; SIGTERM amid them.
     let answered = Arc::new(Mutex::new(BTreeSet::from([0i64])));
     let mut posters = Vec::new();
     for worker in 0..4u64 {
@@ -168,7 +169,12 @@ async fn sigterm_under_load_finishes_what_it_answered_and_loses_nothing() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Under load: once 20 are answered (however long a busy machine takes), and still going.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered.lock().unwrap().len() <= 20 {
+        assert!(Instant::now() < deadline, "20 webhooks never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     send_signal(&child, libc::SIGTERM);
     let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
@@ -179,11 +185,6 @@ async fn sigterm_under_load_finishes_what_it_answered_and_loses_nothing() {
         let _ = poster.await;
     }
     let answered = answered.lock().unwrap().clone();
-    assert!(
-        answered.len() > 20,
-        "load was real: {} answered",
-        answered.len()
-    );
 
     // Arrived: every answered webhook, some before the stop and the rest after a restart.
     let (mut child, _, _, _) = start_service_with_log(&env).await;

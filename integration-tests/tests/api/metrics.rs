@@ -163,7 +163,12 @@ async fn token_requests_zoom_api_calls_and_grpc_latency_are_counted() {
             vars: vec![
                 var(&cid, "auth_type", "oauthDefault", false),
                 var(&cid, "oauth_refresh_token", &refresh, true),
-                var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+                var(
+                    &cid,
+                    "oauth_expiry",
+                    &crate::fresh_tokens::a_minute_ago(),
+                    false,
+                ),
             ],
         })
         .await

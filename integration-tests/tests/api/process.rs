@@ -510,7 +510,12 @@ async fn a_refresh_zoom_took_but_answered_unreadably_is_logged_as_an_error_namin
             vars: vec![
                 crate::helpers::var(&cid, "auth_type", "oauthDefault", false),
                 crate::helpers::var(&cid, "oauth_refresh_token", &refresh, true),
-                crate::helpers::var(&cid, "oauth_expiry", "2026-01-01T00:00:00Z", false),
+                crate::helpers::var(
+                    &cid,
+                    "oauth_expiry",
+                    &crate::fresh_tokens::a_minute_ago(),
+                    false,
+                ),
             ],
         })
         .await

@@ -179,7 +179,7 @@ async fn no_secret_reaches_a_log_a_page_an_error_or_a_url() {
             vars: vec![var(
                 &default_cid,
                 "oauth_expiry",
-                "2026-01-01T00:00:00Z",
+                &crate::fresh_tokens::a_minute_ago(),
                 false,
             )],
         })
