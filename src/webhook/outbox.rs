@@ -1590,11 +1590,11 @@ mod tests {
     async fn a_body_signed_ahead_of_our_clock_is_deduplicated_until_a_window_after_its_timestamp() {
         let dir = tempfile::tempdir().unwrap();
         let settings = OutboxSettings {
-            dedupe_window: Duration::from_secs(2),
+            dedupe_window: Duration::from_secs(4),
             ..Default::default()
         };
         let start = tokio::time::Instant::now();
-        let signed_at_ms = crate::db::now_ms() + 1_600;
+        let signed_at_ms = crate::db::now_ms() + 3_200;
         let ahead = |body: &str| Record {
             signed_at_ms,
             ..record(body, &["c"])
@@ -1603,9 +1603,9 @@ mod tests {
         for body in ["{\"a\":1}", "{\"b\":1}"] {
             assert_eq!(outbox.record(ahead(body)).await, Ok(Recorded::New));
         }
-        // Anchored at their commit, the keys would be gone 2.125 s after it; a replay is
-        // accepted until 2 s after the timestamp, 3.6 s from now.
-        tokio::time::sleep_until(start + Duration::from_millis(2_400)).await;
+        // Anchored at their commit, the keys would be gone 4.25 s after it; a replay is
+        // accepted until 4 s after the timestamp, 7.2 s from now (room for a busy machine).
+        tokio::time::sleep_until(start + Duration::from_millis(4_800)).await;
         assert_eq!(
             outbox.record(ahead("{\"a\":1}")).await,
             Ok(Recorded::Duplicate)
@@ -1617,7 +1617,7 @@ mod tests {
             Ok(Recorded::Duplicate),
             "the key came back from the database"
         );
-        tokio::time::sleep_until(start + Duration::from_millis(3_900)).await;
+        tokio::time::sleep_until(start + Duration::from_millis(7_900)).await;
         for body in ["{\"a\":1}", "{\"b\":1}"] {
             assert_eq!(outbox.record(ahead(body)).await, Ok(Recorded::New));
         }

@@ -12,7 +12,7 @@ use zoom_integration::proto::autokitteh::integrations::v1::TestConnectionRequest
 use crate::connection_setup::{app_with, redirect_back_url, snapshot};
 use crate::fake_zoom::FakeZoom;
 use crate::fresh_tokens::expired_connection;
-use crate::helpers::zoom_id;
+use crate::helpers::{eventually, zoom_id};
 use crate::user_agent::UserAgent;
 
 #[tokio::test]
@@ -29,14 +29,17 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
         let back = redirect_back_url(&app, &agent, &cid).await;
         held.push((agent, back));
     }
-    zoom.state.lock().unwrap().token_delay = Duration::from_secs(2);
+    zoom.state.lock().unwrap().token_delay = Duration::from_secs(4);
     let mut running = Vec::new();
     for (agent, back) in held {
         running.push(tokio::spawn(async move {
             agent.get(back.as_str()).await.status
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("both held requests reached Zoom", || {
+        zoom.state.lock().unwrap().token_arrivals == 2
+    })
+    .await;
 
     let started = Instant::now();
     let refused = app
@@ -47,8 +50,8 @@ async fn past_the_concurrency_limit_requests_are_refused_at_once_not_queued() {
         .await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "refused at once"
+        started.elapsed() < Duration::from_millis(1500),
+        "refused at once, not after the held ones"
     );
     // Probes have their own small pool: a busy service is still alive and ready.
     for probe in ["/healthz", "/readyz", "/metrics"] {
@@ -173,7 +176,7 @@ async fn past_the_concurrency_limit_grpc_calls_are_refused_at_once_not_queued() 
     let app = app_with(&zoom, env).await;
     let (cid, _) = expired_connection(&app, &zoom).await;
     // One call held inside the service: a refresh whose answer takes a second to come back.
-    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_secs(1);
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_secs(3);
     let integrations = app.integrations();
     let request = || TestConnectionRequest {
         integration_id: zoom_id(),
@@ -183,7 +186,10 @@ async fn past_the_concurrency_limit_grpc_calls_are_refused_at_once_not_queued() 
         let (mut integrations, request) = (integrations.clone(), request());
         async move { integrations.test_connection(request).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the held call's refresh reached Zoom", || {
+        zoom.token_requests_of("refresh_token") == 1
+    })
+    .await;
 
     let started = Instant::now();
     let refused = integrations
@@ -197,7 +203,7 @@ async fn past_the_concurrency_limit_grpc_calls_are_refused_at_once_not_queued() 
         "{refused:?}"
     );
     assert!(
-        started.elapsed() < Duration::from_millis(500),
+        started.elapsed() < Duration::from_millis(1500),
         "refused at once, not queued: {:?}",
         started.elapsed()
     );

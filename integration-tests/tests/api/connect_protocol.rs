@@ -255,8 +255,9 @@ async fn connect_callers_past_the_limit_or_their_deadline_get_connect_errors() {
     env.push(("MAX_CONCURRENT_REQUESTS", "1".into()));
     let app = crate::connection_setup::app_with(&zoom, env).await;
     let cid = crate::calls::connected(&app, &zoom).await;
-    // A call held inside the service: a refresh whose answer takes a second to come back.
-    zoom.state.lock().unwrap().refresh_answer_delay = std::time::Duration::from_secs(1);
+    // A call held inside the service until its 3-second deadline: a refresh whose answer
+    // takes 5 seconds to come back.
+    zoom.state.lock().unwrap().refresh_answer_delay = std::time::Duration::from_secs(5);
     let test = integrations::TestConnectionRequest {
         integration_id: zoom_id(),
         connection_id: cid,
@@ -269,14 +270,17 @@ async fn connect_callers_past_the_limit_or_their_deadline_get_connect_errors() {
                     "http://{grpc}/autokitteh.integrations.v1.IntegrationsService/TestConnection"
                 ))
                 .header("content-type", "application/proto")
-                .header("connect-timeout-ms", "300")
+                .header("connect-timeout-ms", "3000")
                 .body(test.encode_to_vec())
                 .send()
                 .await
                 .unwrap()
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    crate::helpers::eventually("the held call's refresh reached Zoom", || {
+        zoom.token_requests_of("refresh_token") == 1
+    })
+    .await;
     let (status, content_type, body) = connect_call(
         &app,
         "autokitteh.integrations.v1.IntegrationsService/TestConnection",

@@ -799,7 +799,7 @@ async fn a_remote_host_briefly_failing_deletes_gets_the_whole_setup_and_one_fail
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    let sent = host.wait_for_dispatched(1, Duration::from_secs(5)).await;
+    let sent = host.wait_for_dispatched(1, Duration::from_secs(30)).await;
     assert_eq!(sent[0].destination_id, cid);
 }
 

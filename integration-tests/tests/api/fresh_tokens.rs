@@ -126,7 +126,7 @@ async fn a_restart_between_refresh_and_use_loses_nothing() {
 
 /// The stored refresh token of `cid`, once it is one Zoom accepts (within 5 s).
 async fn live_stored_refresh_token(app: &TestApp, zoom: &FakeZoom, cid: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let stored = snapshot(app, cid).await;
         if let Some((token, _)) = value_of(&stored, "oauth_refresh_token")
@@ -603,7 +603,7 @@ async fn keep_alive_refreshes_connections_idle_for_the_configured_days_and_no_ot
 
     // The keep-alive task makes a pass when the service starts.
     let app = spawn_app_in(dir.path(), &env).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while zoom.refresh_token_is_live(&idle_refresh) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -654,7 +654,7 @@ async fn keep_alive_goes_past_a_connection_the_host_cannot_read() {
         ("HOST_ENGINE_URL", url.as_str()),
     ]);
     let _app = spawn_app_with(&env).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while zoom.refresh_token_is_live(&idle_refresh) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -763,7 +763,7 @@ async fn refresh_in_flight(
             (status.code(), status.message)
         }
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while zoom.token_requests_of("refresh_token") == 0 {
         assert!(std::time::Instant::now() < deadline, "no refresh started");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -897,7 +897,7 @@ async fn app_deauthorized_while_a_refresh_is_in_flight_leaves_no_tokens_behind()
     .await;
     testing.await.unwrap().unwrap();
     // Once the event is handled, whatever order the two took: no tokens, marked broken.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let stored = snapshot(&app, &cid).await;
         if value_of(&stored, "connection_error").is_some() {
@@ -985,7 +985,7 @@ async fn refreshed_tokens_the_host_could_not_save_are_saved_in_the_background_wi
     refresh_the_host_cannot_save(&app, &host, &zoom, &cid, &old_refresh).await;
 
     // Nobody uses the connection again; the host takes writes again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let held = held_by(&host, &cid, "oauth_refresh_token").unwrap();
         if zoom.refresh_token_is_live(&held) {

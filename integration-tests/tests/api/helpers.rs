@@ -206,7 +206,7 @@ impl TestApp {
 
     /// `GET /readyz` once it answers 200 (within 10 s: routing loads at start).
     pub async fn ready(&self) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let answer = self.get("/readyz").await;
             if answer.status() == 200 {

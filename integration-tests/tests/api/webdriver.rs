@@ -133,7 +133,7 @@ impl Browser {
     /// Waits (up to 10 s) until the page's URL starts with `prefix`: a click that submits a
     /// form or follows a link returns before the next page has loaded.
     pub async fn wait_for_url(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let url = self.url().await;
             if url.starts_with(prefix) {

@@ -78,7 +78,7 @@ async fn post(app: &TestApp, body: &[u8]) -> (u16, Json) {
 /// Posts until the service routes it (routing follows connection changes within moments;
 /// unrouted webhooks are dropped, so re-sending is harmless).
 pub async fn post_until_recorded(client: &reqwest::Client, url: &str, secret: &str, body: &[u8]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, answer) = post_to(client, url, secret, now(), body).await;
         if status == 200 && answer["status"] == "recorded" {
@@ -230,7 +230,7 @@ async fn stored_events(app: &TestApp) -> Vec<Event> {
 
 /// Waits until the embedded host holds at least `n` events, and returns them.
 async fn wait_for_stored(app: &TestApp, n: usize) -> Vec<Event> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let got = stored_events(app).await;
         if got.len() >= n {
@@ -352,7 +352,7 @@ async fn every_sample_reaches_a_remote_host_with_its_exact_type_destination_and_
     }
 
     let dispatched = host
-        .wait_for_dispatched(samples.len(), Duration::from_secs(10))
+        .wait_for_dispatched(samples.len(), Duration::from_secs(30))
         .await;
     assert_eq!(dispatched.len(), samples.len());
     for (name, body) in &samples {
@@ -690,7 +690,7 @@ async fn url_validation_is_answered_with_the_secret_that_signed_it() {
     body["payload"]["account_id"] = json!("acc-private");
     let body = serde_json::to_vec(&body).unwrap();
     for secret in [SECRET, PRIVATE_SECRET] {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let (status, answer) = loop {
             let (status, answer) = post_to(&app.http_client, &url, secret, now(), &body).await;
             // 503 while routing loads at start.
@@ -715,7 +715,7 @@ async fn url_validation_is_answered_with_the_secret_that_signed_it() {
     let event = serde_json::to_vec(&event).unwrap();
     let (status, answer) = post_to(&app.http_client, &url, PRIVATE_SECRET, now(), &event).await;
     assert_eq!(status, 200, "{answer}");
-    host.wait_for_dispatched(1, Duration::from_secs(10)).await;
+    host.wait_for_dispatched(1, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let dispatched = host.state.lock().unwrap().dispatched.clone();
     let types: Vec<&str> = dispatched.iter().map(|e| e.event_type.as_str()).collect();
@@ -808,7 +808,7 @@ async fn with_many_private_apps_a_webhook_is_checked_first_against_its_account_s
     assert_eq!((status, answer["status"].as_str()), (200, Some("unrouted")));
     assert_eq!(offloaded().await, 4.0);
 
-    let dispatched = host.wait_for_dispatched(5, Duration::from_secs(10)).await;
+    let dispatched = host.wait_for_dispatched(5, Duration::from_secs(30)).await;
     let destinations: BTreeSet<String> = dispatched
         .iter()
         .map(|e| e.destination_id.clone())
@@ -1015,7 +1015,7 @@ async fn a_connection_the_host_cannot_read_leaves_the_others_routed_and_gets_its
     host.state.lock().unwrap().unreadable.clear();
     post_until_recorded(&app.http_client, &url, SECRET, &body).await;
     let destinations: Vec<String> = host
-        .wait_for_dispatched(2, Duration::from_secs(10))
+        .wait_for_dispatched(2, Duration::from_secs(30))
         .await
         .iter()
         .map(|e| e.destination_id.clone())
@@ -1260,7 +1260,7 @@ async fn retried_app_deauthorized_after_a_reconnect(first: FirstDispatch, restar
     };
     // The side effect is done (on a remote host: the mark, then the tokens' deletion); the
     // Dispatch has not delivered the event.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while stored("connection_error").is_none() || stored("oauth_refresh_token").is_some() {
         assert!(Instant::now() < deadline, "never deauthorized");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1318,10 +1318,10 @@ async fn a_thousand_events_sent_while_the_host_is_down_are_all_delivered_when_it
     .await;
     let url = app.url("/zoom/event");
     post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(0)).await;
-    host.wait_for_dispatched(1, Duration::from_secs(10)).await;
+    host.wait_for_dispatched(1, Duration::from_secs(30)).await;
     host.stop();
     // Wait until the host really is gone.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(addr).await.is_ok() {
         assert!(Instant::now() < deadline, "fake host did not stop");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1423,7 +1423,7 @@ async fn a_stuck_outbox_database_gets_503_within_3_seconds_and_the_retry_is_forw
     let answered_200 = (n - 10) as usize;
 
     // Zoom retries; whether or not the first attempt was committed late, it is forwarded once.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, answer) = post(&app, &body).await;
         if status == 200 {
@@ -1458,6 +1458,7 @@ async fn clients_declaring_large_bodies_and_sending_none_hold_nothing_and_are_cu
     post_until_recorded(&app.http_client, &url, SECRET, &meeting_started(1)).await;
     // Sixteen clients each declare the largest body (twice the bytes the service holds at
     // once) and send none of it.
+    let started = Instant::now();
     let mut idle = Vec::new();
     for _ in 0..16 {
         let mut stream = tokio::net::TcpStream::connect(app.http).await.unwrap();
@@ -1478,8 +1479,7 @@ async fn clients_declaring_large_bodies_and_sending_none_hold_nothing_and_are_cu
         post_to(&app.http_client, &url, SECRET, now(), &meeting_started(2)).await;
     assert_eq!((status, answer["status"].as_str()), (200, Some("recorded")));
     // And the idle clients are answered 408 once the answer is due (2.5 s after their
-    // headers), no later: they hold nothing past the time Zoom would wait.
-    let started = Instant::now();
+    // headers), before Zoom's 3 s: they hold nothing past the time Zoom would wait.
     let mut answer = vec![0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(10), idle[0].read(&mut answer))
         .await
@@ -1488,7 +1488,7 @@ async fn clients_declaring_large_bodies_and_sending_none_hold_nothing_and_are_cu
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
-        started.elapsed() < Duration::from_millis(2500),
+        (Duration::from_millis(2500)..Duration::from_secs(3)).contains(&started.elapsed()),
         "{:?}",
         started.elapsed()
     );
