@@ -37,6 +37,12 @@ pub(crate) fn logs_of<T>(f: impl FnOnce() -> T) -> (T, String) {
         }
     }
 
+    // With a single subscriber registered, tracing decides whether a log line is wanted from
+    // the subscriber of the thread that reaches it first, and remembers: another test's thread,
+    // with none, reaching the same line first would silence it here too. A second subscriber
+    // that lives for good makes it ask every registered one instead.
+    static SECOND: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    SECOND.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
     let buffer = Arc::new(Mutex::new(Vec::new()));
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)
@@ -49,4 +55,21 @@ pub(crate) fn logs_of<T>(f: impl FnOnce() -> T) -> (T, String) {
     let out = tracing::subscriber::with_default(subscriber, f);
     let text = String::from_utf8(buffer.lock().unwrap().clone()).unwrap();
     (out, text)
+}
+
+#[cfg(test)]
+mod tests {
+    fn a_line() {
+        tracing::warn!("a line two threads reach");
+    }
+
+    #[test]
+    fn a_line_another_thread_reached_first_is_still_captured() {
+        let (_, logs) = super::logs_of(|| {
+            // Reached first by a thread with no subscriber, while this one has one.
+            std::thread::spawn(a_line).join().unwrap();
+            a_line();
+        });
+        assert!(logs.contains("a line two threads reach"), "{logs:?}");
+    }
 }
