@@ -47,6 +47,10 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// make every call request one (rotating an OAuth connection's refresh token each time).
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(3);
 
+/// How long a token obtained in place of one Zoom answered 401 to is kept whatever Zoom
+/// answers: a 401 to it so soon is about the request, not the token.
+const REJECTED_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
 /// The `connection_error` of a connection whose refresh token Zoom no longer accepts.
 pub const REAUTHORIZATION_REQUIRED: &str = "re-authorization required";
 
@@ -147,6 +151,9 @@ struct Slot {
     margin: Option<Duration>,
     /// When the last token was obtained (see [`MIN_REFRESH_INTERVAL`]).
     obtained_at: Option<tokio::time::Instant>,
+    /// The last token obtained in place of one Zoom answered 401 to, and when (see
+    /// [`REJECTED_AGAIN_AFTER`]).
+    replacement: Option<(Secret, tokio::time::Instant)>,
 }
 
 impl Slot {
@@ -161,10 +168,14 @@ impl Slot {
                 .is_some_and(|at| at.elapsed() < MIN_REFRESH_INTERVAL)
     }
 
-    /// A token expiring at `expires_at` was obtained just now (so a token Zoom rejected
-    /// earlier is not the one in use any more).
-    fn obtained(&mut self, expires_at: DateTime<Utc>) {
-        self.rejected = None;
+    /// `token` was obtained just now (so a token Zoom rejected earlier is not the one in use
+    /// any more).
+    fn obtained(&mut self, token: &Token) {
+        let expires_at = token.expires_at;
+        self.replacement = self
+            .rejected
+            .take()
+            .map(|_| (token.access_token.clone(), tokio::time::Instant::now()));
         let lifetime = (expires_at - Utc::now()).to_std().unwrap_or_default();
         self.margin = Some(REFRESH_MARGIN.min(lifetime / 2));
         self.obtained_at = Some(tokio::time::Instant::now());
@@ -400,9 +411,22 @@ impl Credentials {
     /// expiry says it is. Waits for a token request in flight rather than starting a second one
     /// beside it; a token obtained since (another caller's 401 came first) is kept, and so are
     /// tokens not yet saved.
+    ///
+    /// A 401 to a token obtained less than [`REJECTED_AGAIN_AFTER`] ago in place of one Zoom
+    /// answered 401 to is taken as being about the request (an endpoint that answers 401 to
+    /// every token), not the token, which is kept: every call to such an endpoint would
+    /// otherwise cost a refresh, rotating the refresh token each time.
     pub async fn reject(&self, cid: &ConnectionId, token: &Secret) {
         let slot = self.slot(cid);
         let mut slot = slot.lock().await;
+        if slot
+            .replacement
+            .as_ref()
+            .is_some_and(|(t, at)| t == token && at.elapsed() < REJECTED_AGAIN_AFTER)
+        {
+            tracing::debug!(connection_id = %cid, "Zoom answered 401 to a token just obtained in place of another it answered 401 to: kept");
+            return;
+        }
         if slot.cached.as_ref().is_some_and(|a| a.token == *token) {
             slot.cached = None;
         }
@@ -846,7 +870,7 @@ impl Source {
                     }
                 };
                 self.refusal_over(slot, cid, token_error).await;
-                slot.obtained(token.expires_at);
+                slot.obtained(&token);
                 access_of(token, auth_type)
             }
             AuthType::OAuthDefault | AuthType::OAuthPrivate => {
@@ -981,7 +1005,7 @@ impl Source {
                             }
                         };
                         self.refusal_over(slot, cid, token_error).await;
-                        slot.obtained(token.expires_at);
+                        slot.obtained(&token);
                         // The old refresh token is dead now: the new pair must reach the host
                         // engine before it is used, and must not be lost if that fails, so it
                         // is kept before the save starts.

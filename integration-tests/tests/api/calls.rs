@@ -971,6 +971,37 @@ async fn token_rejected_before_its_expiry(as_html: bool) {
     assert_eq!(refreshes(), 2, "the new token is used until it expires");
 }
 
+#[tokio::test]
+async fn an_endpoint_answering_401_to_every_token_costs_one_refresh_not_two_per_call() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    assert_eq!(zoom.token_requests_of("refresh_token"), 1);
+    // One endpoint answers 401 whatever the token (Zoom does, for some endpoints and apps).
+    let unauthorized = r#"{"code":124,"message":"Invalid access token."}"#.to_string();
+    for _ in 0..6 {
+        zoom.state.lock().unwrap().canned_answers.push_back((
+            axum::http::StatusCode::UNAUTHORIZED,
+            "application/json",
+            unauthorized.clone(),
+        ));
+    }
+    for _ in 0..3 {
+        let error = err(call(&app, &cid, "get_user", vec![], vec![]).await);
+        assert_eq!(error["status"], 401, "{error}");
+    }
+    // The first 401 renews the token once; a 401 to the token just obtained is about the
+    // request, and that token is kept for the calls after it.
+    assert_eq!(
+        zoom.token_requests_of("refresh_token"),
+        2,
+        "{:?}",
+        zoom.state.lock().unwrap().api_requests
+    );
+    assert_eq!(zoom.state.lock().unwrap().api_requests.len(), 1 + 2 + 1 + 1);
+}
+
 /// A call on `cid` fails with `words` in its message, and Zoom's API has seen only the one
 /// call made before (the cached token was not sent again).
 async fn refused_without_reaching_zoom(app: &TestApp, zoom: &FakeZoom, cid: &str, words: &str) {
