@@ -13,12 +13,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p zoom-integration \
     && install -D -m 0755 target/release/zoom-integration /out/zoom-integration \
-    && install -d -m 0700 /out/data
+    && install -d -m 0700 /out/root/data
 
 # Distroless: glibc, CA certificates, no shell, runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/zoom-integration /usr/local/bin/zoom-integration
-COPY --from=build --chown=65532:65532 /out/data /data
+# COPY of a directory copies its contents into a new 0755 one: copying its parent keeps
+# data/ itself, with its 0700.
+COPY --from=build --chown=65532:65532 /out/root/ /
 ENV HTTP_ADDR=0.0.0.0:9980 \
     GRPC_ADDR=0.0.0.0:9981 \
     DATA_DIR=/data \
