@@ -79,7 +79,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "ZOOM_HTTP_TIMEOUT",
         default: Some("10"),
-        meaning: "seconds a request to Zoom may take, connecting included",
+        meaning: "seconds (1-120) a request to Zoom may take, connecting included (a refresh gets at least 20)",
     },
     Variable {
         name: "OAUTH_STATE_TTL",
@@ -104,12 +104,12 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "MAX_CONCURRENT_REQUESTS",
         default: Some("1024"),
-        meaning: "requests served at once (1-100000) by /zoom/event, as many by the other HTTP routes (probes have small pools of their own), and per gRPC connection; more are answered 503 (gRPC: RESOURCE_EXHAUSTED) at once",
+        meaning: "requests served at once (1-100000) by /zoom/event, as many by the other HTTP routes (probes have small pools of their own), and as many by the gRPC port as a whole; more are answered 503 (gRPC: RESOURCE_EXHAUSTED) at once",
     },
     Variable {
         name: "REQUEST_TIMEOUT",
         default: Some("30"),
-        meaning: "seconds one HTTP or gRPC request may take before it is answered 503 (gRPC: CANCELLED)",
+        meaning: "seconds (1-600) one HTTP or gRPC request may take before it is answered 503 (gRPC: CANCELLED)",
     },
     Variable {
         name: "HTTP_ADDR",
@@ -144,12 +144,12 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "SHUTDOWN_TIMEOUT",
         default: Some("25"),
-        meaning: "seconds in-flight requests get to finish after SIGTERM before the service exits anyway",
+        meaning: "seconds (1-3600) in-flight requests get to finish after SIGTERM before the service exits anyway",
     },
     Variable {
         name: "WEBHOOK_REPLAY_WINDOW",
         default: Some("5400"),
-        meaning: "seconds a webhook's timestamp may be from now (older or newer is refused), and for which the same body is forwarded only once",
+        meaning: "seconds (60-86400) a webhook's timestamp may be from now (older or newer is refused), and for which the same body is forwarded only once",
     },
     Variable {
         name: "LOG_FORMAT",
@@ -305,7 +305,7 @@ pub struct Config {
     /// when the host asked for it (`origin` = `web` or `dash`); `None` shows our own page.
     pub host_ui_url: Option<BaseUrl>,
     /// `MAX_CONCURRENT_REQUESTS`: requests served at once by each of the two HTTP pools
-    /// (`/zoom/event`, and the rest but the probes), and per gRPC connection.
+    /// (`/zoom/event`, and the rest but the probes), and by the gRPC port as a whole.
     pub max_concurrent_requests: usize,
     /// `REQUEST_TIMEOUT`: how long one HTTP or gRPC request may take.
     pub request_timeout: std::time::Duration,

@@ -14,7 +14,7 @@ use zoom_integration::proto::zoomintegration::v1::setup_links_service_client::Se
 use crate::connection_setup::{app_with, snapshot, value_of};
 use crate::fake_zoom::*;
 use crate::helpers::TestApp;
-use crate::webdriver::{Browser, find_chromedriver};
+use crate::webdriver::{Browser, find_chromedriver, find_chromium};
 
 /// Where the screenshot of the connection page is kept.
 fn artifact(name: &str) -> std::path::PathBuf {
@@ -23,16 +23,18 @@ fn artifact(name: &str) -> std::path::PathBuf {
     dir.join(name)
 }
 
-/// chromedriver, or `None` (the test is skipped, and says so) where it is not installed;
-/// when `CI` is set (to any value) a missing chromedriver fails the test instead.
+/// chromedriver, or `None` (the test is skipped, and says so) where it or Chromium is not
+/// installed; when `CI` is set (to any value) a missing one fails the test instead.
 fn chromedriver_unless_skipped() -> Option<std::path::PathBuf> {
-    let found = find_chromedriver();
+    let found = find_chromedriver().filter(|_| find_chromium().is_some());
     if found.is_none() {
         assert!(
             std::env::var_os("CI").is_none(),
             "CI must install chromium and chromium-driver (see .ci/run)"
         );
-        eprintln!("skipped: no chromedriver (apt-get install chromium chromium-driver)");
+        eprintln!(
+            "skipped: no chromedriver or chromium (apt-get install chromium chromium-driver)"
+        );
     }
     found
 }

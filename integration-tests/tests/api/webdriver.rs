@@ -23,6 +23,18 @@ pub fn find_chromedriver() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Where Chromium is, if installed (`CHROMIUM` overrides): Debian's `chromium`, or
+/// `chromium-browser` as Ubuntu names it.
+pub fn find_chromium() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("CHROMIUM") {
+        return Some(PathBuf::from(path));
+    }
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
 /// A headless Chromium session.
 pub struct Browser {
     driver: Child,
@@ -73,7 +85,7 @@ impl Browser {
             assert!(Instant::now() < deadline, "chromedriver did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let binary = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let binary = find_chromium().unwrap_or_else(|| "/usr/bin/chromium".into());
         let session = browser
             .call(
                 reqwest::Method::POST,
