@@ -270,7 +270,7 @@ impl Args {
         Ok(query)
     }
 
-    /// `meeting` (a dict) merged with every keyword argument left.
+    /// `meeting` (a dict) merged with every keyword argument left but those that are None.
     fn body(&mut self, dict_name: &str) -> Result<serde_json::Value, CallFailure> {
         let mut body = match self.take(dict_name)? {
             None => serde_json::Map::new(),
@@ -283,6 +283,11 @@ impl Args {
             }
         };
         for (name, value) in std::mem::take(&mut self.by_name) {
+            // None leaves the field out, as for every other optional argument; an explicit
+            // null goes in through the dict.
+            if value.nothing.is_some() {
+                continue;
+            }
             if has_non_finite_float(&value) {
                 self.json(&name, &value)?;
             }
@@ -330,6 +335,12 @@ fn times_for_zoom(value: &mut pb::Value, date_only: bool) {
                 .dict
                 .iter_mut()
                 .flat_map(|d| d.items.iter_mut().filter_map(|i| i.v.as_mut())),
+        )
+        .chain(
+            value
+                .r#struct
+                .iter_mut()
+                .flat_map(|s| s.fields.values_mut()),
         );
     for child in children {
         times_for_zoom(child, date_only);
@@ -362,6 +373,10 @@ fn has_non_finite_float(value: &pb::Value) -> bool {
                 .iter()
                 .any(|i| i.k.iter().chain(&i.v).any(has_non_finite_float))
         })
+        || value
+            .r#struct
+            .as_ref()
+            .is_some_and(|s| s.fields.values().any(has_non_finite_float))
 }
 
 /// `api`'s query dict as parameters: text as it is, numbers and booleans as their JSON text,

@@ -52,6 +52,20 @@ fn function(name: &str, cid: &str) -> pb::Value {
     }
 }
 
+/// A struct value (what a dataclass becomes) with `fields`.
+fn structure(fields: Vec<(&str, pb::Value)>) -> pb::Value {
+    pb::Value {
+        r#struct: Some(Box::new(pb::Struct {
+            ctor: None,
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        })),
+        ..Default::default()
+    }
+}
+
 fn time(seconds: i64, nanos: i32) -> pb::Value {
     pb::Value {
         time: Some(pb::Time {
@@ -181,10 +195,13 @@ async fn named_functions_manage_meetings_and_return_zoom_values_losslessly() {
         &cid,
         "update_meeting",
         vec![text(&id.to_string())],
-        vec![("topic", text("Renamed"))],
+        // None leaves a field as it is, as for every optional argument (not null in the body).
+        vec![("topic", text("Renamed")), ("duration", values::nothing())],
     )
     .await);
     assert!(updated.is_null(), "204 gives nothing");
+    let fetched = ok(call(&app, &cid, "get_meeting", vec![values::integer(id)], vec![]).await);
+    assert_eq!(fetched["duration"], 30, "{fetched}");
     let list = ok(call(
         &app,
         &cid,
@@ -237,6 +254,19 @@ async fn named_functions_manage_meetings_and_return_zoom_values_losslessly() {
                 "start_time".into(),
                 time(1_735_722_000, 123_456_789),
             )]),
+        )],
+    )
+    .await);
+    assert_eq!(timed["start_time"], "2025-01-01T09:00:00Z");
+    // In a struct (a dataclass, say) too.
+    let timed = ok(call(
+        &app,
+        &cid,
+        "create_meeting",
+        vec![],
+        vec![(
+            "meeting",
+            structure(vec![("start_time", time(1_735_722_000, 123_456_789))]),
         )],
     )
     .await);
@@ -855,6 +885,12 @@ async fn bad_calls_are_errors_of_the_call_not_of_the_transport() {
                 "settings",
                 values::dict(vec![("x".into(), float(f64::INFINITY))]),
             )],
+            "settings holds a number that is not finite",
+        ),
+        (
+            "create_meeting",
+            vec![],
+            vec![("settings", structure(vec![("x", float(f64::NAN))]))],
             "settings holds a number that is not finite",
         ),
     ];
