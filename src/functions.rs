@@ -428,6 +428,7 @@ fn call_error(e: CallError) -> CallFailure {
     match e {
         CallError::BadPath(e) => CallFailure::new(e.to_string()),
         CallError::Zoom(e) => CallFailure::new(e.to_string()),
+        e @ CallError::Unanswered { .. } => CallFailure::new(e.to_string()),
     }
 }
 

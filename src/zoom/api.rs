@@ -243,28 +243,43 @@ impl ZoomApi {
                 .build()
                 .map_err(|e| ZoomError::Protocol(e.without_url().to_string()))?;
             let sent = super::send_any(&self.http, request);
+            // Given up on a margin before the caller's deadline, so the caller hears why (and
+            // whether Zoom may have done it) instead of being cut off.
+            let cutoff = answer_cutoff(deadline);
             let response = match limited.take() {
-                None => sent.await,
-                Some(last) => {
-                    let cutoff = deadline.checked_sub(RETRY_MARGIN).unwrap_or(deadline);
-                    match tokio::time::timeout_at(cutoff, sent).await {
-                        Ok(response) => response,
-                        Err(_) if method == reqwest::Method::GET => {
-                            tracing::info!(
-                                retries,
-                                "Zoom did not answer a retry in time; answering its rate limit"
-                            );
-                            return Ok(last);
-                        }
-                        Err(_) => {
-                            tracing::info!(retries, %method, "Zoom did not answer a retry in time");
-                            return Err(ZoomError::Timeout.into());
-                        }
+                None => match tokio::time::timeout_at(cutoff, sent).await {
+                    Ok(response) => response,
+                    Err(_) => {
+                        tracing::info!(%method, "Zoom did not answer before the caller's deadline");
+                        return Err(CallError::Unanswered {
+                            may_have_run: method != reqwest::Method::GET,
+                        });
                     }
-                }
+                },
+                Some(last) => match tokio::time::timeout_at(cutoff, sent).await {
+                    Ok(response) => response,
+                    Err(_) if method == reqwest::Method::GET => {
+                        tracing::info!(
+                            retries,
+                            "Zoom did not answer a retry in time; answering its rate limit"
+                        );
+                        return Ok(last);
+                    }
+                    Err(_) => {
+                        tracing::info!(retries, %method, "Zoom did not answer a retry in time");
+                        return Err(CallError::Unanswered { may_have_run: true });
+                    }
+                },
             };
             self.count(response.as_ref().ok().map(|r| r.status.as_u16()));
-            let response = response?;
+            let response = match response {
+                Err(ZoomError::Timeout) => {
+                    return Err(CallError::Unanswered {
+                        may_have_run: method != reqwest::Method::GET,
+                    });
+                }
+                other => other?,
+            };
             if response.status == reqwest::StatusCode::TOO_MANY_REQUESTS
                 && retries < MAX_RATE_LIMIT_RETRIES
                 && let Some(wait) = retry_after(&response.headers)
@@ -296,6 +311,25 @@ pub enum CallError {
     /// Zoom could not be reached, timed out, or its answer could not be read.
     #[error(transparent)]
     Zoom(#[from] ZoomError),
+    /// Zoom had not answered a margin before the caller's deadline; a request other than a
+    /// `GET` may have been carried out all the same.
+    #[error("Zoom did not answer in time{}", if *may_have_run { " (it may have carried the request out: check before sending it again)" } else { "" })]
+    Unanswered {
+        /// Whether Zoom may have done what was asked.
+        may_have_run: bool,
+    },
+}
+
+/// When a request still unanswered is given up: [`RETRY_MARGIN`] before `deadline`, or half
+/// the time left when that is less than twice the margin.
+fn answer_cutoff(deadline: tokio::time::Instant) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let left = deadline.saturating_duration_since(now);
+    if left >= 2 * RETRY_MARGIN {
+        deadline - RETRY_MARGIN
+    } else {
+        now + left / 2
+    }
 }
 
 #[cfg(test)]

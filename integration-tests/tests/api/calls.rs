@@ -617,6 +617,35 @@ async fn a_rate_limit_longer_than_the_callers_deadline_allows_is_reported_at_onc
 }
 
 #[tokio::test]
+async fn a_call_zoom_does_not_answer_is_answered_before_the_callers_deadline_saying_if_it_may_have_run()
+ {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    // Zoom takes the requests and answers none of them before the caller's 4 s are up.
+    zoom.state.lock().unwrap().api_delay = Duration::from_secs(20);
+    for (name, kwargs, may_have_run) in [
+        ("get_user", vec![], false),
+        ("create_meeting", vec![("topic", text("maybe"))], true),
+    ] {
+        let started = Instant::now();
+        let error = err(call_within(&app, &cid, name, kwargs, Duration::from_secs(4)).await);
+        assert!(started.elapsed() < Duration::from_secs(4), "{name}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains("did not answer in time"),
+            "{name}: {error}"
+        );
+        assert_eq!(
+            message.contains("may have carried the request out"),
+            may_have_run,
+            "{name}: {error}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_retry_zoom_is_slow_to_answer_gives_the_rate_limit_before_the_callers_deadline() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
