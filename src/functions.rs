@@ -569,7 +569,18 @@ impl Functions {
 
         // Refuse a bad path before a token is fetched for it.
         crate::zoom::api::check_path(&path).map_err(|e| CallFailure::new(e.to_string()))?;
-        let access = self.access_token(cid).await?;
+        // A token request in flight (this call's or another's) is waited for until a second
+        // before the caller's deadline; it goes on without the caller.
+        let cutoff = deadline
+            .checked_sub(crate::zoom::api::RETRY_MARGIN)
+            .unwrap_or(deadline);
+        let access = tokio::time::timeout_at(cutoff, self.access_token(cid))
+            .await
+            .map_err(|_| {
+                CallFailure::new(
+                    "the connection's token did not come in time (Zoom is slow to issue it): try again",
+                )
+            })??;
         let send = async |token: &crate::secret::Secret| {
             self.api
                 .call(
@@ -588,16 +599,22 @@ impl Functions {
             // A token Zoom no longer accepts (revoked, or the app was deauthorized): never
             // used again. Zoom carried out nothing it answered 401, so the request is sent
             // once more, whatever its method, with a new token if one comes in time.
-            self.credentials.reject(cid, &access.token).await;
+            // Within the caller's deadline, waiting for another caller's token request
+            // included: past it, the caller gets the 401.
             let cutoff = deadline
                 .checked_sub(2 * crate::zoom::api::RETRY_MARGIN)
                 .unwrap_or(deadline);
-            if let Ok(renewed) = tokio::time::timeout_at(cutoff, self.access_token(cid)).await {
+            let renewal = async {
+                self.credentials.reject(cid, &access.token).await;
+                self.access_token(cid).await
+            };
+            if let Ok(renewed) = tokio::time::timeout_at(cutoff, renewal).await {
                 let renewed = renewed?;
                 if renewed.token != access.token {
                     answer = send(&renewed.token).await?;
                     if answer.status == 401 {
-                        self.credentials.reject(cid, &renewed.token).await;
+                        let rejected = self.credentials.reject(cid, &renewed.token);
+                        let _ = tokio::time::timeout_at(deadline, rejected).await;
                     }
                 }
             }

@@ -1037,6 +1037,48 @@ async fn token_rejected_before_its_expiry(as_html: bool) {
 }
 
 #[tokio::test]
+async fn a_call_waiting_for_another_call_s_slow_token_renewal_is_answered_before_its_deadline() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    let cid = connected(&app, &zoom).await;
+    ok(call(&app, &cid, "get_user", vec![], vec![]).await);
+    // The token is revoked; the first call to hear it renews it, and Zoom's answer to that
+    // refresh takes 8 s.
+    zoom.revoke_access_tokens();
+    zoom.state.lock().unwrap().refresh_answer_delay = Duration::from_secs(8);
+    let first = tokio::spawn({
+        let (app_grpc, cid) = (app.integrations(), cid.clone());
+        async move {
+            let mut client = app_grpc;
+            client
+                .call(CallRequest {
+                    integration_id: zoom_id(),
+                    function: Some(function("get_user", &cid)),
+                    ..Default::default()
+                })
+                .await
+        }
+    });
+    crate::helpers::eventually("the first call's refresh reached Zoom", || {
+        zoom.token_requests_of("refresh_token") == 2
+    })
+    .await;
+    // A caller with 4 s is told in time, not CANCELLED after waiting for that refresh.
+    let started = Instant::now();
+    let error = err(call_within(&app, &cid, "get_user", vec![], Duration::from_secs(4)).await);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("token did not come in time"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let first = first.await.unwrap().unwrap().into_inner();
+    assert!(first.error.is_none(), "{:?}", first.error);
+}
+
+#[tokio::test]
 async fn an_endpoint_answering_401_to_every_token_costs_one_refresh_not_two_per_call() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
