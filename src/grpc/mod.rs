@@ -36,7 +36,7 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (mut reporter, health) = tonic_health::server::health_reporter();
     // Every service reported serving, so each is reported not serving on shutdown.
     let mut served = vec![
         <IntegrationsServiceServer<integrations::IntegrationsApi> as NamedService>::NAME,
@@ -98,10 +98,17 @@ pub async fn serve(
     let stopping = shutdown.clone();
     tokio::spawn(async move {
         stopping.cancelled().await;
-        for service in served.into_iter().chain([""]) {
+        let services: Vec<&str> = served.into_iter().chain([""]).collect();
+        for service in &services {
             reporter
-                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .set_service_status(*service, tonic_health::ServingStatus::NotServing)
                 .await;
+        }
+        // Then `Health.Watch` streams end, once they have sent that (a stream delivers the
+        // last status before it sees its channel closed): an open one would otherwise hold
+        // the shutdown until SHUTDOWN_TIMEOUT. `Check` says NOT_FOUND from then on.
+        for service in services {
+            reporter.clear_service_status(service).await;
         }
     });
     let incoming = TcpIncoming::from(listener)

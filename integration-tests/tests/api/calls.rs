@@ -41,7 +41,7 @@ pub(crate) async fn connected(app: &TestApp, zoom: &FakeZoom) -> String {
     cid
 }
 
-fn function(name: &str, cid: &str) -> pb::Value {
+pub(crate) fn function(name: &str, cid: &str) -> pb::Value {
     pb::Value {
         function: Some(pb::Function {
             name: name.into(),

@@ -390,16 +390,29 @@ async fn on_shutdown_grpc_health_reports_every_service_not_serving() {
         assert_eq!(first.status(), ServingStatus::Serving, "{service:?}");
         watches.push((service, watch));
     }
+    // The watches stay open: the shutdown ends them, and does not wait for them to go.
+    let started = std::time::Instant::now();
     let stopped = tokio::spawn(app.stop());
-    for (service, mut watch) in watches {
+    for (service, watch) in &mut watches {
         let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
             .await
             .expect("a status change before the streams close");
         // A closed stream would mean no one was told: the status must come first.
         let next = next.unwrap().expect("a status, not the end of the stream");
         assert_eq!(next.status(), ServingStatus::NotServing, "{service:?}");
+        let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("the stream ends");
+        assert!(matches!(end, Ok(None)), "{service:?}: {end:?}");
     }
     stopped.await.unwrap().unwrap();
+    // SHUTDOWN_TIMEOUT is 25 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(watches);
 }
 
 #[tokio::test]
@@ -422,24 +435,36 @@ async fn grpc_and_http_health_report_serving() {
 }
 
 #[tokio::test]
-async fn an_open_stream_cannot_hold_shutdown_past_the_timeout() {
-    let app = crate::helpers::spawn_app_with(&[("SHUTDOWN_TIMEOUT", "1")]).await;
-    let mut watch = app
-        .health()
-        .watch(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        watch.message().await.unwrap().is_some(),
-        "the stream is open"
-    );
+async fn a_call_still_running_cannot_hold_shutdown_past_the_timeout() {
+    let zoom = crate::fake_zoom::FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("SHUTDOWN_TIMEOUT", "1".into()));
+    let app = crate::connection_setup::app_with(&zoom, env).await;
+    let cid = crate::calls::connected(&app, &zoom).await;
+    // A call Zoom takes 20 s to answer.
+    zoom.state.lock().unwrap().api_delay = Duration::from_secs(20);
+    let held = tokio::spawn({
+        let (mut client, cid) = (app.integrations(), cid.clone());
+        async move {
+            client
+                .call(
+                    zoom_integration::proto::autokitteh::integrations::v1::CallRequest {
+                        integration_id: zoom_id(),
+                        function: Some(crate::calls::function("get_user", &cid)),
+                        ..Default::default()
+                    },
+                )
+                .await
+        }
+    });
+    crate::helpers::eventually("the call reached Zoom", || {
+        !zoom.state.lock().unwrap().api_requests.is_empty()
+    })
+    .await;
 
     let started = std::time::Instant::now();
     app.stop().await.expect("stops cleanly");
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_secs(4), "took {took:?}");
-    drop(watch);
+    held.abort();
 }
