@@ -17,6 +17,7 @@ use crate::host::HostError;
 use crate::ids::ConnectionId;
 use crate::proto::autokitteh::values::v1 as pb;
 use crate::values::{self, to_json};
+use crate::zoom::ZoomError;
 use crate::zoom::api::{CallError, ZoomApi};
 
 /// One function: its name, its parameters (in positional order) and what it does.
@@ -470,6 +471,19 @@ impl Functions {
                 CredentialError::Host(e) => {
                     tracing::error!(connection_id = %cid, error = %e, "cannot read the connection for a call");
                     CallFailure::new("the connection could not be read (the error is in this service's log)")
+                }
+                // Zoom's token endpoint busy or down: the connection is fine, and the call can
+                // be tried again (a 429 has its `status`, as the API's own has).
+                CredentialError::Zoom(ZoomError::Rejected { status: 429, .. }) => CallFailure {
+                    status: Some(429),
+                    ..CallFailure::new(
+                        "Zoom is limiting the connection's token requests right now: try again in a few seconds",
+                    )
+                },
+                CredentialError::Zoom(e @ (ZoomError::Unavailable(_) | ZoomError::Timeout)) => {
+                    CallFailure::new(format!(
+                        "Zoom could not issue the connection's token ({e}): try again later"
+                    ))
                 }
                 other => CallFailure::new(format!("the connection cannot be used: {other}")),
             })

@@ -1079,6 +1079,34 @@ async fn a_call_waiting_for_another_call_s_slow_token_renewal_is_answered_before
 }
 
 #[tokio::test]
+async fn a_token_endpoint_limiting_or_down_makes_a_call_error_that_says_to_try_again() {
+    let zoom = FakeZoom::start().await;
+    let app = app_with(&zoom, zoom.env()).await;
+    // Both need a refresh first (expired a minute ago).
+    let (limited, down) = (connected(&app, &zoom).await, connected(&app, &zoom).await);
+    zoom.state.lock().unwrap().token_rate_limited = true;
+    let error = err(call(&app, &limited, "get_user", vec![], vec![]).await);
+    assert_eq!(error["status"], 429, "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("try again"),
+        "{error}"
+    );
+    zoom.state.lock().unwrap().token_rate_limited = false;
+    zoom.state.lock().unwrap().token_unavailable = true;
+    let error = err(call(&app, &down, "get_user", vec![], vec![]).await);
+    assert!(
+        error.get("status").is_none(),
+        "Zoom's API did not answer: {error}"
+    );
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("could not issue the connection's token") && message.contains("try again"),
+        "{error}"
+    );
+    assert!(zoom.state.lock().unwrap().api_requests.is_empty());
+}
+
+#[tokio::test]
 async fn an_endpoint_answering_401_to_every_token_costs_one_refresh_not_two_per_call() {
     let zoom = FakeZoom::start().await;
     let app = app_with(&zoom, zoom.env()).await;
