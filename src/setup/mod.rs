@@ -555,21 +555,22 @@ fn finish(state: &AppState, target: &Target, message: &str) -> Response {
 
 /// `/oauth/start/zoom?cid=…&origin=…&grant=…`; all three are checked to be letters, digits,
 /// `_` or `.`.
-/// With signed links, a request another site's page sent does not start a flow or save a
-/// setup, grant or not: it is sent to the connection page, which names the connection, and
-/// only that page's own form goes on. A grant is a bearer token; without this, whoever holds
-/// one could link someone else's browser to its flow and bind their Zoom account to the
-/// grant's connection (Zoom skips consent for an app the user already added). With
-/// `SETUP_ACCESS=loopback` such requests are refused instead ([`authorize`]).
+/// A request another site's page sent does not start a flow or save a setup on the strength
+/// of a grant (or, with signed links, at all): it is sent to the connection page, which names
+/// the connection, and only that page's own form goes on. A grant is a bearer token; without
+/// this, whoever holds one could link someone else's browser to its flow and bind their Zoom
+/// account to the grant's connection (Zoom skips consent for an app the user already added).
+/// With `SETUP_ACCESS=loopback`, such a request without a grant is refused ([`authorize`]).
 fn interpose(state: &AppState, headers: &HeaderMap, target: &Target) -> Option<Response> {
     let signed = state.config.setup_access == crate::config::SetupAccess::Signed;
-    (signed && from_another_sites_page(headers, &state.config, true)).then(|| {
-        let mut response = Redirect::to(&target_path(CONNECTION_PATH, target)).into_response();
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        response
-    })
+    ((signed || target.grant.is_some()) && from_another_sites_page(headers, &state.config, true))
+        .then(|| {
+            let mut response = Redirect::to(&target_path(CONNECTION_PATH, target)).into_response();
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        })
 }
 
 fn start_path(target: &Target) -> String {

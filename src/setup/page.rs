@@ -17,6 +17,8 @@ main { max-width: 34rem; margin: 3rem auto; padding: 2rem; background: #fff; bor
 header { display: flex; align-items: center; gap: .75rem; margin-bottom: 1.25rem; }
 header img { width: 40px; height: 40px; }
 h1 { font-size: 1.35rem; margin: 0; }
+#connection { color: var(--muted); font-size: .9rem; margin: 0 0 1rem; }
+#connection code { color: var(--ink); word-break: break-all; }
 .status { padding: .6rem .8rem; border-radius: 8px; background: #eef3fe; margin-bottom: 1.25rem; }
 .status.error { background: #fce8e6; color: var(--bad); }
 .status.ok { background: #e6f4ea; color: var(--good); }
@@ -163,7 +165,10 @@ impl ConnectionPage<'_> {
              ZOOM_CLIENT_ID and ZOOM_CLIENT_SECRET). Use a private app instead."
         };
         let body = format!(
-            "<p class=\"status {class}\" id=\"status\">{status}</p>\
+            "<p id=\"connection\">Connection <code>{cid}</code>. Whoever runs this \
+             connection's workflows acts with the Zoom account you connect: connect only a \
+             connection you opened from your own project.</p>\
+             <p class=\"status {class}\" id=\"status\">{status}</p>\
              <form method=\"post\" action=\"/zoom/save\" autocomplete=\"off\">\
              <input type=\"hidden\" name=\"cid\" value=\"{cid}\">\
              <input type=\"hidden\" name=\"origin\" value=\"{origin}\">{grant}\

@@ -79,6 +79,8 @@ async fn a_person_sets_up_each_kind_of_connection_in_a_real_browser() {
         browser.find("#status").await.text().await,
         "Not set up yet."
     );
+    let named = browser.find("#connection").await.text().await;
+    assert!(named.contains(&default_cid), "{named}");
     assert!(!browser.find("#client_id").await.is_displayed().await);
     assert!(browser.find("#start").await.is_displayed().await);
     assert!(!browser.find("#save").await.is_displayed().await);

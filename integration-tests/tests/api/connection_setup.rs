@@ -115,6 +115,13 @@ async fn the_default_app_flow_saves_the_token_and_the_zoom_user() {
     let page = agent.get(&page_url(&app, &cid)).await;
     assert_eq!(page.status, StatusCode::OK);
     assert_eq!(page.text_of("status"), "Not set up yet.");
+    // The page names the connection it sets up.
+    assert!(
+        page.body
+            .contains(&format!("Connection <code>{cid}</code>")),
+        "{}",
+        page.body
+    );
 
     let consent_page = submit(
         &app,

@@ -297,9 +297,19 @@ async fn in_loopback_mode_a_page_reached_under_another_site_s_name_needs_a_link(
 
 #[tokio::test]
 async fn a_link_followed_from_another_site_s_page_shows_the_connection_page_and_starts_nothing() {
+    link_followed_from_another_site("signed").await;
+}
+
+#[tokio::test]
+async fn with_loopback_access_too_a_link_from_another_site_s_page_starts_nothing() {
+    // The test client is on loopback: a grant is what lets another site's request in.
+    link_followed_from_another_site("loopback").await;
+}
+
+async fn link_followed_from_another_site(setup_access: &str) {
     let zoom = FakeZoom::start().await;
     let mut env = zoom.env();
-    env.push(("SETUP_ACCESS", "signed".into()));
+    env.push(("SETUP_ACCESS", setup_access.into()));
     env.push(("HOST_UI_URL", "https://ui.example.com".into()));
     let app = app_with(&zoom, env).await;
     let cid = ConnectionId::generate().to_string();
