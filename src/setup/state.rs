@@ -156,11 +156,14 @@ impl Flows {
         let expires = now + self.ttl.as_secs();
         let state = self.sign(&id, expires, &flow.target.cid, &flow.target.origin);
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        // This connection's waiting flows, in one pass; past the cap the oldest goes.
+        // Expired flows go at once: a private app's flow holds its client secret, which
+        // must not stay in memory past the flow's life.
+        pending.retain(|_, p| p.expires >= now);
+        // This connection's waiting flows; past the cap the oldest goes.
         let started = self.started.fetch_add(1, Ordering::Relaxed);
         let of_connection: Vec<([u8; 16], u64)> = pending
             .iter()
-            .filter(|(_, p)| p.expires >= now && p.flow.target.cid == flow.target.cid)
+            .filter(|(_, p)| p.flow.target.cid == flow.target.cid)
             .map(|(id, p)| (*id, p.started))
             .collect();
         if of_connection.len() >= MAX_FLOWS_PER_CONNECTION
@@ -169,10 +172,7 @@ impl Flows {
             pending.remove(oldest);
         }
         if pending.len() >= MAX_PENDING_FLOWS {
-            pending.retain(|_, p| p.expires >= now);
-            if pending.len() >= MAX_PENDING_FLOWS {
-                return Err(StateError::Busy);
-            }
+            return Err(StateError::Busy);
         }
         pending.insert(
             id,
@@ -321,6 +321,15 @@ mod tests {
 
     fn cookie(started: &Started) -> String {
         format!("other=1; {}={}", started.cookie_name, started.cookie_value)
+    }
+
+    #[test]
+    fn an_expired_flow_is_dropped_by_the_next_start_not_kept_until_a_redirect() {
+        let flows = flows(0);
+        flows.start(flow()).unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        flows.start(flow()).unwrap();
+        assert_eq!(flows.pending.lock().unwrap().len(), 1);
     }
 
     #[test]
