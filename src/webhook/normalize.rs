@@ -356,6 +356,21 @@ mod tests {
     }
 
     #[test]
+    fn decimals_become_the_nearest_float() {
+        // Known to be read one bit off by a parser that scales by powers of ten.
+        for (text, nearest) in [
+            ("122.416294033786585", 122.416_294_033_786_58_f64),
+            ("0.9215686321258545", 0.921_568_632_125_854_5),
+            ("10587.436593658975", 10_587.436_593_658_975),
+        ] {
+            let v = value(text.as_bytes()).unwrap();
+            let got = v.float.as_ref().map(|f| f.v).unwrap();
+            assert_eq!(got.to_bits(), nearest.to_bits(), "{text}: {got}");
+            assert_eq!(got.to_bits(), text.parse::<f64>().unwrap().to_bits());
+        }
+    }
+
+    #[test]
     fn every_body_accepted_decodes_back_from_the_protobuf_the_host_stores() {
         use prost::Message;
         // A JSON object costs three protobuf messages (Value, Dict, Item), a list two; prost
