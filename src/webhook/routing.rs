@@ -292,6 +292,8 @@ impl RoutingIndex {
         let mut unread = HashMap::new();
         // What the reads showed: set up (with the `auth_type`), or not (`None`).
         let mut read = Vec::new();
+        // Reads of listed connections the host failed (unavailable), and the first such error.
+        let (mut host_failures, mut first_host_error) = (0usize, None);
         for chunk in ids.chunks(16) {
             let reads = chunk
                 .iter()
@@ -299,14 +301,6 @@ impl RoutingIndex {
             for (cid, result) in join_all(reads).await {
                 let found = match result {
                     Ok(found) => found,
-                    // The host itself failed: keep the index as it is. Not for one it did not
-                    // list, though: a remembered connection its host refuses for good (a
-                    // project deleted, another HOST_ENGINE_TOKEN) would stop every reload.
-                    Err(e @ (HostError::Unavailable(_) | HostError::Database(_)))
-                        if listed_ids.contains(cid) =>
-                    {
-                        return Err(e);
-                    }
                     // One connection that cannot be read (deleted meanwhile, a variable that
                     // does not decrypt) must not keep every other one from its webhooks.
                     // A connection routed before keeps its route through a failure of its own
@@ -317,6 +311,12 @@ impl RoutingIndex {
                         continue;
                     }
                     Err(e) => {
+                        // The host failing for a connection it lists: if it fails for all of
+                        // them it is down, and the index stays as it is (below); one it keeps
+                        // failing for must not stop every reload.
+                        let host_failed =
+                            matches!(e, HostError::Unavailable(_) | HostError::Database(_))
+                                && listed_ids.contains(cid);
                         let (previous, since) = {
                             let table = self.lock();
                             (
@@ -326,13 +326,21 @@ impl RoutingIndex {
                         };
                         match previous {
                             Some(previous) => {
-                                tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; it keeps its routing until it can be read");
+                                if !host_failed {
+                                    tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; it keeps its routing until it can be read");
+                                }
                                 routes.insert(cid.clone(), previous);
                             }
                             None => {
-                                tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; webhooks no route takes are answered 503 until it can be read");
+                                if !host_failed {
+                                    tracing::warn!(connection_id = %cid, error = %e, "cannot read a connection's variables; webhooks no route takes are answered 503 until it can be read");
+                                }
                                 unread.insert(cid.clone(), since.unwrap_or_else(Instant::now));
                             }
+                        }
+                        if host_failed {
+                            host_failures += 1;
+                            first_host_error.get_or_insert(e);
                         }
                         continue;
                     }
@@ -342,6 +350,13 @@ impl RoutingIndex {
                     routes.insert(cid.clone(), route);
                 }
             }
+        }
+        if let Some(e) = first_host_error {
+            // Not one read answered: the host is down, and the index stays as it is.
+            if read.is_empty() {
+                return Err(e);
+            }
+            tracing::warn!(connections = host_failures, error = %e, "the host engine failed to read some connections; they keep their routing until they can be read");
         }
         let mut table = self.lock();
         table.full_read = read.iter().map(|(cid, _)| cid.clone()).collect();
@@ -928,6 +943,31 @@ mod tests {
         index.reload_all(&host).await.unwrap();
         assert!(routed_by_default(&index, "acc-A").is_empty());
         assert!(index.known("").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_listed_connection_the_host_keeps_failing_for_does_not_stop_every_reload() {
+        let (_dir, inner, a, b) = two_on_one_account().await;
+        let host = TestHost::over(inner);
+        let index = RoutingIndex::new(Some(Secret::new("default-secret")));
+        index.reload_all(&host).await.unwrap();
+        let mut both = vec![a.clone(), b.clone()];
+        both.sort();
+        assert_eq!(routed_by_default(&index, "acc-A"), both);
+
+        // The host answers "unavailable" for every read of one listed connection (a
+        // permission it lost, say); the other is deleted elsewhere, unannounced.
+        *host.refusing.lock().unwrap() = Some(a.clone());
+        host.inner.delete_vars(&b, &[]).await.unwrap();
+        index.reload_all(&host).await.unwrap();
+        assert_eq!(
+            routed_by_default(&index, "acc-A"),
+            std::slice::from_ref(&a),
+            "the failing one keeps its route, the deleted one loses its own"
+        );
+        // Not one read answered: the host is down, and the index stays as it is.
+        assert!(index.reload_all(&host).await.is_err());
+        assert_eq!(routed_by_default(&index, "acc-A"), std::slice::from_ref(&a));
     }
 
     #[tokio::test]
