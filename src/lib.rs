@@ -117,10 +117,10 @@ impl AppState {
             data_dir_lock.clone(),
         )?);
         Ok(Self {
-            flows: Arc::new(Flows::new(
-                *keys.state_signing_key(),
-                config.oauth_state_ttl,
-            )),
+            flows: Arc::new(
+                Flows::new(*keys.state_signing_key(), config.oauth_state_ttl)
+                    .over_https(config.webhook_scheme == config::Scheme::Https),
+            ),
             links: Arc::new(SetupLinks::new(
                 *keys.link_signing_key(),
                 config.setup_link_ttl,

@@ -251,9 +251,10 @@ fn begin_flow(state: &AppState, target: &Target, app: FlowApp) -> Result<Respons
         ""
     };
     let cookie = format!(
-        "{}={}; Path={REDIRECT_PATH}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+        "{}={}; Path={}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
         started.cookie_name,
         started.cookie_value,
+        state.flows.cookie_path(),
         state.config.oauth_state_ttl.as_secs()
     );
     let mut response = Redirect::to(&url).into_response();
@@ -348,7 +349,15 @@ async fn redirect(
             .unwrap_or_else(|e| e.page(back.as_ref())),
     };
     if let Some(name) = cookie_name {
-        let expired = format!("{name}=; Path={REDIRECT_PATH}; Max-Age=0; HttpOnly; SameSite=Lax");
+        let secure = if state.config.webhook_scheme == Scheme::Https {
+            "; Secure"
+        } else {
+            ""
+        };
+        let expired = format!(
+            "{name}=; Path={}; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
+            state.flows.cookie_path()
+        );
         if let Ok(expired) = HeaderValue::from_str(&expired) {
             response.headers_mut().append(header::SET_COOKIE, expired);
         }

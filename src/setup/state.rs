@@ -133,6 +133,10 @@ struct Pending {
 pub struct Flows {
     key: [u8; 32],
     ttl: Duration,
+    /// Whether cookies are named with the `__Host-` prefix (over https): a browser then takes
+    /// them only from this host over https, with `Path=/`, so neither a sibling subdomain nor
+    /// a network attacker's plain-http answer can plant one.
+    host_only: bool,
     pending: Mutex<HashMap<[u8; 16], Pending>>,
     started: AtomicU64,
 }
@@ -143,8 +147,34 @@ impl Flows {
         Self {
             key,
             ttl,
+            host_only: false,
             pending: Mutex::new(HashMap::new()),
             started: AtomicU64::new(0),
+        }
+    }
+
+    /// The same, with cookies named `__Host-…` when `https` (see [`Self::cookie_path`]).
+    pub fn over_https(mut self, https: bool) -> Self {
+        self.host_only = https;
+        self
+    }
+
+    /// The `Path` a flow cookie must be set (and expired) with: `/` for a `__Host-` one, as
+    /// browsers require; the redirect path otherwise.
+    pub fn cookie_path(&self) -> &'static str {
+        if self.host_only {
+            "/"
+        } else {
+            super::REDIRECT_PATH
+        }
+    }
+
+    fn cookie_name(&self, id: &[u8; 16]) -> String {
+        let name = cookie_name(id);
+        if self.host_only {
+            format!("__Host-{name}")
+        } else {
+            name
         }
     }
 
@@ -185,7 +215,7 @@ impl Flows {
         );
         Ok(Started {
             state,
-            cookie_name: cookie_name(&id),
+            cookie_name: self.cookie_name(&id),
             cookie_value: hex::encode(cookie),
         })
     }
@@ -203,7 +233,7 @@ impl Flows {
         // Genuine (signed) but not waiting: taken before, or forgotten (the cap).
         let entry = pending.get(&id).ok_or(StateError::Used)?;
         let presented = cookies
-            .and_then(|c| cookie_value(c, &cookie_name(&id)))
+            .and_then(|c| cookie_value(c, &self.cookie_name(&id)))
             .and_then(|v| hex::decode(v).ok())
             .map(|v| <[u8; 32]>::from(Sha256::digest(v)));
         if !presented.is_some_and(|p| constant_time_eq(&p, &entry.browser)) {
@@ -215,7 +245,7 @@ impl Flows {
         let flow = pending.remove(&id).ok_or(StateError::Used)?.flow;
         Ok(Finished {
             flow,
-            cookie_name: cookie_name(&id),
+            cookie_name: self.cookie_name(&id),
         })
     }
 
@@ -330,6 +360,34 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1100));
         flows.start(flow()).unwrap();
         assert_eq!(flows.pending.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn over_https_only_a_host_only_cookie_finishes_a_flow() {
+        let flows = flows(600).over_https(true);
+        assert_eq!(flows.cookie_path(), "/");
+        let started = flows.start(flow()).unwrap();
+        assert!(
+            started.cookie_name.starts_with("__Host-zoom_oauth_"),
+            "{}",
+            started.cookie_name
+        );
+        // The same value under the name without the prefix (as a sibling subdomain or a
+        // plain-http answer could plant) does not do.
+        let planted = format!(
+            "{}={}",
+            started.cookie_name.trim_start_matches("__Host-"),
+            started.cookie_value
+        );
+        assert!(matches!(
+            flows.finish(&started.state, Some(&planted)),
+            Err(StateError::OtherBrowser)
+        ));
+        assert!(
+            flows
+                .finish(&started.state, Some(&cookie(&started)))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -350,6 +350,31 @@ async fn the_authorize_url_carries_pkce_the_redirect_uri_and_a_signed_single_con
 }
 
 #[tokio::test]
+async fn over_https_the_flow_cookie_is_host_only_and_secure() {
+    let zoom = FakeZoom::start().await;
+    let mut env = zoom.env();
+    env.push(("WEBHOOK_SCHEME", "https".into()));
+    let app = app_with(&zoom, env).await;
+    let client = crate::helpers::http_client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let cid = ConnectionId::generate();
+    let started = client
+        .get(app.url(&format!("/oauth/start/zoom?cid={cid}&origin=test")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), StatusCode::SEE_OTHER);
+    let cookie = started.headers()["set-cookie"].to_str().unwrap();
+    // `__Host-`: only this host, over https, can set it (no sibling subdomain, no plain-http
+    // answer), which browsers allow only with `Path=/` and `Secure`.
+    assert!(cookie.starts_with("__Host-zoom_oauth_"), "{cookie}");
+    assert!(cookie.contains("; Path=/;"), "{cookie}");
+    assert!(cookie.contains("; Secure"), "{cookie}");
+}
+
+#[tokio::test]
 async fn denying_consent_shows_zoom_error_and_saves_nothing() {
     let (app, _zoom, agent) = app_and_zoom().await;
     let cid = existing_connection(&app).await;
