@@ -84,7 +84,10 @@ pub async fn serve(
         served.push(<VarsServiceServer<vars::VarsApi> as NamedService>::NAME);
         served.push(<EventsServiceServer<events::EventsApi> as NamedService>::NAME);
         router = router
-            .add_service(VarsServiceServer::new(vars::VarsApi::new(embedded.clone())))
+            .add_service(VarsServiceServer::new(vars::VarsApi::new(
+                embedded.clone(),
+                state.webhooks.routing.clone(),
+            )))
             .add_service(EventsServiceServer::new(events::EventsApi::new(
                 embedded.clone(),
             )));

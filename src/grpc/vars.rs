@@ -1,6 +1,8 @@
 //! `autokitteh.vars.v1.VarsService`, served by the embedded host so tools and hosts can read
 //! and write connection variables when no host engine is configured.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use crate::connection::vars::SECRETS;
@@ -11,16 +13,30 @@ use crate::host::{HostEngine, Var};
 use crate::ids::ConnectionId;
 use crate::proto::autokitteh::vars::v1 as pb;
 use crate::proto::autokitteh::vars::v1::vars_service_server::VarsService;
+use crate::webhook::routing::RoutingIndex;
 
 /// VarsService over the embedded host's database.
 pub struct VarsApi {
     host: EmbeddedHost,
+    /// Webhook routing, brought up to date with a change before it is answered.
+    routing: Arc<RoutingIndex>,
 }
 
 impl VarsApi {
-    /// Serves `host`'s variables.
-    pub fn new(host: EmbeddedHost) -> Self {
-        Self { host }
+    /// Serves `host`'s variables; `routing` follows their changes.
+    pub fn new(host: EmbeddedHost, routing: Arc<RoutingIndex>) -> Self {
+        Self { host, routing }
+    }
+
+    /// Reads the connections in `scopes` again for webhook routing, so a webhook sent once a
+    /// change is answered finds it (the change's announcement does the same, a moment later).
+    async fn route_again(&self, scopes: impl IntoIterator<Item = ConnectionId>) {
+        let scopes: std::collections::BTreeSet<ConnectionId> = scopes.into_iter().collect();
+        for scope in scopes {
+            if let Err(e) = self.routing.reload_connection(&self.host, &scope).await {
+                tracing::debug!(connection_id = %scope, error = %e, "routing will follow the change when it is announced");
+            }
+        }
     }
 }
 
@@ -58,10 +74,12 @@ impl VarsService for VarsApi {
             scoped.push((scope, var));
         }
         // One transaction: a bad variable or a failed write leaves every connection as it was.
+        let scopes: Vec<ConnectionId> = scoped.iter().map(|(scope, _)| scope.clone()).collect();
         self.host
             .set_scoped_vars(scoped)
             .await
             .map_err(ApiError::from)?;
+        self.route_again(scopes).await;
         Ok(Response::new(pb::SetResponse {}))
     }
 
@@ -94,6 +112,7 @@ impl VarsService for VarsApi {
             .delete_vars(&scope, &req.names)
             .await
             .map_err(ApiError::from)?;
+        self.route_again([scope]).await;
         Ok(Response::new(pb::DeleteResponse {}))
     }
 
