@@ -412,18 +412,22 @@ impl RoutingIndex {
                 if table.superseded(cid, asked) {
                     return Err(e);
                 }
-                // So a full reload that started before this read keeps what it left.
-                table.changed_at.insert(cid.clone(), asked);
+                // What this read learned is recorded as newer than a full reload that started
+                // before it, so that reload keeps it.
                 let unread = match e {
                     // Deleted meanwhile: nothing to wait for, and nothing to route to.
                     HostError::NotFound(_) => {
+                        table.changed_at.insert(cid.clone(), asked);
                         self.know(&mut table, cid, None);
                         let was_unread = table.unread.remove(cid).is_some();
                         table.routes.remove(cid).is_some() || was_unread
                     }
-                    // A routed connection keeps its route (see `reload_all`).
+                    // A routed connection keeps its route (see `reload_all`). This read
+                    // learned nothing: a full reload that read the connection meanwhile (its
+                    // new secret, say) has the newer route.
                     _ if table.routes.contains_key(cid) => false,
                     _ => {
+                        table.changed_at.insert(cid.clone(), asked);
                         let new = !table.unread.contains_key(cid);
                         if new {
                             table.unread.insert(cid.clone(), Instant::now());
@@ -1225,6 +1229,40 @@ mod tests {
         host.find_release.notify_one();
         full.await.unwrap().unwrap();
         assert_eq!(routed(), std::slice::from_ref(&kept), "and stays gone");
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_of_a_routed_connection_does_not_undo_what_a_full_reload_read_meanwhile()
+    {
+        let (_dir, inner, moved, other) = two_on_one_account().await;
+        let host = Arc::new(TestHost::over(inner));
+        let index = Arc::new(RoutingIndex::new(Some(Secret::new("default-secret"))));
+        index.reload_all(&*host).await.unwrap();
+
+        // The connection moves to another account; a full reload starts (held at its
+        // listing), and the change's own read fails (the host hiccups).
+        host.inner
+            .set_vars(&moved, vec![Var::plain("account_id", "acc-B")])
+            .await
+            .unwrap();
+        host.hold_find
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let full = spawn_full_reload(&index, &host);
+        host.find_started.notified().await;
+        *host.failing.lock().unwrap() = Some(moved.clone());
+        assert!(index.reload_connection(&*host, &moved).await.is_err());
+        *host.failing.lock().unwrap() = None;
+        // The full reload reads the new account: it wins over the read that learned nothing.
+        host.find_release.notify_one();
+        full.await.unwrap().unwrap();
+        assert_eq!(
+            routed_by_default(&index, "acc-B"),
+            std::slice::from_ref(&moved)
+        );
+        assert_eq!(
+            routed_by_default(&index, "acc-A"),
+            std::slice::from_ref(&other)
+        );
     }
 
     #[tokio::test]
