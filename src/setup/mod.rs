@@ -29,7 +29,7 @@ use self::form::{Choice, FormError, PrivateApp, RawForm, RawTarget, Target};
 use self::page::{ConnectionPage, CurrentStatus, message_page};
 use self::state::{Flow, FlowApp};
 use crate::AppState;
-use crate::config::{OAuthApp, Scheme};
+use crate::config::OAuthApp;
 use crate::connection::{self, AuthType, StatusCode as ConnStatus, vars};
 use crate::host::{HostError, Var};
 use crate::integration::CONNECTION_PATH;
@@ -245,17 +245,10 @@ fn begin_flow(state: &AppState, target: &Target, app: FlowApp) -> Result<Respons
     let url = state
         .zoom_oauth
         .authorize_url(&credentials, &started.state, pkce.challenge)?;
-    let secure = if state.config.webhook_scheme == Scheme::Https {
-        "; Secure"
-    } else {
-        ""
-    };
-    let cookie = format!(
-        "{}={}; Path={}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
-        started.cookie_name,
-        started.cookie_value,
-        state.flows.cookie_path(),
-        state.config.oauth_state_ttl.as_secs()
+    let cookie = state.flows.set_cookie(
+        &started.cookie_name,
+        &started.cookie_value,
+        state.config.oauth_state_ttl.as_secs(),
     );
     let mut response = Redirect::to(&url).into_response();
     if let Ok(cookie) = HeaderValue::from_str(&cookie) {
@@ -349,15 +342,7 @@ async fn redirect(
             .unwrap_or_else(|e| e.page(back.as_ref())),
     };
     if let Some(name) = cookie_name {
-        let secure = if state.config.webhook_scheme == Scheme::Https {
-            "; Secure"
-        } else {
-            ""
-        };
-        let expired = format!(
-            "{name}=; Path={}; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
-            state.flows.cookie_path()
-        );
+        let expired = state.flows.set_cookie(&name, "", 0);
         if let Ok(expired) = HeaderValue::from_str(&expired) {
             response.headers_mut().append(header::SET_COOKIE, expired);
         }

@@ -153,20 +153,22 @@ impl Flows {
         }
     }
 
-    /// The same, with cookies named `__Host-…` when `https` (see [`Self::cookie_path`]).
+    /// The same, with cookies named `__Host-…` when `https` (see [`Self::set_cookie`]).
     pub fn over_https(mut self, https: bool) -> Self {
         self.host_only = https;
         self
     }
 
-    /// The `Path` a flow cookie must be set (and expired) with: `/` for a `__Host-` one, as
-    /// browsers require; the redirect path otherwise.
-    pub fn cookie_path(&self) -> &'static str {
-        if self.host_only {
-            "/"
+    /// The `Set-Cookie` value that sets a flow's cookie `name` to `value` for `max_age`
+    /// seconds (0 expires it): `HttpOnly`, `SameSite=Lax`, on the redirect path; over https
+    /// `Secure` and, as browsers require of a `__Host-` cookie, on `/`.
+    pub fn set_cookie(&self, name: &str, value: &str, max_age: u64) -> String {
+        let (path, secure) = if self.host_only {
+            ("/", "; Secure")
         } else {
-            super::REDIRECT_PATH
-        }
+            (super::REDIRECT_PATH, "")
+        };
+        format!("{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}")
     }
 
     fn cookie_name(&self, id: &[u8; 16]) -> String {
@@ -365,7 +367,10 @@ mod tests {
     #[test]
     fn over_https_only_a_host_only_cookie_finishes_a_flow() {
         let flows = flows(600).over_https(true);
-        assert_eq!(flows.cookie_path(), "/");
+        assert_eq!(
+            flows.set_cookie("__Host-n", "v", 0),
+            "__Host-n=v; Path=/; Max-Age=0; HttpOnly; SameSite=Lax; Secure"
+        );
         let started = flows.start(flow()).unwrap();
         assert!(
             started.cookie_name.starts_with("__Host-zoom_oauth_"),
