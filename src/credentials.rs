@@ -1292,8 +1292,9 @@ fn or_usable(
     }
 }
 
-/// When an OAuth token stored with `expiry` was obtained: Zoom's access tokens live an hour.
-fn obtained_at(expiry: DateTime<Utc>) -> DateTime<Utc> {
+/// When an OAuth token stored with `expiry` was obtained: Zoom's access tokens live an hour
+/// (`expires_in` is 3599 or 3600 seconds).
+pub(crate) fn obtained_at(expiry: DateTime<Utc>) -> DateTime<Utc> {
     expiry - chrono::Duration::hours(1)
 }
 

@@ -695,9 +695,6 @@ async fn prepare(
     Ok(event)
 }
 
-/// How long Zoom's access tokens live (`expires_in` is 3599 or 3600 seconds).
-const ZOOM_TOKEN_LIFETIME_MS: i64 = 3_600_000;
-
 /// Who removed the app and when, from an `app_deauthorized` body: `payload.user_id`, and the
 /// earliest of `payload.deauthorization_time`, `payload.event_ts`, `event_ts` (Unix ms, as a
 /// number or as text) and `received_ms`, when it arrived here. The event may arrive late (Zoom
@@ -767,11 +764,10 @@ async fn deauthorize(
         tracing::info!(connection_id = %cid, "app removed in Zoom by another user of the account: connection left as it is");
         return Ok(false);
     }
-    // Zoom's access tokens live an hour: one expiring more than an hour after the app was
-    // removed was issued after that.
+    // Tokens obtained after the app was removed are a reconnect's.
     if let Some(expiry) = crate::connection::value_of(&stored, vars::OAUTH_EXPIRY)
         .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
-        && expiry.timestamp_millis() - ZOOM_TOKEN_LIFETIME_MS > removed_ms
+        && crate::credentials::obtained_at(expiry.to_utc()).timestamp_millis() > removed_ms
     {
         tracing::info!(connection_id = %cid, "app removed in Zoom before the connection's current tokens were issued (reconnected since): connection left as it is");
         return Ok(false);
