@@ -863,7 +863,12 @@ async fn zoom_token_endpoint_too_slow_times_out_and_saves_nothing() {
 
 /// Sets `cid` up with the fake Zoom's Server-to-Server app and `secret_token` (empty: none
 /// given) through the connection page's form, which must succeed.
-async fn set_up_server_to_server(app: &TestApp, agent: &UserAgent, cid: &str, secret_token: &str) {
+pub(crate) async fn set_up_server_to_server(
+    app: &TestApp,
+    agent: &UserAgent,
+    cid: &str,
+    secret_token: &str,
+) {
     let done = submit(
         app,
         agent,

@@ -481,18 +481,7 @@ async fn server_to_server_tokens_are_cached_and_renewed_before_they_expire() {
 
     // A token living 8 s is renewed halfway through its life (the 5 minutes do not fit).
     zoom.state.lock().unwrap().s2s_expires_in = 8;
-    let fresh = ConnectionId::generate().to_string();
-    app.vars()
-        .set(vars::SetRequest {
-            vars: vec![
-                var(&fresh, "auth_type", "serverToServer", false),
-                var(&fresh, "private_account_id", S2S_ACCOUNT_ID, false),
-                var(&fresh, "private_client_id", S2S_CLIENT_ID, false),
-                var(&fresh, "private_client_secret", S2S_CLIENT_SECRET, true),
-            ],
-        })
-        .await
-        .unwrap();
+    let fresh = server_to_server_connection(&app).await;
     assert_eq!(test_connection(&app, &fresh).await.0, ConnStatus::Ok);
     assert_eq!(test_connection(&app, &fresh).await.0, ConnStatus::Ok);
     assert_eq!(zoom.token_requests_of("account_credentials"), 2);

@@ -49,16 +49,7 @@ async fn app_on(
 async fn set_up_server_to_server(app: &TestApp, secret_token: &str) -> String {
     let cid = ConnectionId::generate().to_string();
     let agent = UserAgent::new(&app.url(""));
-    let form = [
-        ("cid", cid.as_str()),
-        ("auth_type", "serverToServer"),
-        ("account_id", S2S_ACCOUNT_ID),
-        ("client_id", S2S_CLIENT_ID),
-        ("client_secret", S2S_CLIENT_SECRET),
-        ("secret_token", secret_token),
-    ];
-    let done = submit(app, &agent, &form).await;
-    assert_eq!(done.status, 200, "{}", done.body);
+    crate::connection_setup::set_up_server_to_server(app, &agent, &cid, secret_token).await;
     cid
 }
 
