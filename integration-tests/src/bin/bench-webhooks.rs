@@ -310,84 +310,72 @@ async fn load(
     mark.result(start.elapsed().as_secs_f64(), all, failures)
 }
 
-/// Requests a paced run keeps in flight at most (and connections it opens at most); the rest
-/// wait their turn, their latency counting from when they were due.
-const PACED_IN_FLIGHT: usize = 1024;
+/// Connections a paced run sends over (`PACED_CONNECTIONS`), each with its share of the
+/// schedule: more than the rate times the latency needs, so the connections never set the pace
+/// while the server keeps up.
+const PACED_CONNECTIONS: u64 = 256;
 
-/// Open-loop load: one request due every `1 / rate` seconds for `duration`, each sent when due
-/// whether or not earlier ones were answered (up to [`PACED_IN_FLIGHT`] at once), its latency
-/// counted from when it was due. A thread of its own keeps the schedule, to a tenth of a
-/// millisecond (the runtime's timers tick by the millisecond). Returns the run and the
-/// latencies counted from each request's actual sending, sorted.
+/// Open-loop load: request `k` is due at `k / rate` seconds for `duration`, whether or not
+/// earlier ones were answered. `connections` tasks share the schedule (task `i` sends requests
+/// `i`, `i + connections`, ...), each over a keep-alive connection of its own; one whose last
+/// answer came late sends its next at once, so waiting behind a stalled server counts in the
+/// latency (wrk2's way). The runtime's timers tick by the millisecond and may fire a tick late,
+/// so a task sets its timer 2 ms before a request is due and sends it when woken: each latency
+/// counts from when the request was due or from when it was sent, whichever came first, and is
+/// never less than the request took. Returns the run and the latencies counted from each request's sending, sorted.
 async fn load_paced(
     target: &Arc<Target>,
     rate: f64,
+    connections: u64,
     duration: Duration,
     first: Arc<AtomicU64>,
 ) -> (RunResult, Vec<u32>) {
-    let (results, mut received) = tokio::sync::mpsc::unbounded_channel::<Option<(u32, u32)>>();
-    let slots = Arc::new(tokio::sync::Semaphore::new(PACED_IN_FLIGHT));
-    let runtime = tokio::runtime::Handle::current();
     let start = Instant::now();
     let mark = CpuMark::now();
-    let pacer = {
-        let target = target.clone();
-        std::thread::spawn(move || {
-            let due = |k: u64| start + Duration::from_secs_f64(k as f64 / rate);
-            let mut k = 0u64;
-            while due(k) < start + duration {
-                let now = Instant::now();
-                while due(k) <= now && due(k) < start + duration {
-                    let (target, first, slots, results) = (
-                        target.clone(),
-                        first.clone(),
-                        slots.clone(),
-                        results.clone(),
-                    );
-                    let at = due(k);
-                    runtime.spawn(async move {
-                        let _slot = slots.acquire_owned().await.unwrap();
-                        let n = first.fetch_add(1, Ordering::Relaxed);
-                        let sent = Instant::now();
-                        let ok = target.send(n).await;
-                        let _ = results
-                            .send(ok.then(|| (micros(at.elapsed()), micros(sent.elapsed()))));
-                    });
-                    k += 1;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..connections {
+        let (target, first) = (target.clone(), first.clone());
+        tasks.spawn(async move {
+            let (mut from_due, mut from_sent, mut failures) = (Vec::new(), Vec::new(), 0u64);
+            let mut last_answer = start;
+            let mut k = i;
+            loop {
+                let due = start + Duration::from_secs_f64(k as f64 / rate);
+                if due >= start + duration {
+                    break;
                 }
-                std::thread::sleep(Duration::from_micros(100));
+                let early = due.checked_sub(Duration::from_millis(2)).unwrap_or(due);
+                if early > Instant::now() {
+                    tokio::time::sleep_until(early.into()).await;
+                }
+                let n = first.fetch_add(1, Ordering::Relaxed);
+                let sent = Instant::now();
+                if target.send(n).await {
+                    let answered = Instant::now();
+                    from_due.push(micros(answered - due.min(sent)));
+                    from_sent.push(micros(answered - sent));
+                    last_answer = answered;
+                } else {
+                    failures += 1;
+                }
+                k += connections;
             }
-        })
-    };
-    let mut from_due = Vec::new();
-    let mut from_sent = Vec::new();
-    let mut failures = 0;
-    let mut seconds = 0.0;
-    let mut pacer = Some(pacer);
-    loop {
-        let next = tokio::time::timeout(duration + Duration::from_secs(60), received.recv()).await;
-        match next {
-            Ok(Some(Some((due, sent)))) => {
-                from_due.push(due);
-                from_sent.push(sent);
-                seconds = start.elapsed().as_secs_f64();
-            }
-            Ok(Some(None)) => failures += 1,
-            Ok(None) => break,
-            Err(_) => panic!("the paced run's requests did not end within a minute"),
-        }
-        // The channel closes once the pacer and every request it started are done.
-        if pacer.as_ref().is_some_and(|p| p.is_finished()) {
-            pacer.take().unwrap().join().unwrap();
-        }
+            (from_due, from_sent, failures, last_answer)
+        });
     }
-    if let Some(p) = pacer {
-        p.join().unwrap();
+    let (mut from_due, mut from_sent, mut failures) = (Vec::new(), Vec::new(), 0);
+    let mut last = start;
+    while let Some(done) = tasks.join_next().await {
+        let (due, sent, f, answered) = done.unwrap();
+        from_due.extend(due);
+        from_sent.extend(sent);
+        failures += f;
+        last = last.max(answered);
     }
     from_sent.sort_unstable();
     // The rate reached: counted requests over the time until the last was answered.
-    let run = mark.result(seconds.max(f64::MIN_POSITIVE), from_due, failures);
-    (run, from_sent)
+    let seconds = (last - start).as_secs_f64().max(f64::MIN_POSITIVE);
+    (mark.result(seconds, from_due, failures), from_sent)
 }
 
 fn micros(d: Duration) -> u32 {
@@ -677,11 +665,17 @@ async fn main() {
         "\"recorded\"",
     ));
     let metrics_url = service.url.replace("/zoom/event", "/metrics");
-    // Open-loop runs open as many connections as they have requests in flight: their client
-    // keeps that many, so none is closed and opened again in between.
+    let paced_connections = env_or("PACED_CONNECTIONS", PACED_CONNECTIONS).max(1);
+    // Open-loop runs keep a connection per task: their clients keep that many idle ones, so
+    // none is closed and opened again in between.
+    let paced_floor = Arc::new(Target::new(
+        floor.url.clone(),
+        paced_connections as usize,
+        "",
+    ));
     let paced_service = Arc::new(Target::new(
         service.url.clone(),
-        PACED_IN_FLIGHT,
+        paced_connections as usize,
         "\"recorded\"",
     ));
 
@@ -750,11 +744,40 @@ async fn main() {
                 ("half the full path's rate", full.rps() / 2.0),
                 ("a steady rate", 1000.0),
             ];
+            // The same schedule against the floor first: what the load generator and the
+            // HTTP path alone give at the target's rate, so the full path's line below can be
+            // read against it.
+            let rate = floor_run.rps() / 2.0;
+            let (paced, _) = load_paced(
+                &paced_floor,
+                rate,
+                paced_connections,
+                seconds,
+                counter.clone(),
+            )
+            .await;
+            println!("{}", paced.line(&format!("floor paced at {rate:.0} req/s")));
+            println!(
+                "  the floor at half its rate: answered {:.0} req/s; from when each request was due p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+                paced.rps(),
+                paced.percentile(0.90),
+                paced.percentile(0.99),
+                paced.percentile(0.999),
+            );
+            if paced.failures > 0 {
+                problems.push(format!("paced floor: {} requests failed", paced.failures));
+            }
             for (what, rate) in rates {
                 caught_up(&metrics_url).await;
                 let recorded_before = recorded_total(&metrics_url).await;
-                let (paced, from_sent) =
-                    load_paced(&paced_service, rate, seconds, counter.clone()).await;
+                let (paced, from_sent) = load_paced(
+                    &paced_service,
+                    rate,
+                    paced_connections,
+                    seconds,
+                    counter.clone(),
+                )
+                .await;
                 let recorded = recorded_total(&metrics_url).await - recorded_before;
                 println!(
                     "{}",
