@@ -316,6 +316,41 @@ fn put(message: &impl Message, buf: &mut Vec<u8>) {
     message.encode(buf).expect("a Vec grows as needed");
 }
 
+/// Takes `value` and every value inside it (list and set elements, dict keys and values, struct
+/// and module fields, a custom value's own) from `budget`; false, with the budget spent, once
+/// there are more than it held. Each value takes several hundred bytes decoded, from as little
+/// as 2 bytes on the wire: what a caller may store is bounded by their count, not their bytes.
+pub fn take_values(value: &pb::Value, budget: &mut usize) -> bool {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        if *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
+        if let Some(l) = &value.list {
+            pending.extend(&l.vs);
+        }
+        if let Some(s) = &value.set {
+            pending.extend(&s.vs);
+        }
+        if let Some(d) = &value.dict {
+            for item in &d.items {
+                pending.extend(item.k.iter().chain(item.v.iter()));
+            }
+        }
+        if let Some(s) = &value.r#struct {
+            pending.extend(s.ctor.as_deref().into_iter().chain(s.fields.values()));
+        }
+        if let Some(m) = &value.module {
+            pending.extend(m.members.values());
+        }
+        if let Some(c) = &value.custom {
+            pending.extend(c.value.as_deref());
+        }
+    }
+    true
+}
+
 /// Calls `f` with each present field of `value` in field-number order, as prost writes them.
 fn for_each_field<'a>(value: &'a pb::Value, mut f: impl FnMut(u32, Part<'a>)) {
     macro_rules! flat {
@@ -353,6 +388,32 @@ fn for_each_field<'a>(value: &'a pb::Value, mut f: impl FnMut(u32, Part<'a>)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_are_counted_at_every_depth_against_the_budget() {
+        let nested = pb::Value {
+            list: Some(pb::List {
+                vs: vec![
+                    dict(vec![("a".into(), integer(1)), ("b".into(), nothing())]),
+                    pb::Value {
+                        r#struct: Some(Box::new(pb::Struct {
+                            ctor: Some(Box::new(string("point"))),
+                            fields: [("x".to_string(), integer(2))].into(),
+                        })),
+                        ..Default::default()
+                    },
+                ],
+            }),
+            ..Default::default()
+        };
+        // The list, the dict with its two keys and two values, the struct with its ctor and
+        // its field's value: 9.
+        let mut budget = 9;
+        assert!(take_values(&nested, &mut budget));
+        assert_eq!(budget, 0);
+        let mut budget = 8;
+        assert!(!take_values(&nested, &mut budget));
+    }
 
     #[test]
     fn nested_values_become_json() {

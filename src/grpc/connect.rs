@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use tonic::body::Body;
 
 /// The largest Connect request read; larger ones are refused before decoding. Services keep
-/// their own, smaller limits (`IntegrationsService`: [`super::MAX_CALL_REQUEST_BYTES`]).
+/// their own, smaller limits ([`super::request_limit`]).
 pub const MAX_CONNECT_REQUEST_BYTES: usize = 4 << 20;
 
 /// The content type of Connect's unary calls with binary protobuf.
@@ -83,16 +83,8 @@ where
                 ));
             }
             let (parts, body) = request.into_parts();
-            // IntegrationsService's own, smaller limit applies before the body is read.
-            let limit = if parts
-                .uri
-                .path()
-                .starts_with("/autokitteh.integrations.v1.IntegrationsService/")
-            {
-                super::MAX_CALL_REQUEST_BYTES
-            } else {
-                MAX_CONNECT_REQUEST_BYTES
-            };
+            // A service's own, smaller limit applies before the body is read.
+            let limit = super::request_limit(parts.uri.path());
             let message = match Limited::new(body, limit).collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {

@@ -8,6 +8,7 @@ use crate::grpc::integrations::check_integration;
 use crate::host::embedded::{EmbeddedHost, EventFilter};
 use crate::proto::autokitteh::events::v1 as pb;
 use crate::proto::autokitteh::events::v1::events_service_server::EventsService;
+use crate::proto::autokitteh::values::v1 as pb_values;
 use crate::values;
 
 /// Events listed when the request does not say how many.
@@ -29,6 +30,10 @@ impl EventsApi {
 
 /// The longest `event_type` `Save` accepts, in bytes.
 pub const MAX_EVENT_TYPE: usize = 256;
+/// The most values and keys (at every depth) an event's `data` may hold: as many as a webhook's
+/// event may (`webhook::normalize::MAX_VALUES`), so every event in the log can be read back
+/// within the same memory.
+pub const MAX_EVENT_VALUES: usize = crate::webhook::normalize::MAX_VALUES;
 /// The most `memo` entries `Save` accepts.
 pub const MAX_MEMO_ENTRIES: usize = 64;
 /// The longest `memo` key or value `Save` accepts, in bytes.
@@ -56,6 +61,11 @@ fn check_saved(event: &pb::Event) -> Result<(), ApiError> {
             "event.event_type is longer than {MAX_EVENT_TYPE} bytes"
         )));
     }
+    if !within_value_budget(&event.data) {
+        return Err(ApiError::InvalidArgument(format!(
+            "event.data holds more than {MAX_EVENT_VALUES} values and keys"
+        )));
+    }
     if event.memo.len() > MAX_MEMO_ENTRIES {
         return Err(ApiError::InvalidArgument(format!(
             "event.memo has more than {MAX_MEMO_ENTRIES} entries"
@@ -71,6 +81,19 @@ fn check_saved(event: &pb::Event) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// Whether `data`'s keys and values, at every depth, number at most [`MAX_EVENT_VALUES`].
+fn within_value_budget(data: &std::collections::HashMap<String, pb_values::Value>) -> bool {
+    let mut budget = MAX_EVENT_VALUES;
+    data.values().all(|value| match budget.checked_sub(1) {
+        // The key, then the value and what it holds.
+        Some(left) => {
+            budget = left;
+            values::take_values(value, &mut budget)
+        }
+        None => false,
+    })
 }
 
 /// With `json_values`, AutoKitteh returns every data value as a string holding its JSON.

@@ -30,6 +30,22 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// call's arguments are a few KiB.
 pub const MAX_CALL_REQUEST_BYTES: usize = 256 * 1024;
 
+/// The largest request `EventsService` reads: a saved event's data is values, which grow as a
+/// `Call`'s arguments do (see [`MAX_CALL_REQUEST_BYTES`]).
+pub const MAX_EVENTS_REQUEST_BYTES: usize = 256 * 1024;
+
+/// The largest request a service reads, by the request's path (`/package.Service/Method`): the
+/// values services' own limits, else tonic's default.
+pub fn request_limit(path: &str) -> usize {
+    if path.starts_with("/autokitteh.integrations.v1.IntegrationsService/") {
+        MAX_CALL_REQUEST_BYTES
+    } else if path.starts_with("/autokitteh.events.v1.EventsService/") {
+        MAX_EVENTS_REQUEST_BYTES
+    } else {
+        connect::MAX_CONNECT_REQUEST_BYTES
+    }
+}
+
 /// Serves gRPC on `listener` until `shutdown` is cancelled, then lets in-flight calls finish.
 pub async fn serve(
     listener: TcpListener,
@@ -88,9 +104,10 @@ pub async fn serve(
                 embedded.clone(),
                 state.webhooks.routing.clone(),
             )))
-            .add_service(EventsServiceServer::new(events::EventsApi::new(
-                embedded.clone(),
-            )));
+            .add_service(
+                EventsServiceServer::new(events::EventsApi::new(embedded.clone()))
+                    .max_decoding_message_size(MAX_EVENTS_REQUEST_BYTES),
+            );
     }
 
     for service in &served {

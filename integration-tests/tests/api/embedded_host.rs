@@ -315,6 +315,85 @@ async fn events_that_cannot_be_routed_or_read_are_refused_and_nothing_is_saved()
 }
 
 #[tokio::test]
+async fn events_holding_more_values_than_a_webhook_may_are_refused_before_they_are_saved() {
+    let app = crate::helpers::spawn_app().await;
+    let cid = ConnectionId::generate().to_string();
+    // The key, the list and its elements: one over the bound, then exactly at it.
+    let event = |elements: usize| events::Event {
+        destination_id: cid.clone(),
+        event_type: "meeting.started".into(),
+        data: [(
+            "payload".to_string(),
+            values::Value {
+                list: Some(values::List {
+                    vs: vec![Default::default(); elements],
+                }),
+                ..Default::default()
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let bound = zoom_integration::grpc::events::MAX_EVENT_VALUES;
+    let refused = app
+        .events()
+        .save(events::SaveRequest {
+            event: Some(event(bound - 1)),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("100000 values"), "{refused:?}");
+    // Past the request limit, before anything is decoded (2 bytes on the wire per element).
+    let refused = app
+        .events()
+        .save(events::SaveRequest {
+            event: Some(event(zoom_integration::grpc::MAX_EVENTS_REQUEST_BYTES / 2)),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    let listed = |app: &crate::helpers::TestApp| {
+        let mut events = app.events();
+        async move {
+            events
+                .list(events::ListRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .events
+                .len()
+        }
+    };
+    assert_eq!(listed(&app).await, 0, "nothing was saved");
+
+    let saved = app
+        .events()
+        .save(events::SaveRequest {
+            event: Some(event(bound - 2)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let read = app
+        .events()
+        .get(events::GetRequest {
+            event_id: saved.event_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event
+        .unwrap();
+    assert_eq!(
+        read.data["payload"].list.as_ref().unwrap().vs.len(),
+        bound - 2
+    );
+    assert_eq!(listed(&app).await, 1);
+}
+
+#[tokio::test]
 async fn events_older_than_the_retention_are_deleted_and_newer_ones_kept() {
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_app_in(dir.path(), &[]).await;
