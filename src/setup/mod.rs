@@ -601,8 +601,9 @@ fn authorize(
 
 /// Whether a browser says another site's page sent this request: `Sec-Fetch-Site` is
 /// `cross-site` (or a value we do not know), or, from a browser without it, `Origin` names
-/// another origin. Pages on this machine (`localhost`, loopback addresses) and `HOST_UI_URL`
-/// count as ours; a request with neither header (curl, scripts) is not a browser's.
+/// another origin. `HOST_UI_URL` and this service's public address count as ours, and with
+/// `SETUP_ACCESS=loopback` pages on this machine (`localhost`, loopback addresses) too; a
+/// request with neither header (curl, scripts) is not a browser's.
 ///
 /// A request whose `Host` is neither a name of this machine nor `WEBHOOK_ADDRESS`'s also
 /// counts as another site's: DNS rebinding (another site's name pointed at 127.0.0.1) makes a
@@ -631,8 +632,12 @@ fn from_another_sites_page(
     let claimed = text(header::ORIGIN).or_else(|| text(header::REFERER));
     let same_origin =
         |a: &str, url: &url::Url| url::Url::parse(a).is_ok_and(|a| a.origin() == url.origin());
+    // A page elsewhere on this machine (a dev server, another local app) is another site's
+    // unless the operator trusts the whole machine: signed links are for services reached
+    // from other machines, whose users' own localhost pages are none of ours.
+    let trust_local = config.setup_access == crate::config::SetupAccess::Loopback;
     let trusted = |url: &url::Url| {
-        is_local(url)
+        (trust_local && is_local(url))
             || config
                 .host_ui_url
                 .as_ref()

@@ -336,6 +336,26 @@ async fn link_followed_from_another_site(setup_access: &str) {
     assert_eq!(followed.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&followed), format!("/zoom/?{target}"));
     assert!(followed.headers().get("set-cookie").is_none());
+    // A page served elsewhere on this machine (another port) is another site's too, unless the
+    // whole machine is trusted (`loopback`).
+    let from_local_page = app
+        .http_client
+        .get(&start)
+        .header("sec-fetch-site", "cross-site")
+        .header("referer", "http://localhost:5555/")
+        .send()
+        .await
+        .unwrap();
+    if setup_access == "loopback" {
+        assert!(
+            location(&from_local_page).starts_with(&zoom.oauth_url()),
+            "{}",
+            location(&from_local_page)
+        );
+    } else {
+        assert_eq!(location(&from_local_page), format!("/zoom/?{target}"));
+        assert!(from_local_page.headers().get("set-cookie").is_none());
+    }
     let s2s_form = [
         ("cid", cid.as_str()),
         ("origin", "web"),
