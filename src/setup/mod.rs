@@ -85,6 +85,9 @@ async fn connection_page(
             let found = state.host.get_vars(&target.cid, &plain).await.ok();
             (found, Some(e.with_way_out()))
         }
+        // A connection the host engine says it does not have cannot be set up: the page says
+        // so (404), where offering the form would only fail at the save.
+        Err(e @ HostError::NotFound(_)) => return Err(e.into()),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the connection for its page");
             (None, None)

@@ -737,6 +737,13 @@ async fn a_connection_the_remote_host_no_longer_knows_gets_not_found() {
     host.state.lock().unwrap().unknown.push(cid.clone());
     let app = app_with_remote_host(&zoom, &host).await;
     let agent = UserAgent::new(&app.url(""));
+    // The page says so at once, rather than offering a setup that cannot be saved.
+    let page = agent.get(&page_url(&app, &cid)).await;
+    assert_error_page(
+        &page,
+        StatusCode::NOT_FOUND,
+        "does not know this connection",
+    );
     let done = submit(
         &app,
         &agent,
