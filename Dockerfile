@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Build:  docker build -t zoom-integration .
-# Run:    docker run --stop-timeout 45 -p 9980:9980 -p 127.0.0.1:9981:9981 -v zoom-data:/data zoom-integration
+# Run:    docker run --stop-timeout 45 -p 9980:9980 -p 127.0.0.1:9981:9981 -v zoom-data:/data -e WEBHOOK_ADDRESS=zoom.example.com zoom-integration
 # (45 s to stop: in-flight requests, then token refreshes Zoom may have rotated; see README.)
 # (gRPC is for the host engine only: publish it on loopback or a private network, never publicly.)
 

@@ -141,6 +141,18 @@ fn connect_kind<B>(request: &Request<B>) -> Option<ConnectKind> {
         .trim()
         .to_ascii_lowercase();
     let connect = request.headers().contains_key("connect-protocol-version");
+    // A Connect GET call carries its message in the query (`connect=v1&encoding=…&message=…`)
+    // and has no content type.
+    let connect_get = request.method() == Method::GET
+        && request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|pair| pair == "connect=v1"));
+    if connect_get {
+        return Some(ConnectKind::Unsupported(
+            "Connect calls are served as POST only",
+        ));
+    }
     match media.as_str() {
         CONNECT_PROTO if request.method() != Method::POST => Some(ConnectKind::Unsupported(
             "Connect calls are served as POST only",
