@@ -28,6 +28,10 @@ use crate::secret::Secret;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one `Dispatch` may take: AutoKitteh saves the event and starts its workflows
+/// before answering, slowly when loaded, and a Dispatch given up on is sent again, so its
+/// workflows would start twice.
+const DISPATCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 type Svc = InterceptedService<Channel, BearerToken>;
 
@@ -73,6 +77,8 @@ impl RemoteHost {
         } else {
             endpoint
         };
+        // Its own channel (connection), since a channel's timeout bounds every call on it.
+        let dispatch_channel = endpoint.clone().timeout(DISPATCH_TIMEOUT).connect_lazy();
         let channel = endpoint.connect_lazy();
         let token = token
             .map(|t| {
@@ -88,7 +94,7 @@ impl RemoteHost {
         let auth = BearerToken(token);
         Ok(Self {
             vars: VarsServiceClient::with_interceptor(channel.clone(), auth.clone()),
-            dispatcher: DispatcherServiceClient::with_interceptor(channel.clone(), auth.clone()),
+            dispatcher: DispatcherServiceClient::with_interceptor(dispatch_channel, auth.clone()),
             health: HealthClient::with_interceptor(channel, auth),
         })
     }

@@ -39,6 +39,8 @@ pub struct FakeHostState {
     pub refuse_dispatch: bool,
     /// Every Dispatch waits this long first (a slow host).
     pub dispatch_delay: std::time::Duration,
+    /// Dispatch calls begun, answered or not.
+    pub dispatch_calls: usize,
     /// While set, Dispatch fails with INTERNAL (a host with a bug).
     pub fail_dispatch: bool,
     /// Connections whose variables Get answers with INTERNAL (one the host cannot read).
@@ -268,7 +270,11 @@ impl DispatcherService for Svc {
                 "validation error:\n - event_id: event_id must not be specified",
             ));
         }
-        let delay = self.0.lock().unwrap().dispatch_delay;
+        let delay = {
+            let mut state = self.0.lock().unwrap();
+            state.dispatch_calls += 1;
+            state.dispatch_delay
+        };
         tokio::time::sleep(delay).await;
         let mut state = self.0.lock().unwrap();
         if state.fail_dispatch {

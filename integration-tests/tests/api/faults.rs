@@ -94,6 +94,28 @@ async fn a_slow_host_delays_delivery_but_not_the_answers_to_zoom() {
 }
 
 #[tokio::test]
+async fn a_host_taking_longer_than_other_calls_may_to_take_an_event_gets_it_once() {
+    let host = host_with_connection().await;
+    // Starting a workflow on a loaded host: past the 10 s other host calls get.
+    host.state.lock().unwrap().dispatch_delay = Duration::from_secs(12);
+    let app = spawn_app_with(&[
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ])
+    .await;
+    post_until_recorded(
+        &app.http_client,
+        &app.url("/zoom/event"),
+        SECRET,
+        &body(0, 0),
+    )
+    .await;
+    wait_for(&host, &BTreeSet::from([0]), Duration::from_secs(30)).await;
+    // Given up on and sent again, it would have been started twice (or never taken at all).
+    assert_eq!(host.state.lock().unwrap().dispatch_calls, 1);
+}
+
+#[tokio::test]
 async fn a_host_failing_with_errors_gets_every_event_once_it_recovers() {
     let host = host_with_connection().await;
     let app = spawn_app_with(&[
