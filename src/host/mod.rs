@@ -234,8 +234,10 @@ const DELETE_ATTEMPTS: u32 = 3;
 
 /// The longest variable name accepted.
 pub const MAX_VAR_NAME: usize = 128;
-/// The largest variable value accepted, in bytes.
-pub const MAX_VAR_VALUE: usize = 64 * 1024;
+/// The largest variable value accepted, in bytes: AutoKitteh's default `max_value_size`, so
+/// what the embedded host takes a real host takes too, and a value too large for one fails
+/// here with its name rather than as the host's error.
+pub const MAX_VAR_VALUE: usize = 8092;
 
 /// Checks a variable name: an identifier of ASCII letters, digits and `_`, not starting with a digit.
 pub fn check_var_name(name: &str) -> Result<(), HostError> {
