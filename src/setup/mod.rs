@@ -710,6 +710,11 @@ mod tests {
     /// A configuration with the host's UI at `ui.example.com` and this service at
     /// `zoom.example.com`.
     fn config() -> crate::config::Config {
+        config_with_access("signed")
+    }
+
+    /// [`config`] with `SETUP_ACCESS=access`.
+    fn config_with_access(access: &str) -> crate::config::Config {
         crate::config::Config::load([
             (
                 "HOST_UI_URL".to_string(),
@@ -719,6 +724,7 @@ mod tests {
                 "WEBHOOK_ADDRESS".to_string(),
                 "zoom.example.com".to_string(),
             ),
+            ("SETUP_ACCESS".to_string(), access.to_string()),
         ])
         .unwrap()
     }
@@ -763,17 +769,21 @@ mod tests {
             ("sec-fetch-site", "cross-site"),
             ("origin", "https://evil.example")
         ]));
-        // Pages on this machine and the host's UI are ours, whatever the browser calls them.
-        for ours in [
+        // The host's UI is ours, whatever the browser calls it.
+        assert!(!sent_by_another_site_with(&[
+            ("sec-fetch-site", "cross-site"),
+            ("origin", "https://ui.example.com")
+        ]));
+        // Pages elsewhere on this machine are ours only when the machine is trusted.
+        let loopback = config_with_access("loopback");
+        for local in [
             "http://localhost:3000",
             "http://127.0.0.1:8080",
             "http://[::1]:8080",
-            "https://ui.example.com",
         ] {
-            assert!(
-                !sent_by_another_site_with(&[("sec-fetch-site", "cross-site"), ("origin", ours)]),
-                "{ours}"
-            );
+            let sent = headers(&[("sec-fetch-site", "cross-site"), ("origin", local)]);
+            assert!(sent_by_another_site(&sent, &config()), "{local}");
+            assert!(!sent_by_another_site(&sent, &loopback), "{local}");
         }
         // A navigation names its page in Referer only.
         assert!(!sent_by_another_site_with(&[
@@ -792,7 +802,7 @@ mod tests {
         assert!(sent_by_another_site_with(&[("origin", "null")]));
         assert!(!sent_by_another_site_with(&[(
             "origin",
-            "http://localhost:9980"
+            "https://zoom.example.com"
         )]));
     }
 
