@@ -455,7 +455,9 @@ impl EmbeddedHost {
     }
 
     /// Events matching `filter`, without their data (as AutoKitteh lists them; [`Self::get_event`]
-    /// has it): the data is skipped unread, so a page of large webhooks costs its headers.
+    /// has it): the data's bytes are skipped in the stored blob, never read, so a page of large
+    /// webhooks costs their headers (while it holds the database, the forwarder and token reads
+    /// wait).
     pub async fn list_events(&self, filter: EventFilter) -> Result<Vec<Event>, HostError> {
         self.with_db(move |conn, _| {
             let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
@@ -467,15 +469,12 @@ impl EmbeddedHost {
             }
             args.push(&filter.limit);
             let mut stmt = conn.prepare_cached(&list_sql(&filter))?;
-            let rows = stmt.query_map(args.as_slice(), |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
-            })?;
-            let mut events = Vec::new();
-            for row in rows {
-                let (seq, bytes) = row?;
-                let header = EventHeader::decode(bytes.as_slice()).map_err(|e| {
-                    HostError::Internal(format!("stored event cannot be decoded: {e}"))
-                })?;
+            let seqs = stmt
+                .query_map(args.as_slice(), |row| row.get::<_, i64>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut events = Vec::with_capacity(seqs.len());
+            for seq in seqs {
+                let header = read_header(conn, seq)?;
                 events.push(Event {
                     event_id: header.event_id,
                     destination_id: header.destination_id,
@@ -850,7 +849,75 @@ fn list_sql(filter: &EventFilter) -> String {
         format!("WHERE {}", conditions.join(" AND "))
     };
     let order = if filter.ascending { "ASC" } else { "DESC" };
-    format!("SELECT seq, event FROM events {filter_sql} ORDER BY seq {order} LIMIT ?")
+    format!("SELECT seq FROM events {filter_sql} ORDER BY seq {order} LIMIT ?")
+}
+
+/// The stored event `seq` without its data, read field by field from its blob: each `data`
+/// entry (field 4) is skipped by its length, wherever it lies, so only the other fields' bytes
+/// (and the data entries' keys and lengths) are read from disk.
+fn read_header(conn: &Connection, seq: i64) -> Result<EventHeader, HostError> {
+    use std::io::{BufRead, Read};
+    const DATA: u64 = 4;
+    let corrupt = |what: &str| HostError::Internal(format!("stored event {seq} {what}"));
+    let blob = conn.blob_open(rusqlite::MAIN_DB, "events", "event", seq, true)?;
+    let mut reader = std::io::BufReader::with_capacity(4096, blob);
+    let mut header = Vec::new();
+    let read_varint = |reader: &mut std::io::BufReader<rusqlite::blob::Blob<'_>>| {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let mut byte = [0u8];
+            if reader
+                .read(&mut byte)
+                .map_err(|_| corrupt("cannot be read"))?
+                == 0
+            {
+                return Err(corrupt("is cut short"));
+            }
+            value |= u64::from(byte[0] & 0x7f) << shift;
+            if byte[0] < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err(corrupt("has a malformed varint"))
+    };
+    while !reader
+        .fill_buf()
+        .map_err(|_| corrupt("cannot be read"))?
+        .is_empty()
+    {
+        let key = read_varint(&mut reader)?;
+        let len = match key & 7 {
+            0 => {
+                prost::encoding::encode_varint(key, &mut header);
+                let v = read_varint(&mut reader)?;
+                prost::encoding::encode_varint(v, &mut header);
+                continue;
+            }
+            1 => 8,
+            2 => read_varint(&mut reader)?,
+            5 => 4,
+            _ => return Err(corrupt("has an unknown wire type")),
+        };
+        if key >> 3 == DATA {
+            let len = i64::try_from(len).map_err(|_| corrupt("has a field too long"))?;
+            reader
+                .seek_relative(len)
+                .map_err(|_| corrupt("is cut short"))?;
+            continue;
+        }
+        prost::encoding::encode_varint(key, &mut header);
+        if key & 7 == 2 {
+            prost::encoding::encode_varint(len, &mut header);
+        }
+        let start = header.len();
+        let len = usize::try_from(len).map_err(|_| corrupt("has a field too long"))?;
+        header.resize(start + len, 0);
+        reader
+            .read_exact(&mut header[start..])
+            .map_err(|_| corrupt("is cut short"))?;
+    }
+    EventHeader::decode(header.as_slice())
+        .map_err(|e| HostError::Internal(format!("stored event cannot be decoded: {e}")))
 }
 
 fn decode_event((seq, bytes): (i64, Vec<u8>)) -> Result<Event, HostError> {
@@ -1064,6 +1131,74 @@ mod tests {
             crate::values::to_json(&got.data["topic"]),
             serde_json::json!("Grüße 会議")
         );
+    }
+
+    #[tokio::test]
+    async fn a_listing_skips_the_data_wherever_it_lies_in_the_stored_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = EmbeddedHost::open(dir.path(), keys(KEY)).unwrap();
+        let cid = ConnectionId::generate();
+        let event = |n: usize| {
+            let mut event = Event {
+                event_id: format!("evt_{n}"),
+                destination_id: cid.to_string(),
+                event_type: "recording.completed".into(),
+                memo: [("x-zm-trackingid".to_string(), format!("v={n}"))].into(),
+                created_at: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000 + n as i64,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            };
+            for key in ["event", "payload", "event_ts"] {
+                let text = format!("{key} {}", "Ø".repeat(200_000));
+                event.data.insert(key.into(), crate::values::string(text));
+            }
+            event
+        };
+        // As this version stores it (the data last), and as prost writes it (the data between
+        // `event_type` and `memo`).
+        host.save_event(Event {
+            event_id: String::new(),
+            ..event(1)
+        })
+        .await
+        .unwrap();
+        {
+            let conn = host.conn.lock().unwrap();
+            let e = event(2);
+            conn.execute(
+                "INSERT INTO events (event_id, destination_id, event_type, created_ms, event)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    e.event_id,
+                    e.destination_id,
+                    e.event_type,
+                    1_700_000_002_000i64,
+                    e.encode_to_vec()
+                ],
+            )
+            .unwrap();
+        }
+        let listed = host
+            .list_events(EventFilter {
+                limit: 10,
+                ascending: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 2);
+        for (n, listed) in [1usize, 2].into_iter().zip(&listed) {
+            let mut expected = event(n);
+            expected.data.clear();
+            expected.seq = n as u64;
+            if n == 1 {
+                // `save_event` gives the event an id of its own.
+                expected.event_id = listed.event_id.clone();
+            }
+            assert_eq!(listed, &expected);
+        }
     }
 
     #[tokio::test]
