@@ -271,7 +271,8 @@ struct State {
     open: Group,
     /// Whether the committer is committing (or has been woken to).
     committing: bool,
-    /// The outcome of the group being committed, while one is.
+    /// The outcome of the group being committed as a whole (its webhooks and the forwarder's
+    /// changes), while one is.
     committing_outcome: Option<Arc<Outcome>>,
     /// Keys of the bodies in the open and the committing group, with their group's outcome:
     /// one per webhook waiting for a commit (a second with the same key is a duplicate).
@@ -292,7 +293,11 @@ struct Group {
     records: Vec<Record>,
     changes: Vec<Change>,
     bytes: usize,
+    /// Whether its webhooks were committed: what their requests wait for.
     outcome: Arc<Outcome>,
+    /// Whether its webhooks and the forwarder's changes were both committed: what
+    /// [`Outbox::flushed`] waits for (the changes may be rolled back alone).
+    whole: Arc<Outcome>,
 }
 
 impl Group {
@@ -746,7 +751,7 @@ impl Outbox {
             if state.open.is_empty() {
                 state.committing_outcome.clone()
             } else {
-                Some(state.open.outcome.clone())
+                Some(state.open.whole.clone())
             }
         };
         match outcome {
@@ -815,7 +820,7 @@ fn commit_until_idle(shared: &Shared) {
                 return;
             }
             let group = std::mem::take(&mut state.open);
-            state.committing_outcome = Some(group.outcome.clone());
+            state.committing_outcome = Some(group.whole.clone());
             group
         };
         let mut group = group;
@@ -829,21 +834,30 @@ fn commit_until_idle(shared: &Shared) {
                 }),
             None => Err("the event outbox is closed".into()),
         };
-        if let Ok(added) = result {
-            // Only the committer changes it: a plain read and store.
-            let rows = shared.rows.load(Ordering::Relaxed) as i64;
-            shared
-                .rows
-                .store((rows + added).max(0) as u64, Ordering::Relaxed);
-        }
-        let result = result.map(|_| ());
+        let (result, changes) = match result {
+            Ok(committed) => {
+                // Only the committer changes it: a plain read and store.
+                let rows = shared.rows.load(Ordering::Relaxed) as i64;
+                shared
+                    .rows
+                    .store((rows + committed.added).max(0) as u64, Ordering::Relaxed);
+                if let Err(e) = &committed.changes {
+                    tracing::error!(error = %e, changes = group.changes.len(), "the forwarder's changes to the event outbox failed; the webhooks were committed without them, and they are tried again with the next group");
+                }
+                (Ok(()), committed.changes)
+            }
+            Err(e) => (Err(e.clone()), Err(e)),
+        };
         let inserted = result.is_ok() && !group.records.is_empty();
         // The forwarder's changes are not lost with a failed commit: they go again with the
-        // next group (deleting or dead-lettering a row twice is harmless), after a pause so a
-        // lasting failure does not spin.
-        let retry_changes = result.is_err() && writer.is_some() && !group.changes.is_empty();
+        // next group (deleting or dead-lettering a row twice is harmless), after a pause
+        // unless webhooks were committed, so a lasting failure does not spin.
+        let retry_changes = changes.is_err() && writer.is_some() && !group.changes.is_empty();
+        let pause = retry_changes && !inserted;
         {
             let mut state = lock(&shared.state);
+            // Whatever asks from now on has nothing of this group's to wait for.
+            state.committing_outcome = None;
             if retry_changes {
                 let mut changes = std::mem::take(&mut group.changes);
                 changes.append(&mut state.open.changes);
@@ -859,6 +873,7 @@ fn commit_until_idle(shared: &Shared) {
             }
             state.queued_bytes -= group.bytes;
         }
+        group.whole.finish(result.clone().and(changes));
         group.outcome.finish(result);
         if inserted {
             shared.committed.notify_one();
@@ -867,7 +882,7 @@ fn commit_until_idle(shared: &Shared) {
             writer.maintain(&shared.settings);
         }
         drop(writer);
-        if retry_changes {
+        if pause {
             std::thread::sleep(CHANGE_RETRY_PAUSE);
         }
     }
@@ -1124,6 +1139,75 @@ fn insert_records<'a>(
     Ok(())
 }
 
+/// What a group's transaction did.
+struct Committed {
+    /// Rows it added to `outbox` (fewer than none when more were delivered).
+    added: i64,
+    /// Whether the forwarder's changes were applied; rolled back alone when not.
+    changes: Result<(), String>,
+}
+
+/// Applies the forwarder's `changes`; how many `outbox` rows they removed.
+fn apply_changes(conn: &Connection, changes: &[Change]) -> rusqlite::Result<i64> {
+    let now = crate::db::now_ms();
+    let mut removed = 0i64;
+    let mut delete = conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+    let mut delete_range = conn.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
+    let mut dead = conn.prepare_cached(
+        "INSERT OR REPLACE INTO dead_letters
+             (id, destination, received_ms, event_type, memo, body, failed_ms, error,
+              side_effect_done)
+         SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3,
+                side_effect_done
+         FROM outbox WHERE id = ?1",
+    )?;
+    let mut mark = conn.prepare_cached("UPDATE outbox SET side_effect_done = 1 WHERE id = ?1")?;
+    let mut know = conn.prepare_cached(
+        "INSERT OR REPLACE INTO known_connections (connection_id, auth_type)
+         VALUES (?1, ?2)",
+    )?;
+    let mut forget =
+        conn.prepare_cached("DELETE FROM known_connections WHERE connection_id = ?1")?;
+    for change in changes {
+        match change {
+            Change::Delivered(ids) => {
+                // A batch is mostly consecutive ids: one range delete each run.
+                let mut ids = ids.clone();
+                ids.sort_unstable();
+                let mut i = 0;
+                while i < ids.len() {
+                    let mut j = i;
+                    while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+                        j += 1;
+                    }
+                    removed += delete_range.execute([ids[i], ids[j]])? as i64;
+                    i = j + 1;
+                }
+            }
+            Change::Failed { id, error } => {
+                dead.execute(params![id, now, error])?;
+                removed += delete.execute([id])? as i64;
+            }
+            Change::SideEffectDone(id) => {
+                mark.execute([id])?;
+            }
+            Change::Known {
+                connection_id,
+                auth_type: Some(auth_type),
+            } => {
+                know.execute([connection_id, auth_type])?;
+            }
+            Change::Known {
+                connection_id,
+                auth_type: None,
+            } => {
+                forget.execute([connection_id])?;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// About this much written to the write-ahead log, the committer copies it into the database
 /// (a checkpoint), so the next commits start the log over instead of growing it.
 const CHECKPOINT_BYTES: u64 = 4 << 20;
@@ -1145,75 +1229,32 @@ struct Writer {
 }
 
 impl Writer {
-    /// One transaction for a group; how many rows it added to `outbox` (fewer than none when
-    /// more were delivered).
-    fn commit(&mut self, group: &Group, window: Duration) -> rusqlite::Result<i64> {
-        let now = crate::db::now_ms();
-        let tx = self
+    /// One transaction for a group: its webhooks, and the forwarder's changes under a savepoint
+    /// of their own, so changes that fail (a row the database cannot delete, say) are rolled
+    /// back alone and the webhooks are still committed: intake never waits on them.
+    fn commit(&mut self, group: &Group, window: Duration) -> rusqlite::Result<Committed> {
+        let mut tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         insert_records(&tx, group.records.iter(), window)?;
-        let mut added: i64 = group
+        let added: i64 = group
             .records
             .iter()
             .map(|r| r.destinations.len() as i64)
             .sum();
-        {
-            let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-            let mut delete_range =
-                tx.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
-            let mut dead = tx.prepare_cached(
-                "INSERT OR REPLACE INTO dead_letters
-                     (id, destination, received_ms, event_type, memo, body, failed_ms, error,
-                      side_effect_done)
-                 SELECT id, destination, received_ms, event_type, memo, body, ?2, ?3,
-                        side_effect_done
-                 FROM outbox WHERE id = ?1",
-            )?;
-            let mut mark =
-                tx.prepare_cached("UPDATE outbox SET side_effect_done = 1 WHERE id = ?1")?;
-            let mut know = tx.prepare_cached(
-                "INSERT OR REPLACE INTO known_connections (connection_id, auth_type)
-                 VALUES (?1, ?2)",
-            )?;
-            let mut forget =
-                tx.prepare_cached("DELETE FROM known_connections WHERE connection_id = ?1")?;
-            for change in &group.changes {
-                match change {
-                    Change::Delivered(ids) => {
-                        // A batch is mostly consecutive ids: one range delete each run.
-                        let mut ids = ids.clone();
-                        ids.sort_unstable();
-                        let mut i = 0;
-                        while i < ids.len() {
-                            let mut j = i;
-                            while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
-                                j += 1;
-                            }
-                            added -= delete_range.execute([ids[i], ids[j]])? as i64;
-                            i = j + 1;
-                        }
-                    }
-                    Change::Failed { id, error } => {
-                        dead.execute(params![id, now, error])?;
-                        added -= delete.execute([id])? as i64;
-                    }
-                    Change::SideEffectDone(id) => {
-                        mark.execute([id])?;
-                    }
-                    Change::Known {
-                        connection_id,
-                        auth_type: Some(auth_type),
-                    } => {
-                        know.execute([connection_id, auth_type])?;
-                    }
-                    Change::Known {
-                        connection_id,
-                        auth_type: None,
-                    } => {
-                        forget.execute([connection_id])?;
-                    }
+        let mut committed = Committed {
+            added,
+            changes: Ok(()),
+        };
+        if !group.changes.is_empty() {
+            let savepoint = tx.savepoint()?;
+            match apply_changes(&savepoint, &group.changes) {
+                Ok(removed) => {
+                    savepoint.commit()?;
+                    committed.added -= removed;
                 }
+                // Dropped, the savepoint rolls back.
+                Err(e) => committed.changes = Err(e.to_string()),
             }
         }
         tx.commit()?;
@@ -1221,7 +1262,7 @@ impl Writer {
         let written = (group.bytes + 256 * group.records.len() + 4096 * group.changes.len()) as u64;
         self.unchecked += written;
         self.logged += written;
-        Ok(added)
+        Ok(committed)
     }
 
     /// Between groups: keep the WAL bounded and purge expired deduplication keys.
@@ -1838,6 +1879,43 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn webhooks_are_recorded_while_the_forwarders_changes_keep_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
+        outbox.record(record("{\"a\":1}", &["c"])).await.unwrap();
+        let id = outbox.pending(0, 10, 1 << 20).await.unwrap()[0].id;
+        let other = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE DELETE ON outbox
+                 BEGIN SELECT RAISE(ABORT, 'this row cannot go'); END;",
+            )
+            .unwrap();
+        outbox.delivered(vec![id]).await;
+        // Each new webhook rides with the failing change, and is committed all the same.
+        for n in 2..=4 {
+            let body = format!("{{\"a\":{n}}}");
+            let recorded = outbox.record(record(&body, &["c"])).await;
+            assert!(matches!(recorded, Ok(Recorded::New)), "{recorded:?}");
+        }
+        assert!(
+            outbox.flushed().await.is_err(),
+            "the forwarder hears that its change is not committed"
+        );
+        assert_eq!(outbox.counts().await.unwrap().0, 4);
+        other.execute_batch("DROP TRIGGER refuse").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while outbox.counts().await.unwrap().0 != 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the delivered row was never removed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(outbox.flushed().await.is_ok());
     }
 
     #[tokio::test]
