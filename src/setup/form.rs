@@ -15,6 +15,15 @@ pub const MAX_SECRET_LEN: usize = 512;
 /// The longest `origin` accepted.
 pub const MAX_ORIGIN_LEN: usize = 32;
 
+/// Whether a URL's `query` carries a secret field with a value: `GET /zoom/save` takes the
+/// form from the query (the contract names it), which suits the default app only.
+pub fn secrets_in_query(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .any(|(k, v)| (k == "client_secret" || k == "secret_token") && !v.is_empty())
+    })
+}
+
 /// The form as sent: every field optional text, so that a missing field gets our message.
 /// `Debug` hides the grant and the secret fields.
 #[derive(Default, Deserialize)]

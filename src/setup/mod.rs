@@ -135,11 +135,15 @@ async fn connection_page(
         Some(kind) => kind,
         None => AuthType::OAuthDefault,
     };
+    let redirect_url = state.config.public_url(REDIRECT_PATH);
+    let event_url = state.config.public_url(crate::webhook::PATH);
     let mut page = ConnectionPage {
         target: &target,
         status,
         selected,
         default_app_configured,
+        redirect_url: redirect_url.as_deref(),
+        event_url: event_url.as_deref(),
         account_id: get(vars::PRIVATE_ACCOUNT_ID),
         client_id: get(vars::PRIVATE_CLIENT_ID),
     }
@@ -161,8 +165,18 @@ async fn save(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     form: Result<Form<RawForm>, FormRejection>,
 ) -> Response {
+    if form::secrets_in_query(uri.query()) {
+        return SetupError::from(FormError(
+            "client_secret and secret_token are taken from a POST body only, never from the URL \
+             (URLs end up in logs and browser history): send the connection page's form, and \
+             change the secrets sent, since they may have been recorded"
+                .into(),
+        ))
+        .into_response();
+    }
     let form = match form {
         Ok(Form(raw)) => raw.check(),
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {

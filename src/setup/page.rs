@@ -127,6 +127,11 @@ pub struct ConnectionPage<'a> {
     pub selected: AuthType,
     /// Whether the server-wide default app is configured.
     pub default_app_configured: bool,
+    /// Where Zoom sends the browser back after sign-in, `None` without `WEBHOOK_ADDRESS`
+    /// (no OAuth flow can run then).
+    pub redirect_url: Option<&'a str>,
+    /// Where Zoom sends the app's events, `None` without `WEBHOOK_ADDRESS`.
+    pub event_url: Option<&'a str>,
     /// The private app's non-secret fields already stored, to prefill.
     pub account_id: &'a str,
     /// See `account_id`.
@@ -158,11 +163,29 @@ impl ConnectionPage<'_> {
                 disabled = if disabled { " disabled" } else { "" },
             )
         };
-        let default_note = if self.default_app_configured {
+        const NO_ADDRESS: &str = "Not available: this server does not know its public address \
+             (its operator has not set WEBHOOK_ADDRESS), which Zoom's sign-in returns to.";
+        let oauth = self.redirect_url.is_some();
+        let default_note = if !oauth {
+            NO_ADDRESS
+        } else if self.default_app_configured {
             "The app this server's operator set up. You sign in to Zoom and approve it."
         } else {
             "Not available: this server has no default app (its operator has not set \
              ZOOM_CLIENT_ID and ZOOM_CLIENT_SECRET). Use a private app instead."
+        };
+        // What to enter in the app's own settings in the Zoom App Marketplace.
+        let urls = match (self.redirect_url, self.event_url) {
+            (Some(redirect), Some(events)) => format!(
+                "<div class=\"field for-private\" id=\"redirect-url\"><label>In your OAuth app</label>\
+                 <small>Redirect URL for OAuth, also on the OAuth allow list: <code>{redirect}</code></small></div>\
+                 <div class=\"field for-private for-s2s\" id=\"event-url\"><label>To receive the app's events</label>\
+                 <small>Event notification endpoint URL, under Event Subscriptions: <code>{events}</code>. \
+                 Validate it once this connection is set up: until then its secret token is unknown here.</small></div>",
+                redirect = escape(redirect),
+                events = escape(events),
+            ),
+            _ => String::new(),
         };
         let body = format!(
             "<p id=\"connection\">Connection <code>{cid}</code>. Whoever runs this \
@@ -180,11 +203,12 @@ impl ConnectionPage<'_> {
              <input id=\"client_id\" name=\"client_id\" maxlength=\"128\" value=\"{client_id}\">\
              <small>Private and Server-to-Server apps, required.</small></div>\
              <div class=\"field for-private for-s2s\"><label for=\"client_secret\">Client secret</label>\
-             <input id=\"client_secret\" name=\"client_secret\" type=\"password\" maxlength=\"512\">\
+             <input id=\"client_secret\" name=\"client_secret\" type=\"password\" maxlength=\"512\" autocomplete=\"new-password\">\
              <small>Private and Server-to-Server apps, required. Stored encrypted; never shown again.</small></div>\
              <div class=\"field for-private for-s2s\"><label for=\"secret_token\">Secret token</label>\
-             <input id=\"secret_token\" name=\"secret_token\" type=\"password\" maxlength=\"512\">\
+             <input id=\"secret_token\" name=\"secret_token\" type=\"password\" maxlength=\"512\" autocomplete=\"new-password\">\
              <small>Private and Server-to-Server apps, optional: needed to receive the app's events (webhooks). Left empty, the one saved for this app (same client ID) is kept.</small></div>\
+             {urls}\
              <button type=\"submit\" id=\"start\">Start OAuth Flow</button>\
              <button type=\"submit\" id=\"save\">Save</button>\
              </form>",
@@ -203,13 +227,17 @@ impl ConnectionPage<'_> {
                 AuthType::OAuthDefault,
                 "Default OAuth app",
                 default_note,
-                !self.default_app_configured
+                !self.default_app_configured || !oauth
             ),
             c2 = choice(
                 AuthType::OAuthPrivate,
                 "Private OAuth app",
-                "Your own OAuth app in the Zoom App Marketplace.",
-                false
+                if oauth {
+                    "Your own OAuth app in the Zoom App Marketplace."
+                } else {
+                    NO_ADDRESS
+                },
+                !oauth
             ),
             c3 = choice(
                 AuthType::ServerToServer,

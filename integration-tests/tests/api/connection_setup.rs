@@ -115,13 +115,21 @@ async fn the_default_app_flow_saves_the_token_and_the_zoom_user() {
     let page = agent.get(&page_url(&app, &cid)).await;
     assert_eq!(page.status, StatusCode::OK);
     assert_eq!(page.text_of("status"), "Not set up yet.");
-    // The page names the connection it sets up.
+    // The page names the connection it sets up, and what a private app needs in Zoom.
     assert!(
         page.body
             .contains(&format!("Connection <code>{cid}</code>")),
         "{}",
         page.body
     );
+    for url in ["/oauth/redirect/zoom", "/zoom/event"] {
+        assert!(
+            page.body
+                .contains(&format!("<code>{}</code>", app.url(url))),
+            "{url}: {}",
+            page.body
+        );
+    }
 
     let consent_page = submit(
         &app,
@@ -1090,11 +1098,15 @@ async fn bad_form_input_gets_an_error_page_and_changes_nothing() {
             !visit.body.contains("line\nbreak"),
             "secrets are not echoed"
         );
-        // The same through GET.
+        // The same through GET, where a secret is refused before anything else.
         let query = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(&form)
             .finish();
         let visit = agent.get(&app.url(&format!("/zoom/save?{query}"))).await;
+        let secret = form
+            .iter()
+            .any(|(k, _)| *k == "client_secret" || *k == "secret_token");
+        let words = if secret { "POST body only" } else { words };
         assert_error_page(&visit, StatusCode::BAD_REQUEST, words);
     }
     // Not form-encoded at all.
@@ -1128,6 +1140,35 @@ async fn bad_form_input_gets_an_error_page_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn secrets_in_the_url_of_a_get_save_are_refused_and_nothing_is_saved() {
+    let (app, zoom, agent) = app_and_zoom().await;
+    let cid = ConnectionId::generate().to_string();
+    let before = snapshot(&app, &cid).await;
+    let url = app.url(&format!(
+        "/zoom/save?cid={cid}&origin=test&auth_type=serverToServer&account_id={S2S_ACCOUNT_ID}\
+         &client_id={S2S_CLIENT_ID}&client_secret={S2S_CLIENT_SECRET}"
+    ));
+    let visit = agent.get(&url).await;
+    assert_error_page(&visit, StatusCode::BAD_REQUEST, "POST body only");
+    assert!(!visit.body.contains(S2S_CLIENT_SECRET));
+    assert_eq!(snapshot(&app, &cid).await, before);
+    assert_eq!(zoom.token_requests_of("account_credentials"), 0);
+    // The default app's form has no secret: GET still starts its flow, as the contract says.
+    let visit = agent
+        .get(&app.url(&format!(
+            "/zoom/save?cid={cid}&origin=test&auth_type=oauthDefault"
+        )))
+        .await;
+    assert_eq!(visit.status, StatusCode::OK, "{}", visit.body);
+    assert!(
+        visit
+            .authorize_url()
+            .as_str()
+            .starts_with(&zoom.oauth_url())
+    );
+}
+
+#[tokio::test]
 async fn without_a_public_address_oauth_cannot_start_and_says_why() {
     let zoom = FakeZoom::start().await;
     let mut env = zoom.env();
@@ -1139,6 +1180,22 @@ async fn without_a_public_address_oauth_cannot_start_and_says_why() {
         .get(&app.url(&format!("/oauth/start/zoom?cid={cid}")))
         .await;
     assert_error_page(&visit, StatusCode::SERVICE_UNAVAILABLE, "WEBHOOK_ADDRESS");
+    // The page offers what can work: both OAuth choices are disabled, saying why, and
+    // Server-to-Server is left.
+    let page = agent.get(&page_url(&app, &cid)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    for auth in ["oauthDefault", "oauthPrivate"] {
+        let choice = format!("id=\"auth-{auth}\" value=\"{auth}\" disabled>");
+        assert!(page.body.contains(&choice), "{auth}: {}", page.body);
+    }
+    assert!(
+        page.body
+            .contains("id=\"auth-serverToServer\" value=\"serverToServer\">"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("has not set WEBHOOK_ADDRESS"));
+    assert!(!page.body.contains("id=\"redirect-url\""));
 }
 
 #[tokio::test]

@@ -283,11 +283,23 @@ async fn in_loopback_mode_a_page_reached_under_another_site_s_name_needs_a_link(
             .status()
     };
     let page = format!("/zoom/?cid={cid}&origin=test");
-    let save = format!(
-        "/zoom/save?cid={cid}&auth_type=serverToServer&account_id={S2S_ACCOUNT_ID}&client_id={S2S_CLIENT_ID}&client_secret={S2S_CLIENT_SECRET}"
-    );
+    let save = [
+        ("cid", cid.as_str()),
+        ("auth_type", "serverToServer"),
+        ("account_id", S2S_ACCOUNT_ID),
+        ("client_id", S2S_CLIENT_ID),
+        ("client_secret", S2S_CLIENT_SECRET),
+    ];
     assert_eq!(get("evil.example:9980", &page).await, StatusCode::FORBIDDEN);
-    assert_eq!(get("evil.example:9980", &save).await, StatusCode::FORBIDDEN);
+    let saved = client
+        .post(app.url("/zoom/save"))
+        .header("host", "evil.example:9980")
+        .header("sec-fetch-site", "same-origin")
+        .form(&save)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(saved.status(), StatusCode::FORBIDDEN);
     assert_eq!(snapshot(&app, &cid).await, before);
     // Under this machine's own name the page still opens without a link.
     let own = app.http.to_string();
