@@ -325,8 +325,12 @@ async fn redirect(
     let finished = state.flows.finish(oauth_state, cookies);
     // The way back to the connection page. The setup link's grant goes only to the browser
     // that started the flow: a state seen elsewhere must not open the page.
+    // Without a grant, under signed links, that page would only answer 403: no link then
+    // (the page says to open the connection again from the workflow platform).
+    let signed = state.config.setup_access == crate::config::SetupAccess::Signed;
     let back = match &finished {
         Ok(finished) => Some(finished.flow.target.clone()),
+        Err(_) if signed => None,
         Err(_) => state.flows.peek(oauth_state).map(|(cid, origin)| Target {
             cid,
             origin,

@@ -263,6 +263,12 @@ pub fn message_page(status: StatusCode, title: &str, message: &str, back: Option
         "<p class=\"{class}\" id=\"message\">{}</p>",
         escape(message)
     );
+    if back.is_none() && !status.is_success() {
+        body.push_str(
+            "<p id=\"again\">To try again, open the connection's setup page again from your \
+             workflow platform.</p>",
+        );
+    }
     if let Some(target) = back {
         let grant = target
             .grant

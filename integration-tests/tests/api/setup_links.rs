@@ -184,9 +184,11 @@ async fn the_pages_after_zoom_link_back_with_the_grant_the_flow_started_with() {
         ),
         ("success", default_app, "allow", StatusCode::OK),
     ];
+    let mut last = None;
     for (case, app_fields, button, status) in cases {
         let consent = start(app_fields).await;
         let ended = agent.get(consent.link(button).as_str()).await;
+        last = Some(ended.url.clone());
         assert_eq!(ended.status, status, "{case}: {}", ended.body);
         let back = ended.link("back");
         assert_eq!(
@@ -199,6 +201,16 @@ async fn the_pages_after_zoom_link_back_with_the_grant_the_flow_started_with() {
         let page = agent.get(back.as_str()).await;
         assert_eq!(page.status, StatusCode::OK, "{case}: {}", page.body);
     }
+    // A state already used carries no grant: instead of a link that would only get 403, the
+    // page says where to start again.
+    let again = agent.get(last.unwrap().as_str()).await;
+    assert_eq!(again.status, StatusCode::BAD_REQUEST, "{}", again.body);
+    assert!(!again.body.contains("id=\"back\""), "{}", again.body);
+    assert!(
+        again
+            .text_of("again")
+            .contains("from your workflow platform")
+    );
 }
 
 #[tokio::test]
