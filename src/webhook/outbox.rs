@@ -1712,7 +1712,9 @@ mod tests {
             outbox.record(record("{\"n\":3}", &["c"])).await,
             Err(RecordError::Busy)
         );
-        assert!(started.elapsed() < Duration::from_millis(100));
+        // Busy, not TimedOut, already says it was not waited for; the bound is for a busy
+        // machine.
+        assert!(started.elapsed() < Duration::from_secs(1));
         blocker.execute_batch("COMMIT").unwrap();
         outbox.flush().await;
         // The ones that timed out went through late; Zoom's retries are then duplicates.

@@ -61,6 +61,10 @@ pub async fn spawn_app_configured(
     configure: impl FnOnce(&mut Config),
 ) -> TestApp {
     zoom_integration::zoom::init_tls();
+    // As the binary does at start: tests with a thousand connections in flight, all in this
+    // one process, must not meet a soft limit of 1,024 open files.
+    static RAISED: std::sync::Once = std::sync::Once::new();
+    RAISED.call_once(zoom_integration::http::server::raise_open_files_limit);
     let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (http, grpc) = (
