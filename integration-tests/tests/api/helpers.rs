@@ -306,3 +306,19 @@ pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Listens again on `addr`, which a fake server of the test let go of (a host coming back);
+/// retried for a while, as the port may linger, and failing rather than hanging the suite.
+pub async fn listen_again(addr: std::net::SocketAddr) -> TcpListener {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return listener,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "cannot listen on {addr} again: {e}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -252,7 +252,7 @@ async fn the_service_reconnects_when_the_host_comes_back() {
     }
 
     // The host comes back on the same address, with its data.
-    let back = FakeHost::start_on(tokio::net::TcpListener::bind(addr).await.unwrap()).await;
+    let back = FakeHost::start_on(crate::helpers::listen_again(addr).await).await;
     back.put(var(&cid, "auth_type", "serverToServer", false));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

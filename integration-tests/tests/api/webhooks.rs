@@ -1347,12 +1347,7 @@ async fn a_thousand_events_sent_while_the_host_is_down_are_all_delivered_when_it
         done.unwrap();
     }
 
-    let listener = loop {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => break l,
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let listener = crate::helpers::listen_again(addr).await;
     let old_host = host;
     let host = FakeHost::start_on(listener).await;
     let deadline = Instant::now() + Duration::from_secs(20);
