@@ -113,6 +113,13 @@ impl SetupLinks {
         }
     }
 
+    /// How long `grant`, a valid grant for `cid` and `origin`, has left; `None` for any other.
+    pub fn time_left(&self, cid: &ConnectionId, origin: &str, grant: &str) -> Option<Duration> {
+        self.check_grant(cid, origin, Some(grant)).ok()?;
+        let expires_at: u64 = grant.split('.').nth(1)?.parse().ok()?;
+        Some(Duration::from_secs(expires_at.saturating_sub(unix_now())))
+    }
+
     fn check_grant(
         &self,
         cid: &ConnectionId,

@@ -137,7 +137,12 @@ async fn connection_page(
     };
     let redirect_url = state.config.public_url(REDIRECT_PATH);
     let event_url = state.config.public_url(crate::webhook::PATH);
+    let link_time_left = target
+        .grant
+        .as_deref()
+        .and_then(|g| state.links.time_left(&target.cid, &target.origin, g));
     let mut page = ConnectionPage {
+        link_time_left,
         target: &target,
         status,
         selected,

@@ -132,6 +132,9 @@ pub struct ConnectionPage<'a> {
     pub redirect_url: Option<&'a str>,
     /// Where Zoom sends the app's events, `None` without `WEBHOOK_ADDRESS`.
     pub event_url: Option<&'a str>,
+    /// How long the setup link that opened the page still works, when one did: the form
+    /// carries it, so it must be sent before then.
+    pub link_time_left: Option<std::time::Duration>,
     /// The private app's non-secret fields already stored, to prefill.
     pub account_id: &'a str,
     /// See `account_id`.
@@ -191,7 +194,7 @@ impl ConnectionPage<'_> {
             "<p id=\"connection\">Connection <code>{cid}</code>. Whoever runs this \
              connection's workflows acts with the Zoom account you connect: connect only a \
              connection you opened from your own project.</p>\
-             <p class=\"status {class}\" id=\"status\">{status}</p>\
+             <p class=\"status {class}\" id=\"status\">{status}</p>{expiry}\
              <form method=\"post\" action=\"/zoom/save\" autocomplete=\"off\">\
              <input type=\"hidden\" name=\"cid\" value=\"{cid}\">\
              <input type=\"hidden\" name=\"origin\" value=\"{origin}\">{grant}\
@@ -213,6 +216,16 @@ impl ConnectionPage<'_> {
              <button type=\"submit\" id=\"save\">Save</button>\
              </form>",
             status = escape(&text),
+            expiry = self.link_time_left.map_or_else(String::new, |left| {
+                let minutes = left.as_secs().div_ceil(60);
+                format!(
+                    "<p id=\"link-expiry\">This setup link works for {about}{minutes} more \
+                     minute{s}: send the form before then (setting up a Zoom app can take \
+                     longer), or open the connection again from your workflow platform.</p>",
+                    about = if minutes > 1 { "about " } else { "" },
+                    s = if minutes == 1 { "" } else { "s" },
+                )
+            }),
             cid = escape(self.target.cid.as_str()),
             origin = escape(&self.target.origin),
             grant = self

@@ -141,6 +141,25 @@ async fn a_link_from_the_grpc_method_sets_up_its_connection_and_only_for_its_ori
 }
 
 #[tokio::test]
+async fn the_page_says_how_long_its_setup_link_still_works() {
+    let zoom = FakeZoom::start().await;
+    let app = signed_app(&zoom).await;
+    let cid = ConnectionId::generate().to_string();
+    let agent = UserAgent::new(&app.url(""));
+    let page = agent.get(link(&app, &cid, "test").await.as_str()).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let expiry = page.text_of("link-expiry");
+    assert!(expiry.contains("about 15 more minutes"), "{expiry}");
+    // Opened without a link (loopback access), the page has no link to time.
+    let app = app_with(&zoom, zoom.env()).await;
+    let page = agent
+        .get(&app.url(&format!("/zoom/?cid={cid}&origin=test")))
+        .await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(!page.body.contains("link-expiry"));
+}
+
+#[tokio::test]
 async fn the_pages_after_zoom_link_back_with_the_grant_the_flow_started_with() {
     let zoom = FakeZoom::start().await;
     let app = signed_app(&zoom).await;
