@@ -104,6 +104,18 @@ impl SetupError {
         }
     }
 
+    /// The error page's title: what happened to the connection, as far as this request knows.
+    fn title(&self) -> &'static str {
+        match self {
+            // A finished flow opened again (the success page reloaded, say): it may well
+            // have saved the connection the first time.
+            SetupError::State(StateError::Used) => "Zoom sign-in already used",
+            // Nothing was submitted: the page itself could not be shown.
+            SetupError::Forbidden(_) => "Zoom connection page not available",
+            _ => "Zoom connection not saved",
+        }
+    }
+
     /// The error page, with a way back to the connection page when the connection is known.
     pub fn page(self, back: Option<&Target>) -> Response {
         let status = self.status();
@@ -112,7 +124,7 @@ impl SetupError {
         } else {
             tracing::info!(error = %self, "connection setup refused");
         }
-        message_page(status, "Zoom connection not saved", &self.message(), back).into_response()
+        message_page(status, self.title(), &self.message(), back).into_response()
     }
 }
 

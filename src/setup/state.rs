@@ -105,7 +105,7 @@ pub enum StateError {
     Expired,
     /// Already accepted once (or this service restarted in between).
     #[error(
-        "this sign-in was already completed or is no longer known: start again from the connection page"
+        "this sign-in was already completed (reloading its last page asks again; check the connection's status on the connection page) or is no longer known: start again from the connection page"
     )]
     Used,
     /// The browser finishing the flow is not the one that started it, or it started it under

@@ -504,6 +504,12 @@ async fn a_reused_state_is_refused_and_leaves_the_first_result() {
 
     let again = agent.get(back.as_str()).await;
     assert_error_page(&again, StatusCode::BAD_REQUEST, "already completed");
+    // Not "not saved": the first visit saved it (a reloaded success page lands here).
+    assert!(
+        again.body.contains("<h1>Zoom sign-in already used</h1>"),
+        "{}",
+        again.body
+    );
     assert_eq!(snapshot(&app, &cid).await, after_first);
     assert_eq!(
         zoom.token_requests().len(),
