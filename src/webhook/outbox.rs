@@ -514,6 +514,7 @@ impl Outbox {
             logged: 0,
             // Each page goes to the log with a 24-byte frame header.
             frame_bytes: page_size.max(512) as u64 + 24,
+            warned_changes: None,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -834,32 +835,42 @@ fn commit_until_idle(shared: &Shared) {
                 }),
             None => Err("the event outbox is closed".into()),
         };
-        let (result, changes) = match result {
+        // The forwarder's changes not applied: all of them after a failed commit, else those
+        // that failed alone.
+        let (result, changes, unapplied) = match result {
             Ok(committed) => {
                 // Only the committer changes it: a plain read and store.
                 let rows = shared.rows.load(Ordering::Relaxed) as i64;
                 shared
                     .rows
                     .store((rows + committed.added).max(0) as u64, Ordering::Relaxed);
-                if let Err(e) = &committed.changes {
-                    tracing::error!(error = %e, changes = group.changes.len(), "the forwarder's changes to the event outbox failed; the webhooks were committed without them, and they are tried again with the next group");
+                if committed.failed_changes.is_empty() {
+                    (Ok(()), Ok(()), Vec::new())
+                } else {
+                    let failed = &committed.failed_changes;
+                    let unapplied = std::mem::take(&mut group.changes)
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(i, _)| failed.binary_search(i).is_ok())
+                        .map(|(_, change)| change)
+                        .collect();
+                    (Ok(()), Err(committed.change_error), unapplied)
                 }
-                (Ok(()), committed.changes)
             }
-            Err(e) => (Err(e.clone()), Err(e)),
+            Err(e) => (Err(e.clone()), Err(e), std::mem::take(&mut group.changes)),
         };
         let inserted = result.is_ok() && !group.records.is_empty();
         // The forwarder's changes are not lost with a failed commit: they go again with the
         // next group (deleting or dead-lettering a row twice is harmless), after a pause
         // unless webhooks were committed, so a lasting failure does not spin.
-        let retry_changes = changes.is_err() && writer.is_some() && !group.changes.is_empty();
+        let retry_changes = !unapplied.is_empty() && writer.is_some();
         let pause = retry_changes && !inserted;
         {
             let mut state = lock(&shared.state);
             // Whatever asks from now on has nothing of this group's to wait for.
             state.committing_outcome = None;
             if retry_changes {
-                let mut changes = std::mem::take(&mut group.changes);
+                let mut changes = unapplied;
                 changes.append(&mut state.open.changes);
                 state.open.changes = changes;
             }
@@ -1143,8 +1154,11 @@ fn insert_records<'a>(
 struct Committed {
     /// Rows it added to `outbox` (fewer than none when more were delivered).
     added: i64,
-    /// Whether the forwarder's changes were applied; rolled back alone when not.
-    changes: Result<(), String>,
+    /// The forwarder's changes that could not be applied (by their index in the group), each
+    /// rolled back alone, and the last error; the others were applied.
+    failed_changes: Vec<usize>,
+    /// Why the last of `failed_changes` failed.
+    change_error: String,
 }
 
 /// Applies the forwarder's `changes`; how many `outbox` rows they removed.
@@ -1226,6 +1240,8 @@ struct Writer {
     logged: u64,
     /// The bytes one page takes in the log.
     frame_bytes: u64,
+    /// When it was last logged that some of the forwarder's changes fail.
+    warned_changes: Option<Instant>,
 }
 
 impl Writer {
@@ -1244,7 +1260,8 @@ impl Writer {
             .sum();
         let mut committed = Committed {
             added,
-            changes: Ok(()),
+            failed_changes: Vec::new(),
+            change_error: String::new(),
         };
         if !group.changes.is_empty() {
             let savepoint = tx.savepoint()?;
@@ -1253,8 +1270,36 @@ impl Writer {
                     savepoint.commit()?;
                     committed.added -= removed;
                 }
-                // Dropped, the savepoint rolls back.
-                Err(e) => committed.changes = Err(e.to_string()),
+                // Dropped, the savepoint rolls back; then each change alone, so only those
+                // that fail wait for the next group and the list never grows with good ones.
+                Err(_) => {
+                    drop(savepoint);
+                    for (i, change) in group.changes.iter().enumerate() {
+                        let savepoint = tx.savepoint()?;
+                        match apply_changes(&savepoint, std::slice::from_ref(change)) {
+                            Ok(removed) => {
+                                savepoint.commit()?;
+                                committed.added -= removed;
+                            }
+                            Err(e) => {
+                                committed.failed_changes.push(i);
+                                committed.change_error = e.to_string();
+                            }
+                        }
+                    }
+                    let now = Instant::now();
+                    if self
+                        .warned_changes
+                        .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
+                    {
+                        self.warned_changes = Some(now);
+                        tracing::error!(
+                            error = %committed.change_error,
+                            failed = committed.failed_changes.len(),
+                            "some of the forwarder's changes to the event outbox fail; webhooks are committed without them, and they are tried again with each group (logged once a minute)"
+                        );
+                    }
+                }
             }
         }
         tx.commit()?;
@@ -1888,32 +1933,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
         outbox.record(record("{\"a\":1}", &["c"])).await.unwrap();
-        let id = outbox.pending(0, 10, 1 << 20).await.unwrap()[0].id;
+        let stuck = outbox.pending(0, 10, 1 << 20).await.unwrap()[0].id;
         let other = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
         other
-            .execute_batch(
-                "CREATE TRIGGER refuse BEFORE DELETE ON outbox
-                 BEGIN SELECT RAISE(ABORT, 'this row cannot go'); END;",
-            )
+            .execute_batch(&format!(
+                "CREATE TRIGGER refuse BEFORE DELETE ON outbox WHEN OLD.id = {stuck}
+                 BEGIN SELECT RAISE(ABORT, 'this row cannot go'); END;"
+            ))
             .unwrap();
-        outbox.delivered(vec![id]).await;
+        outbox.delivered(vec![stuck]).await;
         // Each new webhook rides with the failing change, and is committed all the same.
         for n in 2..=4 {
             let body = format!("{{\"a\":{n}}}");
             let recorded = outbox.record(record(&body, &["c"])).await;
             assert!(matches!(recorded, Ok(Recorded::New)), "{recorded:?}");
         }
-        assert!(
-            outbox.flushed().await.is_err(),
-            "the forwarder hears that its change is not committed"
-        );
         assert_eq!(outbox.counts().await.unwrap().0, 4);
-        other.execute_batch("DROP TRIGGER refuse").unwrap();
+        // Other deliveries still go, while the failing one is tried again alone.
+        let next = outbox.pending(stuck, 1, 1 << 20).await.unwrap()[0].id;
+        outbox.delivered(vec![next]).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while outbox.counts().await.unwrap().0 != 3 {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the delivered row was never removed"
+                "the good delivery was held back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            outbox.flushed().await.is_err(),
+            "the forwarder hears that a change of its is not committed"
+        );
+        other.execute_batch("DROP TRIGGER refuse").unwrap();
+        while outbox.counts().await.unwrap().0 != 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stuck row was never removed"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
