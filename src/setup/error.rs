@@ -110,21 +110,26 @@ impl SetupError {
             // A finished flow opened again (the success page reloaded, say): it may well
             // have saved the connection the first time.
             SetupError::State(StateError::Used) => "Zoom sign-in already used",
-            // Nothing was submitted: the page itself could not be shown.
-            SetupError::Forbidden(_) => "Zoom connection page not available",
             _ => "Zoom connection not saved",
         }
     }
 
     /// The error page, with a way back to the connection page when the connection is known.
     pub fn page(self, back: Option<&Target>) -> Response {
+        let title = self.title();
+        self.page_titled(title, back)
+    }
+
+    /// [`Self::page`] under another title (the connection page's own errors: nothing was
+    /// submitted, so nothing was "not saved").
+    pub fn page_titled(self, title: &str, back: Option<&Target>) -> Response {
         let status = self.status();
         if status.is_server_error() {
             tracing::warn!(error = %self, "connection setup failed");
         } else {
             tracing::info!(error = %self, "connection setup refused");
         }
-        message_page(status, self.title(), &self.message(), back).into_response()
+        message_page(status, title, &self.message(), back).into_response()
     }
 }
 

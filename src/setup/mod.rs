@@ -63,6 +63,17 @@ async fn connection_page(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<RawTarget>, QueryRejection>,
+) -> Response {
+    show_connection_page(state, peer, headers, query)
+        .await
+        .unwrap_or_else(|e| e.page_titled("Zoom connection page not available", None))
+}
+
+async fn show_connection_page(
+    state: AppState,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    query: Result<Query<RawTarget>, QueryRejection>,
 ) -> Result<Response, SetupError> {
     let target = query
         .map_err(|_| FormError("the query cannot be read".into()))?
@@ -130,7 +141,10 @@ async fn connection_page(
     let default_app_configured = state.config.default_app.is_some();
     // A disabled choice cannot be checked: with no default app, a connection set up with it
     // is offered a private app instead of no choice at all.
+    // Without a public address no OAuth flow can run: Server-to-Server is what is left.
+    let oauth = state.config.webhook_address.is_some();
     let selected = match auth_type {
+        _ if !oauth => AuthType::ServerToServer,
         Some(AuthType::OAuthDefault) | None if !default_app_configured => AuthType::OAuthPrivate,
         Some(kind) => kind,
         None => AuthType::OAuthDefault,

@@ -1196,7 +1196,7 @@ async fn without_a_public_address_oauth_cannot_start_and_says_why() {
     }
     assert!(
         page.body
-            .contains("id=\"auth-serverToServer\" value=\"serverToServer\">"),
+            .contains("id=\"auth-serverToServer\" value=\"serverToServer\" checked>"),
         "{}",
         page.body
     );

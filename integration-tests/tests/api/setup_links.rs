@@ -68,6 +68,11 @@ async fn without_a_signed_link_no_setup_endpoint_lets_anyone_change_a_connection
             .await;
         assert_eq!(page.status, StatusCode::FORBIDDEN, "{}", page.body);
         assert!(page.text_of("message").contains("valid setup link"));
+        // Nothing was submitted, so nothing was "not saved".
+        assert!(
+            page.body
+                .contains("<h1>Zoom connection page not available</h1>")
+        );
         let start = agent
             .get(&app.url(&format!("/oauth/start/zoom?cid={cid}&origin=web{suffix}")))
             .await;
@@ -85,6 +90,7 @@ async fn without_a_signed_link_no_setup_endpoint_lets_anyone_change_a_connection
         }
         let saved = agent.post_form(&app.url("/zoom/save"), &form).await;
         assert_eq!(saved.status, StatusCode::FORBIDDEN, "{}", saved.body);
+        assert!(saved.body.contains("<h1>Zoom connection not saved</h1>"));
     }
     assert_eq!(snapshot(&app, &cid).await, before);
     assert!(zoom.token_requests().is_empty(), "nothing reached Zoom");
