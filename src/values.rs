@@ -316,17 +316,28 @@ fn put(message: &impl Message, buf: &mut Vec<u8>) {
     message.encode(buf).expect("a Vec grows as needed");
 }
 
-/// Takes `value` and every value inside it (list and set elements, dict keys and values, struct
-/// and module fields, a custom value's own) from `budget`; false, with the budget spent, once
-/// there are more than it held. Each value takes several hundred bytes decoded, from as little
-/// as 2 bytes on the wire: what a caller may store is bounded by their count, not their bytes.
+/// Takes `value` and everything inside it from `budget`: every value (list and set elements,
+/// dict keys and values, struct and module fields, a custom value's own), every dict item and
+/// field or member name (each a message of its own, even when empty), and a function's flags
+/// and descriptor entries; false, with the budget spent, once there are more than it held.
+/// Each takes up to several hundred bytes decoded, from as little as 2 bytes on the wire: what
+/// a caller may store is bounded by their count, not their bytes.
 pub fn take_values(value: &pb::Value, budget: &mut usize) -> bool {
+    let mut take = |n: usize| match budget.checked_sub(n) {
+        Some(left) => {
+            *budget = left;
+            true
+        }
+        None => {
+            *budget = 0;
+            false
+        }
+    };
     let mut pending = vec![value];
     while let Some(value) = pending.pop() {
-        if *budget == 0 {
+        if !take(1) {
             return false;
         }
-        *budget -= 1;
         if let Some(l) = &value.list {
             pending.extend(&l.vs);
         }
@@ -334,15 +345,39 @@ pub fn take_values(value: &pb::Value, budget: &mut usize) -> bool {
             pending.extend(&s.vs);
         }
         if let Some(d) = &value.dict {
+            if !take(d.items.len()) {
+                return false;
+            }
             for item in &d.items {
                 pending.extend(item.k.iter().chain(item.v.iter()));
             }
         }
         if let Some(s) = &value.r#struct {
+            if !take(s.fields.len()) {
+                return false;
+            }
             pending.extend(s.ctor.as_deref().into_iter().chain(s.fields.values()));
         }
         if let Some(m) = &value.module {
+            if !take(m.members.len()) {
+                return false;
+            }
             pending.extend(m.members.values());
+        }
+        if let Some(f) = &value.function {
+            let desc = f.desc.as_ref().map_or(0, |d| {
+                d.input.len()
+                    + d.output.len()
+                    + d.examples.len()
+                    + d.input
+                        .iter()
+                        .chain(&d.output)
+                        .map(|field| field.examples.len())
+                        .sum::<usize>()
+            });
+            if !take(f.flags.len() + desc) {
+                return false;
+            }
         }
         if let Some(c) = &value.custom {
             pending.extend(c.value.as_deref());
@@ -406,13 +441,24 @@ mod tests {
             }),
             ..Default::default()
         };
-        // The list, the dict with its two keys and two values, the struct with its ctor and
-        // its field's value: 9.
-        let mut budget = 9;
+        // The list; the dict, its two items, their two keys and two values; the struct, its
+        // field's name, its ctor and the field's value: 12.
+        let mut budget = 12;
         assert!(take_values(&nested, &mut budget));
         assert_eq!(budget, 0);
-        let mut budget = 8;
+        let mut budget = 11;
         assert!(!take_values(&nested, &mut budget));
+        // Items with neither key nor value count too: each is a message decoded.
+        let empty_items = pb::Value {
+            dict: Some(pb::Dict {
+                items: vec![pb::dict::Item::default(); 10],
+            }),
+            ..Default::default()
+        };
+        let mut budget = 11;
+        assert!(take_values(&empty_items, &mut budget));
+        let mut budget = 10;
+        assert!(!take_values(&empty_items, &mut budget));
     }
 
     #[test]
