@@ -455,9 +455,8 @@ impl EmbeddedHost {
     }
 
     /// Events matching `filter`, without their data (as AutoKitteh lists them; [`Self::get_event`]
-    /// has it): the data's bytes are skipped in the stored blob, never read, so a page of large
-    /// webhooks costs their headers (while it holds the database, the forwarder and token reads
-    /// wait).
+    /// has it): each stored blob is read up to its data, so a page of large webhooks costs
+    /// their headers (while it holds the database, the forwarder and token reads wait).
     pub async fn list_events(&self, filter: EventFilter) -> Result<Vec<Event>, HostError> {
         self.with_db(move |conn, _| {
             let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
@@ -852,16 +851,21 @@ fn list_sql(filter: &EventFilter) -> String {
     format!("SELECT seq FROM events {filter_sql} ORDER BY seq {order} LIMIT ?")
 }
 
-/// The stored event `seq` without its data, read field by field from its blob: each `data`
-/// entry (field 4) is skipped by its length, wherever it lies, so only the other fields' bytes
-/// (and the data entries' keys and lengths) are read from disk.
+/// The stored event `seq` without its data, read field by field from its blob. Events are
+/// stored with their data last ([`crate::values::encode_event`]): once `created_at` has been
+/// read, the first `data` entry (field 4) ends the header, and the data is not read at all.
+/// Events stored by versions before it have their data before `memo` and `created_at`: each
+/// entry is skipped by its length (SQLite still walks the pages in between).
 fn read_header(conn: &Connection, seq: i64) -> Result<EventHeader, HostError> {
     use std::io::{BufRead, Read};
     const DATA: u64 = 4;
+    const CREATED_AT: u64 = 6;
     let corrupt = |what: &str| HostError::Internal(format!("stored event {seq} {what}"));
     let blob = conn.blob_open(rusqlite::MAIN_DB, "events", "event", seq, true)?;
+    let blob_len = blob.len() as u64;
     let mut reader = std::io::BufReader::with_capacity(4096, blob);
     let mut header = Vec::new();
+    let mut created_at_read = false;
     let read_varint = |reader: &mut std::io::BufReader<rusqlite::blob::Blob<'_>>| {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
@@ -898,13 +902,20 @@ fn read_header(conn: &Connection, seq: i64) -> Result<EventHeader, HostError> {
             5 => 4,
             _ => return Err(corrupt("has an unknown wire type")),
         };
+        if len > blob_len {
+            return Err(corrupt("has a field longer than itself"));
+        }
         if key >> 3 == DATA {
+            if created_at_read {
+                break;
+            }
             let len = i64::try_from(len).map_err(|_| corrupt("has a field too long"))?;
             reader
                 .seek_relative(len)
                 .map_err(|_| corrupt("is cut short"))?;
             continue;
         }
+        created_at_read |= key >> 3 == CREATED_AT;
         prost::encoding::encode_varint(key, &mut header);
         if key & 7 == 2 {
             prost::encoding::encode_varint(len, &mut header);
