@@ -141,13 +141,14 @@ fn connect_kind<B>(request: &Request<B>) -> Option<ConnectKind> {
         .trim()
         .to_ascii_lowercase();
     let connect = request.headers().contains_key("connect-protocol-version");
-    // A Connect GET call carries its message in the query (`connect=v1&encoding=…&message=…`)
-    // and has no content type.
+    // A Connect GET call carries its message in the query (`encoding=…&message=…`, with an
+    // optional `connect=v1`) and has no content type.
     let connect_get = request.method() == Method::GET
-        && request
-            .uri()
-            .query()
-            .is_some_and(|q| q.split('&').any(|pair| pair == "connect=v1"));
+        && request.uri().query().is_some_and(|q| {
+            q.split('&').any(|pair| {
+                pair == "connect=v1" || pair.starts_with("message=") || pair == "message"
+            })
+        });
     if connect_get {
         return Some(ConnectKind::Unsupported(
             "Connect calls are served as POST only",

@@ -641,9 +641,10 @@ fn authorize(
 
 /// Whether a browser says another site's page sent this request: `Sec-Fetch-Site` is
 /// `cross-site` (or a value we do not know), or, from a browser without it, `Origin` names
-/// another origin. `HOST_UI_URL` and this service's public address count as ours, and with
-/// `SETUP_ACCESS=loopback` pages on this machine (`localhost`, loopback addresses) too; a
-/// request with neither header (curl, scripts) is not a browser's.
+/// another origin. `HOST_UI_URL`, this service's public address and a page under the very
+/// name and port the request was sent to count as ours, and with `SETUP_ACCESS=loopback` pages
+/// on this machine (`localhost`, loopback addresses) too; a request with neither header (curl,
+/// scripts) is not a browser's.
 ///
 /// A request whose `Host` is neither a name of this machine nor `WEBHOOK_ADDRESS`'s also
 /// counts as another site's: DNS rebinding (another site's name pointed at 127.0.0.1) makes a
@@ -676,8 +677,22 @@ fn from_another_sites_page(
     // unless the operator trusts the whole machine: signed links are for services reached
     // from other machines, whose users' own localhost pages are none of ours.
     let trust_local = config.setup_access == crate::config::SetupAccess::Loopback;
+    // A page served under the very name and port this request was sent to is ours (browsers
+    // without `Sec-Fetch-Site` tell a same-origin request only by its `Origin`), unless that
+    // name is another site's (DNS rebinding).
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let own_origin = |url: &url::Url| {
+        let authority = match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_string(),
+            (None, _) => return false,
+        };
+        host.is_some_and(|h| h.eq_ignore_ascii_case(&authority))
+            && !for_another_sites_name(headers, config)
+    };
     let trusted = |url: &url::Url| {
-        (trust_local && is_local(url))
+        own_origin(url)
+            || (trust_local && is_local(url))
             || config
                 .host_ui_url
                 .as_ref()
@@ -841,6 +856,20 @@ mod tests {
             "origin",
             "https://zoom.example.com"
         )]));
+        // Opened at this machine's own address, a page's form names that same origin.
+        assert!(!sent_by_another_site_with(&[
+            ("origin", "http://localhost:9980"),
+            ("host", "localhost:9980")
+        ]));
+        assert!(sent_by_another_site_with(&[
+            ("origin", "http://localhost:3000"),
+            ("host", "localhost:9980")
+        ]));
+        // Not under another site's name pointed at this machine.
+        assert!(sent_by_another_site_with(&[
+            ("origin", "http://evil.example:9980"),
+            ("host", "evil.example:9980")
+        ]));
     }
 
     #[test]

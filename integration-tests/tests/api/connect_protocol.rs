@@ -146,23 +146,29 @@ async fn connect_errors_carry_connects_code_and_status_and_unsupported_forms_are
         let error: serde_json::Value = response.json().await.unwrap();
         assert_eq!(error["code"], "unimplemented");
     }
-    // Nor are GET calls, which carry their message in the query and no content type.
-    let response = app
-        .http_client
-        .get(format!(
-            "http://{}/autokitteh.vars.v1.VarsService/Get?connect=v1&encoding=proto&message=",
-            app.grpc
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 415);
-    let error: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(error["code"], "unimplemented");
-    assert!(
-        error["message"].as_str().unwrap().contains("POST"),
-        "{error}"
-    );
+    // Nor are GET calls, which carry their message in the query and no content type (the
+    // `connect` parameter is optional).
+    for query in [
+        "connect=v1&encoding=proto&message=",
+        "encoding=proto&message=",
+    ] {
+        let response = app
+            .http_client
+            .get(format!(
+                "http://{}/autokitteh.vars.v1.VarsService/Get?{query}",
+                app.grpc
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 415, "{query}");
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["code"], "unimplemented");
+        assert!(
+            error["message"].as_str().unwrap().contains("POST"),
+            "{error}"
+        );
+    }
 
     // A request past the limit is refused before it is decoded.
     let response = app
