@@ -109,7 +109,7 @@ impl SetupError {
         match self {
             // A finished flow opened again (the success page reloaded, say): it may well
             // have saved the connection the first time.
-            SetupError::State(StateError::Used) => "Zoom sign-in already used",
+            SetupError::State(StateError::Used) => "Zoom sign-in already used or no longer known",
             _ => "Zoom connection not saved",
         }
     }

@@ -677,9 +677,10 @@ fn from_another_sites_page(
     // unless the operator trusts the whole machine: signed links are for services reached
     // from other machines, whose users' own localhost pages are none of ours.
     let trust_local = config.setup_access == crate::config::SetupAccess::Loopback;
-    // A page served under the very name and port this request was sent to is ours (browsers
-    // without `Sec-Fetch-Site` tell a same-origin request only by its `Origin`), unless that
-    // name is another site's (DNS rebinding).
+    // For browsers without `Sec-Fetch-Site`, which tell a same-origin request only by its
+    // `Origin`: a page served under the very name and port this request was sent to is ours,
+    // unless that name is another site's (DNS rebinding). Browsers with it say so themselves,
+    // and a proxy may have rewritten `Host`.
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let own_origin = |url: &url::Url| {
         let authority = match (url.host_str(), url.port()) {
@@ -691,8 +692,7 @@ fn from_another_sites_page(
             && !for_another_sites_name(headers, config)
     };
     let trusted = |url: &url::Url| {
-        own_origin(url)
-            || (trust_local && is_local(url))
+        (trust_local && is_local(url))
             || config
                 .host_ui_url
                 .as_ref()
@@ -703,15 +703,16 @@ fn from_another_sites_page(
                 .is_some_and(|public| same_origin(&public, url))
     };
     // `Origin: null` (a sandboxed frame, a file) names no page we trust.
-    let trusted_sender = claimed
-        .and_then(|c| url::Url::parse(c).ok())
-        .is_some_and(|url| trusted(&url));
+    let claimed_url = claimed.and_then(|c| url::Url::parse(c).ok());
+    let trusted_sender = claimed_url.as_ref().is_some_and(trusted);
     match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
         Some("same-origin") => false,
         Some("same-site" | "none") if !strict => false,
         Some(_) => !trusted_sender,
         None if strict && claimed.is_none() => loads_a_page(headers),
-        None => claimed.is_some() && !trusted_sender,
+        None => {
+            claimed.is_some() && !trusted_sender && !claimed_url.is_some_and(|u| own_origin(&u))
+        }
     }
 }
 
@@ -865,10 +866,18 @@ mod tests {
             ("origin", "http://localhost:3000"),
             ("host", "localhost:9980")
         ]));
-        // Not under another site's name pointed at this machine.
-        assert!(sent_by_another_site_with(&[
+        // Not under another site's name pointed at this machine, whatever else is checked.
+        let rebound = headers(&[
             ("origin", "http://evil.example:9980"),
-            ("host", "evil.example:9980")
+            ("host", "evil.example:9980"),
+        ]);
+        assert!(sent_by_another_site(&rebound, &config()));
+        assert!(from_another_sites_page(&rebound, &config(), true));
+        // A browser that says cross-site is believed, whatever names match.
+        assert!(sent_by_another_site_with(&[
+            ("sec-fetch-site", "cross-site"),
+            ("origin", "http://localhost:9980"),
+            ("host", "localhost:9980")
         ]));
     }
 

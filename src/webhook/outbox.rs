@@ -295,8 +295,11 @@ struct Group {
     bytes: usize,
     /// Whether its webhooks were committed: what their requests wait for.
     outcome: Arc<Outcome>,
-    /// Whether its webhooks and the forwarder's changes were both committed: what
-    /// [`Outbox::flushed`] waits for (the changes may be rolled back alone).
+    /// Whether its webhooks and the forwarder's changes (those tried again included) were all
+    /// committed: what [`Outbox::flushed`] waits for (the changes may be rolled back alone).
+    /// A caller that finds a change of its own not yet committed asks again later (the
+    /// forwarder holds an `app_deauthorized` until its mark is saved), so a change that keeps
+    /// failing holds back those callers, never the webhooks.
     whole: Arc<Outcome>,
 }
 
@@ -307,6 +310,7 @@ impl Group {
 }
 
 /// A change from the forwarder, applied with the next group.
+#[derive(Clone)]
 enum Change {
     /// Delivered rows to remove.
     Delivered(Vec<i64>),
@@ -844,18 +848,12 @@ fn commit_until_idle(shared: &Shared) {
                 shared
                     .rows
                     .store((rows + committed.added).max(0) as u64, Ordering::Relaxed);
-                if committed.failed_changes.is_empty() {
-                    (Ok(()), Ok(()), Vec::new())
+                let changes = if !committed.unapplied.is_empty() {
+                    Err("some of the forwarder's changes could not be committed".to_string())
                 } else {
-                    let failed = &committed.failed_changes;
-                    let unapplied = std::mem::take(&mut group.changes)
-                        .into_iter()
-                        .enumerate()
-                        .filter(|(i, _)| failed.binary_search(i).is_ok())
-                        .map(|(_, change)| change)
-                        .collect();
-                    (Ok(()), Err(committed.change_error), unapplied)
-                }
+                    Ok(())
+                };
+                (Ok(()), changes, committed.unapplied)
             }
             Err(e) => (Err(e.clone()), Err(e), std::mem::take(&mut group.changes)),
         };
@@ -1154,11 +1152,9 @@ fn insert_records<'a>(
 struct Committed {
     /// Rows it added to `outbox` (fewer than none when more were delivered).
     added: i64,
-    /// The forwarder's changes that could not be applied (by their index in the group), each
-    /// rolled back alone, and the last error; the others were applied.
-    failed_changes: Vec<usize>,
-    /// Why the last of `failed_changes` failed.
-    change_error: String,
+    /// The forwarder's changes (down to single rows of a delivery) that could not be applied,
+    /// each rolled back alone; the others were applied.
+    unapplied: Vec<Change>,
 }
 
 /// Applies the forwarder's `changes`; how many `outbox` rows they removed.
@@ -1260,8 +1256,7 @@ impl Writer {
             .sum();
         let mut committed = Committed {
             added,
-            failed_changes: Vec::new(),
-            change_error: String::new(),
+            unapplied: Vec::new(),
         };
         if !group.changes.is_empty() {
             let savepoint = tx.savepoint()?;
@@ -1270,33 +1265,52 @@ impl Writer {
                     savepoint.commit()?;
                     committed.added -= removed;
                 }
-                // Dropped, the savepoint rolls back; then each change alone, so only those
-                // that fail wait for the next group and the list never grows with good ones.
-                Err(_) => {
+                // Dropped, the savepoint rolls back; then each change alone (a delivery row by
+                // row), so only what fails waits for the next group and the list never grows
+                // with good ones.
+                Err(e) => {
                     drop(savepoint);
-                    for (i, change) in group.changes.iter().enumerate() {
-                        let savepoint = tx.savepoint()?;
-                        match apply_changes(&savepoint, std::slice::from_ref(change)) {
-                            Ok(removed) => {
-                                savepoint.commit()?;
-                                committed.added -= removed;
+                    // Some errors (a full disk, I/O) end the whole transaction: the webhooks'
+                    // inserts are gone too, so the group fails.
+                    if tx.is_autocommit() {
+                        return Err(e);
+                    }
+                    let mut last_error = e;
+                    for change in &group.changes {
+                        let parts = match change {
+                            Change::Delivered(ids) if ids.len() > 1 => {
+                                ids.iter().map(|id| Change::Delivered(vec![*id])).collect()
                             }
-                            Err(e) => {
-                                committed.failed_changes.push(i);
-                                committed.change_error = e.to_string();
+                            other => vec![other.clone()],
+                        };
+                        for part in parts {
+                            let savepoint = tx.savepoint()?;
+                            match apply_changes(&savepoint, std::slice::from_ref(&part)) {
+                                Ok(removed) => {
+                                    savepoint.commit()?;
+                                    committed.added -= removed;
+                                }
+                                Err(e) => {
+                                    drop(savepoint);
+                                    if tx.is_autocommit() {
+                                        return Err(e);
+                                    }
+                                    committed.unapplied.push(part);
+                                    last_error = e;
+                                }
                             }
                         }
                     }
                     let now = Instant::now();
-                    if self
+                    let quiet = self
                         .warned_changes
-                        .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
-                    {
+                        .is_some_and(|at| now.duration_since(at) < Duration::from_secs(60));
+                    if !committed.unapplied.is_empty() && !quiet {
                         self.warned_changes = Some(now);
                         tracing::error!(
-                            error = %committed.change_error,
-                            failed = committed.failed_changes.len(),
-                            "some of the forwarder's changes to the event outbox fail; webhooks are committed without them, and they are tried again with each group (logged once a minute)"
+                            error = %last_error,
+                            failed = committed.unapplied.len(),
+                            "some of the forwarder's changes to the event outbox fail; webhooks are committed without them, and they are tried again with each group (logged at most once a minute)"
                         );
                     }
                 }
@@ -1932,8 +1946,18 @@ mod tests {
     async fn webhooks_are_recorded_while_the_forwarders_changes_keep_failing() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), OutboxSettings::default()).unwrap();
-        outbox.record(record("{\"a\":1}", &["c"])).await.unwrap();
-        let stuck = outbox.pending(0, 10, 1 << 20).await.unwrap()[0].id;
+        for n in 1..=4 {
+            let body = format!("{{\"a\":{n}}}");
+            outbox.record(record(&body, &["c"])).await.unwrap();
+        }
+        let ids: Vec<i64> = outbox
+            .pending(0, 10, 1 << 20)
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        let stuck = ids[0];
         let other = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
         other
             .execute_batch(&format!(
@@ -1941,31 +1965,26 @@ mod tests {
                  BEGIN SELECT RAISE(ABORT, 'this row cannot go'); END;"
             ))
             .unwrap();
-        outbox.delivered(vec![stuck]).await;
-        // Each new webhook rides with the failing change, and is committed all the same.
-        for n in 2..=4 {
+        let rows = async || outbox.counts().await.unwrap().0;
+        // One delivery of two rows, one of which cannot go: the other goes, and the forwarder
+        // hears that its change is not all committed.
+        outbox.delivered(vec![stuck, ids[1]]).await;
+        assert!(outbox.flushed().await.is_err());
+        assert_eq!(rows().await, 3);
+        // New webhooks ride with the failing row, and are committed all the same.
+        for n in 5..=7 {
             let body = format!("{{\"a\":{n}}}");
             let recorded = outbox.record(record(&body, &["c"])).await;
             assert!(matches!(recorded, Ok(Recorded::New)), "{recorded:?}");
         }
-        assert_eq!(outbox.counts().await.unwrap().0, 4);
-        // Other deliveries still go, while the failing one is tried again alone.
-        let next = outbox.pending(stuck, 1, 1 << 20).await.unwrap()[0].id;
-        outbox.delivered(vec![next]).await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while outbox.counts().await.unwrap().0 != 3 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the good delivery was held back"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(
-            outbox.flushed().await.is_err(),
-            "the forwarder hears that a change of its is not committed"
-        );
+        assert_eq!(rows().await, 6);
+        // A later delivery goes; flushing still says something handed over is not committed.
+        outbox.delivered(vec![ids[2]]).await;
+        assert!(outbox.flushed().await.is_err());
+        assert_eq!(rows().await, 5);
         other.execute_batch("DROP TRIGGER refuse").unwrap();
-        while outbox.counts().await.unwrap().0 != 2 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rows().await != 4 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the stuck row was never removed"

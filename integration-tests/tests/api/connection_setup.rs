@@ -506,7 +506,9 @@ async fn a_reused_state_is_refused_and_leaves_the_first_result() {
     assert_error_page(&again, StatusCode::BAD_REQUEST, "already completed");
     // Not "not saved": the first visit saved it (a reloaded success page lands here).
     assert!(
-        again.body.contains("<h1>Zoom sign-in already used</h1>"),
+        again
+            .body
+            .contains("<h1>Zoom sign-in already used or no longer known</h1>"),
         "{}",
         again.body
     );
