@@ -1218,6 +1218,31 @@ fn apply_changes(conn: &Connection, changes: &[Change]) -> rusqlite::Result<i64>
     Ok(removed)
 }
 
+/// Applies `changes` under a savepoint of `tx`: `Ok(Ok(removed))` once applied, `Ok(Err(_))`
+/// when they failed and were rolled back alone, `Err` when the failure ended the whole
+/// transaction (a full disk, I/O: the group's webhooks are gone with it).
+fn apply_alone(
+    tx: &mut rusqlite::Transaction<'_>,
+    changes: &[Change],
+) -> rusqlite::Result<rusqlite::Result<i64>> {
+    let savepoint = tx.savepoint()?;
+    match apply_changes(&savepoint, changes) {
+        Ok(removed) => {
+            savepoint.commit()?;
+            Ok(Ok(removed))
+        }
+        Err(e) => {
+            // Dropped, the savepoint rolls back.
+            drop(savepoint);
+            if tx.is_autocommit() {
+                Err(e)
+            } else {
+                Ok(Err(e))
+            }
+        }
+    }
+}
+
 /// About this much written to the write-ahead log, the committer copies it into the database
 /// (a checkpoint), so the next commits start the log over instead of growing it.
 const CHECKPOINT_BYTES: u64 = 4 << 20;
@@ -1259,22 +1284,11 @@ impl Writer {
             unapplied: Vec::new(),
         };
         if !group.changes.is_empty() {
-            let savepoint = tx.savepoint()?;
-            match apply_changes(&savepoint, &group.changes) {
-                Ok(removed) => {
-                    savepoint.commit()?;
-                    committed.added -= removed;
-                }
-                // Dropped, the savepoint rolls back; then each change alone (a delivery row by
-                // row), so only what fails waits for the next group and the list never grows
-                // with good ones.
+            match apply_alone(&mut tx, &group.changes)? {
+                Ok(removed) => committed.added -= removed,
+                // Rolled back alone; then each change alone (a delivery row by row), so only
+                // what fails waits for the next group and the list never grows with good ones.
                 Err(e) => {
-                    drop(savepoint);
-                    // Some errors (a full disk, I/O) end the whole transaction: the webhooks'
-                    // inserts are gone too, so the group fails.
-                    if tx.is_autocommit() {
-                        return Err(e);
-                    }
                     let mut last_error = e;
                     for change in &group.changes {
                         let parts = match change {
@@ -1284,17 +1298,9 @@ impl Writer {
                             other => vec![other.clone()],
                         };
                         for part in parts {
-                            let savepoint = tx.savepoint()?;
-                            match apply_changes(&savepoint, std::slice::from_ref(&part)) {
-                                Ok(removed) => {
-                                    savepoint.commit()?;
-                                    committed.added -= removed;
-                                }
+                            match apply_alone(&mut tx, std::slice::from_ref(&part))? {
+                                Ok(removed) => committed.added -= removed,
                                 Err(e) => {
-                                    drop(savepoint);
-                                    if tx.is_autocommit() {
-                                        return Err(e);
-                                    }
                                     committed.unapplied.push(part);
                                     last_error = e;
                                 }
