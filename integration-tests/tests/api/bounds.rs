@@ -118,15 +118,7 @@ async fn readiness_probes_waiting_on_a_silent_host_do_not_make_the_service_look_
     let deadline = Instant::now() + Duration::from_secs(20);
     // The host goes silent: its address accepts connections and never answers.
     host.stop();
-    let silent = loop {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(listener) => break listener,
-            Err(_) => {
-                assert!(Instant::now() < deadline, "the fake host did not stop");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let silent = crate::helpers::listen_again(addr).await;
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let _silent = tokio::spawn({
         let accepted = accepted.clone();
