@@ -19,6 +19,8 @@ header img { width: 40px; height: 40px; }
 h1 { font-size: 1.35rem; margin: 0; }
 #connection { color: var(--muted); font-size: .9rem; margin: 0 0 1rem; }
 #connection code { color: var(--ink); word-break: break-all; }
+#link-expiry { color: var(--muted); font-size: .9rem; margin: 0 0 1rem; }
+.field small code { color: var(--ink); word-break: break-all; }
 .status { padding: .6rem .8rem; border-radius: 8px; background: #eef3fe; margin-bottom: 1.25rem; }
 .status.error { background: #fce8e6; color: var(--bad); }
 .status.ok { background: #e6f4ea; color: var(--good); }
