@@ -942,6 +942,17 @@ fn decode_event((seq, bytes): (i64, Vec<u8>)) -> Result<Event, HostError> {
 mod tests {
     use super::*;
 
+    /// Every event of the log (up to 10), oldest first, without their data.
+    async fn all_events(host: &EmbeddedHost) -> Vec<Event> {
+        host.list_events(EventFilter {
+            limit: 10,
+            ascending: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    }
+
     fn keys(material: &[u8]) -> Arc<Keys> {
         Arc::new(Keys::from_material(material))
     }
@@ -1096,14 +1107,7 @@ mod tests {
         assert_eq!(host.trim_events(cutoff, 3).await.unwrap(), 3);
         assert_eq!(host.trim_events(cutoff, 3).await.unwrap(), 2);
         assert_eq!(host.trim_events(cutoff, 3).await.unwrap(), 0);
-        let left = host
-            .list_events(EventFilter {
-                limit: 10,
-                ascending: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let left = all_events(&host).await;
         let types: Vec<&str> = left.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, ["new", "ahead"]);
     }
@@ -1191,14 +1195,7 @@ mod tests {
             )
             .unwrap();
         }
-        let listed = host
-            .list_events(EventFilter {
-                limit: 10,
-                ascending: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let listed = all_events(&host).await;
         assert_eq!(listed.len(), 2);
         for (n, listed) in [1usize, 2].into_iter().zip(&listed) {
             let mut expected = event(n);
@@ -1403,14 +1400,7 @@ mod tests {
         assert_ne!(ids[0], ids[1]);
         let refused = host.save_events(vec![event("c"), event("")]).await;
         assert!(matches!(refused, Err(HostError::InvalidArgument(_))));
-        let all = host
-            .list_events(EventFilter {
-                limit: 10,
-                ascending: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let all = all_events(&host).await;
         let types: Vec<&str> = all.iter().map(|e| e.event_type.as_str()).collect();
         assert_eq!(types, ["a", "b"], "nothing of the refused batch was saved");
 

@@ -26,6 +26,15 @@ fn body(n: u64, pad: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The service with `host` as its host engine and the default app's secret token.
+async fn app_on(host: &FakeHost) -> crate::helpers::TestApp {
+    spawn_app_with(&[
+        ("HOST_ENGINE_URL", &host.url()),
+        ("ZOOM_SECRET_TOKEN", SECRET),
+    ])
+    .await
+}
+
 /// A host with one default-app connection of [`ACCOUNT`].
 async fn host_with_connection() -> FakeHost {
     let host = FakeHost::start().await;
@@ -68,11 +77,7 @@ async fn a_slow_host_delays_delivery_but_not_the_answers_to_zoom() {
     let host = host_with_connection().await;
     // Each delivery takes 2 s; an answer that waited for one would take as long.
     host.state.lock().unwrap().dispatch_delay = Duration::from_secs(2);
-    let app = spawn_app_with(&[
-        ("HOST_ENGINE_URL", &host.url()),
-        ("ZOOM_SECRET_TOKEN", SECRET),
-    ])
-    .await;
+    let app = app_on(&host).await;
     let url = app.url("/zoom/event");
     post_until_recorded(&app.http_client, &url, SECRET, &body(0, 0)).await;
     // Sent: 30 webhooks, one after another.
@@ -98,11 +103,7 @@ async fn a_host_taking_longer_than_other_calls_may_to_take_an_event_gets_it_once
     let host = host_with_connection().await;
     // Starting a workflow on a loaded host: past the 10 s other host calls get.
     host.state.lock().unwrap().dispatch_delay = Duration::from_secs(12);
-    let app = spawn_app_with(&[
-        ("HOST_ENGINE_URL", &host.url()),
-        ("ZOOM_SECRET_TOKEN", SECRET),
-    ])
-    .await;
+    let app = app_on(&host).await;
     post_until_recorded(
         &app.http_client,
         &app.url("/zoom/event"),
@@ -118,11 +119,7 @@ async fn a_host_taking_longer_than_other_calls_may_to_take_an_event_gets_it_once
 #[tokio::test]
 async fn a_host_failing_with_errors_gets_every_event_once_it_recovers() {
     let host = host_with_connection().await;
-    let app = spawn_app_with(&[
-        ("HOST_ENGINE_URL", &host.url()),
-        ("ZOOM_SECRET_TOKEN", SECRET),
-    ])
-    .await;
+    let app = app_on(&host).await;
     let url = app.url("/zoom/event");
     post_until_recorded(&app.http_client, &url, SECRET, &body(0, 0)).await;
     wait_for(&host, &BTreeSet::from([0]), Duration::from_secs(30)).await;
